@@ -1,0 +1,358 @@
+"""The ELM / Branch-ELM model: forward, hand-derived backward, streaming steps.
+
+The computation is cut as in ARCHITECTURE.md: everything linear runs as one
+large operation over all B·T rows (routing, leaky scan, GEMMs), and only the
+MLP-and-memory recurrence walks time, inside one kernel call
+(``kernels.recur_forward`` / ``kernels.recur_backward``). Every backward
+formula is derived in ``docs/gradients.md`` with the symbols used here.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from . import params as P
+from .config import ELMConfig
+from .errors import DataError, ELMError
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def resolve_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ELMError(f"dtype must be float32 or float64, got {dtype!r}")
+        return np.dtype(DTYPES[dtype])
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ELMError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+@dataclasses.dataclass
+class Routing:
+    """Input → synapse map as CSR over inputs (fixed for a model's lifetime).
+
+    Only synapses whose mask is non-zero appear; entries are grouped by input.
+    """
+    indptr: np.ndarray      # [D+1] int64
+    entry_syn: np.ndarray   # [E] int64 synapse id
+    entry_mask: np.ndarray  # [E] mask value of that synapse (model dtype)
+
+    @classmethod
+    def build(cls, cfg, indices, mask, dtype, xp=np):
+        if indices is None:
+            idx = np.arange(cfg.num_input, dtype=np.int64)
+            msk = np.ones(cfg.num_input)
+        else:
+            idx = np.asarray(indices, dtype=np.int64)
+            msk = np.asarray(mask).astype(np.float64)
+        keep = np.nonzero(msk != 0)[0]
+        order = keep[np.argsort(idx[keep], kind="stable")]
+        counts = np.bincount(idx[order], minlength=cfg.num_input)
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(xp.asarray(indptr), xp.asarray(order.astype(np.int64)),
+                   xp.asarray(msk[order].astype(dtype)))
+
+
+@dataclasses.dataclass
+class Derived:
+    """Quantities every pass computes from the raw parameters (ELM_SPEC §2 transforms)."""
+    w_s: np.ndarray            # [S] relu(_proto_w_s)
+    entry_weight: np.ndarray   # [E] w_s · mask per routing entry
+    kappa_channel: np.ndarray  # [C] decay of each scan channel (κ_b, or κ_s per branch / synapse)
+    syn_per_channel: int       # synapses summed into one scan channel
+    tau_m: np.ndarray          # [Dm]
+    kappa_m: np.ndarray        # [Dm]
+    c_m: np.ndarray            # [Dm] λ(1−κ_m) (v1) or 1−κ_λ (v2)
+    kappa_lambda: np.ndarray   # [Dm] v2 only (None in v1)
+
+
+class ELM:
+    """An ELM neuron (``elm_v1``) or Branch-ELM (``branch_elm_v2``).
+
+    Parameters live in ``self.params`` under the release's state_dict keys.
+    ``forward`` returns outputs and, when asked, a cache that ``backward``
+    consumes; ``backward`` returns ∂loss/∂θ for every trainable key (and
+    ∂loss/∂X on request). Arrays are NumPy on ``cpu`` and CuPy on ``cuda``.
+    """
+
+    def __init__(self, config: ELMConfig, params=None, seed=0, dtype="float32", device="cpu"):
+        from .backend import get_backend
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.backend = get_backend(device)
+        self.xp = self.backend.xp
+        host = P.init_params(config, seed=seed, dtype=self.dtype) if params is None else \
+            P.check_params(config, {k: self.backend.to_host(v) for k, v in params.items()}, self.dtype)
+        self.params = {k: (self.xp.asarray(v) if v.dtype.kind == "f" else v) for k, v in host.items()}
+        self.routing = Routing.build(config, host.get("input_to_synapse_indices"),
+                                     host.get("valid_indices_mask"), self.dtype, self.xp)
+        self._per_synapse_scan = self._needs_per_synapse_scan(host)
+
+    # ---- bookkeeping --------------------------------------------------------
+    @property
+    def trainable_keys(self):
+        return P.trainable_keys(self.config)
+
+    @property
+    def num_parameters(self):
+        return P.count_trainable(self.config)
+
+    def state_dict(self):
+        """Host (NumPy) copies of all parameters, release keys and order."""
+        return {k: np.array(self.backend.to_host(v)) for k, v in self.params.items()}
+
+    def _needs_per_synapse_scan(self, host):
+        """v1 sums per-synapse traces; they collapse to one per branch only if κ_s is uniform within it."""
+        if self.config.is_v2:
+            return False
+        tau = host["tau_s"].reshape(self.config.branches, self.config.num_synapse_per_branch)
+        return bool(np.any(tau != tau[:, :1]))
+
+    def derived(self):
+        cfg, xp, p = self.config, self.xp, self.params
+        w_s = xp.maximum(p["_proto_w_s"], 0)
+        tau_in = p[P.input_tau_key(cfg)]
+        kappa_in = xp.exp(-cfg.delta_t / xp.maximum(tau_in, P.TAU_FLOOR))
+        if cfg.is_v2:
+            kappa_channel, spc = kappa_in, cfg.num_synapse_per_branch
+        elif self._per_synapse_scan:
+            kappa_channel, spc = kappa_in, 1
+        else:
+            kappa_channel, spc = kappa_in[::cfg.num_synapse_per_branch].copy(), cfg.num_synapse_per_branch
+        tau_max = cfg.effective_tau_max
+        sig = 1 / (1 + xp.exp(-p["_proto_tau_m"]))
+        tau_m = (tau_max - cfg.memory_tau_min) * sig + cfg.memory_tau_min
+        tau_c = xp.maximum(tau_m, P.TAU_FLOOR)
+        kappa_m = xp.exp(-cfg.delta_t / tau_c)
+        if cfg.is_v2:
+            kappa_lambda = xp.exp(-cfg.delta_t * cfg.lambda_value / tau_c)
+            c_m = 1 - kappa_lambda
+        else:
+            kappa_lambda = None
+            c_m = cfg.lambda_value * (1 - kappa_m)
+        entry_weight = w_s[self.routing.entry_syn] * self.routing.entry_mask
+        dt = self.dtype
+        cast = (lambda a: None if a is None else a.astype(dt, copy=False))
+        return Derived(cast(w_s), cast(entry_weight), cast(kappa_channel), spc, cast(tau_m),
+                       cast(kappa_m), cast(c_m), cast(kappa_lambda))
+
+    def _layers(self):
+        """[(W, c)] of the MLP, input layer first."""
+        return [(self.params[wk], self.params[bk]) for wk, bk in P.mlp_layer_keys(self.config.mlp_num_layers)]
+
+    # ---- input checks -------------------------------------------------------
+    def prepare_input(self, X):
+        """X as a C-contiguous (B, T, num_input) array of the model dtype on the model's device."""
+        cfg = self.config
+        X = self.xp.asarray(X)
+        if X.ndim != 3 or X.shape[2] != cfg.num_input or X.shape[0] < 1 or X.shape[1] < 1:
+            raise DataError(f"input must have shape (batch, time, {cfg.num_input}), got {tuple(X.shape)}")
+        if X.dtype.kind not in "fiub":
+            raise DataError(f"input must be numeric, got dtype {X.dtype}")
+        return self.xp.ascontiguousarray(X, dtype=self.dtype)
+
+    def _check_output(self, Y, X):
+        """NaNs in X reach Y (routing multiplies them in); find their source only when they do."""
+        if not bool(self.xp.all(self.xp.isfinite(Y))):
+            bad = self.xp.argwhere(~self.xp.isfinite(X))
+            if len(bad):
+                b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
+                raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
+            raise DataError("the model produced non-finite outputs from finite input "
+                            "(diverged parameters?)")
+
+    # ---- forward ------------------------------------------------------------
+    def forward(self, X, return_cache=False, state=None):
+        """Outputs Y (B, T, num_output) for inputs X (B, T, num_input).
+
+        With ``return_cache`` also returns the cache ``backward`` needs. It holds
+        references to X and derived parameters plus these arrays, in floats:
+        U (B·T·C, C = branches, or synapses for v1 with non-uniform τ_s),
+        M and ΔM (B·T·Dm each), Z (L·B·T·H): B·T·(C + 2·Dm + L·H) in all.
+        ``state`` (from ``init_state``) continues a stream instead of starting at zero.
+        """
+        X = self.prepare_input(X)
+        Y, cache = self._forward(X, state)
+        self._check_output(Y, X)
+        return (Y, cache) if return_cache else Y
+
+    def _forward(self, X, state=None):
+        cfg, xp, k = self.config, self.xp, self.backend.kernels
+        d = self.derived()
+        B, T, _ = X.shape
+        C = d.kappa_channel.shape[0]
+        u0 = xp.zeros((B, C), self.dtype) if state is None else state["u"]
+        m0 = xp.zeros((B, cfg.num_memory), self.dtype) if state is None else state["m"]
+        R = xp.empty((B, T, C), self.dtype)
+        k.route_forward(X, self.routing.indptr, self.routing.entry_syn, d.entry_weight, d.syn_per_channel, R)
+        k.scan_forward(R, d.kappa_channel, u0, R)
+        scan_state = R
+        U = self._channels_to_branches(R)
+
+        layers = self._layers()
+        W0, c0 = layers[0]
+        nb = cfg.branches
+        W0b, W0m = W0[:, :nb], W0[:, nb:]
+        Zb = (U.reshape(B * T, nb) @ W0b.T + c0).reshape(B, T, -1)
+        L = cfg.mlp_num_layers
+        H = cfg.hidden_size
+        Wh = [w for w, _ in layers[1:L]]
+        WhT = xp.ascontiguousarray(xp.stack([w.T for w in Wh])) if Wh else xp.zeros((0, H, H), self.dtype)
+        ch = xp.stack([c for _, c in layers[1:L]]) if Wh else xp.zeros((0, H), self.dtype)
+        Wo, co = layers[-1]
+        WoT = xp.ascontiguousarray(Wo.T) if L else xp.zeros((1, 1), self.dtype)
+        M = xp.empty((B, T, cfg.num_memory), self.dtype)
+        DM = xp.empty_like(M)
+        Z = xp.empty((L, B, T, H), self.dtype)
+        k.recur_forward(Zb, xp.ascontiguousarray(W0m.T), WhT, ch, WoT, co, d.kappa_m, d.c_m, m0,
+                        cfg.mlp_activation == "silu", self.dtype.type(P.PHI_SCALE),
+                        self.dtype.type(P.PHI_SLOPE), M, Z, DM)
+        Wy, by = self.params["w_y.weight"], self.params["w_y.bias"]
+        Y = (M.reshape(B * T, -1) @ Wy.T + by).reshape(B, T, -1)
+        cache = dict(X=X, U=U, M=M, Z=Z, DM=DM, m0=m0, derived=d,
+                     final_state=dict(u=scan_state[:, -1].copy(), m=M[:, -1].copy()))
+        return Y, cache
+
+    def _channels_to_branches(self, R):
+        if not self._per_synapse_scan:
+            return R
+        B, T, _ = R.shape
+        return R.reshape(B, T, self.config.branches, self.config.num_synapse_per_branch).sum(-1)
+
+    # ---- backward -----------------------------------------------------------
+    def backward(self, dY, cache, input_grad=False):
+        """∂loss/∂θ for every trainable key, given dY = ∂loss/∂Y (B, T, num_output).
+
+        With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
+        """
+        cfg, xp, k = self.config, self.xp, self.backend.kernels
+        X, U, M, Z, DM, m0, d = (cache[n] for n in ("X", "U", "M", "Z", "DM", "m0", "derived"))
+        B, T, _ = X.shape
+        dY = xp.ascontiguousarray(xp.asarray(dY), dtype=self.dtype)
+        if dY.shape != (B, T, cfg.num_output):
+            raise ELMError(f"dY must have shape {(B, T, cfg.num_output)}, got {tuple(dY.shape)}")
+        BT, Dm, nb, L = B * T, cfg.num_memory, cfg.branches, cfg.mlp_num_layers
+        grads = {}
+        Wy = self.params["w_y.weight"]
+        dY2 = dY.reshape(BT, -1)
+        grads["w_y.weight"] = dY2.T @ M.reshape(BT, Dm)
+        grads["w_y.bias"] = dY2.sum(0)
+        dM = (dY2 @ Wy).reshape(B, T, Dm)
+
+        layers = self._layers()
+        W0, _ = layers[0]
+        W0b, W0m = W0[:, :nb], W0[:, nb:]
+        Wh = xp.stack([w for w, _ in layers[1:L]]) if L > 1 else xp.zeros((0, Z.shape[3], Z.shape[3]), self.dtype)
+        Wo = layers[-1][0] if L else xp.zeros((1, 1), self.dtype)
+        dZ = xp.empty_like(Z)
+        dO = xp.empty_like(M)
+        gk = xp.empty((B, Dm), self.dtype)
+        gc = xp.empty((B, Dm), self.dtype)
+        k.recur_backward(dM, xp.ascontiguousarray(W0m), xp.ascontiguousarray(Wh), xp.ascontiguousarray(Wo),
+                         d.kappa_m, d.c_m, m0, M, Z, DM, cfg.mlp_activation == "silu",
+                         self.dtype.type(P.PHI_SCALE), self.dtype.type(P.PHI_SLOPE), dZ, dO, gk, gc)
+
+        # Weight gradients of every MLP layer: one GEMM each over all B·T rows.
+        km_mprev = xp.empty_like(M)
+        km_mprev[:, 0] = m0
+        km_mprev[:, 1:] = M[:, :-1]
+        km_mprev *= d.kappa_m
+        layer_inputs = [None] + [self._activate(Z[l]).reshape(BT, -1) for l in range(L)]
+        layer_grads = [dZ[l].reshape(BT, -1) for l in range(L)] + [dO.reshape(BT, Dm)]
+        keys = P.mlp_layer_keys(L)
+        for l, (wk, bk) in enumerate(keys):
+            g = layer_grads[l]
+            if l == 0:
+                grads[wk] = xp.concatenate([g.T @ U.reshape(BT, nb), g.T @ km_mprev.reshape(BT, Dm)], axis=1)
+            else:
+                grads[wk] = g.T @ layer_inputs[l]
+            grads[bk] = g.sum(0)
+
+        # Back through the first layer's branch columns, the scan and the routing.
+        dU = (layer_grads[0] @ W0b).reshape(B, T, nb)
+        if self._per_synapse_scan:
+            dU = xp.repeat(dU, cfg.num_synapse_per_branch, axis=2)
+        dR = xp.ascontiguousarray(dU)
+        k.scan_backward(dR, d.kappa_channel, dR)
+        partial = xp.empty((B, cfg.num_synapse), self.dtype)
+        k.route_weight_grad(X, self.routing.indptr, self.routing.entry_syn, self.routing.entry_mask,
+                            d.syn_per_channel, dR, partial)
+        grads["_proto_w_s"] = partial.sum(0) * (self.params["_proto_w_s"] > 0)
+
+        if cfg.learn_memory_tau:
+            grads["_proto_tau_m"] = self._tau_m_grad(gk.sum(0), gc.sum(0), d)
+        if input_grad:
+            dX = xp.empty_like(X)
+            k.route_input_grad(dR, self.routing.indptr, self.routing.entry_syn, d.entry_weight,
+                               d.syn_per_channel, dX)
+            grads["X"] = dX
+        return {key: grads[key] for key in self.trainable_keys + (["X"] if input_grad else [])}
+
+    def _tau_m_grad(self, g_kappa, g_c, d):
+        """Chain ∂loss/∂κ_m and ∂loss/∂c_m down to _proto_tau_m (docs/gradients.md §5)."""
+        cfg, xp = self.config, self.xp
+        tau = d.tau_m
+        live = (tau > P.TAU_FLOOR).astype(self.dtype)  # max(τ, floor) passes no gradient below the floor
+        dkappa_dtau = d.kappa_m * cfg.delta_t / (tau * tau) * live
+        if cfg.is_v2:
+            dclambda_dtau = -d.kappa_lambda * cfg.delta_t * cfg.lambda_value / (tau * tau) * live
+            g_tau = g_kappa * dkappa_dtau + g_c * dclambda_dtau
+        else:
+            g_tau = (g_kappa - cfg.lambda_value * g_c) * dkappa_dtau
+        span = cfg.effective_tau_max - cfg.memory_tau_min
+        sig = 1 / (1 + xp.exp(-self.params["_proto_tau_m"]))
+        return (g_tau * span * sig * (1 - sig)).astype(self.dtype)
+
+    def _activate(self, Z):
+        xp = self.xp
+        if self.config.mlp_activation == "silu":
+            return Z / (1 + xp.exp(-Z))
+        return xp.maximum(Z, 0)
+
+    # ---- traces and streaming -------------------------------------------------
+    def traces(self, X):
+        """Y plus the state after every step: {"m": (B,T,Dm), "s" (v1, B,T,S) or "b" (v2, B,T,nb)}."""
+        X = self.prepare_input(X)
+        Y, cache = self._forward(X)
+        out = {"m": cache["M"]}
+        if self.config.is_v2:
+            out["b"] = cache["U"]
+        else:
+            out["s"] = self._synapse_traces(X, cache["derived"])
+        return Y, out
+
+    def _synapse_traces(self, X, d):
+        """v1's per-synapse traces s_t (one scan channel per synapse)."""
+        xp, k = self.xp, self.backend.kernels
+        B, T, _ = X.shape
+        S = self.config.num_synapse
+        kappa_s = xp.exp(-self.config.delta_t / xp.maximum(self.params["tau_s"], P.TAU_FLOOR)).astype(self.dtype)
+        R = xp.empty((B, T, S), self.dtype)
+        k.route_forward(X, self.routing.indptr, self.routing.entry_syn, d.entry_weight, 1, R)
+        k.scan_forward(R, kappa_s, xp.zeros((B, S), self.dtype), R)
+        return R
+
+    def init_state(self, batch_size=1):
+        """Zero state for ``step``: scan channels "u" and memory "m"."""
+        C = self.config.num_synapse if self._per_synapse_scan else self.config.branches
+        return {"u": self.xp.zeros((batch_size, C), self.dtype),
+                "m": self.xp.zeros((batch_size, self.config.num_memory), self.dtype)}
+
+    def step(self, state, x_t):
+        """One time step: x_t (B, num_input) -> (y_t (B, num_output), new state)."""
+        x_t = self.xp.asarray(x_t)
+        if x_t.ndim != 2:
+            raise DataError(f"step input must have shape (batch, {self.config.num_input}), got {tuple(x_t.shape)}")
+        Y, new_state = self.run(x_t[:, None, :], state)
+        return Y[:, 0], new_state
+
+    def run(self, X, state):
+        """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
+        X = self.prepare_input(X)
+        if state["m"].shape[0] != X.shape[0]:
+            raise DataError(f"state is for batch {state['m'].shape[0]}, input has batch {X.shape[0]}")
+        Y, cache = self._forward(X, state)
+        self._check_output(Y, X)
+        return Y, cache["final_state"]
