@@ -49,3 +49,12 @@ def cuda_available():
     except ImportError:
         return False
     return cuda_problem() is None
+
+
+def array_module(a):
+    """numpy or cupy, whichever owns ``a`` (CuPy is only imported when it is already loaded)."""
+    import sys
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return cupy
+    return np

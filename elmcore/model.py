@@ -169,8 +169,8 @@ class ELM:
 
         With ``return_cache`` also returns the cache ``backward`` needs. It holds
         references to X and derived parameters plus these arrays, in floats:
-        U (B·T·C, C = branches, or synapses for v1 with non-uniform τ_s),
-        M and ΔM (B·T·Dm each), Z (L·B·T·H): B·T·(C + 2·Dm + L·H) in all.
+        U (B·T·nb branch inputs), M and ΔM (B·T·Dm each), Z (L·B·T·H):
+        B·T·(nb + 2·Dm + L·H) in all.
         ``state`` (from ``init_state``) continues a stream instead of starting at zero.
         """
         X = self.prepare_input(X)
@@ -294,11 +294,11 @@ class ELM:
         """Chain ∂loss/∂κ_m and ∂loss/∂c_m down to _proto_tau_m (docs/gradients.md §5)."""
         cfg, xp = self.config, self.xp
         tau = d.tau_m
-        live = (tau > P.TAU_FLOOR).astype(self.dtype)  # max(τ, floor) passes no gradient below the floor
+        live = (tau >= P.TAU_FLOOR).astype(self.dtype)  # as torch.clamp(min=floor): no gradient below the floor
         dkappa_dtau = d.kappa_m * cfg.delta_t / (tau * tau) * live
         if cfg.is_v2:
-            dclambda_dtau = -d.kappa_lambda * cfg.delta_t * cfg.lambda_value / (tau * tau) * live
-            g_tau = g_kappa * dkappa_dtau + g_c * dclambda_dtau
+            dc_dtau = -d.kappa_lambda * cfg.delta_t * cfg.lambda_value / (tau * tau) * live
+            g_tau = g_kappa * dkappa_dtau + g_c * dc_dtau
         else:
             g_tau = (g_kappa - cfg.lambda_value * g_c) * dkappa_dtau
         span = cfg.effective_tau_max - cfg.memory_tau_min

@@ -1,0 +1,103 @@
+"""Model and training-checkpoint files: one ``.npz`` each, no pickle.
+
+Layout (every entry a plain array; strings are 0-d unicode arrays):
+  format            "elmcore-model" or "elmcore-checkpoint"
+  config            ELMConfig JSON (release key names plus "version")
+  dtype             "float32" or "float64"
+  param/<key>       every state_dict entry, release keys
+  -- checkpoints only --
+  optim/<key>       optimiser state (``Optimizer.state_dict``)
+  meta              JSON: step, epoch, RNG state, run options, best metric, ...
+Files are written to a temporary name and renamed, so a crash never leaves a
+torn file where a good one was.
+"""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from .config import ELMConfig
+from .errors import CheckpointError, ELMError
+from .fileio import atomic_output
+
+MODEL_FORMAT = "elmcore-model"
+CHECKPOINT_FORMAT = "elmcore-checkpoint"
+
+
+def _write_npz(path, arrays):
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def save_model(path, config: ELMConfig, params, dtype="float32"):
+    arrays = {"format": np.array(MODEL_FORMAT), "config": np.array(config.to_json()), "dtype": np.array(dtype)}
+    arrays.update({f"param/{k}": np.asarray(v) for k, v in params.items()})
+    _write_npz(path, arrays)
+
+
+def save_checkpoint(path, config: ELMConfig, params, optim_state, meta, dtype="float32"):
+    arrays = {"format": np.array(CHECKPOINT_FORMAT), "config": np.array(config.to_json()),
+              "dtype": np.array(dtype), "meta": np.array(json.dumps(meta))}
+    arrays.update({f"param/{k}": np.asarray(v) for k, v in params.items()})
+    arrays.update({f"optim/{k}": np.asarray(v) for k, v in optim_state.items()})
+    _write_npz(path, arrays)
+
+
+class LoadedFile:
+    """The contents of a model or checkpoint file."""
+
+    def __init__(self, path, kind, config, dtype, params, optim_state=None, meta=None):
+        self.path, self.kind, self.config, self.dtype = path, kind, config, dtype
+        self.params, self.optim_state, self.meta = params, optim_state or {}, meta or {}
+
+    def build_model(self, dtype=None, device="cpu"):
+        from .model import ELM
+        return ELM(self.config, params=self.params, dtype=dtype or self.dtype, device=device)
+
+
+def load_file(path):
+    """Read a model or checkpoint ``.npz``; any damage becomes one CheckpointError naming the file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"file not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, expected a model .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            data = {k: d[k] for k in d.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable elmcore model/checkpoint (truncated or corrupt: {e})") from None
+    kind = str(data.get("format", ""))
+    if kind not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
+        raise CheckpointError(f"{path}: not an elmcore model or checkpoint (no 'format' entry of "
+                              f"{MODEL_FORMAT!r} or {CHECKPOINT_FORMAT!r})")
+    try:
+        config = ELMConfig.from_json(str(data["config"]), source=f"{path}: config")
+    except KeyError:
+        raise CheckpointError(f"{path}: lacks its model config") from None
+    except ELMError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    params = {k[6:]: v for k, v in data.items() if k.startswith("param/")}
+    optim = {k[6:]: v for k, v in data.items() if k.startswith("optim/")}
+    meta = {}
+    if kind == CHECKPOINT_FORMAT:
+        try:
+            meta = json.loads(str(data["meta"]))
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: checkpoint metadata missing or corrupt ({e})") from None
+    dtype = str(data.get("dtype", "float32"))
+    return LoadedFile(path, kind, config, dtype, params, optim, meta)
+
+
+def load_model(path, dtype=None, device="cpu"):
+    """An ``ELM`` from a model or checkpoint file, its parameters validated against its config."""
+    loaded = load_file(path)
+    try:
+        return loaded.build_model(dtype=dtype, device=device)
+    except CheckpointError:
+        raise
+    except ELMError as e:
+        raise CheckpointError(f"{path}: {e}") from None

@@ -1,0 +1,84 @@
+"""Analytic gradients against central finite differences, in float64."""
+
+import numpy as np
+
+from . import params as P
+from .config import ELMConfig
+from .model import ELM
+
+
+def random_test_params(cfg: ELMConfig, rng, nonuniform_tau_s=False):
+    """Parameters away from the initialisation's symmetries and from relu's kink.
+
+    Some _proto_w_s are negative (dead synapses: zero gradient on both sides of
+    the difference); live ones stay ≥ 0.1 so ±eps never crosses 0.
+    """
+    p = P.init_params(cfg, seed=int(rng.integers(1 << 31)), dtype=np.float64)
+    w = rng.uniform(0.1, 1.0, cfg.num_synapse)
+    w[rng.random(cfg.num_synapse) < 0.15] *= -1
+    p["_proto_w_s"] = w
+    p["_proto_tau_m"] = p["_proto_tau_m"] + rng.normal(0, 0.3, cfg.num_memory)
+    key = P.input_tau_key(cfg)
+    if nonuniform_tau_s and not cfg.is_v2:
+        p[key] = rng.uniform(1.5, 8.0, p[key].shape)
+    elif cfg.is_v2:
+        p[key] = rng.uniform(1.5, 8.0, p[key].shape)
+    return p
+
+
+def gradcheck(cfg: ELMConfig, params=None, batch=2, steps=5, seed=0, eps=1e-6, max_entries=12,
+              input_grad=True):
+    """Compare ``backward`` with central differences of loss = Σ Y ⊙ G.
+
+    Checks up to ``max_entries`` random entries of each trainable tensor (all
+    of them when it is smaller) and of X. Returns rows
+    (name, shape, entries checked, max |analytic − numeric|, max |numeric|, relative error, noise).
+
+    ``noise`` bounds the rounding error of the difference quotient itself,
+    4·ε·Σ|Y ⊙ G| / eps (each loss evaluation carries a few
+    ULPs of Σ|Y ⊙ G|): a tensor whose gradients are smaller than that cannot
+    be resolved by finite differences, so it passes when its absolute error
+    stays below it (see ``passes``).
+    """
+    rng = np.random.default_rng(seed)
+    if params is None:
+        params = random_test_params(cfg, rng)
+    model = ELM(cfg, params=params, dtype="float64")
+    X = rng.normal(0, 1, (batch, steps, cfg.num_input))
+    X[rng.random(X.shape) < 0.3] = 0  # exercise the sparse routing path
+    G = rng.normal(0, 1, (batch, steps, cfg.num_output))
+    Y, cache = model.forward(X, return_cache=True)
+    noise = 4 * np.finfo(np.float64).eps * float(np.abs(Y * G).sum()) / eps
+    grads = model.backward(G, cache, input_grad=input_grad)
+
+    def loss():
+        return float((model.forward(X) * G).sum())
+
+    rows = []
+    targets = [(k, model.params[k]) for k in model.trainable_keys]
+    if input_grad:
+        targets.append(("X", X))
+    for name, arr in targets:
+        flat = arr.reshape(-1)
+        picks = np.arange(flat.size) if flat.size <= max_entries else \
+            rng.choice(flat.size, max_entries, replace=False)
+        analytic = grads[name].reshape(-1)[picks]
+        numeric = np.empty(len(picks))
+        for n, i in enumerate(picks):
+            keep = flat[i]
+            flat[i] = keep + eps
+            up = loss()
+            flat[i] = keep - eps
+            down = loss()
+            flat[i] = keep
+            numeric[n] = (up - down) / (2 * eps)
+        diff = float(np.abs(analytic - numeric).max())
+        scale = float(np.abs(numeric).max())
+        rows.append((name, tuple(arr.shape), len(picks), diff, scale, diff / max(scale, 1e-300), noise))
+    return rows
+
+
+def passes(row, tolerance=1e-6):
+    """Within ``tolerance`` relative to the tensor's gradient scale, plus the difference quotient's noise."""
+    _, _, _, diff, scale, _, noise = row
+    return diff <= tolerance * scale + noise

@@ -1,0 +1,74 @@
+"""Ladder rung 2: central finite differences in float64 on randomised configurations."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from elmcore import ELM
+from elmcore.gradcheck import gradcheck, passes, random_test_params
+from helpers import random_config
+
+FD_TOLERANCE = 1e-6
+
+
+def _check(cfg, params=None, batch=2, steps=5, seed=0):
+    rows = gradcheck(cfg, params=params, batch=batch, steps=steps, seed=seed, max_entries=8)
+    model = ELM(cfg, dtype="float64")
+    assert {r[0] for r in rows} == set(model.trainable_keys) | {"X"}
+    bad = [r for r in rows if not passes(r, FD_TOLERANCE)]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configs(seed):
+    rng = np.random.default_rng(seed)
+    cfg = random_config(rng)
+    _check(cfg, batch=int(rng.integers(1, 3)), steps=int(rng.integers(1, 7)), seed=seed)
+
+
+@pytest.mark.parametrize("version", ["elm_v1", "branch_elm_v2"])
+@pytest.mark.parametrize("routing", [None, "random_routing", "neuronio_routing"])
+@pytest.mark.parametrize("layers", [0, 1, 2, 3])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_every_axis(version, routing, layers, activation):
+    rng = np.random.default_rng(zlib.crc32(f"{version}{routing}{layers}{activation}".encode()))
+    cfg = random_config(rng, version=version, routing=routing, layers=layers, activation=activation)
+    cfg = cfg.replace(learn_memory_tau=True)
+    _check(cfg, seed=layers)
+
+
+def test_batch_one_and_single_step():
+    rng = np.random.default_rng(7)
+    cfg = random_config(rng, version="elm_v1", routing="neuronio_routing", layers=2)
+    _check(cfg, batch=1, steps=1)
+
+
+def test_v1_nonuniform_tau_s_uses_per_synapse_traces():
+    """τ_s differing inside a branch cannot collapse to a per-branch scan: the fallback path."""
+    rng = np.random.default_rng(3)
+    cfg = random_config(rng, version="elm_v1", routing="random_routing", layers=1).replace(
+        num_branch=2, num_synapse_per_branch=3, learn_memory_tau=True)
+    params = random_test_params(cfg, rng, nonuniform_tau_s=True)
+    model = ELM(cfg, params=params, dtype="float64")
+    assert model._per_synapse_scan
+    _check(cfg, params=params)
+
+
+def test_fd_detects_a_wrong_gradient():
+    """The check can fail: corrupt one analytic gradient and the relative error explodes."""
+    rng = np.random.default_rng(0)
+    cfg = random_config(rng, layers=1)
+    model = ELM(cfg, params=random_test_params(cfg, rng), dtype="float64")
+    X = rng.normal(size=(1, 4, cfg.num_input))
+    G = rng.normal(size=(1, 4, cfg.num_output))
+    Y, cache = model.forward(X, return_cache=True)
+    g = model.backward(G, cache)["w_y.bias"]
+    eps = 1e-6
+    model.params["w_y.bias"][0] += eps
+    up = (model.forward(X) * G).sum()
+    model.params["w_y.bias"][0] -= 2 * eps
+    down = (model.forward(X) * G).sum()
+    numeric = (up - down) / (2 * eps)
+    assert abs(numeric - g[0]) < 1e-7
+    assert abs(numeric - 1.01 * g[0]) > 1e-7 * abs(g[0]) or g[0] == 0

@@ -1,0 +1,108 @@
+"""Ladder rung 1: every oracle file of the official release, both precisions, library API and CLI."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from elmcore import ELM
+from elmcore.oracle import TOLERANCE, load_oracle, relative_error, verify_case
+from helpers import golden_files
+
+CASES = golden_files()
+IDS = [os.path.basename(p)[:-4] for p in CASES]
+
+
+def test_all_oracle_cases_present():
+    assert {"v1_basic", "v1_branch_neuronio_routing", "v2_random_routing", "v2_long_horizon",
+            "official_best_elm_neuron"} <= set(IDS)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("path", CASES, ids=IDS)
+def test_oracle_every_array(path, dtype):
+    case = load_oracle(path)
+    results = dict(verify_case(case, dtype=dtype))
+    # Y, loss, every gradient in the file and every trace.
+    assert len(results) == 2 + len(case.grads) + len(case.traces)
+    assert {f"grad/{k}" for k in case.grads} <= set(results)
+    bad = {k: v for k, v in results.items() if not v <= TOLERANCE[dtype]}
+    assert not bad, bad
+    if dtype == "float64":
+        assert max(results.values()) < 1e-10
+
+
+@pytest.mark.parametrize("path", CASES, ids=IDS)
+def test_oracle_gradients_cover_every_trainable_parameter(path):
+    case = load_oracle(path)
+    model = ELM(case.config, params=case.params, dtype="float64")
+    assert set(model.trainable_keys) | {"X"} == set(case.grads)
+
+
+@pytest.mark.parametrize("path", CASES, ids=IDS)
+def test_streaming_matches_full_forward(path):
+    case = load_oracle(path)
+    model = ELM(case.config, params=case.params, dtype="float64")
+    Y = model.forward(case.X)
+    state = model.init_state(case.X.shape[0])
+    steps = []
+    for t in range(min(case.X.shape[1], 40)):
+        y, state = model.step(state, case.X[:, t])
+        steps.append(y)
+    got = np.stack(steps, axis=1)
+    assert relative_error(got, Y[:, :got.shape[1]]) < 1e-12
+    # Chunked streaming continues the state across calls.
+    state = model.init_state(case.X.shape[0])
+    half = case.X.shape[1] // 2
+    y1, state = model.run(case.X[:, :half], state)
+    y2, _ = model.run(case.X[:, half:], state)
+    assert relative_error(np.concatenate([y1, y2], axis=1), Y) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_elm_verify_cli_exit_code_and_summary(dtype):
+    path = [p for p in CASES if "v1_branch" in p][0]
+    out = subprocess.run([sys.executable, "-m", "elm_cli.main", "verify", path, "--dtype", dtype],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("verify: 15/15 arrays within tolerance (worst ")
+
+
+def test_elm_verify_cli_every_file():
+    from click.testing import CliRunner
+    from elm_cli.main import cli
+    for path in CASES:
+        result = CliRunner().invoke(cli, ["verify", path])
+        assert result.exit_code == 0, result.output
+        assert "FAIL" not in result.output
+
+
+def test_elm_verify_fails_on_tampered_oracle(tmp_path):
+    """A wrong reference must make verify exit non-zero: the check can fail."""
+    from click.testing import CliRunner
+    from elm_cli.main import cli
+    src = [p for p in CASES if "v2_random" in p][0]
+    with np.load(src) as d:
+        data = {k: d[k] for k in d.files}
+    data["grad/_proto_tau_m"] = data["grad/_proto_tau_m"] * 1.001
+    bad = tmp_path / "tampered.npz"
+    np.savez(bad, **data)
+    result = CliRunner().invoke(cli, ["verify", str(bad)])
+    assert result.exit_code == 1
+    assert "FAIL" in result.output and "grad/_proto_tau_m" in result.output.splitlines()[-1]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip file at all"])
+def test_elm_verify_bad_file_is_a_clear_error(tmp_path, content):
+    from click.testing import CliRunner
+    from elm_cli.main import cli
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(content)
+    result = CliRunner().invoke(cli, ["verify", str(bad)])
+    assert result.exit_code == 2
+    assert "broken.npz" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["verify", str(tmp_path / "missing.npz")])
+    assert result.exit_code == 2 and "not found" in result.output
