@@ -208,7 +208,7 @@ class ELM:
         Z = xp.empty((L, B, T, H), self.dtype)
         k.recur_forward(Zb, xp.ascontiguousarray(W0m.T), WhT, ch, WoT, co, d.kappa_m, d.c_m, m0,
                         cfg.mlp_activation == "silu", self.dtype.type(P.PHI_SCALE),
-                        self.dtype.type(P.PHI_SLOPE), M, Z, DM)
+                        self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM)
         Wy, by = self.params["w_y.weight"], self.params["w_y.bias"]
         Y = (M.reshape(B * T, -1) @ Wy.T + by).reshape(B, T, -1)
         cache = dict(X=X, U=U, M=M, Z=Z, DM=DM, m0=m0, derived=d,
@@ -252,7 +252,8 @@ class ELM:
         gc = xp.empty((B, Dm), self.dtype)
         k.recur_backward(dM, xp.ascontiguousarray(W0m), xp.ascontiguousarray(Wh), xp.ascontiguousarray(Wo),
                          d.kappa_m, d.c_m, m0, M, Z, DM, cfg.mlp_activation == "silu",
-                         self.dtype.type(P.PHI_SCALE), self.dtype.type(P.PHI_SLOPE), dZ, dO, gk, gc)
+                         self.dtype.type(P.PHI_SCALE), self.dtype.type(P.PHI_SLOPE), k.batch_tile(B),
+                         dZ, dO, gk, gc)
 
         # Weight gradients of every MLP layer: one GEMM each over all B·T rows.
         km_mprev = xp.empty_like(M)

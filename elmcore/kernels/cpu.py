@@ -15,8 +15,11 @@ Routing is a sparse map "input i feeds synapses entry_syn[indptr[i]:indptr[i+1]]
 instead of running a dense (D × C) GEMM.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+from . import vecmath as vm
 
 _JIT = dict(cache=True, nogil=True)
 
@@ -117,25 +120,59 @@ def scan_backward(dU, kappa, dA_out):
 
 
 # ---- the MLP-and-memory recurrence ------------------------------------------------
+#
+# Both passes walk time for a tile of batch rows at once, so each weight row
+# loaded into L1 serves the whole tile, and every matrix product is the
+# register-blocked ``_accumulate_product`` below. Tiles run in parallel.
 
-@njit(inline="always")
-def _activate(z, silu):
-    if silu:
-        return z / (1 + np.exp(-z))
-    return z if z > 0 else z * 0
+@njit(inline="always", cache=True)
+def _accumulate_product(A, Wt, out):
+    """out[n, :] += A[n, :] @ Wt for a tile: A [n,K], Wt [K,N] (rows contiguous), out [n,N].
+
+    Four rows of Wt per pass cut the loads and stores of ``out`` by four; the
+    inner loop over N is contiguous in both operands and vectorises.
+    """
+    n, K = A.shape
+    N = Wt.shape[1]
+    k = 0
+    while k + 4 <= K:
+        w0, w1, w2, w3 = Wt[k], Wt[k + 1], Wt[k + 2], Wt[k + 3]
+        for r in range(n):
+            a0, a1, a2, a3 = A[r, k], A[r, k + 1], A[r, k + 2], A[r, k + 3]
+            row = out[r]
+            for j in range(N):
+                row[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
+        k += 4
+    while k < K:
+        w0 = Wt[k]
+        for r in range(n):
+            a0 = A[r, k]
+            row = out[r]
+            for j in range(N):
+                row[j] += a0 * w0[j]
+        k += 1
 
 
-@njit(inline="always")
-def _activation_slope(z, silu):
-    if silu:
-        s = 1 / (1 + np.exp(-z))
-        return s * (1 + z * (1 - s))
-    return z * 0 + 1 if z > 0 else z * 0
+@njit(inline="always", cache=True)
+def _activate_rows(z, a, silu):
+    n, H = z.shape
+    for r in range(n):
+        for j in range(H):
+            if silu:
+                a[r, j] = vm.silu(z[r, j])
+            else:
+                a[r, j] = max(z[r, j], 0)
+
+
+def batch_tile(B):
+    """Rows per tile: one tile per thread, at most 16 rows (the tile's state stays in L1)."""
+    threads = max(numba.get_num_threads(), 1)
+    return max(1, min(16, -(-B // threads)))
 
 
 @njit(parallel=True, **_JIT)
 def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
-                  M_out, Z_out, DM_out):
+                  tile, M_out, Z_out, DM_out):
     """Run the MLP-and-memory recurrence over all T steps.
 
     Per step:  z_0 = Zb[:,t] + W0m (κ_m ⊙ m_{t−1});  a_l = act(z_l);
@@ -144,12 +181,12 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
     With L = 0 there is no hidden layer: o = z_0 and Zb already holds c_o.
 
     Zb     [B,T,W0]   branch part of the first layer plus its bias (one GEMM upstream).
-    W0mT   [Dm,W0]    memory columns of the first layer, transposed (rows contiguous
-                      per memory unit, so the update is an AXPY the compiler vectorises).
+    W0mT   [Dm,W0]    memory columns of the first layer, transposed (rows contiguous).
     WhT    [Lh,H,H]   hidden-to-hidden weights, transposed; ch [Lh,H] their biases.
     WoT    [H,Dm]     output layer, transposed; co [Dm]. Unused (any shape) when L = 0.
     kappa_m, c_m [Dm] memory decay and input gain (λ(1−κ_m) in v1, 1−κ_λ in v2).
     m0     [B,Dm]     state before the first step.
+    tile              batch rows walked together (``batch_tile``); any value ≥ 1 is correct.
     M_out  [B,T,Dm]   m_t after each step.
     Z_out  [L,B,T,H]  pre-activations z_l, kept for the backward pass (L = Z_out.shape[0]).
     DM_out [B,T,Dm]   Δm_t, kept for the backward pass (φ' and ∂/∂c_m need it).
@@ -158,58 +195,58 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
     Dm = kappa_m.shape[0]
     L = Z_out.shape[0]
     H = Z_out.shape[3]
-    for b in prange(B):
-        m = m0[b].copy()
-        km_m = np.empty(Dm, Zb.dtype)
-        z0 = np.empty(W0, Zb.dtype)
-        a = np.empty(H, Zb.dtype)
-        z = np.empty(H, Zb.dtype)
-        o = np.empty(Dm, Zb.dtype)
+    dt = Zb.dtype
+    n_tiles = (B + tile - 1) // tile
+    for ti in prange(n_tiles):
+        b0 = ti * tile
+        n = min(tile, B - b0)
+        m = m0[b0:b0 + n].copy()
+        km_m = np.empty((n, Dm), dt)
+        z0 = np.empty((n, W0), dt)
+        a = np.empty((n, H), dt)
+        z = np.empty((n, H), dt)
+        o = np.empty((n, Dm), dt)
         for t in range(T):
-            for i in range(Dm):
-                km_m[i] = kappa_m[i] * m[i]
-            z0[:] = Zb[b, t]
-            for i in range(Dm):
-                v = km_m[i]
-                for j in range(W0):
-                    z0[j] += v * W0mT[i, j]
+            for r in range(n):
+                for i in range(Dm):
+                    km_m[r, i] = kappa_m[i] * m[r, i]
+                z0[r] = Zb[b0 + r, t]
+            _accumulate_product(km_m, W0mT, z0)
             if L == 0:
                 o[:] = z0
             else:
-                for j in range(H):
-                    Z_out[0, b, t, j] = z0[j]
-                    a[j] = _activate(z0[j], silu)
+                for r in range(n):
+                    Z_out[0, b0 + r, t] = z0[r]
+                _activate_rows(z0, a, silu)
                 for l in range(1, L):
-                    z[:] = ch[l - 1]
-                    for i in range(H):
-                        v = a[i]
-                        for j in range(H):
-                            z[j] += v * WhT[l - 1, i, j]
-                    for j in range(H):
-                        Z_out[l, b, t, j] = z[j]
-                        a[j] = _activate(z[j], silu)
-                o[:] = co
-                for i in range(H):
-                    v = a[i]
-                    for j in range(Dm):
-                        o[j] += v * WoT[i, j]
-            for i in range(Dm):
-                dm = phi_scale * np.tanh(phi_slope * o[i])
-                DM_out[b, t, i] = dm
-                m[i] = km_m[i] + c_m[i] * dm
-                M_out[b, t, i] = m[i]
+                    for r in range(n):
+                        z[r] = ch[l - 1]
+                    _accumulate_product(a, WhT[l - 1], z)
+                    for r in range(n):
+                        Z_out[l, b0 + r, t] = z[r]
+                    _activate_rows(z, a, silu)
+                for r in range(n):
+                    o[r] = co
+                _accumulate_product(a, WoT, o)
+            for r in range(n):
+                for i in range(Dm):
+                    dm = phi_scale * vm.tanh(phi_slope * o[r, i])
+                    DM_out[b0 + r, t, i] = dm
+                    m[r, i] = km_m[r, i] + c_m[i] * dm
+                M_out[b0 + r, t] = m[r]
 
 
 @njit(parallel=True, **_JIT)
-def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope,
+def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope, tile,
                    dZ_out, dO_out, gkappa_out, gc_out):
     """Backpropagation through time of recur_forward.
 
     dM     [B,T,Dm]   ∂loss/∂m_t from the readout (not including later steps).
-    W0m    [W0,Dm]    memory columns of the first layer (untransposed: the adjoint
-                      W0mᵀ·dz is then an AXPY over contiguous rows).
+    W0m    [W0,Dm]    memory columns of the first layer (untransposed: W0mᵀ·dz is then a
+                      product with contiguous rows, as in the forward).
     Wh     [Lh,H,H], Wo [Dm,H]  untransposed weights.
     M, Z, DM          the forward's M_out, Z_out, DM_out, unchanged.
+    tile              batch rows walked together; any value ≥ 1 is correct.
     dZ_out [L,B,T,H]  ∂loss/∂z_l for every step (for the weight GEMMs).
     dO_out [B,T,Dm]   ∂loss/∂o, the output-layer pre-activation (with L = 0 it is also ∂loss/∂z_0).
     gkappa_out [B,Dm] per-batch Σ_t ∂loss/∂κ_m through both κ_m ⊙ m_{t−1} uses.
@@ -221,53 +258,57 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     L = Z.shape[0]
     H = Z.shape[3]
     W0 = W0m.shape[0]
+    dt = dM.dtype
     dphi_scale = phi_scale * phi_slope
-    for b in prange(B):
-        carry = np.zeros(Dm, dM.dtype)
-        g = np.empty(Dm, dM.dtype)
-        do = np.empty(Dm, dM.dtype)
-        da = np.empty(H, dM.dtype)
-        dz = np.empty(H, dM.dtype)
-        dz0 = np.empty(W0, dM.dtype)
-        r = np.empty(Dm, dM.dtype)
-        gk = gkappa_out[b]
-        gc = gc_out[b]
+    n_tiles = (B + tile - 1) // tile
+    for ti in prange(n_tiles):
+        b0 = ti * tile
+        n = min(tile, B - b0)
+        carry = np.zeros((n, Dm), dt)
+        g = np.empty((n, Dm), dt)
+        do = np.empty((n, Dm), dt)
+        da = np.empty((n, H), dt)
+        dz = np.empty((n, H), dt)
+        dz0 = np.empty((n, W0), dt)
+        r_m = np.empty((n, Dm), dt)
+        gk = gkappa_out[b0:b0 + n]
+        gc = gc_out[b0:b0 + n]
         gk[:] = 0
         gc[:] = 0
         for t in range(T - 1, -1, -1):
-            for i in range(Dm):
-                g[i] = dM[b, t, i] + carry[i]
-                dm = DM[b, t, i]
-                gc[i] += g[i] * dm
-                q = dm / phi_scale
-                do[i] = g[i] * c_m[i] * dphi_scale * (1 - q * q)
-                dO_out[b, t, i] = do[i]
+            for r in range(n):
+                b = b0 + r
+                for i in range(Dm):
+                    g[r, i] = dM[b, t, i] + carry[r, i]
+                    dm = DM[b, t, i]
+                    gc[r, i] += g[r, i] * dm
+                    q = dm / phi_scale
+                    do[r, i] = g[r, i] * c_m[i] * dphi_scale * (1 - q * q)
+                dO_out[b, t] = do[r]
             if L == 0:
                 dz0[:] = do
             else:
                 da[:] = 0
-                for j in range(Dm):
-                    v = do[j]
-                    for i in range(H):
-                        da[i] += v * Wo[j, i]
+                _accumulate_product(do, Wo, da)
                 for l in range(L - 1, -1, -1):
-                    for i in range(H):
-                        dz[i] = da[i] * _activation_slope(Z[l, b, t, i], silu)
-                        dZ_out[l, b, t, i] = dz[i]
+                    for r in range(n):
+                        zl = Z[l, b0 + r, t]
+                        for i in range(H):
+                            if silu:
+                                dz[r, i] = da[r, i] * vm.silu_slope(zl[i])
+                            else:
+                                dz[r, i] = da[r, i] if zl[i] > 0 else 0
+                        dZ_out[l, b0 + r, t] = dz[r]
                     if l > 0:
                         da[:] = 0
-                        for j in range(H):
-                            v = dz[j]
-                            for i in range(H):
-                                da[i] += v * Wh[l - 1, j, i]
+                        _accumulate_product(dz, Wh[l - 1], da)
                 dz0[:] = dz
-            r[:] = 0
-            for j in range(W0):
-                v = dz0[j]
+            r_m[:] = 0
+            _accumulate_product(dz0, W0m, r_m)
+            for r in range(n):
+                b = b0 + r
                 for i in range(Dm):
-                    r[i] += v * W0m[j, i]
-            for i in range(Dm):
-                m_prev = M[b, t - 1, i] if t > 0 else m0[b, i]
-                total = g[i] + r[i]
-                gk[i] += total * m_prev
-                carry[i] = kappa_m[i] * total
+                    m_prev = M[b, t - 1, i] if t > 0 else m0[b, i]
+                    total = g[r, i] + r_m[r, i]
+                    gk[r, i] += total * m_prev
+                    carry[r, i] = kappa_m[i] * total
