@@ -1,0 +1,142 @@
+"""The training loop: learning, checkpoints, bit-identical resume, divergence handling."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from elmcore.checkpoint import load_file
+from elmcore.data.base import ArrayTask
+from elmcore.errors import DataError
+from elmcore.train import Trainer, TrainingDiverged, TrainSettings
+
+
+def sign_task(n=96, T=12, D=3, seed=0):
+    """Label = whether input channel 0 summed over time is positive: needs memory of the whole sequence."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, T, D)).astype(np.float32)
+    y = (X[:, :, 0].sum(1) > 0).astype(np.int64)
+    cut = int(0.75 * n)
+    return ArrayTask("sign", {"train": (X[:cut], y[:cut]), "valid": (X[cut:], y[cut:])}, num_output=2,
+                     defaults={"num_memory": 6, "mlp_hidden_size": 12, "memory_tau_max": 50.0,
+                               "version": "branch_elm_v2"})
+
+
+def settings(tmp_path, name="run", **kw):
+    base = dict(task="sign", epochs=3, batch_size=16, lr=3e-3, checkpoint_every=2, input_dropout=0.1,
+                run_dir=str(tmp_path / name))
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def run(tmp_path, name="run", task=None, **kw):
+    return Trainer(settings(tmp_path, name, **kw), task=task or sign_task(), progress=False,
+                   log=lambda m: None).run()
+
+
+def test_training_lowers_the_loss_and_writes_the_run_directory(tmp_path):
+    summary = run(tmp_path, epochs=6, lr=1e-2)
+    rd = tmp_path / "run"
+    for name in ("run.json", "last.npz", "best.npz", "metrics.jsonl", "summary.json"):
+        assert (rd / name).exists(), name
+    records = [json.loads(l) for l in (rd / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["type"] == "step"]
+    assert len(losses) == summary["steps"] == 6 * 5
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert len(epochs) == 6 and all("accuracy" in r["valid"] for r in epochs)
+    assert summary["best_valid_metric"] == max(r["valid"]["accuracy"] for r in epochs)
+    ckpt = load_file(rd / "last.npz")
+    assert ckpt.kind == "elmcore-checkpoint" and ckpt.meta["step"] == 30
+    assert set(ckpt.optim_state) >= {"t", "exp_avg/w_y.weight"}
+
+
+def test_same_seed_same_parameters(tmp_path):
+    run(tmp_path, "a")
+    run(tmp_path, "b")
+    a, b = load_file(tmp_path / "a" / "last.npz"), load_file(tmp_path / "b" / "last.npz")
+    assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+
+
+@pytest.mark.parametrize("kill_after", [3, 5, 7])
+def test_kill_and_resume_is_bit_identical(tmp_path, kill_after):
+    run(tmp_path, "full")
+
+    class Killed(BaseException):
+        pass
+
+    trainer = Trainer(settings(tmp_path, "killed"), task=sign_task(), progress=False, log=lambda m: None)
+    real_step = trainer._train_step
+    calls = {"n": 0}
+
+    def dying_step(*args):
+        if calls["n"] == kill_after:
+            raise Killed()
+        calls["n"] += 1
+        return real_step(*args)
+
+    trainer._train_step = dying_step
+    with pytest.raises(Killed):
+        trainer.run()
+    resumed = Trainer.resume(str(tmp_path / "killed"), task=sign_task(), progress=False, log=lambda m: None)
+    summary = resumed.run()
+    assert summary["steps"] == 15
+    full, again = load_file(tmp_path / "full" / "last.npz"), load_file(tmp_path / "killed" / "last.npz")
+    for k in full.params:
+        assert np.array_equal(full.params[k], again.params[k]), k
+    for k in full.optim_state:
+        assert np.array_equal(full.optim_state[k], again.optim_state[k]), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["type"] == "step"]
+    assert steps == list(range(1, 16))  # no duplicates from the replayed steps
+
+
+def test_nan_in_data_is_a_data_error(tmp_path):
+    task = sign_task()
+    task.splits["train"][0][5, 3, 1] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        run(tmp_path, task=task)
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(settings(tmp_path, checkpoint_every=1), task=sign_task(), progress=False, log=lambda m: None)
+    real_forward = None
+
+    def poisoned(X, return_cache=False, state=None):
+        Y, cache = real_forward(X, return_cache=True, state=state)
+        if trainer.position["step"] >= 4:
+            Y = Y * np.float32(np.inf)
+        return (Y, cache) if return_cache else Y
+
+    trainer_model_init = trainer._new_state
+
+    def new_state():
+        nonlocal real_forward
+        trainer_model_init()
+        real_forward = trainer.model._forward_unchecked = trainer.model.forward
+        trainer.model.forward = poisoned
+
+    trainer._new_state = new_state
+    with pytest.raises(TrainingDiverged, match=r"step 5.*last good checkpoint .*last.npz \(step 4\)"):
+        trainer.run()
+    ckpt = load_file(tmp_path / "run" / "last.npz")
+    assert ckpt.meta["step"] == 4
+    assert all(np.all(np.isfinite(v)) for v in ckpt.params.values() if v.dtype.kind == "f")
+
+
+def test_impossible_settings(tmp_path):
+    with pytest.raises(Exception, match="batch_size"):
+        Trainer(settings(tmp_path, batch_size=0), task=sign_task())
+    with pytest.raises(Exception, match="unknown training setting"):
+        TrainSettings.from_dict({"epochz": 3})
+    with pytest.raises(Exception, match="num_input"):
+        Trainer(settings(tmp_path, model={"num_input": 5}), task=sign_task()).run()
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    run(tmp_path, epochs=1)
+    before = (tmp_path / "run" / "last.npz").read_bytes()
+    with pytest.raises(Exception, match="already holds a run"):
+        run(tmp_path, epochs=1)
+    assert (tmp_path / "run" / "last.npz").read_bytes() == before
