@@ -54,8 +54,14 @@ class LoadedFile:
         self.params, self.optim_state, self.meta = params, optim_state or {}, meta or {}
 
     def build_model(self, dtype=None, device="cpu"):
+        """An ``ELM`` with these parameters, validated against the config (errors name the file)."""
+        from .backend import get_backend
         from .model import ELM
-        return ELM(self.config, params=self.params, dtype=dtype or self.dtype, device=device)
+        get_backend(device)  # a missing GPU is not the file's fault: let that error through unprefixed
+        try:
+            return ELM(self.config, params=self.params, dtype=dtype or self.dtype, device=device)
+        except ELMError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
 
 
 def load_file(path):
@@ -94,10 +100,4 @@ def load_file(path):
 
 def load_model(path, dtype=None, device="cpu"):
     """An ``ELM`` from a model or checkpoint file, its parameters validated against its config."""
-    loaded = load_file(path)
-    try:
-        return loaded.build_model(dtype=dtype, device=device)
-    except CheckpointError:
-        raise
-    except ELMError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    return load_file(path).build_model(dtype=dtype, device=device)
