@@ -1,0 +1,693 @@
+"""Numba CUDA kernels: the GPU twins of ``kernels/cpu.py``.
+
+Every public function here has exactly the signature and the semantics of its
+namesake in ``kernels/cpu.py`` (read that docstring first: shapes use the same
+letters B, T, D, S, C, Dm, H, W0, L, Lh). The arrays are CuPy arrays on a real
+GPU, handed to Numba through ``__cuda_array_interface__`` without any copy, or
+NumPy arrays under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``). Outputs are
+written into caller-owned ``*_out`` arrays; nothing is kept between calls.
+
+Ownership and lifetime, haste-style. "caller" is ``ELM`` in ``model.py``:
+
+=====================  ==========  =====================================================
+buffer                 owner       lifetime / hand-over
+=====================  ==========  =====================================================
+X, dA, dU, Zb, dM      caller      read only; only valid for the duration of the call
+A_out, U_out, dA_out   caller      overwritten; ``scan_*`` may alias input and output
+partial_out [B,S]      caller      overwritten; per-batch rows, the caller sums them
+M_out, Z_out, DM_out   caller      written by ``recur_forward`` and handed UNCHANGED to
+                                   ``recur_backward`` as M, Z, DM (together with the
+                                   same m0, kappa_m, c_m and weights)
+dZ_out, dO_out         caller      overwritten; consumed by the weight GEMMs
+gkappa_out, gc_out     caller      overwritten; per-batch rows [B,Dm]
+packed weights         this file   a device copy made per recurrence call (a few
+                                   hundred KB at most), freed when the call returns
+=====================  ==========  =====================================================
+
+Recurrence kernel arguments (device side; the wrappers build them):
+
+==================  ============  =================================================
+argument            shape         meaning
+==================  ============  =================================================
+packed (forward)    [P]           W0mT [Dm,W0] | WhT [Lh,H,H] | WoT [H,Dm] | ch [Lh,H]
+                                  | co [Dm], flattened row-major at offsets 0, o_wh,
+                                  o_wo, o_ch, o_co (only W0mT when L = 0)
+packed (backward)   [P]           W0m [W0,Dm] | Wh [Lh,H,H] | Wo [Dm,H] at 0, o_wh, o_wo
+L, H                int           hidden layers and width, passed explicitly because
+                                  Z / dZ are [1,1,1,1] placeholders when L = 0 (a
+                                  zero-size array cannot cross the array interface)
+silu                bool          activation: SiLU, else ReLU
+phi_scale, _slope   model dtype   φ(x) = phi_scale · tanh(phi_slope · x)
+dynamic shared      see kernels   [staged weights] + R rows of per-row state
+==================  ============  =================================================
+
+Forward per-row state: κ_m⊙m ping-pong [2,Dm], activations ping-pong [2,H].
+Backward per-row state: ∂o ping-pong [2,Dm], g, carry, Σ∂κ_m, Σ∂c_m [Dm each],
+∂z ping-pong [2,H]. Each thread owns the same units in every phase, so the
+element-wise values (g, carry, the two sums) never cross threads.
+
+Design choices, and why:
+
+* Routing forward: one thread block per (b, t) row (grid-stride over rows),
+  threads over the inputs so reads of X are coalesced; zero inputs are skipped
+  (spike data is > 98 % zeros) and each non-zero input adds its entries into
+  ``A_out[b, t, channel]`` with a global ``atomic.add``. Contention is bounded by
+  the number of non-zero inputs feeding one channel in one step. The order of
+  those additions is not fixed, so the last bits of A may differ between runs
+  and from the CPU kernel (tests compare with a relative tolerance).
+* Routing weight gradient: one thread per (b, input). Each entry's sum over t
+  is formed in a register and added to ``partial_out[b, synapse]`` once. In the
+  model every synapse owns at most one entry, so these atomics never collide
+  (they exist only to keep the CPU kernel's contract for a general CSR map) and
+  the result is deterministic. No atomics run inside the time loop.
+* Routing input gradient: one thread per (b, t, input); a gather, no conflicts.
+* Linear scans: one thread per (b, channel), looping over T; neighbouring
+  threads touch neighbouring channels, so every step is a coalesced access.
+* Recurrence: ONE launch for all T steps. One thread block per batch tile of R
+  rows (``blockDim = (unit threads, R)``), threads over hidden / memory units.
+  The recurrent weights (W0m, Wh, Wo and the biases, packed into one flat
+  buffer) are copied into dynamic shared memory once, before the time loop,
+  when they fit; otherwise they are read from global memory (L1/L2 cached):
+  e.g. d_m = 150 with h = 300 in float32 needs 2·150·300·4 B = 360 KB, more
+  than the 227 KB a Hopper block may opt in to. Per-row state vectors always
+  live in shared memory. The block synchronises once per layer per step
+  (L + 1 times with L hidden layers; once when L = 0, where ping-pong buffers
+  remove the second barrier). Weight gradients are NOT accumulated here: the
+  model forms them afterwards as GEMMs over all B·T rows, from Z, M and dZ.
+
+Streams: kernels are launched on CuPy's current stream, and array arguments
+are imported with ``sync=False``, so no launch blocks the host.
+"""
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Optional
+
+import numpy as np
+from numba import cuda
+
+from ..errors import ELMError
+
+
+def _simulator_enabled():
+    try:
+        from numba.cuda.core import config
+    except ImportError:  # numba-cuda < 0.20, or numba's bundled CUDA target
+        from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+SIMULATOR = _simulator_enabled()
+
+# The simulator runs every CUDA thread as a Python thread: small blocks and
+# grids keep it fast, and grid-stride loops keep the results identical.
+_FLAT_THREADS = 32 if SIMULATOR else 256
+_MAX_BLOCKS = 2 if SIMULATOR else 65535
+# The recurrence kernels use up to ~124 registers per thread (ptxas, sm_90), so
+# 65536 registers per multiprocessor allow 512 threads per block; the launch
+# re-checks the compiled kernel's own limit.
+_MAX_RECURRENCE_THREADS = 512
+# Without the opt-in attribute a block may use 48 KB of dynamic shared memory;
+# the simulator pretends to be such a device unless a test says otherwise.
+_DEFAULT_SHARED_BYTES = 48 * 1024
+_MAX_ROWS_PER_BLOCK = 4
+
+
+@dataclasses.dataclass
+class LaunchPolicy:
+    """Override of the recurrence's weight placement (``None``: decide from the device).
+
+    Tests use it to drive both placements through the simulator; production
+    code leaves it alone.
+
+    weights_in_shared  False forces the weights-in-global-memory path; True
+                       stages them in shared memory whatever the device limit.
+    """
+    weights_in_shared: Optional[bool] = None
+
+
+policy = LaunchPolicy()
+
+
+# ---- kernels, built once per float dtype -----------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _kernels(np_dtype, weights_in_shared):
+    """Compile-time specialised kernels for one float dtype and weight placement.
+
+    Constants are NumPy scalars of the model dtype so that float32 kernels never
+    promote to float64 arithmetic; the dtype also types the dynamic shared array.
+    """
+    from numba import from_dtype
+    nb_dtype = from_dtype(np.dtype(np_dtype))
+    ZERO = np_dtype(0)
+    ONE = np_dtype(1)
+
+    @cuda.jit(device=True)
+    def activate(z, silu):
+        if silu:
+            return z / (ONE + math.exp(-z))
+        return z if z > ZERO else ZERO
+
+    @cuda.jit(device=True)
+    def activation_slope(z, silu):
+        if silu:
+            s = ONE / (ONE + math.exp(-z))
+            return s * (ONE + z * (ONE - s))
+        return ONE if z > ZERO else ZERO
+
+    if weights_in_shared:
+        @cuda.jit(device=True)
+        def stage_weights(packed, smem):
+            """Copy the packed weights into shared memory; returns (weights, first free slot)."""
+            nthreads = cuda.blockDim.x * cuda.blockDim.y
+            for k in range(cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x, packed.shape[0], nthreads):
+                smem[k] = packed[k]
+            return smem, packed.shape[0]
+    else:
+        @cuda.jit(device=True)
+        def stage_weights(packed, smem):
+            return packed, 0
+
+    @cuda.jit
+    def zero_2d(out):
+        rows, cols = out.shape
+        for k in range(cuda.grid(1), rows * cols, cuda.gridsize(1)):
+            out[k // cols, k % cols] = ZERO
+
+    @cuda.jit
+    def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
+        B, T, D = X.shape
+        C = A_out.shape[2]
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        for row in range(cuda.blockIdx.x, B * T, cuda.gridDim.x):
+            b = row // T
+            t = row - b * T
+            for c in range(tid, C, nthreads):
+                A_out[b, t, c] = ZERO
+            cuda.syncthreads()
+            for i in range(tid, D, nthreads):
+                x = X[b, t, i]
+                if x != ZERO:
+                    for e in range(indptr[i], indptr[i + 1]):
+                        cuda.atomic.add(A_out, (b, t, entry_syn[e] // syn_per_channel), x * entry_weight[e])
+
+    @cuda.jit
+    def route_weight_grad(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
+        B, T, D = X.shape
+        for k in range(cuda.grid(1), B * D, cuda.gridsize(1)):
+            b = k // D
+            i = k - b * D
+            for e in range(indptr[i], indptr[i + 1]):
+                j = entry_syn[e]
+                c = j // syn_per_channel
+                mask = entry_mask[e]
+                acc = ZERO
+                for t in range(T):
+                    x = X[b, t, i]
+                    if x != ZERO:
+                        acc += x * mask * dA[b, t, c]
+                cuda.atomic.add(partial_out, (b, j), acc)
+
+    @cuda.jit
+    def route_input_grad(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
+        B, T, D = dX_out.shape
+        for k in range(cuda.grid(1), B * T * D, cuda.gridsize(1)):
+            bt = k // D
+            i = k - bt * D
+            b = bt // T
+            t = bt - b * T
+            acc = ZERO
+            for e in range(indptr[i], indptr[i + 1]):
+                acc += entry_weight[e] * dA[b, t, entry_syn[e] // syn_per_channel]
+            dX_out[b, t, i] = acc
+
+    @cuda.jit
+    def scan_forward(A, kappa, u0, U_out):
+        B, T, C = A.shape
+        for k in range(cuda.grid(1), B * C, cuda.gridsize(1)):
+            b = k // C
+            c = k - b * C
+            decay = kappa[c]
+            prev = u0[b, c]
+            for t in range(T):
+                prev = decay * prev + A[b, t, c]
+                U_out[b, t, c] = prev
+
+    @cuda.jit
+    def scan_backward(dU, kappa, dA_out):
+        B, T, C = dU.shape
+        for k in range(cuda.grid(1), B * C, cuda.gridsize(1)):
+            b = k // C
+            c = k - b * C
+            decay = kappa[c]
+            nxt = ZERO
+            for t in range(T - 1, -1, -1):
+                nxt = dU[b, t, c] + decay * nxt
+                dA_out[b, t, c] = nxt
+
+    @cuda.jit
+    def recur_forward(Zb, packed, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
+                      L, H, o_wh, o_wo, o_ch, o_co, M_out, Z_out, DM_out):
+        # Shared layout: [packed weights (if staged)] then per row r, at
+        # base + r·(2·Dm + 2·H): κ_m⊙m ping-pong [2,Dm], activations ping-pong [2,H].
+        smem = cuda.shared.array(0, nb_dtype)
+        B, T, W0 = Zb.shape
+        Dm = kappa_m.shape[0]
+        lane = cuda.threadIdx.x
+        nlanes = cuda.blockDim.x
+        b = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        active = b < B
+        W, base = stage_weights(packed, smem)
+        width_a = H if L > 0 else 0
+        row = base + cuda.threadIdx.y * (2 * Dm + 2 * width_a)
+        act0 = row + 2 * Dm
+        last = act0 + ((L - 1) % 2) * H  # activations the output layer reads
+        if active:
+            for j in range(lane, Dm, nlanes):
+                smem[row + j] = kappa_m[j] * m0[b, j]
+        cuda.syncthreads()
+        p = 0
+        for t in range(T):
+            km_now = row + p * Dm
+            km_next = row + (1 - p) * Dm
+            if L > 0:
+                if active:
+                    for j in range(lane, W0, nlanes):
+                        acc = Zb[b, t, j]
+                        for i in range(Dm):
+                            acc += smem[km_now + i] * W[i * W0 + j]
+                        Z_out[0, b, t, j] = acc
+                        smem[act0 + j] = activate(acc, silu)
+                cuda.syncthreads()
+                for l in range(1, L):
+                    src = act0 + ((l - 1) % 2) * H
+                    dst = act0 + (l % 2) * H
+                    w_l = o_wh + (l - 1) * H * H
+                    if active:
+                        for j in range(lane, H, nlanes):
+                            acc = W[o_ch + (l - 1) * H + j]
+                            for i in range(H):
+                                acc += smem[src + i] * W[w_l + i * H + j]
+                            Z_out[l, b, t, j] = acc
+                            smem[dst + j] = activate(acc, silu)
+                    cuda.syncthreads()
+            if active:
+                for j in range(lane, Dm, nlanes):
+                    if L > 0:
+                        o = W[o_co + j]
+                        for i in range(H):
+                            o += smem[last + i] * W[o_wo + i * Dm + j]
+                    else:
+                        # No hidden layer: o = z_0, whose bias Zb already carries.
+                        o = Zb[b, t, j]
+                        for i in range(Dm):
+                            o += smem[km_now + i] * W[i * W0 + j]
+                    dm = phi_scale * math.tanh(phi_slope * o)
+                    DM_out[b, t, j] = dm
+                    m = smem[km_now + j] + c_m[j] * dm
+                    M_out[b, t, j] = m
+                    smem[km_next + j] = kappa_m[j] * m
+            cuda.syncthreads()
+            p = 1 - p
+
+    @cuda.jit
+    def recur_backward(dM, packed, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope,
+                       L, H, o_wh, o_wo, dZ_out, dO_out, gkappa_out, gc_out):
+        # Shared layout per row r, at base + r·(6·Dm + 2·H): ∂o ping-pong [2,Dm],
+        # g [Dm], carry [Dm], Σ∂κ [Dm], Σ∂c [Dm], ∂z ping-pong [2,H].
+        smem = cuda.shared.array(0, nb_dtype)
+        B, T, Dm = dM.shape
+        W0 = H if L > 0 else Dm
+        lane = cuda.threadIdx.x
+        nlanes = cuda.blockDim.x
+        b = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        active = b < B
+        W, base = stage_weights(packed, smem)
+        width_dz = H if L > 0 else 0
+        row = base + cuda.threadIdx.y * (6 * Dm + 2 * width_dz)
+        g_at = row + 2 * Dm
+        carry_at = row + 3 * Dm
+        gk_at = row + 4 * Dm
+        gc_at = row + 5 * Dm
+        dz0 = row + 6 * Dm
+        dphi_scale = phi_scale * phi_slope
+        if active:
+            for i in range(lane, Dm, nlanes):
+                smem[carry_at + i] = ZERO
+                smem[gk_at + i] = ZERO
+                smem[gc_at + i] = ZERO
+        cuda.syncthreads()
+        p = 0
+        for t in range(T - 1, -1, -1):
+            do_at = row + p * Dm
+            if active:
+                for i in range(lane, Dm, nlanes):
+                    g = dM[b, t, i] + smem[carry_at + i]
+                    smem[g_at + i] = g
+                    dm = DM[b, t, i]
+                    smem[gc_at + i] += g * dm
+                    q = dm / phi_scale
+                    do = g * c_m[i] * dphi_scale * (ONE - q * q)
+                    dO_out[b, t, i] = do
+                    smem[do_at + i] = do
+            cuda.syncthreads()
+            if L > 0:
+                dst = dz0 + ((L - 1) % 2) * H
+                if active:
+                    for i in range(lane, H, nlanes):
+                        acc = ZERO
+                        for j in range(Dm):
+                            acc += smem[do_at + j] * W[o_wo + j * H + i]
+                        dz = acc * activation_slope(Z[L - 1, b, t, i], silu)
+                        dZ_out[L - 1, b, t, i] = dz
+                        smem[dst + i] = dz
+                cuda.syncthreads()
+                for l in range(L - 1, 0, -1):
+                    src = dz0 + (l % 2) * H
+                    dst = dz0 + ((l - 1) % 2) * H
+                    w_l = o_wh + (l - 1) * H * H
+                    if active:
+                        for i in range(lane, H, nlanes):
+                            acc = ZERO
+                            for j in range(H):
+                                acc += smem[src + j] * W[w_l + j * H + i]
+                            dz = acc * activation_slope(Z[l - 1, b, t, i], silu)
+                            dZ_out[l - 1, b, t, i] = dz
+                            smem[dst + i] = dz
+                    cuda.syncthreads()
+            # ∂z_0: the first hidden layer's, or ∂o itself when there is no hidden layer.
+            dz_first = dz0 if L > 0 else do_at
+            if active:
+                for i in range(lane, Dm, nlanes):
+                    acc = ZERO
+                    for j in range(W0):
+                        acc += smem[dz_first + j] * W[j * Dm + i]
+                    total = smem[g_at + i] + acc
+                    m_prev = M[b, t - 1, i] if t > 0 else m0[b, i]
+                    smem[gk_at + i] += total * m_prev
+                    smem[carry_at + i] = kappa_m[i] * total
+            p = 1 - p
+        if active:
+            for i in range(lane, Dm, nlanes):
+                gkappa_out[b, i] = smem[gk_at + i]
+                gc_out[b, i] = smem[gc_at + i]
+
+    return dict(zero_2d=zero_2d, route_forward=route_forward, route_weight_grad=route_weight_grad,
+                route_input_grad=route_input_grad, scan_forward=scan_forward, scan_backward=scan_backward,
+                recur_forward=recur_forward, recur_backward=recur_backward)
+
+
+# ---- launching --------------------------------------------------------------------
+
+def _xp(a):
+    if SIMULATOR or isinstance(a, np.ndarray):
+        return np
+    import cupy
+    return cupy
+
+
+_external_streams = {}
+
+
+def _stream():
+    """CuPy's current stream, so kernels and cuBLAS GEMMs stay ordered without host syncs."""
+    if SIMULATOR:
+        return 0
+    try:
+        import cupy
+    except ImportError:
+        return 0
+    ptr = cupy.cuda.get_current_stream().ptr
+    if not ptr:
+        return 0  # CuPy's null stream is the legacy default stream Numba uses for 0.
+    if ptr not in _external_streams:
+        _external_streams[ptr] = cuda.external_stream(ptr)
+    return _external_streams[ptr]
+
+
+def _device_arg(a):
+    if SIMULATOR or not hasattr(a, "__cuda_array_interface__"):
+        return a
+    # Same stream as the producer (see _stream): skip Numba's per-argument host sync.
+    return cuda.as_cuda_array(a, sync=False)
+
+
+def _launch(kernel, blocks, threads, shared_bytes, *args):
+    args = tuple(_device_arg(a) for a in args)
+    kernel[blocks, threads, _stream(), shared_bytes](*args)
+
+
+def _flat_shape(n):
+    threads = max(1, min(_FLAT_THREADS, n))
+    return min(-(-n // threads), _MAX_BLOCKS), threads
+
+
+def _kernel_set(dtype, weights_in_shared=True):
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ELMError(f"CUDA kernels support float32 and float64, got {dt}")
+    return _kernels(dt.type, weights_in_shared)
+
+
+# ---- routing ----------------------------------------------------------------------
+
+def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
+    """See ``kernels.cpu.route_forward``. One block per (b, t) row, atomics per channel."""
+    B, T, D = X.shape
+    if SIMULATOR:
+        threads = min(D, 8)
+    else:
+        threads = max(32, min(256, 1 << (D - 1).bit_length()))
+    k = _kernel_set(A_out.dtype)["route_forward"]
+    _launch(k, min(B * T, _MAX_BLOCKS), threads, 0, X, indptr, entry_syn, entry_weight,
+            int(syn_per_channel), A_out)
+
+
+def route_weight_grad(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
+    """See ``kernels.cpu.route_weight_grad``. One thread per (b, input)."""
+    B, T, D = X.shape
+    ks = _kernel_set(partial_out.dtype)
+    _launch(ks["zero_2d"], *_flat_shape(partial_out.size), 0, partial_out)
+    _launch(ks["route_weight_grad"], *_flat_shape(B * D), 0, X, indptr, entry_syn, entry_mask,
+            int(syn_per_channel), dA, partial_out)
+
+
+def route_input_grad(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
+    """See ``kernels.cpu.route_input_grad``. One thread per (b, t, input)."""
+    k = _kernel_set(dX_out.dtype)["route_input_grad"]
+    _launch(k, *_flat_shape(dX_out.size), 0, dA, indptr, entry_syn, entry_weight,
+            int(syn_per_channel), dX_out)
+
+
+# ---- linear leaky scans ------------------------------------------------------------
+
+def scan_forward(A, kappa, u0, U_out):
+    """See ``kernels.cpu.scan_forward``. One thread per (b, channel); A may alias U_out."""
+    B, _, C = A.shape
+    _launch(_kernel_set(U_out.dtype)["scan_forward"], *_flat_shape(B * C), 0, A, kappa, u0, U_out)
+
+
+def scan_backward(dU, kappa, dA_out):
+    """See ``kernels.cpu.scan_backward``. One thread per (b, channel); dU may alias dA_out."""
+    B, _, C = dU.shape
+    _launch(_kernel_set(dA_out.dtype)["scan_backward"], *_flat_shape(B * C), 0, dU, kappa, dA_out)
+
+
+# ---- the MLP-and-memory recurrence ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RecurrenceLaunch:
+    """How one recurrence call is laid out on the device.
+
+    rows_per_block     R batch rows per thread block (blockDim.y).
+    unit_threads       threads over units per row (blockDim.x).
+    blocks             ⌈B / R⌉.
+    weights_in_shared  whether the packed weights are staged in shared memory.
+    shared_bytes       dynamic shared memory per block.
+    """
+    rows_per_block: int
+    unit_threads: int
+    blocks: int
+    weights_in_shared: bool
+    shared_bytes: int
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits():
+    """(multiprocessors, opt-in dynamic shared bytes per block) of the current GPU."""
+    if SIMULATOR:
+        return 1, _DEFAULT_SHARED_BYTES
+    dev = cuda.get_current_device()
+    try:
+        optin = int(dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    except Exception:  # attribute unknown to an old driver / binding
+        optin = int(dev.MAX_SHARED_MEMORY_PER_BLOCK)
+    return int(dev.MULTIPROCESSOR_COUNT), optin
+
+
+def batch_tile(B):
+    """Batch rows per thread block: enough blocks to cover every multiprocessor first.
+
+    The simulator uses 2 so that multi-row tiles, and an idle row in the last
+    block, are exercised by the tests.
+    """
+    if SIMULATOR:
+        return 2
+    sms, _ = _device_limits()
+    return max(1, min(_MAX_ROWS_PER_BLOCK, -(-B // sms)))
+
+
+def plan_recurrence(batch, tile, unit_width, row_floats, weight_floats, itemsize,
+                    max_threads=_MAX_RECURRENCE_THREADS, limits=None):
+    """Choose the recurrence launch shape (pure function of sizes, device limits and ``policy``).
+
+    tile           requested batch rows per block (``batch_tile``); lowered to fit
+                   4 rows, the batch, the thread limit and shared memory.
+    unit_width     widest layer a thread row walks (max(W0, Dm)).
+    row_floats     per-row scratch floats in shared memory.
+    weight_floats  length of the packed weight buffer.
+    max_threads    threads one block may have (the kernel's register use caps it).
+    limits         (multiprocessors, dynamic shared bytes per block); default: the
+                   current device's, with its opt-in shared memory maximum.
+    Raises ELMError when even one row's scratch does not fit in shared memory.
+    """
+    _, limit = _device_limits() if limits is None else limits
+    if SIMULATOR:
+        units = min(unit_width, max_threads)
+    else:
+        # Whole warps; wider layers are walked by the stride loops inside the kernel.
+        units = min(-(-unit_width // 32) * 32, max_threads // 32 * 32)
+    rows = max(1, min(int(tile), _MAX_ROWS_PER_BLOCK, batch, max_threads // units))
+    while rows > 1 and rows * row_floats * itemsize > limit:
+        rows -= 1
+    scratch = rows * row_floats * itemsize
+    if scratch > limit:
+        raise ELMError(f"the recurrence state ({row_floats} values per batch row) does not fit in "
+                       f"{limit} bytes of GPU shared memory: reduce num_memory or mlp_hidden_size")
+    in_shared = scratch + weight_floats * itemsize <= limit
+    if policy.weights_in_shared is not None:
+        in_shared = bool(policy.weights_in_shared)
+    shared = scratch + (weight_floats * itemsize if in_shared else 0)
+    return RecurrenceLaunch(rows, units, -(-batch // rows), in_shared, shared)
+
+
+_opted_in = set()
+
+
+def _launch_recurrence(name, batch, tile, unit_width, row_floats, args):
+    """Plan, pick the kernel variant and launch; returns the RecurrenceLaunch used."""
+    dtype, packed = args[0].dtype, args[1]
+    dev_args = tuple(_device_arg(a) for a in args)
+    max_threads, limits = _MAX_RECURRENCE_THREADS, None
+    while True:
+        plan = plan_recurrence(batch, tile, unit_width, row_floats, packed.size, dtype.itemsize,
+                               max_threads, limits)
+        kernel = _kernel_set(dtype, plan.weights_in_shared)[name]
+        if SIMULATOR:
+            break
+        kernel = kernel.specialize(*dev_args)
+        # Register use, known only after compiling, may allow fewer threads than planned.
+        allowed = next(iter(kernel.overloads.values())).max_threads_per_block
+        if plan.rows_per_block * plan.unit_threads > allowed:
+            max_threads = allowed
+        elif plan.shared_bytes > _DEFAULT_SHARED_BYTES and not _allow_large_shared(kernel):
+            limits = (_device_limits()[0], _DEFAULT_SHARED_BYTES)
+        else:
+            break
+    kernel[plan.blocks, (plan.unit_threads, plan.rows_per_block), _stream(), plan.shared_bytes](*dev_args)
+    return plan
+
+
+def _allow_large_shared(specialized):
+    """Raise the kernel's dynamic shared memory cap to the device's opt-in maximum.
+
+    CUDA refuses launches above 48 KB unless this function attribute is raised,
+    and Numba has no public switch for it, so it is set through the driver
+    binding as Numba itself sets the carveout attribute. Returns False (and
+    warns once) when this Numba's driver layer does not allow it; the caller
+    then plans within 48 KB, reading the weights from global memory if needed.
+    """
+    overload = next(iter(specialized.overloads.values()))
+    cufunc = overload._codelibrary.get_cufunc()
+    if id(cufunc) in _opted_in:
+        return True
+    _, optin = _device_limits()
+    try:
+        from cuda.bindings import driver as binding
+        from numba.cuda.cudadrv.driver import driver
+        attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        driver.cuKernelSetAttribute(attr, optin, cufunc.handle, cuda.get_current_device().id)
+    except Exception as e:  # older numba-cuda: other binding, other handle type
+        warnings.warn(f"cannot raise the CUDA shared memory limit above 48 KB ({type(e).__name__}: {e}); "
+                      "large recurrences read their weights from global memory")
+        return False
+    _opted_in.add(id(cufunc))
+    return True
+
+
+def _packed(xp, dtype, parts):
+    return xp.concatenate([xp.ascontiguousarray(p, dtype=dtype).reshape(-1) for p in parts])
+
+
+def _placeholder(xp, dtype):
+    """Stands in for the [L,B,T,H] arrays when L = 0 (a zero-size array cannot be passed)."""
+    return xp.zeros((1, 1, 1, 1), dtype)
+
+
+def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
+                  tile, M_out, Z_out, DM_out):
+    """See ``kernels.cpu.recur_forward`` (same arguments, same outputs).
+
+    Zb     [B,T,W0]  read only.        W0mT [Dm,W0], WhT [Lh,H,H], ch [Lh,H],
+    WoT    [H,Dm], co [Dm]  (unused when L = 0): packed here, in this order,
+                     into one flat device buffer that the kernel stages in shared memory.
+    kappa_m, c_m [Dm], m0 [B,Dm]  read only; hand the same ones to recur_backward.
+    tile             batch rows per thread block (``batch_tile(B)``); any value >= 1 is correct.
+    M_out, DM_out [B,T,Dm], Z_out [L,B,T,H]  overwritten; recur_backward needs them unchanged.
+    """
+    xp, dt = _xp(Zb), Zb.dtype
+    B, T, W0 = Zb.shape
+    Dm = kappa_m.shape[0]
+    L, H = Z_out.shape[0], Z_out.shape[3]
+    Lh = max(L - 1, 0)
+    parts = [W0mT, WhT, WoT, ch, co] if L else [W0mT]
+    o_wh = Dm * W0
+    o_wo = o_wh + Lh * H * H
+    o_ch = o_wo + H * Dm
+    o_co = o_ch + Lh * H
+    packed = _packed(xp, dt, parts)
+    row_floats = 2 * Dm + (2 * H if L else 0)
+    return _launch_recurrence("recur_forward", B, tile, max(W0, Dm), row_floats, (
+        Zb, packed, kappa_m, c_m, m0, bool(silu), dt.type(phi_scale), dt.type(phi_slope),
+        L, H, o_wh, o_wo, o_ch, o_co, M_out, Z_out if L else _placeholder(xp, dt), DM_out))
+
+
+def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope, tile,
+                   dZ_out, dO_out, gkappa_out, gc_out):
+    """See ``kernels.cpu.recur_backward`` (same arguments, same outputs).
+
+    dM [B,T,Dm] read only.  W0m [W0,Dm], Wh [Lh,H,H], Wo [Dm,H] untransposed, packed
+    here into one flat buffer (staged in shared memory when it fits).
+    M, Z, DM, m0, kappa_m, c_m: exactly what recur_forward was given / wrote.
+    tile             batch rows per thread block; any value >= 1 is correct.
+    dZ_out [L,B,T,H], dO_out [B,T,Dm], gkappa_out, gc_out [B,Dm]: overwritten.
+    """
+    xp, dt = _xp(dM), dM.dtype
+    B, T, Dm = dM.shape
+    L, H = Z.shape[0], Z.shape[3]
+    Lh = max(L - 1, 0)
+    W0 = W0m.shape[0]
+    parts = [W0m, Wh, Wo] if L else [W0m]
+    o_wh = W0 * Dm
+    o_wo = o_wh + Lh * H * H
+    packed = _packed(xp, dt, parts)
+    row_floats = 6 * Dm + (2 * H if L else 0)
+    placeholder = _placeholder(xp, dt)
+    return _launch_recurrence("recur_backward", B, tile, max(W0, Dm), row_floats, (
+        dM, packed, kappa_m, c_m, m0, M, Z if L else placeholder, DM, bool(silu),
+        dt.type(phi_scale), dt.type(phi_slope), L, H, o_wh, o_wo,
+        dZ_out if L else placeholder, dO_out, gkappa_out, gc_out))

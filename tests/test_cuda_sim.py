@@ -1,0 +1,624 @@
+"""Ladder rung 3: the CUDA backend computes the CPU engine's numbers.
+
+Numba reads ``NUMBA_ENABLE_CUDASIM`` once, when ``numba.cuda`` is first
+imported, and a simulator switched on for the whole test session would also
+make ``--device auto`` pick the (slow) simulator in every other test file. So
+the CUDA checks here are decorated with :func:`on_cuda`, which runs them
+
+* directly, when this process already has the simulator or a usable GPU;
+* otherwise in ONE child pytest process over this file with the simulator on,
+  reporting each test's own verdict (pass, fail with the child's message, skip).
+
+The simulator runs every CUDA thread as a Python thread, so shapes stay tiny.
+Tests marked ``gpu`` need a real GPU (larger shapes, shared-memory opt-in,
+CuPy streams) and are skipped elsewhere.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from elmcore import ELM, ELMError
+from elmcore import params as P
+from elmcore.config import ELMConfig
+from elmcore.cuda_backend import cuda_problem
+from elmcore.oracle import load_oracle, relative_error, verify_case
+from helpers import GOLDEN_DIR, random_config
+
+SIM_ENV = "NUMBA_ENABLE_CUDASIM"
+IN_SIMULATOR = os.environ.get(SIM_ENV) == "1"
+# Set by bench/gpu_check.sh: on a lent GPU machine a silent fall-back to the simulator would hide a broken GPU.
+REQUIRE_GPU = os.environ.get("ELM_TEST_REQUIRE_GPU") == "1"
+PROBLEM = cuda_problem()
+REAL_GPU = PROBLEM is None and not IN_SIMULATOR
+SIMULATED = PROBLEM is None and IN_SIMULATOR
+NO_GPU_REASON = "needs a real CUDA GPU: " + ("this process runs the CUDA simulator" if IN_SIMULATOR else str(PROBLEM))
+CHILD_TIMEOUT_S = 300
+if IN_SIMULATOR:
+    # The simulator's block manager busy-polls its Python threads; with the default
+    # 5 ms GIL switch interval every barrier waits for it. 0.2 ms makes runs ~4x faster.
+    sys.setswitchinterval(2e-4)
+
+# CPU ↔ CUDA: the same formulas, summed in a (nearly) equal order.
+TOL = {"float64": 1e-12, "float32": 1e-5}
+# CUDA ↔ oracle (the release run in float64 by PyTorch).
+ORACLE_TOL = {"float64": 1e-10, "float32": 1e-4}
+
+parent_only = pytest.mark.skipif(IN_SIMULATOR, reason="checked by the parent process")
+
+
+# ---- running CUDA tests where CUDA is -----------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _child_verdicts():
+    """Run this file's CUDA tests once under the simulator; {test name: (outcome, text)}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.xml")
+        env = dict(os.environ, **{SIM_ENV: "1"})
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+             f"--junitxml={report}"],
+            env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        if not os.path.exists(report):
+            return {}, tail
+        verdicts = {}
+        for case in ET.parse(report).getroot().iter("testcase"):
+            outcome, text = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                node = case.find(tag)
+                if node is not None:
+                    outcome = tag
+                    text = (node.get("message") or "") + "\n" + (node.text or "")
+                    break
+            verdicts[case.get("name")] = (outcome, text)
+    return verdicts, tail
+
+
+def on_cuda(test):
+    """Run ``test`` here when CUDA (real or simulated) is available, else read the child's verdict."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if REAL_GPU or (SIMULATED and not REQUIRE_GPU):
+            return test(*args, **kwargs)
+        if REQUIRE_GPU:
+            pytest.fail(NO_GPU_REASON, pytrace=False)
+        if IN_SIMULATOR:  # never spawn a simulator from the simulator's own run
+            pytest.fail(f"NUMBA_ENABLE_CUDASIM=1 but CUDA is unusable: {PROBLEM}", pytrace=False)
+        name = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].rsplit(" (", 1)[0]
+        verdicts, tail = _child_verdicts()
+        if name not in verdicts:
+            pytest.fail(f"the simulator run did not report {name}; its output ended with:\n{tail}",
+                        pytrace=False)
+        outcome, text = verdicts[name]
+        if outcome == "skipped":
+            pytest.skip(text.strip())
+        if outcome != "passed":
+            pytest.fail(f"under NUMBA_ENABLE_CUDASIM=1:\n{text}", pytrace=False)
+    return wrapper
+
+
+def on_gpu(test):
+    """A ``gpu``-marked test: skipped without a real GPU (failed instead under ELM_TEST_REQUIRE_GPU=1)."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if not REAL_GPU:
+            if REQUIRE_GPU:
+                pytest.fail(NO_GPU_REASON, pytrace=False)
+            pytest.skip(NO_GPU_REASON)
+        return test(*args, **kwargs)
+    return pytest.mark.gpu(wrapper)
+
+
+# ---- helpers ----------------------------------------------------------------------
+
+def _host(model, a):
+    return np.asarray(model.backend.to_host(a), dtype=np.float64)
+
+
+def run_engine(cfg, params, X, G, dtype, device, state=None):
+    """Y, every gradient (and ∂X), the traces and the final state of one model, on the host."""
+    model = ELM(cfg, params=params, dtype=dtype, device=device)
+    xp = model.xp
+    if state is not None:
+        state = {k: xp.asarray(v, dtype=model.dtype) for k, v in state.items()}
+    Y, cache = model._forward(model.prepare_input(X), state)
+    out = {"Y": _host(model, Y)}
+    grads = model.backward(xp.asarray(G), cache, input_grad=True)
+    out.update({f"grad/{k}": _host(model, v) for k, v in grads.items()})
+    out.update({f"state/{k}": _host(model, v) for k, v in cache["final_state"].items()})
+    if state is None:
+        _, traces = model.traces(X)
+        out.update({f"trace/{k}": _host(model, v) for k, v in traces.items()})
+    assert all(v.dtype == np.float64 for v in out.values())
+    return out
+
+
+def assert_same(got, ref, tol):
+    assert set(got) == set(ref)
+    errors = {k: relative_error(got[k], ref[k]) for k in ref}
+    bad = {k: e for k, e in errors.items() if not e <= tol}
+    assert not bad, f"arrays beyond {tol}: {bad}"
+
+
+def _case(name, steps=None):
+    case = load_oracle(os.path.join(GOLDEN_DIR, f"{name}.npz"))
+    if steps is not None:
+        case.X, case.G = case.X[:, :steps], case.G[:, :steps]
+    return case
+
+
+# ---- (a) oracle files --------------------------------------------------------------
+
+SMALL_ORACLES = ["v1_basic", "v1_branch_neuronio_routing", "v2_random_routing"]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", SMALL_ORACLES)
+@on_cuda
+def test_oracle_file_on_cuda(name, dtype):
+    case = _case(name)
+    got = run_engine(case.config, case.params, case.X, case.G, dtype, "cuda")
+    oracle = {"Y": case.Y, **{f"grad/{k}": v for k, v in case.grads.items()},
+              **{f"trace/{k}": v for k, v in case.traces.items()}}
+    assert set(case.grads) >= {"X", "_proto_w_s", "w_y.weight"}
+    assert_same({k: got[k] for k in oracle}, oracle, ORACLE_TOL[dtype])
+    ref = run_engine(case.config, case.params, case.X, case.G, dtype, "cpu")
+    assert_same(got, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@on_cuda
+def test_long_horizon_truncated_matches_cpu(dtype):
+    # T = 300 is too long for the simulator; the first steps exercise the same code.
+    case = _case("v2_long_horizon", steps=40)
+    ref = run_engine(case.config, case.params, case.X, case.G, dtype, "cpu")
+    got = run_engine(case.config, case.params, case.X, case.G, dtype, "cuda")
+    assert_same(got, ref, TOL[dtype])
+
+
+# ---- (b) random tiny configurations ----------------------------------------------------
+
+RANDOM_CASES = [(version, routing, layers)
+                for version in ("elm_v1", "branch_elm_v2")
+                for routing in (None, "random_routing", "neuronio_routing")
+                for layers in (0, 1, 2)]
+
+
+def _random_setup(seed, version, routing, layers, activation):
+    rng = np.random.default_rng(seed)
+    cfg = random_config(rng, version=version, routing=routing, layers=layers, activation=activation)
+    cfg = cfg.replace(learn_memory_tau=True, num_memory=min(cfg.num_memory, 4),
+                      mlp_hidden_size=min(cfg.hidden_size, 5))
+    params = P.init_params(cfg, seed=seed, dtype=np.float64)
+    # Some dead synapses (relu(w) = 0) and, in v1, uneven τ_s inside a branch: the per-synapse scan path.
+    params["_proto_w_s"] = rng.uniform(-0.3, 1.0, cfg.num_synapse)
+    if version == "elm_v1" and seed % 2:
+        params["tau_s"] = rng.uniform(2.0, 8.0, cfg.num_synapse)
+    B, T = 2, 5
+    X = rng.normal(size=(B, T, cfg.num_input)) * (rng.random((B, T, cfg.num_input)) < 0.5)
+    X[0, 1] = 0.0  # a step without any input
+    G = rng.normal(size=(B, T, cfg.num_output))
+    return cfg, params, X, G
+
+
+@pytest.mark.parametrize("version,routing,layers", RANDOM_CASES,
+                         ids=[f"{v}-{r or 'none'}-L{l}" for v, r, l in RANDOM_CASES])
+@on_cuda
+def test_random_config_matches_cpu(version, routing, layers):
+    index = RANDOM_CASES.index((version, routing, layers))
+    activation = ("relu", "silu")[index % 2]
+    cfg, params, X, G = _random_setup(100 + index, version, routing, layers, activation)
+    assert cfg.mlp_num_layers == layers and cfg.mlp_activation == activation
+    ref = run_engine(cfg, params, X, G, "float64", "cpu")
+    got = run_engine(cfg, params, X, G, "float64", "cuda")
+    assert "grad/_proto_tau_m" in got and "grad/X" in got
+    assert_same(got, ref, TOL["float64"])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@on_cuda
+def test_streaming_state_matches_cpu(dtype):
+    # A nonzero starting state exercises u0 in the scan and m0 in both recurrence kernels.
+    cfg, params, X, G = _random_setup(7, "elm_v1", "neuronio_routing", 2, "silu")
+    rng = np.random.default_rng(3)
+    zero = ELM(cfg, params=params, dtype=dtype).init_state(2)
+    assert zero["u"].shape[1] == cfg.num_synapse  # uneven τ_s: one scan channel per synapse
+    state = {k: rng.normal(size=v.shape) for k, v in zero.items()}
+    ref = run_engine(cfg, params, X, G, dtype, "cpu", state)
+    got = run_engine(cfg, params, X, G, dtype, "cuda", state)
+    assert_same(got, ref, TOL[dtype])
+
+
+@on_cuda
+def test_chunked_stream_on_cuda_equals_one_pass():
+    cfg, params, X, _ = _random_setup(11, "branch_elm_v2", "random_routing", 1, "relu")
+    model = ELM(cfg, params=params, dtype="float64", device="cuda")
+    full = model.forward(X)
+    y1, state = model.run(X[:, :2], model.init_state(2))
+    y2, _ = model.run(X[:, 2:], state)
+    assert relative_error(np.concatenate([y1, y2], axis=1), full) < 1e-13
+
+
+# ---- (c) the kernels one by one -------------------------------------------------------------
+
+def _kernels():
+    from elmcore.kernels import cpu
+    from elmcore.kernels import cuda as gpu
+    return cpu, gpu
+
+
+def _device_xp():
+    """The array module the CUDA kernels take here: CuPy on a real GPU, NumPy under the simulator."""
+    if REAL_GPU:
+        import cupy
+        return cupy
+    return np
+
+
+def _to_host(a):
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
+def _routing(rng, D, S, spc):
+    """A CSR over inputs as Routing.build makes it, with an input that feeds nothing."""
+    idx = rng.integers(1, D, S)
+    keep = np.nonzero(rng.random(S) < 0.85)[0]
+    order = keep[np.argsort(idx[keep], kind="stable")]
+    counts = np.bincount(idx[order], minlength=D)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return indptr, order.astype(np.int64), S // spc
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("spc", [1, 3])
+@on_cuda
+def test_routing_kernels_match_cpu(dtype, spc):
+    cpu, gpu = _kernels()
+    rng = np.random.default_rng(spc)
+    B, T, D, S = 2, 4, 5, 6
+    indptr, entry_syn, C = _routing(rng, D, S, spc)
+    assert indptr[1] == 0  # input 0 feeds no synapse
+    E = entry_syn.size
+    w = rng.uniform(0.1, 1.0, E).astype(dtype)
+    mask = rng.choice([0.0, 1.0, 0.5], E).astype(dtype)
+    X = (rng.normal(size=(B, T, D)) * (rng.random((B, T, D)) < 0.5)).astype(dtype)
+    dA = rng.normal(size=(B, T, C)).astype(dtype)
+    tol = TOL[np.dtype(dtype).name]
+    outs = {}
+    for name, k, xp in (("cpu", cpu, np), ("cuda", gpu, _device_xp())):
+        X_, indptr_, syn_, w_, mask_, dA_ = (xp.asarray(a) for a in (X, indptr, entry_syn, w, mask, dA))
+        A = xp.full((B, T, C), np.nan, dtype)  # every element must be written
+        part = xp.full((B, S), np.nan, dtype)
+        dX = xp.full((B, T, D), np.nan, dtype)
+        k.route_forward(X_, indptr_, syn_, w_, spc, A)
+        k.route_weight_grad(X_, indptr_, syn_, mask_, spc, dA_, part)
+        k.route_input_grad(dA_, indptr_, syn_, w_, spc, dX)
+        outs[name] = {key: _to_host(v) for key, v in dict(A=A, part=part, dX=dX).items()}
+    for key, ref in outs["cpu"].items():
+        got = outs["cuda"][key]
+        assert got.dtype == dtype and np.all(np.isfinite(got)), key
+        assert relative_error(got, ref) <= tol, key
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@on_cuda
+def test_scan_kernels_match_cpu_in_place_and_from_u0(dtype):
+    cpu, gpu = _kernels()
+    rng = np.random.default_rng(5)
+    B, T, C = 2, 6, 3
+    A = rng.normal(size=(B, T, C)).astype(dtype)
+    kappa = rng.uniform(0.2, 0.95, C).astype(dtype)
+    u0 = rng.normal(size=(B, C)).astype(dtype)
+    tol = TOL[np.dtype(dtype).name]
+    xp = _device_xp()
+    kappa_, u0_ = xp.asarray(kappa), xp.asarray(u0)
+    U_ref, U_got = np.empty_like(A), xp.array(A)
+    cpu.scan_forward(A, kappa, u0, U_ref)
+    gpu.scan_forward(U_got, kappa_, u0_, U_got)  # in place, as the model calls it
+    assert relative_error(_to_host(U_got), U_ref) <= tol
+    dA_ref, dA_got = np.empty_like(A), xp.array(A)
+    cpu.scan_backward(A, kappa, dA_ref)
+    gpu.scan_backward(dA_got, kappa_, dA_got)
+    assert relative_error(_to_host(dA_got), dA_ref) <= tol
+
+
+def _recurrence_inputs(rng, dtype, B, T, Dm, H, L):
+    W0 = H if L else Dm
+    f = lambda *s: rng.normal(scale=0.6, size=s).astype(dtype)
+    return dict(Zb=f(B, T, W0), W0m=f(W0, Dm), Wh=f(max(L - 1, 0), H, H), ch=f(max(L - 1, 0), H),
+                Wo=f(Dm, H) if L else np.zeros((1, 1), dtype), co=f(Dm),
+                kappa_m=rng.uniform(0.3, 0.99, Dm).astype(dtype), c_m=rng.uniform(0.1, 2, Dm).astype(dtype),
+                m0=f(B, Dm), dM=f(B, T, Dm))
+
+
+def _run_recurrence(k, inp, silu, L, H, tile=2, xp=np):
+    """Forward then backward through kernel module ``k`` on ``xp`` arrays; outputs on the host."""
+    inp = {key: xp.asarray(v) for key, v in inp.items()}
+    B, T, _ = inp["Zb"].shape
+    Dm = inp["kappa_m"].shape[0]
+    dt = inp["Zb"].dtype
+    scale, slope = dt.type(P.PHI_SCALE), dt.type(P.PHI_SLOPE)
+    M, DM, Z = (xp.full(s, np.nan, dt) for s in ((B, T, Dm), (B, T, Dm), (L, B, T, H)))
+    WhT = xp.ascontiguousarray(inp["Wh"].transpose(0, 2, 1))
+    WoT = xp.ascontiguousarray(inp["Wo"].T)
+    forward_plan = k.recur_forward(inp["Zb"], xp.ascontiguousarray(inp["W0m"].T), WhT, inp["ch"], WoT, inp["co"],
+                                   inp["kappa_m"], inp["c_m"], inp["m0"], silu, scale, slope, tile, M, Z, DM)
+    dZ, dO, gk, gc = (xp.full(s, np.nan, dt) for s in ((L, B, T, H), (B, T, Dm), (B, Dm), (B, Dm)))
+    backward_plan = k.recur_backward(inp["dM"], inp["W0m"], inp["Wh"], inp["Wo"], inp["kappa_m"], inp["c_m"],
+                                     inp["m0"], M, Z, DM, silu, scale, slope, tile, dZ, dO, gk, gc)
+    outputs = {key: _to_host(v) for key, v in dict(M=M, DM=DM, Z=Z, dZ=dZ, dO=dO, gk=gk, gc=gc).items()}
+    return outputs, (forward_plan, backward_plan)
+
+
+RECURRENCE_CASES = [  # (L, activation, rows per block, weights in shared memory)
+    (0, "relu", 2, True), (0, "silu", 1, False), (1, "relu", 3, True), (1, "silu", 2, False),
+    (2, "silu", 2, True), (2, "relu", 1, False), (3, "silu", 3, True), (3, "relu", 2, False)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("L,activation,rows,in_shared", RECURRENCE_CASES,
+                         ids=[f"L{c[0]}-{c[1]}-R{c[2]}-{'shared' if c[3] else 'global'}"
+                              for c in RECURRENCE_CASES])
+@on_cuda
+def test_recurrence_kernels_match_cpu(dtype, L, activation, rows, in_shared, monkeypatch):
+    cpu, gpu = _kernels()
+    # B = 3 with 2 rows per block leaves an idle row in the last block.
+    monkeypatch.setattr(gpu, "policy", gpu.LaunchPolicy(weights_in_shared=in_shared))
+    rng = np.random.default_rng(10 * L + rows)
+    B, T, Dm, H = 3, 5, 3, 4
+    inp = _recurrence_inputs(rng, dtype, B, T, Dm, H, L)
+    ref, _ = _run_recurrence(cpu, inp, activation == "silu", L, H, tile=1)
+    got, plans = _run_recurrence(gpu, inp, activation == "silu", L, H, tile=rows, xp=_device_xp())
+    assert all(p.weights_in_shared is in_shared and p.rows_per_block == rows for p in plans)
+    tol = TOL[np.dtype(dtype).name]
+    for key in ref:
+        assert got[key].dtype == dtype and np.all(np.isfinite(got[key])), key
+        assert relative_error(got[key], ref[key]) <= tol, key
+
+
+@pytest.mark.parametrize("L", [0, 1, 2])
+@on_cuda
+def test_recurrence_threads_walking_several_units(L, monkeypatch):
+    # Layers wider than the block's unit threads are walked by the kernels' stride loops.
+    cpu, gpu = _kernels()
+    cap, Dm, H = (2, 3, 5) if gpu.SIMULATOR else (32, 35, 70)
+    monkeypatch.setattr(gpu, "_MAX_RECURRENCE_THREADS", cap)
+    inp = _recurrence_inputs(np.random.default_rng(L), np.float64, 2, 4, Dm, H, L)
+    ref, _ = _run_recurrence(cpu, inp, True, L, H, tile=1)
+    got, plans = _run_recurrence(gpu, inp, True, L, H, tile=2, xp=_device_xp())
+    assert all(p.unit_threads == cap and p.rows_per_block == 1 for p in plans)
+    for key in ref:
+        assert relative_error(got[key], ref[key]) <= TOL["float64"], key
+
+
+@on_cuda
+def test_recurrence_tile_is_capped_by_the_batch_and_four_rows():
+    _, gpu = _kernels()
+    inp = _recurrence_inputs(np.random.default_rng(0), np.float64, 3, 2, 2, 3, 1)
+    for tile, rows, blocks in ((2, 2, 2), (9, 3, 1), (1, 1, 3)):
+        _, plans = _run_recurrence(gpu, inp, False, 1, 3, tile=tile, xp=_device_xp())
+        assert all((p.rows_per_block, p.blocks) == (rows, blocks) for p in plans)
+    if gpu.SIMULATOR:  # always 2 rows, so that tests meet multi-row tiles
+        assert gpu.batch_tile(1) == gpu.batch_tile(1000) == 2
+    else:  # one row per block until every multiprocessor has a block, then up to 4
+        assert (gpu.batch_tile(1), gpu.batch_tile(1000)) == (1, 4)
+
+
+def test_plan_puts_weights_in_global_memory_when_they_do_not_fit():
+    from elmcore.kernels import cuda as gpu
+    H200 = (132, 227 * 1024)  # multiprocessors, opt-in shared bytes per block
+    # d_m = 150, h = 300, float32: the two big matrices alone are 360 KB.
+    big = gpu.plan_recurrence(64, 1, 300, 2 * 150 + 2 * 300, 2 * 150 * 300 + 300 + 150, 4, limits=H200)
+    assert not big.weights_in_shared and big.shared_bytes <= H200[1]
+    # d_m = 100, h = 200 (the official model's size): 160 KB of weights stay on chip.
+    small = gpu.plan_recurrence(64, 1, 200, 2 * 100 + 2 * 200, 2 * 100 * 200 + 200 + 100, 4, limits=H200)
+    assert small.weights_in_shared and small.shared_bytes <= H200[1]
+    assert small.rows_per_block * small.unit_threads <= 512
+    with pytest.raises(ELMError, match="shared memory"):
+        gpu.plan_recurrence(4, 1, 64, 100_000, 10, 8, limits=H200)
+
+
+@on_cuda
+def test_simulator_leaves_cpu_kernels_compiled():
+    # NUMBA_ENABLE_CUDASIM swaps numba.cuda only: the @njit CPU kernels stay machine code.
+    from numba.core.registry import CPUDispatcher
+    cpu, _ = _kernels()
+    for name in ("route_forward", "scan_forward", "recur_forward", "recur_backward"):
+        assert isinstance(getattr(cpu, name), CPUDispatcher), name
+
+
+_PTX_PROBE = textwrap.dedent("""
+    import json, re, shutil, subprocess, sys, tempfile
+    import numpy as np, numba
+    from numba import cuda
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+        for lib in ("nvvm", "nvrtc"):
+            load_nvidia_dynamic_lib(lib)
+    except Exception as e:
+        print(json.dumps({"skip": f"no CUDA compiler libraries here ({type(e).__name__}: {e})"}))
+        sys.exit(0)
+    # Device functions ask the current device for its compute capability; there is none here.
+    import numba.cuda.dispatcher as dispatcher
+    dispatcher.get_current_device = lambda: type("Hopper", (), {"compute_capability": (9, 0)})()
+    from elmcore.kernels import cuda as K
+    B, T, D, C, S, Dm, H, L = 2, 3, 5, 4, 6, 3, 4, 2
+    def samples(dt):
+        f = lambda *s: np.zeros(s, dt)
+        i = lambda *s: np.zeros(s, np.int64)
+        x = dt.type(1)
+        return dict(
+            zero_2d=(f(B, S),),
+            route_forward=(f(B, T, D), i(D + 1), i(S), f(S), 1, f(B, T, C)),
+            route_weight_grad=(f(B, T, D), i(D + 1), i(S), f(S), 1, f(B, T, C), f(B, S)),
+            route_input_grad=(f(B, T, C), i(D + 1), i(S), f(S), 1, f(B, T, D)),
+            scan_forward=(f(B, T, C), f(C), f(B, C), f(B, T, C)),
+            scan_backward=(f(B, T, C), f(C), f(B, T, C)),
+            recur_forward=(f(B, T, H), f(99), f(Dm), f(Dm), f(B, Dm), True, x, x, L, H, 1, 2, 3, 4,
+                           f(B, T, Dm), f(L, B, T, H), f(B, T, Dm)),
+            recur_backward=(f(B, T, Dm), f(99), f(Dm), f(Dm), f(B, Dm), f(B, T, Dm), f(L, B, T, H),
+                            f(B, T, Dm), True, x, x, L, H, 1, 2, f(L, B, T, H), f(B, T, Dm), f(B, Dm), f(B, Dm)),
+        )
+    ptxas = shutil.which("ptxas") or ("/usr/local/cuda/bin/ptxas" if shutil.os.path.exists("/usr/local/cuda/bin/ptxas") else None)
+    out = {"f64_in_float32": [], "registers": {}}
+    for dt in (np.dtype(np.float32), np.dtype(np.float64)):
+        for in_shared in (True, False):
+            kernels = K._kernels(dt.type, in_shared)
+            for name, args in samples(dt).items():
+                if dt == np.float64 and not name.startswith("recur"):
+                    continue
+                ptx, _ = cuda.compile_ptx(kernels[name].py_func, tuple(numba.typeof(a) for a in args), cc=(9, 0))
+                if dt == np.float32 and re.search(r"\\.f64\\b", ptx):
+                    out["f64_in_float32"].append(f"{name}/{in_shared}")
+                if ptxas and name.startswith("recur") and in_shared:
+                    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
+                        fh.write(ptx)
+                    r = subprocess.run([ptxas, "-arch=sm_90", "-v", fh.name, "-o", "/dev/null"],
+                                       capture_output=True, text=True)
+                    regs = re.search(r"Used (\\d+) registers", r.stderr)
+                    out["registers"][f"{dt.name}/{name}"] = int(regs.group(1)) if r.returncode == 0 and regs else r.stderr
+    print(json.dumps(out))
+""")
+
+
+@parent_only
+def test_kernels_compile_for_hopper_without_float64_in_float32():
+    """Real-GPU code generation, checked without a GPU when NVVM and NVRTC are installed."""
+    env = {k: v for k, v in os.environ.items() if k != SIM_ENV}
+    proc = subprocess.run([sys.executable, "-c", _PTX_PROBE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    assert out["f64_in_float32"] == []
+    from elmcore.kernels.cuda import _MAX_RECURRENCE_THREADS
+    for name, regs in out["registers"].items():
+        assert isinstance(regs, int), f"ptxas failed on {name}: {regs}"
+        assert regs * _MAX_RECURRENCE_THREADS <= 65536, f"{name} uses {regs} registers per thread"
+
+
+# ---- (d) backend selection and the missing-GPU message -----------------------------------
+
+_PROBE = textwrap.dedent("""
+    import json, sys, types
+    scenario = sys.argv[1]
+    from numba import cuda
+    if scenario != "plain":
+        cuda.is_available = lambda: True
+    if scenario == "no_cupy":
+        sys.modules["cupy"] = None
+    elif scenario in ("no_device", "zero_devices"):
+        def count():
+            if scenario == "no_device":
+                raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+            return 0
+        fake = types.ModuleType("cupy")
+        fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=count))
+        sys.modules["cupy"] = fake
+    from elmcore import ELM, ELMConfig, ELMError
+    from elmcore.backend import get_backend
+    from elmcore.cuda_backend import cuda_problem
+    out = {"problem": cuda_problem(), "numba_sees_gpu": bool(cuda.is_available())}
+    try:
+        ELM(ELMConfig(num_input=2, num_output=1, num_memory=2), device="cuda")
+        out["construct"] = "ok"
+    except ELMError as e:
+        out["construct"] = str(e)
+    out["auto"] = get_backend("auto").name
+    print(json.dumps(out))
+""")
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(scenario):
+    env = {k: v for k, v in os.environ.items() if k != SIM_ENV}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, scenario], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@parent_only
+def test_cuda_problem_without_simulator_names_what_is_missing():
+    out = _probe("plain")
+    if out["problem"] is None:  # a machine with a GPU, numba-cuda and CuPy
+        assert out["construct"] == "ok" and out["auto"] == "cuda"
+        return
+    if not out["numba_sees_gpu"]:
+        assert "driver" in out["problem"]
+    assert out["construct"] == f"--device cuda: {out['problem']}"
+    assert out["auto"] == "cpu"
+
+
+@parent_only
+@pytest.mark.parametrize("scenario,expected", [
+    ("no_cupy", "CuPy is not installed"),
+    ("no_device", "cudaErrorNoDevice"),
+    ("zero_devices", "CuPy finds no CUDA device"),
+])
+def test_cuda_problem_probes_cupy(scenario, expected):
+    out = _probe(scenario)
+    assert out["problem"] is not None and expected in out["problem"]
+    assert out["construct"] == f"--device cuda: {out['problem']}"
+    assert out["auto"] == "cpu"
+
+
+@on_cuda
+def test_backend_under_simulator_or_gpu():
+    model = ELM(ELMConfig(num_input=2, num_output=1, num_memory=2), device="cuda")
+    assert model.backend.name == "cuda"
+    assert (model.xp is np) == model.backend.kernels.SIMULATOR
+    host = model.backend.to_host(model.xp.ones(3))
+    assert isinstance(host, np.ndarray) and host.tolist() == [1.0, 1.0, 1.0]
+
+
+# ---- real GPU only -------------------------------------------------------------------------
+
+@on_gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["official_best_elm_neuron", "v2_long_horizon"])
+def test_gpu_large_oracles(name, dtype):
+    case = _case(name)
+    results = dict(verify_case(case, dtype=dtype, device="cuda"))
+    bad = {k: e for k, e in results.items() if not e <= ORACLE_TOL[dtype]}
+    assert not bad, bad
+    ref = run_engine(case.config, case.params, case.X, case.G, dtype, "cpu")
+    got = run_engine(case.config, case.params, case.X, case.G, dtype, "cuda")
+    assert_same(got, ref, TOL[dtype] * (1 if dtype == "float64" else 10))
+
+
+@on_gpu
+@pytest.mark.parametrize("num_memory,hidden,in_shared", [(100, 200, True), (150, 300, False)])
+def test_gpu_recurrence_placement_and_values(num_memory, hidden, in_shared):
+    cpu, gpu = _kernels()
+    import cupy
+    rng = np.random.default_rng(1)
+    inp = _recurrence_inputs(rng, np.float32, 64, 20, num_memory, hidden, 1)
+    inp = {k: v * (0.2 if k in ("W0m", "Wo") else 1) for k, v in inp.items()}
+    ref, _ = _run_recurrence(cpu, inp, True, 1, hidden, tile=1)
+    got, plans = _run_recurrence(gpu, inp, True, 1, hidden, tile=gpu.batch_tile(64), xp=cupy)
+    # The forward's weights decide the placement (the backward has more per-row state).
+    assert plans[0].weights_in_shared is in_shared
+    for key in ref:
+        assert relative_error(got[key], ref[key]) <= 1e-4, key
+
+
+@on_gpu
+def test_gpu_non_default_cupy_stream():
+    import cupy
+    case = _case("v1_branch_neuronio_routing")
+    ref = run_engine(case.config, case.params, case.X, case.G, "float64", "cpu")
+    with cupy.cuda.Stream(non_blocking=True):
+        got = run_engine(case.config, case.params, case.X, case.G, "float64", "cuda")
+    assert_same(got, ref, TOL["float64"])
