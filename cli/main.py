@@ -7,6 +7,7 @@ import sys
 import click
 import numpy as np
 
+from elm_cli.common import ELMGroup, UserError, parse_assignments
 from elmcore.errors import ELMError
 
 DEFAULT_GRADCHECK_CONFIG = {
@@ -14,26 +15,6 @@ DEFAULT_GRADCHECK_CONFIG = {
     "mlp_activation": "silu", "num_branch": 3, "num_synapse_per_branch": 3,
     "input_to_synapse_routing": "neuronio_routing", "learn_memory_tau": True, "memory_tau_max": 50.0,
 }
-
-
-class UserError(click.ClickException):
-    """A problem with the user's input: one line on stderr, exit code 2 (as click's usage errors)."""
-    exit_code = 2
-
-    def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-class ELMGroup(click.Group):
-    """Turns every ELMError raised by a command into a UserError, never a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except ELMError as e:
-            raise UserError(str(e)) from None
-        except MemoryError:
-            raise UserError("out of memory: reduce the batch size or sequence length") from None
 
 
 @click.group(cls=ELMGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -132,20 +113,6 @@ def _switch_version(cfg, version):
 
 # ---- train ----------------------------------------------------------------------------
 
-def _parse_assignments(items, what):
-    """KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, true/false, null), else a string."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"{what} must look like KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def _load_run_file(path):
     if not os.path.exists(path):
         raise ELMError(f"run config not found: {path}")
@@ -220,10 +187,10 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, quie
             from elmcore.config import ELMConfig
             settings["model"] = {**settings.get("model", {}), **ELMConfig.load(model_config).to_dict()}
         if model_sets:
-            settings["model"] = {**settings.get("model", {}), **_parse_assignments(model_sets, "--set")}
+            settings["model"] = {**settings.get("model", {}), **parse_assignments(model_sets, "--set")}
         if task_sets:
             settings["task_options"] = {**settings.get("task_options", {}),
-                                        **_parse_assignments(task_sets, "--task-option")}
+                                        **parse_assignments(task_sets, "--task-option")}
         trainer = Trainer(TrainSettings.from_dict(settings), progress=not quiet, log=log)
     summary = trainer.run()
     best = summary["best_valid_metric"]
@@ -256,7 +223,7 @@ def eval_cmd(model_path, task, data_dir, task_sets, split, batch_size, window, b
     from elmcore.data.registry import get_task
     from elmcore.evaluate import evaluate
     model = load_model(model_path, dtype=dtype, device=device)
-    t = get_task(task, data_dir=data_dir, **_parse_assignments(task_sets, "--task-option"))
+    t = get_task(task, data_dir=data_dir, **parse_assignments(task_sets, "--task-option"))
     if (t.num_input, t.num_output) != (model.config.num_input, model.config.num_output):
         raise UserError(f"model has {model.config.num_input} inputs / {model.config.num_output} outputs, "
                         f"task '{task}' needs {t.num_input} / {t.num_output}")

@@ -10,13 +10,13 @@ def atomic_output(path, suffix=""):
     """Yield a temporary path beside ``path``; rename it over ``path`` on success.
 
     On any exception the temporary file is removed and ``path`` is untouched.
-    ``suffix`` keeps extension-sensitive writers (``np.savez`` appends ``.npz``
-    otherwise) writing to exactly the temporary name.
+    The temporary name ends with ``suffix``, so extension-sensitive writers
+    (``np.savez`` appends ``.npz`` to names without it) write exactly there.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix + ".tmp",
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix,
                                dir=directory)
     os.close(fd)
     try:

@@ -163,3 +163,21 @@ def test_soma_preparation():
     soma = np.array([-80.0, -67.7, -50.0])
     np.testing.assert_allclose(losses.prepare_soma(soma), [-1.23, 0.0, 1.27])
     np.testing.assert_allclose(losses.prepare_soma(soma, scale=1.0), [-12.3, 0.0, 12.7])
+
+
+def test_atomic_output_keeps_the_old_file_on_failure_and_honours_suffix(tmp_path):
+    from elmcore.fileio import atomic_output
+    target = tmp_path / "model.npz"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]
+    with atomic_output(target, suffix=".npz") as tmp:
+        np.savez(tmp, a=np.arange(3))  # by name: must not append a second .npz
+    with np.load(target) as d:
+        assert d["a"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]

@@ -1,0 +1,241 @@
+"""Task names → how to read (and, for some, generate) each data set.
+
+``get_task(name, data_dir, seed, **options)`` returns a :class:`~elmcore.data.base.Task`;
+``generate(name, out_dir, n, seed, **options)`` writes a data set that
+``get_task(name, out_dir)`` then reads. Readers are imported only when their
+task is asked for, so a missing optional dependency of one data set (h5py for
+SHD) never breaks the others.
+
+What ``n`` counts when generating: examples in all splits together (ListOps,
+adding, delayed recall: split 80 / 10 / 10; Pathfinder: images, split by the
+reader), or NeuronIO surrogate files (``sims_per_file`` simulations each).
+"""
+
+import dataclasses
+import glob
+import importlib
+import inspect
+import os
+from typing import Optional
+
+from ..errors import DataError, ELMError
+from .base import Task
+
+LRA_SOURCE = ("the LRA release tarball lra_release.gz from "
+              "https://github.com/google-research/long-range-arena")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    summary: str
+    reader: tuple                     # (module, class or function) building the task
+    reader_options: dict              # fixed keyword arguments of the reader
+    files: tuple                      # what a data directory must hold (glob patterns)
+    source: str                       # where to get the data
+    generator: Optional[tuple] = None  # (module, function) writing the data set
+    generator_options: dict = dataclasses.field(default_factory=dict)
+    default_n: int = 1000
+    count_option: str = "n"           # the generator's name for ``n``
+    in_memory: bool = False           # buildable without any data_dir (generated on the fly)
+    own_search: bool = False          # the reader searches sub-folders / files itself and names them
+
+
+def _spec(name, summary, reader, files, source, reader_options=None, generator=None,
+          generator_options=None, default_n=1000, count_option="n", in_memory=False, own_search=False):
+    return TaskSpec(name, summary, reader, dict(reader_options or {}), tuple(files), source, generator,
+                    dict(generator_options or {}), default_n, count_option, in_memory, own_search)
+
+
+def _generated_hint(name):
+    return f"run `elm data generate {name} --out DIR`"
+
+
+TASKS = {spec.name: spec for spec in (
+    _spec("neuronio", "NeuronIO L5PC input/output (1278 inputs, spike + soma)",
+          ("elmcore.data.neuronio", "NeuronIOTask"), ("**/*sim__*.p",),
+          "the NeuronIO data of Beniaguev, Segev & London (Neuron 2021) on Kaggle "
+          "(kaggle.com/selfishgene/single-neurons-as-deep-nets-nmda-train-data, "
+          f"...-nmda-test-data), or {_generated_hint('neuronio')} for a teacher-labelled surrogate",
+          generator=("elmcore.data.neuronio", "generate_neuronio_surrogate"), default_n=1,
+          count_option="n_files"),
+    _spec("shd", "Spiking Heidelberg Digits (700 inputs, 20 classes)",
+          ("elmcore.data.shd", "SHDTask"), ("shd_train.h5", "shd_test.h5"),
+          "https://zenkelab.org/datasets/ (Cramer et al., IEEE TNNLS 2020)",
+          reader_options={"adding": False}),
+    _spec("shd-adding", "SHD-Adding: two digits in a row, their sum (19 classes)",
+          ("elmcore.data.shd", "SHDTask"), ("shd_train.h5", "shd_test.h5"),
+          "https://zenkelab.org/datasets/ (Cramer et al., IEEE TNNLS 2020)",
+          reader_options={"adding": True}),
+    _spec("listops", "LRA ListOps (16 one-hot tokens, 10 classes)",
+          ("elmcore.data.listops", "ListOpsTask"),
+          ("basic_train.tsv", "basic_val.tsv", "basic_test.tsv"),
+          f"{LRA_SOURCE} (folder lra_release/listops-1000), or {_generated_hint('listops')}",
+          generator=("elmcore.data.listops", "generate_listops")),
+    _spec("pathfinder", "LRA Pathfinder 32×32 (16 grey levels one-hot, 1024 steps, 2 classes)",
+          ("elmcore.data.pathfinder", "PathfinderTask"), ("metadata/*.npy",),
+          f"{LRA_SOURCE} (folder lra_release/pathfinder32), or {_generated_hint('pathfinder')}",
+          reader_options={"resolution": 32, "task": "pathfinder"}, own_search=True,
+          generator=("elmcore.data.pathfinder", "generate_pathfinder")),
+    _spec("pathfinder64", "Pathfinder 64×64 (16 grey levels one-hot, 4096 steps, 2 classes)",
+          ("elmcore.data.pathfinder", "PathfinderTask"), ("metadata/*.npy",),
+          f"{_generated_hint('pathfinder64')} (LRA ships no 64×64 set)",
+          reader_options={"resolution": 64, "task": "pathfinder64"}, own_search=True,
+          generator=("elmcore.data.pathfinder", "generate_pathfinder"),
+          generator_options={"size": 64}),
+    _spec("pathx", "LRA Path-X 128×128 (8 grey levels one-hot, 16384 steps, 2 classes)",
+          ("elmcore.data.pathfinder", "PathfinderTask"), ("metadata/*.npy",),
+          f"{LRA_SOURCE} (folder lra_release/pathfinder128), or {_generated_hint('pathx')}",
+          reader_options={"resolution": 128, "task": "pathx"}, own_search=True,
+          generator=("elmcore.data.pathfinder", "generate_pathfinder"),
+          generator_options={"size": 128}),
+    _spec("scifar", "sequential CIFAR-10 / LRA Image (one pixel per step)",
+          ("elmcore.data.images", "ImageSequenceTask"), ("scifar.npz|cifar10.npz|x_train.npy",),
+          "CIFAR-10 (https://www.cs.toronto.edu/~kriz/cifar.html) saved as scifar.npz with uint8 "
+          "x_train (N,32,32,3), y_train, x_test, y_test", own_search=True),
+    _spec("adding", "adding problem (2 inputs, regression of the last step)",
+          ("elmcore.data.synthetic", "load_synthetic"), ("adding.npz",), _generated_hint("adding"),
+          generator=("elmcore.data.synthetic", "generate_synthetic"),
+          generator_options={"name": "adding"}, in_memory=True),
+    _spec("delayed-recall", "delayed recall of a cue token (K+1 inputs, K classes)",
+          ("elmcore.data.synthetic", "load_synthetic"), ("delayed-recall.npz",),
+          _generated_hint("delayed-recall"),
+          generator=("elmcore.data.synthetic", "generate_synthetic"),
+          generator_options={"name": "delayed-recall"}, in_memory=True),
+)}
+GENERATABLE = tuple(name for name, spec in TASKS.items() if spec.generator)
+
+
+def task_spec(name):
+    """The :class:`TaskSpec` of ``name`` (``_`` and ``-`` are interchangeable)."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in TASKS:
+        raise ELMError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+def _load(target):
+    module, attr = target
+    return getattr(importlib.import_module(module), attr)
+
+
+def _call(function, what, *args, **options):
+    """Call ``function`` after checking that every option is one of its parameters."""
+    params = inspect.signature(function).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = list(params)[len(args):]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ELMError(f"{what}: unknown option(s) {', '.join(unknown)}; accepted: "
+                           f"{', '.join(accepted)}")
+    return function(*args, **options)
+
+
+def _matches(data_dir, pattern):
+    """Whether ``data_dir`` holds a file for ``pattern`` (alternatives separated by ``|``)."""
+    for alternative in pattern.split("|"):
+        if glob.glob(os.path.join(glob.escape(data_dir), alternative), recursive=True):
+            return True
+    return False
+
+
+def check_data_dir(spec, data_dir):
+    """Raise a DataError naming the files looked for, the directory and where to get them."""
+    if data_dir is None:
+        raise DataError(f"task '{spec.name}' reads data files ({', '.join(spec.files)}): pass a data "
+                        f"directory. Get them from {spec.source}")
+    data_dir = os.fspath(data_dir)
+    if spec.own_search and os.path.exists(data_dir):
+        return
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{spec.name}: data directory {data_dir} does not exist (it should hold "
+                        f"{', '.join(spec.files)}). Get the data from {spec.source}")
+    missing = [p for p in spec.files if not _matches(data_dir, p)]
+    if missing:
+        raise DataError(f"{spec.name}: {', '.join(missing)} not found in {data_dir}. Get the data "
+                        f"from {spec.source}")
+
+
+def get_task(name, data_dir=None, seed=0, **options) -> Task:
+    """Build task ``name`` from ``data_dir`` (see :data:`TASKS`).
+
+    ``seed`` drives whatever the reader draws (splits, windows, pairs);
+    ``options`` go to the reader (e.g. ``max_length`` for ListOps, ``levels``
+    for Pathfinder, ``bin_size`` for SHD). ``adding`` and ``delayed-recall``
+    without a ``data_dir`` are generated in memory from ``seed`` (options
+    ``n``, ``length``, ``num_tokens``); with one they are read from
+    ``<data_dir>/<name>.npz`` (or ``data_dir`` itself when it is that file).
+    """
+    spec = task_spec(name)
+    if spec.in_memory:
+        from .synthetic import load_synthetic, make_synthetic
+        if data_dir is None:
+            return _call(make_synthetic, spec.name, spec.name, seed=seed, **options)
+        if options:
+            raise ELMError(f"{spec.name}: options {', '.join(sorted(options))} apply only when "
+                           f"generating in memory (no data_dir)")
+        path = os.fspath(data_dir)
+        if os.path.isdir(path):
+            path = os.path.join(path, spec.files[0])
+        if not os.path.isfile(path):
+            raise DataError(f"{spec.name}: {spec.files[0]} not found in {os.fspath(data_dir)}. "
+                            f"Create it: {spec.source}")
+        return load_synthetic(path, expected=spec.name)
+    check_data_dir(spec, data_dir)
+    reader = _load(spec.reader)
+    kwargs = {**spec.reader_options, **options}
+    if "seed" in inspect.signature(reader).parameters:
+        kwargs["seed"] = seed
+    return _call(reader, spec.name, os.fspath(data_dir), **kwargs)
+
+
+def generate(name, out_dir, n=None, seed=0, progress=False, **options):
+    """Write a data set of task ``name`` into ``out_dir``; return the directory to read it from.
+
+    Options go to the generator (ListOps: ``min_length``, ``max_length``,
+    ``max_depth``, ``max_args``, ``balanced``; Pathfinder: ``path_length``,
+    ``distractors``, ``dash_spacing``, …; adding / delayed recall: ``length``,
+    ``num_tokens``; NeuronIO: ``sims_per_file``, ``duration_ms``).
+    """
+    spec = task_spec(name)
+    if spec.generator is None:
+        raise ELMError(f"task '{spec.name}' cannot be generated (generatable: {', '.join(GENERATABLE)}); "
+                       f"get its data from {spec.source}")
+    n = spec.default_n if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ELMError(f"n must be a positive integer, got {n!r}")
+    for field, value in spec.generator_options.items():
+        if field in options and options[field] != value:
+            hint = f"; use task 'pathfinder' with {field}={options[field]}" if field == "size" else ""
+            raise ELMError(f"task '{spec.name}' has {field}={value}{hint}")
+    out_dir = os.fspath(out_dir)
+    generator = _load(spec.generator)
+    kwargs = {**spec.generator_options, **options, spec.count_option: n, "seed": seed}
+    if "progress" in inspect.signature(generator).parameters:
+        kwargs["progress"] = progress
+    _call(generator, spec.name, out_dir, **kwargs)
+    return out_dir
+
+
+def detect_task(data_dir):
+    """Guess the task whose files ``data_dir`` holds (for ``elm data info``)."""
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} does not exist (name the task with --task to be "
+                        f"told where to get its data)")
+    for name in ("listops", "shd", "adding", "delayed-recall", "scifar"):
+        if all(_matches(data_dir, p) for p in TASKS[name].files):
+            return name
+    from .pathfinder import find_pathfinder_dir, image_resolution
+    try:
+        dataset = find_pathfinder_dir(data_dir, 32)
+    except DataError:
+        dataset = None
+    if dataset is not None:
+        size = image_resolution(dataset)
+        return {32: "pathfinder", 64: "pathfinder64", 128: "pathx"}.get(size, "pathfinder")
+    if _matches(data_dir, TASKS["neuronio"].files[0]):
+        return "neuronio"
+    looked = "; ".join(f"{n}: {', '.join(s.files)}" for n, s in TASKS.items() if n != "shd-adding")
+    raise DataError(f"cannot tell which task the files in {data_dir} belong to (looked for {looked}); "
+                    f"name it with --task")
