@@ -138,7 +138,8 @@ TRAIN_FLAGS = ("task", "data_dir", "epochs", "batch_size", "batches_per_epoch", 
 
 
 @cli.command()
-@click.option("--task", help="Task name (see `elm data generate --help`); default: the generated adding problem.")
+@click.option("--task", help="Task name (adding, delayed-recall, neuronio, shd, shd-adding, listops, pathfinder, "
+              "pathfinder64, pathx, scifar). Without one: a Branch-ELM on the adding problem at length 200.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the task's data files are.")
 @click.option("--config", "run_config", type=click.Path(dir_okay=False),
               help="Run settings from JSON or TOML; flags given here override it.")
@@ -183,6 +184,9 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, quie
     else:
         settings = dict(_load_run_file(run_config)) if run_config else {}
         settings.update(given)
+        if "task" not in settings:
+            from elmcore.train import DEFAULT_RUN
+            settings = {**DEFAULT_RUN, **settings}
         if model_config:
             from elmcore.config import ELMConfig
             settings["model"] = {**settings.get("model", {}), **ELMConfig.load(model_config).to_dict()}
