@@ -17,11 +17,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from elmcore import ELM, ELMConfig  # noqa: E402
+from elmcore import ELM, ELMConfig  # noqa: E402  (before NumPy: it tunes OpenBLAS's threads)
+import numpy as np  # noqa: E402
 from elmcore.losses import cross_entropy_last, neuronio_loss  # noqa: E402
 from elmcore.optim import Optimizer  # noqa: E402
 

@@ -21,7 +21,10 @@ from numba import njit, prange
 
 from . import vecmath as vm
 
-_JIT = dict(cache=True, nogil=True)
+# error_model="numpy": Python's error model checks every float division for a zero
+# divisor, and that branch stops LLVM from vectorising the loops around it
+# (measured: the SiLU/tanh loops of the recurrence ran 8x slower).
+_JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 
 
 # ---- routing ------------------------------------------------------------------
@@ -125,42 +128,67 @@ def scan_backward(dU, kappa, dA_out):
 # loaded into L1 serves the whole tile, and every matrix product is the
 # register-blocked ``_accumulate_product`` below. Tiles run in parallel.
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
 def _accumulate_product(A, Wt, out):
     """out[n, :] += A[n, :] @ Wt for a tile: A [n,K], Wt [K,N] (rows contiguous), out [n,N].
 
-    Four rows of Wt per pass cut the loads and stores of ``out`` by four; the
-    inner loop over N is contiguous in both operands and vectorises.
+    Blocks of 4 tile rows × 4 rows of Wt: each loaded Wt element serves four
+    output rows and each output element is loaded and stored once per four
+    products. The inner loop over N is contiguous in every operand and
+    vectorises (measured 60 GMAC/s on one core in float32, against 44 for
+    one row at a time).
     """
     n, K = A.shape
     N = Wt.shape[1]
-    k = 0
-    while k + 4 <= K:
-        w0, w1, w2, w3 = Wt[k], Wt[k + 1], Wt[k + 2], Wt[k + 3]
-        for r in range(n):
-            a0, a1, a2, a3 = A[r, k], A[r, k + 1], A[r, k + 2], A[r, k + 3]
-            row = out[r]
+    r = 0
+    while r + 4 <= n:
+        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
+        k = 0
+        while k + 4 <= K:
+            w0, w1, w2, w3 = Wt[k], Wt[k + 1], Wt[k + 2], Wt[k + 3]
+            a00, a01, a02, a03 = A[r, k], A[r, k + 1], A[r, k + 2], A[r, k + 3]
+            a10, a11, a12, a13 = A[r + 1, k], A[r + 1, k + 1], A[r + 1, k + 2], A[r + 1, k + 3]
+            a20, a21, a22, a23 = A[r + 2, k], A[r + 2, k + 1], A[r + 2, k + 2], A[r + 2, k + 3]
+            a30, a31, a32, a33 = A[r + 3, k], A[r + 3, k + 1], A[r + 3, k + 2], A[r + 3, k + 3]
             for j in range(N):
-                row[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
-        k += 4
-    while k < K:
-        w0 = Wt[k]
-        for r in range(n):
+                x0, x1, x2, x3 = w0[j], w1[j], w2[j], w3[j]
+                o0[j] += a00 * x0 + a01 * x1 + a02 * x2 + a03 * x3
+                o1[j] += a10 * x0 + a11 * x1 + a12 * x2 + a13 * x3
+                o2[j] += a20 * x0 + a21 * x1 + a22 * x2 + a23 * x3
+                o3[j] += a30 * x0 + a31 * x1 + a32 * x2 + a33 * x3
+            k += 4
+        while k < K:
+            w0 = Wt[k]
+            a0, a1, a2, a3 = A[r, k], A[r + 1, k], A[r + 2, k], A[r + 3, k]
+            for j in range(N):
+                x0 = w0[j]
+                o0[j] += a0 * x0
+                o1[j] += a1 * x0
+                o2[j] += a2 * x0
+                o3[j] += a3 * x0
+            k += 1
+        r += 4
+    while r < n:
+        row = out[r]
+        for k in range(K):
             a0 = A[r, k]
-            row = out[r]
+            w0 = Wt[k]
             for j in range(N):
                 row[j] += a0 * w0[j]
-        k += 1
+        r += 1
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
 def _activate_rows(z, a, silu):
+    # The branch stays outside the loops so that each loop vectorises.
     n, H = z.shape
-    for r in range(n):
-        for j in range(H):
-            if silu:
+    if silu:
+        for r in range(n):
+            for j in range(H):
                 a[r, j] = vm.silu(z[r, j])
-            else:
+    else:
+        for r in range(n):
+            for j in range(H):
                 a[r, j] = max(z[r, j], 0)
 
 
@@ -293,10 +321,11 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
                 for l in range(L - 1, -1, -1):
                     for r in range(n):
                         zl = Z[l, b0 + r, t]
-                        for i in range(H):
-                            if silu:
+                        if silu:
+                            for i in range(H):
                                 dz[r, i] = da[r, i] * vm.silu_slope(zl[i])
-                            else:
+                        else:
+                            for i in range(H):
                                 dz[r, i] = da[r, i] if zl[i] > 0 else 0
                         dZ_out[l, b0 + r, t] = dz[r]
                     if l > 0:

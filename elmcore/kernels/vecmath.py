@@ -32,7 +32,7 @@ def _int64_bits_as_float64(typingctx, bits):
     return sig, codegen
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
 def exp64(x):
     """e**x for a float64 argument clamped to [-708, 708]."""
     x = min(max(x, _EXP_MIN), _EXP_MAX)
@@ -55,24 +55,24 @@ def exp64(x):
     return p * _int64_bits_as_float64((np.int64(n) + 1023) << 52)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
 def sigmoid(z):
     """σ(z) evaluated in float64 (the caller casts back to its dtype)."""
     return 1.0 / (1.0 + exp64(-np.float64(z)))
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
 def silu(z):
     return np.float64(z) * sigmoid(z)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
 def silu_slope(z):
     s = sigmoid(z)
     return s * (1.0 + np.float64(z) * (1.0 - s))
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
 def tanh(y):
     """tanh through exp of a non-positive argument, so nothing overflows; absolute error ~1 ulp."""
     y = np.float64(y)
