@@ -247,20 +247,21 @@ class ELM:
         Wh = xp.stack([w for w, _ in layers[1:L]]) if L > 1 else xp.zeros((0, Z.shape[3], Z.shape[3]), self.dtype)
         Wo = layers[-1][0] if L else xp.zeros((1, 1), self.dtype)
         dZ = xp.empty_like(Z)
+        act = xp.empty_like(Z)
         dO = xp.empty_like(M)
         gk = xp.empty((B, Dm), self.dtype)
         gc = xp.empty((B, Dm), self.dtype)
         k.recur_backward(dM, xp.ascontiguousarray(W0m), xp.ascontiguousarray(Wh), xp.ascontiguousarray(Wo),
                          d.kappa_m, d.c_m, m0, M, Z, DM, cfg.mlp_activation == "silu",
                          self.dtype.type(P.PHI_SCALE), self.dtype.type(P.PHI_SLOPE), k.batch_tile(B),
-                         dZ, dO, gk, gc)
+                         dZ, dO, gk, gc, act)
 
         # Weight gradients of every MLP layer: one GEMM each over all B·T rows.
         km_mprev = xp.empty_like(M)
         km_mprev[:, 0] = m0
         km_mprev[:, 1:] = M[:, :-1]
         km_mprev *= d.kappa_m
-        layer_inputs = [None] + [self._activate(Z[l]).reshape(BT, -1) for l in range(L)]
+        layer_inputs = [None] + [act[l].reshape(BT, -1) for l in range(L)]
         layer_grads = [dZ[l].reshape(BT, -1) for l in range(L)] + [dO.reshape(BT, Dm)]
         keys = P.mlp_layer_keys(L)
         for l, (wk, bk) in enumerate(keys):
@@ -305,12 +306,6 @@ class ELM:
         span = cfg.effective_tau_max - cfg.memory_tau_min
         sig = 1 / (1 + xp.exp(-self.params["_proto_tau_m"]))
         return (g_tau * span * sig * (1 - sig)).astype(self.dtype)
-
-    def _activate(self, Z):
-        xp = self.xp
-        if self.config.mlp_activation == "silu":
-            return Z / (1 + xp.exp(-Z))
-        return xp.maximum(Z, 0)
 
     # ---- traces and streaming -------------------------------------------------
     def traces(self, X):

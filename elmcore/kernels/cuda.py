@@ -667,7 +667,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
 
 
 def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope, tile,
-                   dZ_out, dO_out, gkappa_out, gc_out):
+                   dZ_out, dO_out, gkappa_out, gc_out, A_out):
     """See ``kernels.cpu.recur_backward`` (same arguments, same outputs).
 
     dM [B,T,Dm] read only.  W0m [W0,Dm], Wh [Lh,H,H], Wo [Dm,H] untransposed, packed
@@ -675,6 +675,9 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     M, Z, DM, m0, kappa_m, c_m: exactly what recur_forward was given / wrote.
     tile             batch rows per thread block; any value >= 1 is correct.
     dZ_out [L,B,T,H], dO_out [B,T,Dm], gkappa_out, gc_out [B,Dm]: overwritten.
+    A_out [L,B,T,H]  act(Z), written by one elementwise pass of the array module after
+                     the launch (on the GPU that pass is bandwidth-bound and cheap; the
+                     recurrence kernel keeps its registers for the time loop).
     """
     xp, dt = _xp(dM), dM.dtype
     B, T, Dm = dM.shape
@@ -687,7 +690,13 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     packed = _packed(xp, dt, parts)
     row_floats = 6 * Dm + (2 * H if L else 0)
     placeholder = _placeholder(xp, dt)
-    return _launch_recurrence("recur_backward", B, tile, max(W0, Dm), row_floats, (
+    plan = _launch_recurrence("recur_backward", B, tile, max(W0, Dm), row_floats, (
         dM, packed, kappa_m, c_m, m0, M, Z if L else placeholder, DM, bool(silu),
         dt.type(phi_scale), dt.type(phi_slope), L, H, o_wh, o_wo,
         dZ_out if L else placeholder, dO_out, gkappa_out, gc_out))
+    if L:
+        if silu:
+            xp.multiply(Z, 1 / (1 + xp.exp(-Z)), out=A_out)
+        else:
+            xp.maximum(Z, 0, out=A_out)
+    return plan
