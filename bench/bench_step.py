@@ -43,14 +43,15 @@ CONFIGS = {
 }
 
 
-def make_inputs(spec, rng):
+def make_inputs(spec, rng, input_dtype="float32"):
+    """Binary inputs (spikes, or one-hot pixels) as ``input_dtype``; the same values either way."""
     B, T = spec["batch"], spec["steps"]
     D = spec["model"]["num_input"]
     if spec["density"] is None:  # one-hot rows
-        X = np.zeros((B, T, D), np.float32)
+        X = np.zeros((B, T, D), input_dtype)
         X[np.arange(B)[:, None], np.arange(T)[None, :], rng.integers(0, D, (B, T))] = 1
     else:
-        X = (rng.random((B, T, D)) < spec["density"]).astype(np.float32)
+        X = (rng.random((B, T, D)) < spec["density"]).astype(input_dtype)
     if spec["loss"] == "neuronio":
         target = np.stack([(rng.random((B, T)) < 0.01), rng.normal(0, 1, (B, T))], -1).astype(np.float32)
     else:
@@ -130,6 +131,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torch-repeats", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="Skip the PyTorch baseline.")
+    ap.add_argument("--input-dtype", default="uint8", choices=["uint8", "float32"],
+                    help="How elmcore receives the binary inputs: one byte per value (as spike data is "
+                         "stored) or float32. The PyTorch baseline always gets float32.")
     ap.add_argument("--json", help="Write results to this JSON file.")
     args = ap.parse_args(argv)
 
@@ -137,18 +141,20 @@ def main(argv=None):
     for name in args.configs:
         spec = CONFIGS[name]
         rng = np.random.default_rng(0)
-        X, target = make_inputs(spec, rng)
+        X, target = make_inputs(spec, rng, args.input_dtype)
         model, train, infer = bench_elmcore(spec, X, target, args.device, args.repeats, args.warmup)
         bt = spec["batch"] * spec["steps"]
         row = {"batch": spec["batch"], "steps": spec["steps"], "parameters": model.num_parameters,
+               "input_dtype": args.input_dtype,
                "train": summarise(train, bt), "inference": summarise(infer, bt)}
-        print(f"{name}: B={spec['batch']} T={spec['steps']} params={model.num_parameters} ({args.device}, float32)")
+        print(f"{name}: B={spec['batch']} T={spec['steps']} params={model.num_parameters} "
+              f"({args.device}, float32 model, {args.input_dtype} input)")
         print(f"  elmcore  train step {row['train']['median_ms']:9.1f} ms   "
               f"{row['train']['sample_steps_per_s']:12,.0f} sample-steps/s")
         print(f"  elmcore  inference  {row['inference']['median_ms']:9.1f} ms   "
               f"{row['inference']['sample_steps_per_s']:12,.0f} sample-steps/s")
         if not args.no_torch:
-            torch_times = bench_torch(spec, X, target, model.state_dict(), args.device,
+            torch_times = bench_torch(spec, X.astype(np.float32), target, model.state_dict(), args.device,
                                       args.torch_repeats, 1)
             if torch_times is None:
                 print("  torch    not installed: no baseline")

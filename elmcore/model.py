@@ -144,19 +144,29 @@ class ELM:
 
     # ---- input checks -------------------------------------------------------
     def prepare_input(self, X):
-        """X as a C-contiguous (B, T, num_input) array of the model dtype on the model's device."""
+        """X as a C-contiguous (B, T, num_input) array on the model's device.
+
+        Floats become the model dtype. One-byte integers (spike counts, ±1
+        NeuronIO spikes as int8, bool spikes as uint8) are kept as they are: the
+        routing kernels read them directly, and reading a quarter of the bytes is
+        most of the routing's cost on spike data.
+        """
         cfg = self.config
         X = self.xp.asarray(X)
         if X.ndim != 3 or X.shape[2] != cfg.num_input or X.shape[0] < 1 or X.shape[1] < 1:
             raise DataError(f"input must have shape (batch, time, {cfg.num_input}), got {tuple(X.shape)}")
         if X.dtype.kind not in "fiub":
             raise DataError(f"input must be numeric, got dtype {X.dtype}")
+        if X.dtype == bool:
+            X = X.view(self.xp.uint8)
+        if X.dtype.itemsize == 1:
+            return self.xp.ascontiguousarray(X)
         return self.xp.ascontiguousarray(X, dtype=self.dtype)
 
     def _check_output(self, Y, X):
         """NaNs in X reach Y (routing multiplies them in); find their source only when they do."""
         if not bool(self.xp.all(self.xp.isfinite(Y))):
-            bad = self.xp.argwhere(~self.xp.isfinite(X))
+            bad = self.xp.argwhere(~self.xp.isfinite(X)) if X.dtype.kind == "f" else []
             if len(bad):
                 b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
                 raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
@@ -169,8 +179,8 @@ class ELM:
 
         With ``return_cache`` also returns the cache ``backward`` needs. It holds
         references to X and derived parameters plus these arrays, in floats:
-        U (B·T·nb branch inputs), M and ΔM (B·T·Dm each), Z (L·B·T·H):
-        B·T·(nb + 2·Dm + L·H) in all.
+        A0 = [U, κ_m ⊙ M_prev] (B·T·(nb + Dm), the first layer's input), M and ΔM
+        (B·T·Dm each), Z (L·B·T·H): B·T·(nb + 3·Dm + L·H) in all.
         ``state`` (from ``init_state``) continues a stream instead of starting at zero.
         """
         X = self.prepare_input(X)
@@ -185,15 +195,23 @@ class ELM:
         C = d.kappa_channel.shape[0]
         u0 = xp.zeros((B, C), self.dtype) if state is None else state["u"]
         m0 = xp.zeros((B, cfg.num_memory), self.dtype) if state is None else state["m"]
+        nb, Dm = cfg.branches, cfg.num_memory
+        # The first MLP layer's whole input [u_t, κ_m ⊙ m_{t−1}] in one buffer: the scan
+        # fills the branch columns, the recurrence the memory columns, and the backward
+        # takes the layer's weight gradient as one GEMM over it.
+        A0 = xp.empty((B, T, nb + Dm), self.dtype)
+        U = A0[:, :, :nb]
         R = xp.empty((B, T, C), self.dtype)
         k.route_forward(X, self.routing.indptr, self.routing.entry_syn, d.entry_weight, d.syn_per_channel, R)
-        k.scan_forward(R, d.kappa_channel, u0, R)
-        scan_state = R
-        U = self._channels_to_branches(R)
+        if self._per_synapse_scan:
+            k.scan_forward(R, d.kappa_channel, u0, R)
+            U[...] = self._channels_to_branches(R)
+        else:
+            k.scan_forward(R, d.kappa_channel, u0, U)
+        final_u = (R if self._per_synapse_scan else U)[:, -1].copy()
 
         layers = self._layers()
         W0, c0 = layers[0]
-        nb = cfg.branches
         W0b, W0m = W0[:, :nb], W0[:, nb:]
         Zb = (U.reshape(B * T, nb) @ W0b.T + c0).reshape(B, T, -1)
         L = cfg.mlp_num_layers
@@ -203,16 +221,16 @@ class ELM:
         ch = xp.stack([c for _, c in layers[1:L]]) if Wh else xp.zeros((0, H), self.dtype)
         Wo, co = layers[-1]
         WoT = xp.ascontiguousarray(Wo.T) if L else xp.zeros((1, 1), self.dtype)
-        M = xp.empty((B, T, cfg.num_memory), self.dtype)
+        M = xp.empty((B, T, Dm), self.dtype)
         DM = xp.empty_like(M)
         Z = xp.empty((L, B, T, H), self.dtype)
         k.recur_forward(Zb, xp.ascontiguousarray(W0m.T), WhT, ch, WoT, co, d.kappa_m, d.c_m, m0,
                         cfg.mlp_activation == "silu", self.dtype.type(P.PHI_SCALE),
-                        self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM)
+                        self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM, A0[:, :, nb:])
         Wy, by = self.params["w_y.weight"], self.params["w_y.bias"]
         Y = (M.reshape(B * T, -1) @ Wy.T + by).reshape(B, T, -1)
-        cache = dict(X=X, U=U, M=M, Z=Z, DM=DM, m0=m0, derived=d,
-                     final_state=dict(u=scan_state[:, -1].copy(), m=M[:, -1].copy()))
+        cache = dict(X=X, A0=A0, M=M, Z=Z, DM=DM, m0=m0, derived=d,
+                     final_state=dict(u=final_u, m=M[:, -1].copy()))
         return Y, cache
 
     def _channels_to_branches(self, R):
@@ -228,7 +246,7 @@ class ELM:
         With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
-        X, U, M, Z, DM, m0, d = (cache[n] for n in ("X", "U", "M", "Z", "DM", "m0", "derived"))
+        X, A0, M, Z, DM, m0, d = (cache[n] for n in ("X", "A0", "M", "Z", "DM", "m0", "derived"))
         B, T, _ = X.shape
         dY = xp.ascontiguousarray(xp.asarray(dY), dtype=self.dtype)
         if dY.shape != (B, T, cfg.num_output):
@@ -257,20 +275,11 @@ class ELM:
                          dZ, dO, gk, gc, act)
 
         # Weight gradients of every MLP layer: one GEMM each over all B·T rows.
-        km_mprev = xp.empty_like(M)
-        km_mprev[:, 0] = m0
-        km_mprev[:, 1:] = M[:, :-1]
-        km_mprev *= d.kappa_m
-        layer_inputs = [None] + [act[l].reshape(BT, -1) for l in range(L)]
+        layer_inputs = [A0.reshape(BT, nb + Dm)] + [act[l].reshape(BT, -1) for l in range(L)]
         layer_grads = [dZ[l].reshape(BT, -1) for l in range(L)] + [dO.reshape(BT, Dm)]
-        keys = P.mlp_layer_keys(L)
-        for l, (wk, bk) in enumerate(keys):
-            g = layer_grads[l]
-            if l == 0:
-                grads[wk] = xp.concatenate([g.T @ U.reshape(BT, nb), g.T @ km_mprev.reshape(BT, Dm)], axis=1)
-            else:
-                grads[wk] = g.T @ layer_inputs[l]
-            grads[bk] = g.sum(0)
+        for l, (wk, bk) in enumerate(P.mlp_layer_keys(L)):
+            grads[wk] = layer_grads[l].T @ layer_inputs[l]
+            grads[bk] = layer_grads[l].sum(0)
 
         # Back through the first layer's branch columns, the scan and the routing.
         dU = (layer_grads[0] @ W0b).reshape(B, T, nb)
@@ -286,7 +295,7 @@ class ELM:
         if cfg.learn_memory_tau:
             grads["_proto_tau_m"] = self._tau_m_grad(gk.sum(0), gc.sum(0), d)
         if input_grad:
-            dX = xp.empty_like(X)
+            dX = xp.empty(X.shape, self.dtype)
             k.route_input_grad(dR, self.routing.indptr, self.routing.entry_syn, d.entry_weight,
                                d.syn_per_channel, dX)
             grads["X"] = dX
@@ -314,7 +323,7 @@ class ELM:
         Y, cache = self._forward(X)
         out = {"m": cache["M"]}
         if self.config.is_v2:
-            out["b"] = cache["U"]
+            out["b"] = cache["A0"][:, :, :self.config.branches]
         else:
             out["s"] = self._synapse_traces(X, cache["derived"])
         return Y, out

@@ -351,12 +351,14 @@ def _run_recurrence(k, inp, silu, L, H, tile=2, xp=np):
     M, DM, Z = (xp.full(s, np.nan, dt) for s in ((B, T, Dm), (B, T, Dm), (L, B, T, H)))
     WhT = xp.ascontiguousarray(inp["Wh"].transpose(0, 2, 1))
     WoT = xp.ascontiguousarray(inp["Wo"].T)
+    KM = xp.full((B, T, Dm + 1), np.nan, dt)[:, :, 1:]  # a strided view, as the model passes it
     forward_plan = k.recur_forward(inp["Zb"], xp.ascontiguousarray(inp["W0m"].T), WhT, inp["ch"], WoT, inp["co"],
-                                   inp["kappa_m"], inp["c_m"], inp["m0"], silu, scale, slope, tile, M, Z, DM)
+                                   inp["kappa_m"], inp["c_m"], inp["m0"], silu, scale, slope, tile, M, Z, DM, KM)
     dZ, dO, gk, gc, A = (xp.full(s, np.nan, dt) for s in ((L, B, T, H), (B, T, Dm), (B, Dm), (B, Dm), (L, B, T, H)))
     backward_plan = k.recur_backward(inp["dM"], inp["W0m"], inp["Wh"], inp["Wo"], inp["kappa_m"], inp["c_m"],
                                      inp["m0"], M, Z, DM, silu, scale, slope, tile, dZ, dO, gk, gc, A)
-    outputs = {key: _to_host(v) for key, v in dict(M=M, DM=DM, Z=Z, dZ=dZ, dO=dO, gk=gk, gc=gc, A=A).items()}
+    outputs = {key: _to_host(v) for key, v in dict(M=M, DM=DM, Z=Z, KM=KM, dZ=dZ, dO=dO, gk=gk, gc=gc,
+                                                    A=A).items()}
     return outputs, (forward_plan, backward_plan)
 
 

@@ -106,3 +106,21 @@ def test_elm_verify_bad_file_is_a_clear_error(tmp_path, content):
     assert "broken.npz" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["verify", str(tmp_path / "missing.npz")])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_one_byte_spike_inputs_give_the_float_results(dtype):
+    """int8 (±1 spikes) and bool inputs are read directly by the routing kernels."""
+    case = load_oracle([p for p in CASES if "official" in p][0])
+    model = ELM(case.config, params=case.params, dtype=dtype)
+    signs = np.where(np.arange(case.X.shape[2]) < case.X.shape[2] // 2, 1, -1)
+    X = (case.X != 0) * signs
+    Y, cache = model.forward(X.astype(np.float64), return_cache=True)
+    g = model.backward(case.G, cache, input_grad=True)
+    Y8, cache8 = model.forward(X.astype(np.int8), return_cache=True)
+    g8 = model.backward(case.G, cache8, input_grad=True)
+    assert np.array_equal(Y, Y8)
+    assert all(np.array_equal(g[k], g8[k]) for k in g)
+    assert g8["X"].dtype == np.dtype(dtype)
+    Yb = model.forward(case.X != 0)
+    assert np.array_equal(Yb, model.forward(case.X.astype(dtype)))

@@ -200,7 +200,7 @@ def batch_tile(B):
 
 @njit(parallel=True, **_JIT)
 def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
-                  tile, M_out, Z_out, DM_out):
+                  tile, M_out, Z_out, DM_out, KM_out):
     """Run the MLP-and-memory recurrence over all T steps.
 
     Per step:  z_0 = Zb[:,t] + W0m (κ_m ⊙ m_{t−1});  a_l = act(z_l);
@@ -218,6 +218,9 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
     M_out  [B,T,Dm]   m_t after each step.
     Z_out  [L,B,T,H]  pre-activations z_l, kept for the backward pass (L = Z_out.shape[0]).
     DM_out [B,T,Dm]   Δm_t, kept for the backward pass (φ' and ∂/∂c_m need it).
+    KM_out [B,T,Dm]   κ_m ⊙ m_{t−1}, the memory half of the first layer's input; may be a
+                      strided view (the model passes the columns beside U of one buffer, so
+                      the first layer's weight gradient is a single GEMM).
     """
     B, T, W0 = Zb.shape
     Dm = kappa_m.shape[0]
@@ -238,6 +241,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
             for r in range(n):
                 for i in range(Dm):
                     km_m[r, i] = kappa_m[i] * m[r, i]
+                KM_out[b0 + r, t] = km_m[r]
                 z0[r] = Zb[b0 + r, t]
             _accumulate_product(km_m, W0mT, z0)
             if L == 0:

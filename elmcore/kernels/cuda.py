@@ -486,9 +486,16 @@ def route_input_grad(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_ou
 # ---- linear leaky scans ------------------------------------------------------------
 
 def scan_forward(A, kappa, u0, U_out):
-    """See ``kernels.cpu.scan_forward``. One thread per (b, channel); A may alias U_out."""
+    """See ``kernels.cpu.scan_forward``. One thread per (b, channel); A may alias U_out.
+
+    U_out may be a strided view (the model scans into the branch columns of the first
+    layer's input buffer); the kernel then writes a contiguous result that is copied in.
+    """
     B, _, C = A.shape
-    _launch(_kernel_set(U_out.dtype)["scan_forward"], *_flat_shape(B * C), 0, A, kappa, u0, U_out)
+    target = U_out if U_out.flags.c_contiguous else _xp(U_out).empty(U_out.shape, U_out.dtype)
+    _launch(_kernel_set(U_out.dtype)["scan_forward"], *_flat_shape(B * C), 0, A, kappa, u0, target)
+    if target is not U_out:
+        U_out[...] = target
 
 
 def scan_backward(dU, kappa, dA_out):
@@ -639,7 +646,7 @@ def _placeholder(xp, dtype):
 
 
 def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
-                  tile, M_out, Z_out, DM_out):
+                  tile, M_out, Z_out, DM_out, KM_out):
     """See ``kernels.cpu.recur_forward`` (same arguments, same outputs).
 
     Zb     [B,T,W0]  read only.        W0mT [Dm,W0], WhT [Lh,H,H], ch [Lh,H],
@@ -648,6 +655,8 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
     kappa_m, c_m [Dm], m0 [B,Dm]  read only; hand the same ones to recur_backward.
     tile             batch rows per thread block (``batch_tile(B)``); any value >= 1 is correct.
     M_out, DM_out [B,T,Dm], Z_out [L,B,T,H]  overwritten; recur_backward needs them unchanged.
+    KM_out [B,T,Dm]  κ_m ⊙ m_{t−1} (may be a strided view), filled from M_out by one
+                     elementwise pass after the launch.
     """
     xp, dt = _xp(Zb), Zb.dtype
     B, T, W0 = Zb.shape
@@ -661,9 +670,12 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
     o_co = o_ch + Lh * H
     packed = _packed(xp, dt, parts)
     row_floats = 2 * Dm + (2 * H if L else 0)
-    return _launch_recurrence("recur_forward", B, tile, max(W0, Dm), row_floats, (
+    plan = _launch_recurrence("recur_forward", B, tile, max(W0, Dm), row_floats, (
         Zb, packed, kappa_m, c_m, m0, bool(silu), dt.type(phi_scale), dt.type(phi_slope),
         L, H, o_wh, o_wo, o_ch, o_co, M_out, Z_out if L else _placeholder(xp, dt), DM_out))
+    KM_out[:, 0] = kappa_m * m0
+    KM_out[:, 1:] = kappa_m * M_out[:, :-1]
+    return plan
 
 
 def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope, tile,
