@@ -213,7 +213,15 @@ class ELM:
         layers = self._layers()
         W0, c0 = layers[0]
         W0b, W0m = W0[:, :nb], W0[:, nb:]
-        Zb = (U.reshape(B * T, nb) @ W0b.T + c0).reshape(B, T, -1)
+        sparse_first = self._use_sparse_first_layer(R, d)
+        if sparse_first:
+            # scan_κ(R) @ W0bᵀ = scan_κ(R @ W0bᵀ) for one shared κ: see kernels.cpu.
+            Zb = xp.empty((B, T, W0.shape[0]), self.dtype)
+            k.sparse_rows_product(R, xp.ascontiguousarray(W0b.T), Zb)
+            k.scan_forward(Zb, xp.full(W0.shape[0], d.kappa_channel[0], self.dtype), u0 @ W0b.T, Zb)
+            Zb += c0
+        else:
+            Zb = (U.reshape(B * T, nb) @ W0b.T + c0).reshape(B, T, -1)
         L = cfg.mlp_num_layers
         H = cfg.hidden_size
         Wh = [w for w, _ in layers[1:L]]
@@ -229,9 +237,21 @@ class ELM:
                         self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM, A0[:, :, nb:])
         Wy, by = self.params["w_y.weight"], self.params["w_y.bias"]
         Y = (M.reshape(B * T, -1) @ Wy.T + by).reshape(B, T, -1)
-        cache = dict(X=X, A0=A0, M=M, Z=Z, DM=DM, m0=m0, derived=d,
+        cache = dict(X=X, A0=A0, M=M, Z=Z, DM=DM, m0=m0, derived=d, R=R if sparse_first else None,
                      final_state=dict(u=final_u, m=M[:, -1].copy()))
         return Y, cache
+
+    # Sparse first layer: used on the CPU when the routed input R is mostly zeros and
+    # one decay serves every scan channel (the usual case: τ_s / τ_b are not trained).
+    SPARSE_FIRST_LAYER_DENSITY = 0.25
+
+    def _use_sparse_first_layer(self, R, d):
+        if self.backend.name != "cpu" or self._per_synapse_scan:
+            return False
+        kappa = d.kappa_channel
+        if not bool((kappa == kappa[0]).all()):
+            return False
+        return np.count_nonzero(R) < self.SPARSE_FIRST_LAYER_DENSITY * R.size
 
     def _channels_to_branches(self, R):
         if not self._per_synapse_scan:
@@ -275,21 +295,40 @@ class ELM:
                          dZ, dO, gk, gc, act)
 
         # Weight gradients of every MLP layer: one GEMM each over all B·T rows.
+        R = cache["R"]
         layer_inputs = [A0.reshape(BT, nb + Dm)] + [act[l].reshape(BT, -1) for l in range(L)]
         layer_grads = [dZ[l].reshape(BT, -1) for l in range(L)] + [dO.reshape(BT, Dm)]
         for l, (wk, bk) in enumerate(P.mlp_layer_keys(L)):
+            if l == 0 and R is not None:
+                continue
             grads[wk] = layer_grads[l].T @ layer_inputs[l]
             grads[bk] = layer_grads[l].sum(0)
 
-        # Back through the first layer's branch columns, the scan and the routing.
-        dU = (layer_grads[0] @ W0b).reshape(B, T, nb)
-        if self._per_synapse_scan:
-            dU = xp.repeat(dU, cfg.num_synapse_per_branch, axis=2)
-        dR = xp.ascontiguousarray(dU)
-        k.scan_backward(dR, d.kappa_channel, dR)
         partial = xp.empty((B, cfg.num_synapse), self.dtype)
-        k.route_weight_grad(X, self.routing.indptr, self.routing.entry_syn, self.routing.entry_mask,
-                            d.syn_per_channel, dR, partial)
+        routing = self.routing
+        if R is None:
+            # Back through the first layer's branch columns, the scan and the routing.
+            dU = (layer_grads[0] @ W0b).reshape(B, T, nb)
+            if self._per_synapse_scan:
+                dU = xp.repeat(dU, cfg.num_synapse_per_branch, axis=2)
+            dR = xp.ascontiguousarray(dU)
+            k.scan_backward(dR, d.kappa_channel, dR)
+            k.route_weight_grad(X, routing.indptr, routing.entry_syn, routing.entry_mask,
+                                d.syn_per_channel, dR, partial)
+        else:
+            # Sparse first layer: G = revscan_κ(∂z_0); dW0b = Gᵀ R; dR = G W0b only where inputs spiked.
+            wk, bk = P.mlp_layer_keys(L)[0]
+            G = layer_grads[0].reshape(B, T, -1).copy()
+            k.scan_backward(G, xp.full(G.shape[2], d.kappa_channel[0], self.dtype), G)
+            dW0bT = xp.empty((nb, G.shape[2]), self.dtype)
+            k.sparse_rows_weight_grad(R, G, dW0bT)
+            grads[wk] = xp.concatenate([dW0bT.T, layer_grads[0].T @ A0[:, :, nb:].reshape(BT, Dm)], axis=1)
+            grads[bk] = layer_grads[0].sum(0)
+            W0bT = xp.ascontiguousarray(W0b.T)
+            k.route_weight_grad_projected(X, routing.indptr, routing.entry_syn, routing.entry_mask,
+                                          d.syn_per_channel, G, W0bT, partial)
+            if input_grad:
+                dR = (G.reshape(BT, -1) @ W0b).reshape(B, T, nb)
         grads["_proto_w_s"] = partial.sum(0) * (self.params["_proto_w_s"] > 0)
 
         if cfg.learn_memory_tau:

@@ -72,3 +72,32 @@ def test_fd_detects_a_wrong_gradient():
     numeric = (up - down) / (2 * eps)
     assert abs(numeric - g[0]) < 1e-7
     assert abs(numeric - 1.01 * g[0]) > 1e-7 * abs(g[0]) or g[0] == 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sparse_first_layer_path_equals_dense_path(seed, monkeypatch):
+    """Sparse spike input with one shared decay takes the sparse first-layer path; same numbers."""
+    rng = np.random.default_rng(100 + seed)
+    cfg = random_config(rng, routing=[None, "random_routing", "neuronio_routing"][seed % 3]).replace(
+        learn_memory_tau=True)
+    params = random_test_params(cfg, rng)
+    key = "tau_b" if cfg.is_v2 else "tau_s"
+    params[key] = np.full_like(params[key], 3.7)  # one decay for every channel
+    model = ELM(cfg, params=params, dtype="float64")
+    X = rng.normal(size=(3, 9, cfg.num_input)) * (rng.random((3, 9, cfg.num_input)) < 0.04)
+    G = rng.normal(size=(3, 9, cfg.num_output))
+    state = model.init_state(3)
+    state["u"] = rng.normal(size=state["u"].shape)
+    results = []
+    for threshold in (1.0, 0.0):  # everything sparse enough / nothing sparse enough
+        monkeypatch.setattr(ELM, "SPARSE_FIRST_LAYER_DENSITY", threshold)
+        Y, cache = model.forward(X, return_cache=True)
+        assert (cache["R"] is not None) == (threshold == 1.0)
+        grads = model.backward(G, cache, input_grad=True)
+        Ys, _ = model.run(X, state)  # streaming from a non-zero scan state
+        results.append((Y, grads, Ys))
+    (Y1, g1, S1), (Y2, g2, S2) = results
+    np.testing.assert_allclose(Y1, Y2, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(S1, S2, rtol=1e-12, atol=1e-13)
+    for k in g2:
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-10, atol=1e-12, err_msg=k)
