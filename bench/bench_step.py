@@ -84,7 +84,7 @@ def bench_elmcore(spec, X, target, device, repeats, warmup):
     xp = model.xp
     Xd, Td = xp.asarray(X), xp.asarray(target)
     opt = Optimizer({k: model.params[k] for k in model.trainable_keys}, kind="adam", lr=1e-4)
-    sync = model.backend.synchronize if hasattr(model.backend, "synchronize") else (lambda: None)
+    sync = model.backend.synchronize
 
     def train_step():
         Y, cache = model.forward(Xd, return_cache=True)

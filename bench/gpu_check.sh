@@ -5,7 +5,7 @@
 #   env.txt                GPU, driver and package versions
 #   <step>.log             full output of each step
 #   cuda_tests.xml         JUnit report of tests/test_cuda_sim.py on the real GPU
-#   verify_<case>.log      `elm verify --device cuda` per oracle file
+#   verify_<case>_<dtype>.log  `elm verify --device cuda` per oracle file and precision
 #   bench_cuda.json        bench/bench_step.py --device cuda
 #   recurrence_floor*.json bench/recurrence_floor.py (shared- and global-weight configs)
 #   summary.txt            one line per step: name, exit code, seconds
@@ -79,18 +79,16 @@ fi
 step cuda_tests 150 env ELM_TEST_REQUIRE_GPU=1 python -m pytest tests/test_cuda_sim.py -q -rs \
     -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
 
-# Placeholder for the lead's CLI: one verify per oracle file on the GPU. A CLI without
-# `verify --device` yet is reported, not counted as a failure of this script.
+# Every oracle file through `elm verify --device cuda`, in both precisions.
 for oracle in tests/data/golden/*.npz; do
     case_name=$(basename "$oracle" .npz)
-    step "verify_$case_name" 40 python -m elm_cli.main verify "$oracle" --device cuda
-    if grep -qE "No such command|No such option|Error: no such" "$OUT/verify_$case_name.log"; then
-        echo "verify_$case_name: the CLI has no 'verify --device cuda' yet (not counted)" | tee -a "$OUT/summary.txt"
-        failures=$((failures - 1))
-    fi
+    for dtype in float64 float32; do
+        step "verify_${case_name}_$dtype" 40 python -m elm_cli.main verify "$oracle" --device cuda --dtype "$dtype"
+    done
 done
 
-step bench_cuda 60 python bench/bench_step.py --device cuda --json "$OUT/bench_cuda.json"
+step bench_cuda 150 python bench/bench_step.py --device cuda --configs neuronio-best shd pathfinder \
+    --repeats 10 --torch-repeats 3 --json "$OUT/bench_cuda.json"
 
 step recurrence_floor 30 python bench/recurrence_floor.py --json "$OUT/recurrence_floor.json"
 # d_m = 150, h = 300 in float32: weights too big for shared memory, read from global.

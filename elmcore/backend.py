@@ -25,6 +25,10 @@ class CPUBackend:
     def to_host(a):
         return np.asarray(a)
 
+    @staticmethod
+    def synchronize():
+        """CPU work is done when the call returns."""
+
 
 _BACKENDS = {}
 

@@ -75,6 +75,11 @@ class CUDABackend:
             import cupy
             self.xp = cupy
 
+    def synchronize(self):
+        """Wait for all queued GPU work (timings must include it); nothing to wait for when simulated."""
+        if not self.simulated:
+            self.xp.cuda.get_current_stream().synchronize()
+
     def to_host(self, a):
         """A NumPy array holding ``a`` (a copy from device memory on a real GPU)."""
         if self.simulated or isinstance(a, np.ndarray):
