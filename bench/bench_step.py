@@ -19,6 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+_ELMCORE_ENV_DEFAULTS = ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+_USER_ENV = {k: os.environ.get(k) for k in _ELMCORE_ENV_DEFAULTS}  # before elmcore adds its defaults
+
 from elmcore import ELM, ELMConfig  # noqa: E402  (before NumPy: it tunes OpenBLAS's threads)
 import numpy as np  # noqa: E402
 from elmcore.losses import cross_entropy_last, neuronio_loss  # noqa: E402
@@ -98,15 +101,43 @@ def bench_elmcore(spec, X, target, device, repeats, warmup):
     return model, timed(train_step, repeats, warmup, sync), timed(infer, repeats, warmup, sync)
 
 
-def bench_torch(spec, X, target, params, device, repeats, warmup):
+def bench_torch(spec_name, X, target, params, device, repeats, warmup):
+    """Time the PyTorch baseline in a child process with the caller's original environment.
+
+    elmcore sets OMP_WAIT_POLICY / OPENBLAS_THREAD_TIMEOUT defaults for its own
+    kernels; PyTorch's many small per-step ops are slower with sleeping OpenMP
+    threads, so the baseline must not inherit them. Returns None without PyTorch.
+    """
+    import subprocess
+    import tempfile
     import torch_baseline as tb
     if not tb.torch_available():
         return None
+    env = {k: v for k, v in os.environ.items() if k not in _ELMCORE_ENV_DEFAULTS}
+    env.update({k: v for k, v in _USER_ENV.items() if v is not None})
+    env["ELMCORE_THREAD_DEFAULTS"] = "0"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "case.npz")
+        np.savez(data, X=X, target=target, **{f"param/{k}": v for k, v in params.items()})
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-worker", spec_name, data,
+                              device, str(repeats), str(warmup)], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"torch baseline failed:\n{out.stderr}")
+    times = json.loads(out.stdout.strip().splitlines()[-1])
+    return times["train"], times["inference"]
+
+
+def torch_worker(spec_name, data, device, repeats, warmup):
+    import torch
+    import torch_baseline as tb
+    spec = CONFIGS[spec_name]
+    with np.load(data) as d:
+        X, target = d["X"], d["target"]
+        params = {k[6:]: d[k] for k in d.files if k.startswith("param/")}
     cfg = dict(spec["model"])
     version = cfg.pop("version")
     tdev = "cuda" if device == "cuda" else "cpu"
     model = tb.TorchELM(cfg, version, params, device=tdev)
-    import torch
     if spec["loss"] == "neuronio":
         loss_fn = tb.neuronio_loss_fn(torch.as_tensor(target[..., 0], device=tdev),
                                       torch.as_tensor(target[..., 1], device=tdev))
@@ -115,7 +146,7 @@ def bench_torch(spec, X, target, params, device, repeats, warmup):
     Xt = torch.as_tensor(X, device=tdev)
     train = tb.time_training_step(model, Xt, loss_fn, steps=repeats, warmup=warmup)
     infer = tb.time_inference(model, Xt, steps=repeats, warmup=warmup)
-    return train, infer
+    print(json.dumps({"train": train, "inference": infer}))
 
 
 def summarise(times, samples_steps):
@@ -154,7 +185,7 @@ def main(argv=None):
         print(f"  elmcore  inference  {row['inference']['median_ms']:9.1f} ms   "
               f"{row['inference']['sample_steps_per_s']:12,.0f} sample-steps/s")
         if not args.no_torch:
-            torch_times = bench_torch(spec, X.astype(np.float32), target, model.state_dict(), args.device,
+            torch_times = bench_torch(name, X.astype(np.float32), target, model.state_dict(), args.device,
                                       args.torch_repeats, 1)
             if torch_times is None:
                 print("  torch    not installed: no baseline")
@@ -175,4 +206,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--torch-worker":
+        name, data, device, repeats, warmup = sys.argv[2:7]
+        torch_worker(name, data, device, int(repeats), int(warmup))
+    else:
+        main()

@@ -6,12 +6,17 @@ import os
 # OpenBLAS's threads in the GEMMs that follow (measured: a 0.3 ms GEMM took 20 ms
 # right after a parallel kernel on 2 cores). Sleeping idle threads fix it; this
 # must be set before Numba first loads its OpenMP layer. A user's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# ELMCORE_THREAD_DEFAULTS=0 leaves both variables alone (the benchmark's PyTorch
+# baseline runs that way: its many tiny ops prefer spinning threads).
+_tune_threads = os.environ.get("ELMCORE_THREAD_DEFAULTS", "1") != "0"
+if _tune_threads:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The same the other way round: OpenBLAS's threads busy-wait ~2^28 cycles after
 # each GEMM and slowed the Numba kernel that followed by half. 2^4 cycles instead.
 # OpenBLAS reads this when NumPy loads it, so it only helps if elmcore is imported
 # before NumPy (the `elm` command is); otherwise export it in the shell.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+if _tune_threads:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .config import ELMConfig
 from .errors import ConfigError, DataError, ELMError
