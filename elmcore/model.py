@@ -320,9 +320,10 @@ class ELM:
             wk, bk = P.mlp_layer_keys(L)[0]
             G = layer_grads[0].reshape(B, T, -1).copy()
             k.scan_backward(G, xp.full(G.shape[2], d.kappa_channel[0], self.dtype), G)
-            dW0bT = xp.empty((nb, G.shape[2]), self.dtype)
-            k.sparse_rows_weight_grad(R, G, dW0bT)
-            grads[wk] = xp.concatenate([dW0bT.T, layer_grads[0].T @ A0[:, :, nb:].reshape(BT, Dm)], axis=1)
+            partial_w = xp.empty((min(B, k.batch_chunks()), nb, G.shape[2]), self.dtype)
+            k.sparse_rows_weight_grad(R, G, partial_w)
+            grads[wk] = xp.concatenate([partial_w.sum(0).T, layer_grads[0].T @ A0[:, :, nb:].reshape(BT, Dm)],
+                                       axis=1)
             grads[bk] = layer_grads[0].sum(0)
             W0bT = xp.ascontiguousarray(W0b.T)
             k.route_weight_grad_projected(X, routing.indptr, routing.entry_syn, routing.entry_mask,

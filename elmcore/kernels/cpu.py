@@ -106,36 +106,45 @@ def sparse_rows_product(R, W0bT, P_out):
     layer, transposed; P_out [B,T,W0] overwritten.
     """
     B, T, nb = R.shape
+    W0 = P_out.shape[2]
     for b in prange(B):
         for t in range(T):
             out = P_out[b, t]
-            out[:] = 0
+            for j in range(W0):
+                out[j] = 0
             r_row = R[b, t]
             for k in range(nb):
                 r = r_row[k]
                 if r != 0:
                     w = W0bT[k]
-                    for j in range(out.shape[0]):
+                    for j in range(W0):
                         out[j] += r * w[j]
 
 
 @njit(parallel=True, **_JIT)
-def sparse_rows_weight_grad(R, G, dW0bT_out):
-    """dW0bT_out[k,:] = Σ_{b,t: R[b,t,k] ≠ 0} R[b,t,k] · G[b,t,:]   (parallel over branches k).
+def sparse_rows_weight_grad(R, G, partial_out):
+    """partial_out[c,k,:] = Σ_{b in chunk c, t: R[b,t,k] ≠ 0} R[b,t,k] · G[b,t,:].
 
-    G [B,T,W0] is revscan_κ(∂loss/∂z_0); dW0bT_out [nb,W0] overwritten.
+    G [B,T,W0] is revscan_κ(∂loss/∂z_0). partial_out [C,nb,W0] (C chunks of the batch,
+    one per thread) is overwritten; dW0bᵀ is its sum over chunks. Rows of R are read
+    in order, which matters: R is mostly zeros and scanning it dominates.
     """
     B, T, nb = R.shape
-    for k in prange(nb):
-        acc = dW0bT_out[k]
+    W0 = G.shape[2]
+    chunks = partial_out.shape[0]
+    for c in prange(chunks):
+        acc = partial_out[c]
         acc[:] = 0
-        for b in range(B):
+        for b in range(c, B, chunks):
             for t in range(T):
-                r = R[b, t, k]
-                if r != 0:
-                    g = G[b, t]
-                    for j in range(acc.shape[0]):
-                        acc[j] += r * g[j]
+                r_row = R[b, t]
+                g = G[b, t]
+                for k in range(nb):
+                    r = r_row[k]
+                    if r != 0:
+                        row = acc[k]
+                        for j in range(W0):
+                            row[j] += r * g[j]
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})
@@ -265,6 +274,11 @@ def _activate_rows(z, a, silu):
         for r in range(n):
             for j in range(H):
                 a[r, j] = max(z[r, j], 0)
+
+
+def batch_chunks():
+    """How many per-thread partial sums a reduction over the batch keeps."""
+    return max(numba.get_num_threads(), 1)
 
 
 def batch_tile(B):
