@@ -99,6 +99,7 @@ def test_nan_in_data_is_a_data_error(tmp_path):
         run(tmp_path, task=task)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(settings(tmp_path, checkpoint_every=1), task=sign_task(), progress=False, log=lambda m: None)
     real_forward = None
