@@ -180,7 +180,8 @@ class ELM:
         With ``return_cache`` also returns the cache ``backward`` needs. It holds
         references to X and derived parameters plus these arrays, in floats:
         A0 = [U, κ_m ⊙ M_prev] (B·T·(nb + Dm), the first layer's input), M and ΔM
-        (B·T·Dm each), Z (L·B·T·H): B·T·(nb + 3·Dm + L·H) in all.
+        (B·T·Dm each), Z (L·B·T·H): B·T·(nb + 3·Dm + L·H) in all, plus the routed
+        input R (B·T·nb) when the sparse first-layer path is taken.
         ``state`` (from ``init_state``) continues a stream instead of starting at zero.
         """
         X = self.prepare_input(X)
