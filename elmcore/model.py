@@ -206,7 +206,7 @@ class ELM:
         k.route_forward(X, self.routing.indptr, self.routing.entry_syn, d.entry_weight, d.syn_per_channel, R)
         if self._per_synapse_scan:
             k.scan_forward(R, d.kappa_channel, u0, R)
-            U[...] = self._channels_to_branches(R)
+            U[...] = R.reshape(B, T, nb, cfg.num_synapse_per_branch).sum(-1)
         else:
             k.scan_forward(R, d.kappa_channel, u0, U)
         final_u = (R if self._per_synapse_scan else U)[:, -1].copy()
@@ -253,12 +253,6 @@ class ELM:
         if not bool((kappa == kappa[0]).all()):
             return False
         return np.count_nonzero(R) < self.SPARSE_FIRST_LAYER_DENSITY * R.size
-
-    def _channels_to_branches(self, R):
-        if not self._per_synapse_scan:
-            return R
-        B, T, _ = R.shape
-        return R.reshape(B, T, self.config.branches, self.config.num_synapse_per_branch).sum(-1)
 
     # ---- backward -----------------------------------------------------------
     def backward(self, dY, cache, input_grad=False):
