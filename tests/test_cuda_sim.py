@@ -239,6 +239,19 @@ def test_streaming_state_matches_cpu(dtype):
     assert_same(got, ref, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@on_cuda
+def test_one_byte_spike_input_matches_cpu(dtype):
+    # ±1 spikes as int8 (and bool) reach the routing kernels without a float copy.
+    cfg, params, X, G = _random_setup(13, "elm_v1", "neuronio_routing", 1, "silu")
+    spikes = (np.sign(X)).astype(np.int8)
+    ref = run_engine(cfg, params, spikes, G, dtype, "cpu")
+    got = run_engine(cfg, params, spikes, G, dtype, "cuda")
+    assert_same(got, ref, TOL[dtype])
+    assert_same(run_engine(cfg, params, spikes != 0, G, dtype, "cuda"),
+                run_engine(cfg, params, spikes != 0, G, dtype, "cpu"), TOL[dtype])
+
+
 @on_cuda
 def test_chunked_stream_on_cuda_equals_one_pass():
     cfg, params, X, _ = _random_setup(11, "branch_elm_v2", "random_routing", 1, "relu")
