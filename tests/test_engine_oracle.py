@@ -124,3 +124,21 @@ def test_one_byte_spike_inputs_give_the_float_results(dtype):
     assert g8["X"].dtype == np.dtype(dtype)
     Yb = model.forward(case.X != 0)
     assert np.array_equal(Yb, model.forward(case.X.astype(dtype)))
+
+
+@pytest.mark.parametrize("num_input", [1, 7, 8, 13, 37])
+def test_one_byte_inputs_of_any_width_route_like_floats(num_input):
+    """The word-at-a-time zero test must handle rows that start and end off an 8-byte boundary."""
+    from elmcore import ELMConfig
+    cfg = ELMConfig(num_input=num_input, num_output=2, num_memory=3, num_branch=1,
+                    num_synapse_per_branch=num_input + 2, input_to_synapse_routing="random_routing")
+    model = ELM(cfg, seed=num_input, dtype="float64")
+    rng = np.random.default_rng(num_input)
+    X = ((rng.random((3, 11, num_input)) < 0.15) * rng.integers(1, 4, (3, 11, num_input))).astype(np.uint8)
+    X[1, 3, -1] = 2  # a spike in the very last byte of a row
+    G = rng.normal(size=(3, 11, 2))
+    Yf, cf = model.forward(X.astype(np.float64), return_cache=True)
+    Yb, cb = model.forward(X, return_cache=True)
+    assert np.array_equal(Yf, Yb)
+    gf, gb = model.backward(G, cf), model.backward(G, cb)
+    assert all(np.array_equal(gf[k], gb[k]) for k in gf)

@@ -28,31 +28,101 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 
 
 # ---- routing ------------------------------------------------------------------
+#
+# Spike inputs are ~99 % zeros, and finding the non-zeros dominated the routing
+# kernels. One-byte inputs (uint8 / int8 spikes) are therefore also read as 64-bit
+# words, eight inputs per test (``_row_nonzeros``); wider dtypes are read one by one.
+
+
+def _words(X):
+    """A uint64 view of X's bytes when X has one-byte items, else an empty array."""
+    if X.dtype.itemsize != 1:
+        return np.empty(0, np.uint64)
+    flat = X.reshape(-1)
+    return flat[: flat.size // 8 * 8].view(np.uint64)
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _row_nonzeros(x_row, words, start, idx):
+    """Write the positions of x_row's non-zeros into idx; return how many there are.
+
+    x_row  [D]   one input row; start is the flat index of its first item in X.
+    words  [W]   uint64 view of X's bytes (``_words``), or empty to test item by item.
+    idx    [D]   int64 scratch, overwritten.
+    """
+    D = x_row.shape[0]
+    n = 0
+    i = 0
+    if words.size:
+        # Items up to the next word boundary, then whole words, then the tail.
+        lead = min((8 - start % 8) % 8, D)
+        while i < lead:
+            if x_row[i] != 0:
+                idx[n] = i
+                n += 1
+            i += 1
+        w = (start + i) // 8
+        while i + 8 <= D:
+            if words[w] != 0:
+                for q in range(8):
+                    if x_row[i + q] != 0:
+                        idx[n] = i + q
+                        n += 1
+            i += 8
+            w += 1
+    while i < D:
+        if x_row[i] != 0:
+            idx[n] = i
+            n += 1
+        i += 1
+    return n
+
 
 @njit(parallel=True, **_JIT)
+def _route_forward(X, words, indptr, channel, entry_weight, A_out):
+    B, T, D = X.shape
+    for b in prange(B):
+        idx = np.empty(D, np.int64)
+        for t in range(T):
+            row = A_out[b, t]
+            row[:] = 0
+            x_row = X[b, t]
+            for q in range(_row_nonzeros(x_row, words, (b * T + t) * D, idx)):
+                i = idx[q]
+                x = x_row[i]
+                for e in range(indptr[i], indptr[i + 1]):
+                    row[channel[e]] += x * entry_weight[e]
+
+
 def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
     """A_out[b,t,c] = Σ_{entries e of input i, channel(e) = c} X[b,t,i] · entry_weight[e].
 
-    X            [B,T,D]  input, read only.
+    X            [B,T,D]  input, read only (float, or one-byte integers).
     indptr       [D+1]    int64 CSR row pointers over inputs.
     entry_syn    [E]      int64 synapse id of each entry.
     entry_weight [E]      w_s[j] · mask[j] of the entry's synapse.
     A_out        [B,T,C]  overwritten; channel(e) = entry_syn[e] // syn_per_channel.
     """
-    B, T, D = X.shape
-    for b in prange(B):
-        for t in range(T):
-            row = A_out[b, t]
-            row[:] = 0
-            x_row = X[b, t]
-            for i in range(D):
-                x = x_row[i]
-                if x != 0:
-                    for e in range(indptr[i], indptr[i + 1]):
-                        row[entry_syn[e] // syn_per_channel] += x * entry_weight[e]
+    _route_forward(X, _words(X), indptr, entry_syn // syn_per_channel, entry_weight, A_out)
 
 
 @njit(parallel=True, **_JIT)
+def _route_weight_grad(X, words, indptr, entry_syn, channel, entry_mask, dA, partial_out):
+    B, T, D = X.shape
+    for b in prange(B):
+        idx = np.empty(D, np.int64)
+        acc = partial_out[b]
+        acc[:] = 0
+        for t in range(T):
+            x_row = X[b, t]
+            g_row = dA[b, t]
+            for q in range(_row_nonzeros(x_row, words, (b * T + t) * D, idx)):
+                i = idx[q]
+                x = x_row[i]
+                for e in range(indptr[i], indptr[i + 1]):
+                    acc[entry_syn[e]] += x * entry_mask[e] * g_row[channel[e]]
+
+
 def route_weight_grad(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
     """partial_out[b,j] = Σ_t Σ_{entries e of synapse j} X[b,t,i(e)] · mask · dA[b,t,channel(j)].
 
@@ -61,32 +131,22 @@ def route_weight_grad(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, par
     dA          [B,T,C]  gradient w.r.t. the routed channel input, read only.
     partial_out [B,S]    overwritten.
     """
-    B, T, D = X.shape
-    for b in prange(B):
-        acc = partial_out[b]
-        acc[:] = 0
-        for t in range(T):
-            x_row = X[b, t]
-            g_row = dA[b, t]
-            for i in range(D):
-                x = x_row[i]
-                if x != 0:
-                    for e in range(indptr[i], indptr[i + 1]):
-                        j = entry_syn[e]
-                        acc[j] += x * entry_mask[e] * g_row[j // syn_per_channel]
+    _route_weight_grad(X, _words(X), indptr, entry_syn, entry_syn // syn_per_channel, entry_mask, dA,
+                       partial_out)
 
 
 @njit(parallel=True, **_JIT)
 def route_input_grad(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
     """dX_out[b,t,i] = Σ_{entries e of input i} entry_weight[e] · dA[b,t,channel(e)]."""
     B, T, D = dX_out.shape
+    channel = entry_syn // syn_per_channel  # once, not once per entry visit
     for b in prange(B):
         for t in range(T):
             g_row = dA[b, t]
             for i in range(D):
                 acc = dX_out.dtype.type(0)
                 for e in range(indptr[i], indptr[i + 1]):
-                    acc += entry_weight[e] * g_row[entry_syn[e] // syn_per_channel]
+                    acc += entry_weight[e] * g_row[channel[e]]
                 dX_out[b, t, i] = acc
 
 
@@ -148,30 +208,35 @@ def sparse_rows_weight_grad(R, G, partial_out):
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})
+def _route_weight_grad_projected(X, words, indptr, entry_syn, channel, entry_mask, G, W0bT, partial_out):
+    B, T, D = X.shape
+    W0 = G.shape[2]
+    for b in prange(B):
+        idx = np.empty(D, np.int64)
+        acc = partial_out[b]
+        acc[:] = 0
+        for t in range(T):
+            x_row = X[b, t]
+            g = G[b, t]
+            for q in range(_row_nonzeros(x_row, words, (b * T + t) * D, idx)):
+                i = idx[q]
+                x = x_row[i]
+                for e in range(indptr[i], indptr[i + 1]):
+                    w = W0bT[channel[e]]
+                    d = g[0] * w[0]
+                    for h in range(1, W0):
+                        d += g[h] * w[h]
+                    acc[entry_syn[e]] += x * entry_mask[e] * d
+
+
 def route_weight_grad_projected(X, indptr, entry_syn, entry_mask, syn_per_channel, G, W0bT, partial_out):
     """route_weight_grad with dA[b,t,k] = G[b,t,:] · W0bT[k,:] formed only where an input spiked.
 
     The dense dA = G @ W0b would cost B·T·nb·W0; here each input event costs one
     dot product of length W0 per synapse it feeds ("reassoc" lets that sum vectorise).
     """
-    B, T, D = X.shape
-    W0 = G.shape[2]
-    for b in prange(B):
-        acc = partial_out[b]
-        acc[:] = 0
-        for t in range(T):
-            x_row = X[b, t]
-            g = G[b, t]
-            for i in range(D):
-                x = x_row[i]
-                if x != 0:
-                    for e in range(indptr[i], indptr[i + 1]):
-                        j = entry_syn[e]
-                        w = W0bT[j // syn_per_channel]
-                        d = g[0] * w[0]
-                        for h in range(1, W0):
-                            d += g[h] * w[h]
-                        acc[j] += x * entry_mask[e] * d
+    _route_weight_grad_projected(X, _words(X), indptr, entry_syn, entry_syn // syn_per_channel, entry_mask,
+                                 G, W0bT, partial_out)
 
 
 # ---- linear leaky scans ---------------------------------------------------------
