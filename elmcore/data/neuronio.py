@@ -38,6 +38,7 @@ import numpy as np
 
 from ..errors import DataError, ELMError
 from ..fileio import atomic_output
+from ..losses import SOMA_BIAS_MV, SOMA_SCALE, prepare_soma
 from .base import SPLITS, Batch, Task
 
 FILE_PATTERN = "*sim__*.p"
@@ -45,9 +46,6 @@ NUM_SEGMENTS = 639
 NUM_INPUT = 2 * NUM_SEGMENTS
 SIMS_PER_FILE = 128
 SIM_DURATION_MS = 6000
-SOMA_THRESHOLD_MV = -55.0
-SOMA_BIAS_MV = -67.7
-SOMA_SCALE = 0.1
 # The release starts training windows this far into a simulation (its loader's
 # ``ignore_time_from_start``): the first ms still carry the simulator's settling.
 RELEASE_IGNORE_TIME_FROM_START = 500
@@ -157,12 +155,12 @@ def input_signs(num_segments=NUM_SEGMENTS):
 
 def soma_training_target(soma_mV):
     """Capped at -55 mV, minus the bias -67.7 mV, times 0.1 (the release's training target)."""
-    return ((np.minimum(soma_mV, SOMA_THRESHOLD_MV) - SOMA_BIAS_MV) * SOMA_SCALE).astype(np.float32)
+    return prepare_soma(np.asarray(soma_mV)).astype(np.float32)
 
 
 def soma_eval_target(soma_mV):
     """Capped at -55 mV and bias-subtracted, in mV (the release's evaluation target)."""
-    return (np.minimum(soma_mV, SOMA_THRESHOLD_MV) - SOMA_BIAS_MV).astype(np.float32)
+    return prepare_soma(np.asarray(soma_mV), scale=1.0).astype(np.float32)
 
 
 class NeuronIOFile:
