@@ -15,7 +15,8 @@ nvidia-cuda-nvcc). Usage:
     python bench/cuda_codegen_report.py           # the per-kernel table
     python bench/cuda_codegen_report.py --json    # one JSON object (what the test reads)
 
-A new kernel module adds one ``Kernel`` entry: its factory and sample arguments.
+A new kernel adds one ``Kernel`` entry to ``kernel_table``: its factory, sample
+arguments and the largest block its launcher plans.
 """
 
 import argparse
@@ -44,12 +45,14 @@ class Kernel:
     name        the kernel's name in its factory's dict.
     build       (float type, weights_in_shared) -> that dict of CUDA dispatchers.
     samples     float type -> example arguments (they fix the signature).
+    threads     the largest block its launcher plans (the compiled register count must allow it).
     placements  weight placements it is built for ((None,): the factory takes none).
     recurrence  True for the sequential kernels: spills are not allowed there.
     """
     name: str
     build: Callable
     samples: Callable
+    threads: int
     placements: Tuple = (None,)
     recurrence: bool = False
 
@@ -89,21 +92,23 @@ def kernel_table():
     """Every CUDA kernel the engine launches (imported late: the module must see no simulator)."""
     from elmcore.kernels import cuda as K
 
-    def entry(name, build, samples, placements=(None,), recurrence=False):
-        return Kernel(name, build, lambda dt: samples(dt)[name], placements, recurrence)
+    def entry(name, build, samples, threads=K._FLAT_THREADS, placements=(None,), recurrence=False):
+        return Kernel(name, build, lambda dt: samples(dt)[name], threads, placements, recurrence)
 
     routing = lambda dt, _: K._routing_kernels(dt.type)
     scans = lambda dt, _: K._scan_kernels(dt.type)
     recurrence = lambda dt, in_shared: K._recurrence_kernels(dt.type, in_shared)
     return [
         entry("zero_2d", routing, _routing_samples),
-        entry("route_forward", routing, _routing_samples),
+        entry("route_forward", routing, _routing_samples, K._ROUTE_THREADS),
         entry("route_weight_grad", routing, _routing_samples),
         entry("route_input_grad", routing, _routing_samples),
         entry("scan_forward", scans, _scan_samples),
         entry("scan_backward", scans, _scan_samples),
-        entry("recur_forward", recurrence, _recurrence_samples, (True, False), recurrence=True),
-        entry("recur_backward", recurrence, _recurrence_samples, (True, False), recurrence=True),
+        entry("recur_forward", recurrence, _recurrence_samples, K._MAX_RECURRENCE_THREADS, (True, False),
+              recurrence=True),
+        entry("recur_backward", recurrence, _recurrence_samples, K._MAX_RECURRENCE_THREADS, (True, False),
+              recurrence=True),
     ]
 
 
@@ -180,7 +185,7 @@ def report():
                     weights={None: "-", True: "shared", False: "global"}[placement],
                     recurrence=k.recurrence, **stats,
                     max_threads=K.max_threads_for_registers(stats["registers"]),
-                    planned_threads=K.planned_block_threads(k.name, dt, stats["registers"]),
+                    planned_threads=k.threads,
                     f64_instructions=[line.strip() for line in f64[:5]], f64_count=len(f64)))
     return dict(nvvm=nvvm, ptxas=ptxas, ptxas_version=_ptxas_version(ptxas), arch=f"sm_{ARCH[0]}{ARCH[1]}",
                 rows=rows, uncovered=uncovered(table))

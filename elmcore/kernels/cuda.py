@@ -653,13 +653,6 @@ def plan_recurrence(batch, tile, unit_width, row_floats, weight_floats, itemsize
     return RecurrenceLaunch(rows, units, -(-batch // rows), in_shared, shared)
 
 
-def planned_block_threads(name, dtype, registers):
-    """The largest block the launchers plan for kernel ``name`` (codegen report and its test)."""
-    if name in ("recur_forward", "recur_backward"):
-        return _MAX_RECURRENCE_THREADS
-    return _ROUTE_THREADS if name == "route_forward" else _FLAT_THREADS
-
-
 _opted_in = set()
 
 
