@@ -95,9 +95,15 @@ def kernel_table():
     def entry(name, build, samples, threads=K._FLAT_THREADS, placements=(None,), recurrence=False):
         return Kernel(name, build, lambda dt: samples(dt)[name], threads, placements, recurrence)
 
-    routing = lambda dt, _: K._routing_kernels(dt.type)
-    scans = lambda dt, _: K._scan_kernels(dt.type)
-    recurrence = lambda dt, in_shared: K._recurrence_kernels(dt.type, in_shared)
+    def routing(dt, _):
+        return K._routing_kernels(dt.type)
+
+    def scans(dt, _):
+        return K._scan_kernels(dt.type)
+
+    def recurrence(dt, in_shared):
+        return K._recurrence_kernels(dt.type, in_shared)
+
     return [
         entry("zero_2d", routing, _routing_samples),
         entry("route_forward", routing, _routing_samples, K._ROUTE_THREADS),

@@ -41,7 +41,8 @@ PROBLEM = cuda_problem()
 REAL_GPU = PROBLEM is None and not IN_SIMULATOR
 SIMULATED = PROBLEM is None and IN_SIMULATOR
 NO_GPU_REASON = "needs a real CUDA GPU: " + ("this process runs the CUDA simulator" if IN_SIMULATOR else str(PROBLEM))
-CHILD_TIMEOUT_S = 300
+# The simulator run takes ~2 minutes on an idle 2-core machine and over 7 on a shared, loaded one.
+CHILD_TIMEOUT_S = 900
 if IN_SIMULATOR:
     # The simulator's block manager busy-polls its Python threads; with the default
     # 5 ms GIL switch interval every barrier waits for it. 0.2 ms makes runs ~4x faster.
