@@ -41,7 +41,7 @@ PROBLEM = cuda_problem()
 REAL_GPU = PROBLEM is None and not IN_SIMULATOR
 SIMULATED = PROBLEM is None and IN_SIMULATOR
 NO_GPU_REASON = "needs a real CUDA GPU: " + ("this process runs the CUDA simulator" if IN_SIMULATOR else str(PROBLEM))
-# The simulator run takes ~2 minutes on an idle 2-core machine and over 7 on a shared, loaded one.
+# The simulator run of this file took 7 minutes on a loaded, shared 2-core machine (300 s timed out).
 CHILD_TIMEOUT_S = 900
 if IN_SIMULATOR:
     # The simulator's block manager busy-polls its Python threads; with the default
