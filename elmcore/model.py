@@ -1,6 +1,6 @@
 """The ELM / Branch-ELM model: forward, hand-derived backward, streaming steps.
 
-The computation is cut as in ARCHITECTURE.md: everything linear runs as one
+The computation is cut as in docs/architecture.md: everything linear runs as one
 large operation over all B·T rows (routing, leaky scan, GEMMs), and only the
 MLP-and-memory recurrence walks time, inside one kernel call
 (``kernels.recur_forward`` / ``kernels.recur_backward``). Every backward
@@ -14,6 +14,7 @@ import numpy as np
 from . import params as P
 from .config import ELMConfig
 from .errors import DataError, ELMError
+from .kernels import contract as kernel_contract
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -57,7 +58,7 @@ class Routing:
 
 @dataclasses.dataclass
 class Derived:
-    """Quantities every pass computes from the raw parameters (ELM_SPEC §2 transforms)."""
+    """Quantities every pass computes from the raw parameters (docs/spec.md §2 transforms)."""
     w_s: np.ndarray            # [S] relu(_proto_w_s)
     entry_weight: np.ndarray   # [E] w_s · mask per routing entry
     kappa_channel: np.ndarray  # [C] decay of each scan channel (κ_b, or κ_s per branch / synapse)
@@ -181,7 +182,8 @@ class ELM:
         references to X and derived parameters plus these arrays, in floats:
         A0 = [U, κ_m ⊙ M_prev] (B·T·(nb + Dm), the first layer's input), M and ΔM
         (B·T·Dm each), Z (L·B·T·H): B·T·(nb + 3·Dm + L·H) in all, plus the routed
-        input R (B·T·nb) when the sparse first-layer path is taken.
+        input R (B·T·nb) when the input stage took its sparse path (``cache["input_path"]``
+        is "dense" or "sparse"; see ``_input_forward``).
         ``state`` (from ``init_state``) continues a stream instead of starting at zero.
         """
         X = self.prepare_input(X)
@@ -197,32 +199,14 @@ class ELM:
         u0 = xp.zeros((B, C), self.dtype) if state is None else state["u"]
         m0 = xp.zeros((B, cfg.num_memory), self.dtype) if state is None else state["m"]
         nb, Dm = cfg.branches, cfg.num_memory
-        # The first MLP layer's whole input [u_t, κ_m ⊙ m_{t−1}] in one buffer: the scan
-        # fills the branch columns, the recurrence the memory columns, and the backward
-        # takes the layer's weight gradient as one GEMM over it.
+        # The first MLP layer's whole input [u_t, κ_m ⊙ m_{t−1}] in one buffer: the input
+        # stage fills the branch columns, the recurrence the memory columns, and the
+        # backward takes the layer's weight gradient as one GEMM over it.
         A0 = xp.empty((B, T, nb + Dm), self.dtype)
-        U = A0[:, :, :nb]
-        R = xp.empty((B, T, C), self.dtype)
-        k.route_forward(X, self.routing.indptr, self.routing.entry_syn, d.entry_weight, d.syn_per_channel, R)
-        if self._per_synapse_scan:
-            k.scan_forward(R, d.kappa_channel, u0, R)
-            U[...] = R.reshape(B, T, nb, cfg.num_synapse_per_branch).sum(-1)
-        else:
-            k.scan_forward(R, d.kappa_channel, u0, U)
-        final_u = (R if self._per_synapse_scan else U)[:, -1].copy()
+        Zb, final_u, input_cache = self._input_forward(X, d, u0, A0[:, :, :nb])
 
         layers = self._layers()
-        W0, c0 = layers[0]
-        W0b, W0m = W0[:, :nb], W0[:, nb:]
-        sparse_first = self._use_sparse_first_layer(R, d)
-        if sparse_first:
-            # scan_κ(R) @ W0bᵀ = scan_κ(R @ W0bᵀ) for one shared κ: see kernels.cpu.
-            Zb = xp.empty((B, T, W0.shape[0]), self.dtype)
-            k.sparse_rows_product(R, xp.ascontiguousarray(W0b.T), Zb)
-            k.scan_forward(Zb, xp.full(W0.shape[0], d.kappa_channel[0], self.dtype), u0 @ W0b.T, Zb)
-            Zb += c0
-        else:
-            Zb = (U.reshape(B * T, nb) @ W0b.T + c0).reshape(B, T, -1)
+        W0m = layers[0][0][:, nb:]
         L = cfg.mlp_num_layers
         H = cfg.hidden_size
         Wh = [w for w, _ in layers[1:L]]
@@ -238,21 +222,105 @@ class ELM:
                         self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM, A0[:, :, nb:])
         Wy, by = self.params["w_y.weight"], self.params["w_y.bias"]
         Y = (M.reshape(B * T, -1) @ Wy.T + by).reshape(B, T, -1)
-        cache = dict(X=X, A0=A0, M=M, Z=Z, DM=DM, m0=m0, derived=d, R=R if sparse_first else None,
+        cache = dict(X=X, A0=A0, M=M, Z=Z, DM=DM, m0=m0, derived=d, **input_cache,
                      final_state=dict(u=final_u, m=M[:, -1].copy()))
         return Y, cache
 
-    # Sparse first layer: used on the CPU when the routed input R is mostly zeros and
-    # one decay serves every scan channel (the usual case: τ_s / τ_b are not trained).
+    # ---- the input stage: routing, branch scan, the first layer's branch columns ----
+    #
+    # Two paths compute the same numbers. "dense": u_t = scan(R) first, then one GEMM
+    # u @ W0bᵀ over all B·T rows. "sparse" (kernel modules with the sparse_first_layer
+    # capability, when the routed input R is mostly zeros and one decay serves every
+    # scan channel, the usual case since τ_s / τ_b are not trained): scan_κ(R) @ W0bᵀ =
+    # scan_κ(R @ W0bᵀ), so the products cost nnz(R)·W0 (see kernels/cpu.py). The
+    # forward records its choice in the cache as "input_path"; the backward follows it.
     SPARSE_FIRST_LAYER_DENSITY = 0.25
 
+    def _input_forward(self, X, d, u0, U):
+        """Route X, scan it into U and form the first layer's branch part; returns (Zb, u_T, cache entries).
+
+        U   [B,T,nb]  the branch columns of the first layer's input buffer, overwritten with u_t.
+        Zb  [B,T,W0]  W0b u_t + c_0: the first layer's pre-activation without its memory columns.
+        u_T [B,C]     the scan channels after the last step (the streaming state).
+        cache entries: "input_path" ("dense" or "sparse") and, on the sparse path, "R", the
+        routed input [B,T,C] its backward multiplies by.
+        """
+        cfg, xp, k = self.config, self.xp, self.backend.kernels
+        B, T, _ = X.shape
+        nb = cfg.branches
+        R = xp.empty((B, T, d.kappa_channel.shape[0]), self.dtype)
+        k.route_forward(X, self.routing.indptr, self.routing.entry_syn, d.entry_weight, d.syn_per_channel, R)
+        if self._per_synapse_scan:
+            k.scan_forward(R, d.kappa_channel, u0, R)
+            U[...] = R.reshape(B, T, nb, cfg.num_synapse_per_branch).sum(-1)
+        else:
+            k.scan_forward(R, d.kappa_channel, u0, U)
+        final_u = (R if self._per_synapse_scan else U)[:, -1].copy()
+        W0, c0 = self._layers()[0]
+        W0b = W0[:, :nb]
+        if self._use_sparse_first_layer(R, d):
+            # scan_κ(R) @ W0bᵀ = scan_κ(R @ W0bᵀ) for one shared κ.
+            Zb = xp.empty((B, T, W0.shape[0]), self.dtype)
+            k.sparse_rows_product(R, xp.ascontiguousarray(W0b.T), Zb)
+            k.scan_forward(Zb, xp.full(W0.shape[0], d.kappa_channel[0], self.dtype), u0 @ W0b.T, Zb)
+            Zb += c0
+            return Zb, final_u, dict(input_path="sparse", R=R)
+        Zb = (U.reshape(B * T, nb) @ W0b.T + c0).reshape(B, T, -1)
+        return Zb, final_u, dict(input_path="dense")
+
     def _use_sparse_first_layer(self, R, d):
-        if self.backend.name != "cpu" or self._per_synapse_scan:
+        if "sparse_first_layer" not in kernel_contract.capabilities(self.backend.kernels) or self._per_synapse_scan:
             return False
         kappa = d.kappa_channel
         if not bool((kappa == kappa[0]).all()):
             return False
         return np.count_nonzero(R) < self.SPARSE_FIRST_LAYER_DENSITY * R.size
+
+    def _input_backward(self, dZ0, cache, input_grad):
+        """Gradients of the input stage: the first layer's weight and bias, _proto_w_s and, on request, X.
+
+        dZ0 [B·T,W0]  ∂loss/∂z_0 (∂loss/∂o when the MLP has no hidden layer).
+        Follows the path ``_input_forward`` recorded in ``cache["input_path"]``.
+        """
+        cfg, xp, k = self.config, self.xp, self.backend.kernels
+        X, A0, d = cache["X"], cache["A0"], cache["derived"]
+        B, T, _ = X.shape
+        BT, nb, Dm = B * T, cfg.branches, cfg.num_memory
+        wk, bk = P.mlp_layer_keys(cfg.mlp_num_layers)[0]
+        W0b = self.params[wk][:, :nb]
+        routing = self.routing
+        grads = {bk: dZ0.sum(0)}
+        partial = xp.empty((B, cfg.num_synapse), self.dtype)
+        dR = None
+        if cache["input_path"] == "dense":
+            grads[wk] = dZ0.T @ A0.reshape(BT, nb + Dm)
+            # Back through the first layer's branch columns, the scan and the routing.
+            dU = (dZ0 @ W0b).reshape(B, T, nb)
+            if self._per_synapse_scan:
+                dU = xp.repeat(dU, cfg.num_synapse_per_branch, axis=2)
+            dR = xp.ascontiguousarray(dU)
+            k.scan_backward(dR, d.kappa_channel, dR)
+            k.route_weight_grad(X, routing.indptr, routing.entry_syn, routing.entry_mask,
+                                d.syn_per_channel, dR, partial)
+        elif cache["input_path"] == "sparse":
+            # G = revscan_κ(∂z_0); dW0b = Gᵀ R; dR = G W0b only where inputs spiked.
+            G = dZ0.reshape(B, T, -1).copy()
+            k.scan_backward(G, xp.full(G.shape[2], d.kappa_channel[0], self.dtype), G)
+            partial_w = xp.empty((min(B, k.batch_chunks()), nb, G.shape[2]), self.dtype)
+            k.sparse_rows_weight_grad(cache["R"], G, partial_w)
+            grads[wk] = xp.concatenate([partial_w.sum(0).T, dZ0.T @ A0[:, :, nb:].reshape(BT, Dm)], axis=1)
+            k.route_weight_grad_projected(X, routing.indptr, routing.entry_syn, routing.entry_mask,
+                                          d.syn_per_channel, G, xp.ascontiguousarray(W0b.T), partial)
+            if input_grad:
+                dR = (G.reshape(BT, -1) @ W0b).reshape(B, T, nb)
+        else:
+            raise ELMError(f"unknown input path {cache['input_path']!r} in the forward cache")
+        grads["_proto_w_s"] = partial.sum(0) * (self.params["_proto_w_s"] > 0)
+        if input_grad:
+            dX = xp.empty(X.shape, self.dtype)
+            k.route_input_grad(dR, routing.indptr, routing.entry_syn, d.entry_weight, d.syn_per_channel, dX)
+            grads["X"] = dX
+        return grads
 
     # ---- backward -----------------------------------------------------------
     def backward(self, dY, cache, input_grad=False):
@@ -261,7 +329,7 @@ class ELM:
         With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
-        X, A0, M, Z, DM, m0, d = (cache[n] for n in ("X", "A0", "M", "Z", "DM", "m0", "derived"))
+        X, M, Z, DM, m0, d = (cache[n] for n in ("X", "M", "Z", "DM", "m0", "derived"))
         B, T, _ = X.shape
         dY = xp.ascontiguousarray(xp.asarray(dY), dtype=self.dtype)
         if dY.shape != (B, T, cfg.num_output):
@@ -275,8 +343,7 @@ class ELM:
         dM = (dY2 @ Wy).reshape(B, T, Dm)
 
         layers = self._layers()
-        W0, _ = layers[0]
-        W0b, W0m = W0[:, :nb], W0[:, nb:]
+        W0m = layers[0][0][:, nb:]
         Wh = xp.stack([w for w, _ in layers[1:L]]) if L > 1 else xp.zeros((0, Z.shape[3], Z.shape[3]), self.dtype)
         Wo = layers[-1][0] if L else xp.zeros((1, 1), self.dtype)
         dZ = xp.empty_like(Z)
@@ -289,51 +356,15 @@ class ELM:
                          self.dtype.type(P.PHI_SCALE), self.dtype.type(P.PHI_SLOPE), k.batch_tile(B),
                          dZ, dO, gk, gc, act)
 
-        # Weight gradients of every MLP layer: one GEMM each over all B·T rows.
-        R = cache["R"]
-        layer_inputs = [A0.reshape(BT, nb + Dm)] + [act[l].reshape(BT, -1) for l in range(L)]
+        # ∂loss/∂z_l of every MLP layer (the output layer's is ∂loss/∂o); the layers after
+        # the first take their weight gradients as one GEMM each over all B·T rows.
         layer_grads = [dZ[l].reshape(BT, -1) for l in range(L)] + [dO.reshape(BT, Dm)]
-        for l, (wk, bk) in enumerate(P.mlp_layer_keys(L)):
-            if l == 0 and R is not None:
-                continue
-            grads[wk] = layer_grads[l].T @ layer_inputs[l]
+        for l, (wk, bk) in enumerate(P.mlp_layer_keys(L)[1:], start=1):
+            grads[wk] = layer_grads[l].T @ act[l - 1].reshape(BT, -1)
             grads[bk] = layer_grads[l].sum(0)
-
-        partial = xp.empty((B, cfg.num_synapse), self.dtype)
-        routing = self.routing
-        if R is None:
-            # Back through the first layer's branch columns, the scan and the routing.
-            dU = (layer_grads[0] @ W0b).reshape(B, T, nb)
-            if self._per_synapse_scan:
-                dU = xp.repeat(dU, cfg.num_synapse_per_branch, axis=2)
-            dR = xp.ascontiguousarray(dU)
-            k.scan_backward(dR, d.kappa_channel, dR)
-            k.route_weight_grad(X, routing.indptr, routing.entry_syn, routing.entry_mask,
-                                d.syn_per_channel, dR, partial)
-        else:
-            # Sparse first layer: G = revscan_κ(∂z_0); dW0b = Gᵀ R; dR = G W0b only where inputs spiked.
-            wk, bk = P.mlp_layer_keys(L)[0]
-            G = layer_grads[0].reshape(B, T, -1).copy()
-            k.scan_backward(G, xp.full(G.shape[2], d.kappa_channel[0], self.dtype), G)
-            partial_w = xp.empty((min(B, k.batch_chunks()), nb, G.shape[2]), self.dtype)
-            k.sparse_rows_weight_grad(R, G, partial_w)
-            grads[wk] = xp.concatenate([partial_w.sum(0).T, layer_grads[0].T @ A0[:, :, nb:].reshape(BT, Dm)],
-                                       axis=1)
-            grads[bk] = layer_grads[0].sum(0)
-            W0bT = xp.ascontiguousarray(W0b.T)
-            k.route_weight_grad_projected(X, routing.indptr, routing.entry_syn, routing.entry_mask,
-                                          d.syn_per_channel, G, W0bT, partial)
-            if input_grad:
-                dR = (G.reshape(BT, -1) @ W0b).reshape(B, T, nb)
-        grads["_proto_w_s"] = partial.sum(0) * (self.params["_proto_w_s"] > 0)
-
+        grads.update(self._input_backward(layer_grads[0], cache, input_grad))
         if cfg.learn_memory_tau:
             grads["_proto_tau_m"] = self._tau_m_grad(gk.sum(0), gc.sum(0), d)
-        if input_grad:
-            dX = xp.empty(X.shape, self.dtype)
-            k.route_input_grad(dR, self.routing.indptr, self.routing.entry_syn, d.entry_weight,
-                               d.syn_per_channel, dX)
-            grads["X"] = dX
         return {key: grads[key] for key in self.trainable_keys + (["X"] if input_grad else [])}
 
     def _tau_m_grad(self, g_kappa, g_c, d):

@@ -41,7 +41,8 @@ PROBLEM = cuda_problem()
 REAL_GPU = PROBLEM is None and not IN_SIMULATOR
 SIMULATED = PROBLEM is None and IN_SIMULATOR
 NO_GPU_REASON = "needs a real CUDA GPU: " + ("this process runs the CUDA simulator" if IN_SIMULATOR else str(PROBLEM))
-CHILD_TIMEOUT_S = 300
+# The simulator run of this file took 7 minutes on a loaded, shared 2-core machine (300 s timed out).
+CHILD_TIMEOUT_S = 900
 if IN_SIMULATOR:
     # The simulator's block manager busy-polls its Python threads; with the default
     # 5 ms GIL switch interval every barrier waits for it. 0.2 ms makes runs ~4x faster.
@@ -450,77 +451,6 @@ def test_simulator_leaves_cpu_kernels_compiled():
     cpu, _ = _kernels()
     for name in ("_route_forward", "_route_weight_grad", "scan_forward", "recur_forward", "recur_backward"):
         assert isinstance(getattr(cpu, name), CPUDispatcher), name
-
-
-_PTX_PROBE = textwrap.dedent("""
-    import json, re, shutil, subprocess, sys, tempfile
-    import numpy as np, numba
-    from numba import cuda
-    try:
-        from cuda.pathfinder import load_nvidia_dynamic_lib
-        for lib in ("nvvm", "nvrtc"):
-            load_nvidia_dynamic_lib(lib)
-    except Exception as e:
-        print(json.dumps({"skip": f"no CUDA compiler libraries here ({type(e).__name__}: {e})"}))
-        sys.exit(0)
-    # Device functions ask the current device for its compute capability; there is none here.
-    import numba.cuda.dispatcher as dispatcher
-    dispatcher.get_current_device = lambda: type("Hopper", (), {"compute_capability": (9, 0)})()
-    from elmcore.kernels import cuda as K
-    B, T, D, C, S, Dm, H, L = 2, 3, 5, 4, 6, 3, 4, 2
-    def samples(dt):
-        f = lambda *s: np.zeros(s, dt)
-        i = lambda *s: np.zeros(s, np.int64)
-        x = dt.type(1)
-        return dict(
-            zero_2d=(f(B, S),),
-            route_forward=(f(B, T, D), i(D + 1), i(S), f(S), 1, f(B, T, C)),
-            route_weight_grad=(f(B, T, D), i(D + 1), i(S), f(S), 1, f(B, T, C), f(B, S)),
-            route_input_grad=(f(B, T, C), i(D + 1), i(S), f(S), 1, f(B, T, D)),
-            scan_forward=(f(B, T, C), f(C), f(B, C), f(B, T, C)),
-            scan_backward=(f(B, T, C), f(C), f(B, T, C)),
-            recur_forward=(f(B, T, H), f(99), f(Dm), f(Dm), f(B, Dm), True, x, x, L, H, 1, 2, 3, 4,
-                           f(B, T, Dm), f(L, B, T, H), f(B, T, Dm)),
-            recur_backward=(f(B, T, Dm), f(99), f(Dm), f(Dm), f(B, Dm), f(B, T, Dm), f(L, B, T, H),
-                            f(B, T, Dm), True, x, x, L, H, 1, 2, f(L, B, T, H), f(B, T, Dm), f(B, Dm), f(B, Dm)),
-        )
-    ptxas = shutil.which("ptxas") or ("/usr/local/cuda/bin/ptxas" if shutil.os.path.exists("/usr/local/cuda/bin/ptxas") else None)
-    out = {"f64_in_float32": [], "registers": {}}
-    for dt in (np.dtype(np.float32), np.dtype(np.float64)):
-        for in_shared in (True, False):
-            kernels = K._kernels(dt.type, in_shared)
-            for name, args in samples(dt).items():
-                if dt == np.float64 and not name.startswith("recur"):
-                    continue
-                ptx, _ = cuda.compile_ptx(kernels[name].py_func, tuple(numba.typeof(a) for a in args), cc=(9, 0))
-                if dt == np.float32 and re.search(r"\\.f64\\b", ptx):
-                    out["f64_in_float32"].append(f"{name}/{in_shared}")
-                if ptxas and name.startswith("recur") and in_shared:
-                    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
-                        fh.write(ptx)
-                    r = subprocess.run([ptxas, "-arch=sm_90", "-v", fh.name, "-o", "/dev/null"],
-                                       capture_output=True, text=True)
-                    regs = re.search(r"Used (\\d+) registers", r.stderr)
-                    out["registers"][f"{dt.name}/{name}"] = int(regs.group(1)) if r.returncode == 0 and regs else r.stderr
-    print(json.dumps(out))
-""")
-
-
-@parent_only
-def test_kernels_compile_for_hopper_without_float64_in_float32():
-    """Real-GPU code generation, checked without a GPU when NVVM and NVRTC are installed."""
-    env = {k: v for k, v in os.environ.items() if k != SIM_ENV}
-    proc = subprocess.run([sys.executable, "-c", _PTX_PROBE], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in out:
-        pytest.skip(out["skip"])
-    assert out["f64_in_float32"] == []
-    from elmcore.kernels.cuda import _MAX_RECURRENCE_THREADS
-    for name, regs in out["registers"].items():
-        assert isinstance(regs, int), f"ptxas failed on {name}: {regs}"
-        assert regs * _MAX_RECURRENCE_THREADS <= 65536, f"{name} uses {regs} registers per thread"
 
 
 # ---- (d) backend selection and the missing-GPU message -----------------------------------

@@ -92,7 +92,8 @@ def test_sparse_first_layer_path_equals_dense_path(seed, monkeypatch):
     for threshold in (1.0, 0.0):  # everything sparse enough / nothing sparse enough
         monkeypatch.setattr(ELM, "SPARSE_FIRST_LAYER_DENSITY", threshold)
         Y, cache = model.forward(X, return_cache=True)
-        assert (cache["R"] is not None) == (threshold == 1.0)
+        assert cache["input_path"] == ("sparse" if threshold == 1.0 else "dense")
+        assert ("R" in cache) == (threshold == 1.0)
         grads = model.backward(G, cache, input_grad=True)
         Ys, _ = model.run(X, state)  # streaming from a non-zero scan state
         results.append((Y, grads, Ys))

@@ -21,6 +21,9 @@ from numba import njit, prange
 
 from . import vecmath as vm
 
+# Optional parts of the kernel contract (kernels/contract.py) this module provides.
+CAPABILITIES = frozenset({"sparse_first_layer"})
+
 # error_model="numpy": Python's error model checks every float division for a zero
 # divisor, and that branch stops LLVM from vectorising the loops around it
 # (measured: the SiLU/tanh loops of the recurrence ran 8x slower).
@@ -424,7 +427,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
 
 @njit(parallel=True, **_JIT)
 def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope, tile,
-                   dZ_out, dO_out, gkappa_out, gc_out, A_out):
+                   dZ_out, dO_out, gkappa_out, gc_out, act_out):
     """Backpropagation through time of recur_forward.
 
     dM     [B,T,Dm]   ∂loss/∂m_t from the readout (not including later steps).
@@ -437,7 +440,7 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     dO_out [B,T,Dm]   ∂loss/∂o, the output-layer pre-activation (with L = 0 it is also ∂loss/∂z_0).
     gkappa_out [B,Dm] per-batch Σ_t ∂loss/∂κ_m through both κ_m ⊙ m_{t−1} uses.
     gc_out     [B,Dm] per-batch Σ_t ∂loss/∂c_m.
-    A_out  [L,B,T,H]  the activations act(z_l), the inputs of the weight GEMMs; written
+    act_out [L,B,T,H] the activations act(z_l), the inputs of the weight GEMMs; written
                       here because the SiLU slope needs σ(z_l) anyway (may alias nothing else).
     The gradient w.r.t. m0 is not returned (the model always starts from zero
     when training).
@@ -481,7 +484,7 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
                 for l in range(L - 1, -1, -1):
                     for r in range(n):
                         zl = Z[l, b0 + r, t]
-                        al = A_out[l, b0 + r, t]
+                        al = act_out[l, b0 + r, t]
                         if silu:
                             for i in range(H):
                                 s = vm.sigmoid(zl[i])

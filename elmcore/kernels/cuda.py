@@ -2,7 +2,10 @@
 
 Every public function here has exactly the signature and the semantics of its
 namesake in ``kernels/cpu.py`` (read that docstring first: shapes use the same
-letters B, T, D, S, C, Dm, H, W0, L, Lh). The arrays are CuPy arrays on a real
+letters B, T, D, S, C, Dm, H, W0, L, Lh); ``kernels/contract.py`` lists them.
+The file is cut by stage (routing, scans, recurrence): each stage's device
+functions (built once per float type by an ``lru_cache``d factory) sit next to
+its launchers. The arrays are CuPy arrays on a real
 GPU, handed to Numba through ``__cuda_array_interface__`` without any copy, or
 NumPy arrays under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``). Outputs are
 written into caller-owned ``*_out`` arrays; nothing is kept between calls.
@@ -14,6 +17,7 @@ buffer                 owner       lifetime / hand-over
 =====================  ==========  =====================================================
 X, dA, dU, Zb, dM      caller      read only; only valid for the duration of the call
 A_out, U_out, dA_out   caller      overwritten; ``scan_*`` may alias input and output
+act_out                caller      overwritten after the launch: act(Z) for the weight GEMMs
 partial_out [B,S]      caller      overwritten; per-batch rows, the caller sums them
 M_out, Z_out, DM_out   caller      written by ``recur_forward`` and handed UNCHANGED to
                                    ``recur_backward`` as M, Z, DM (together with the
@@ -90,6 +94,10 @@ from numba import cuda
 
 from ..errors import ELMError
 
+# Optional parts of the kernel contract (kernels/contract.py): the sparse first
+# layer is a CPU trick (it trades dense GEMMs for event loops); cuBLAS is faster.
+CAPABILITIES = frozenset()
+
 
 def _simulator_enabled():
     try:
@@ -105,10 +113,42 @@ SIMULATOR = _simulator_enabled()
 # grids keep it fast, and grid-stride loops keep the results identical.
 _FLAT_THREADS = 32 if SIMULATOR else 256
 _MAX_BLOCKS = 2 if SIMULATOR else 65535
-# The recurrence kernels use up to ~124 registers per thread (ptxas, sm_90), so
-# 65536 registers per multiprocessor allow 512 threads per block; the launch
-# re-checks the compiled kernel's own limit.
+# The largest routing block (route_forward: threads over the inputs of one row).
+_ROUTE_THREADS = 256
+# Register budget of the recurrence (docs/architecture.md, "CUDA register budget";
+# tests/test_cuda_codegen.py checks it with the real compiler): blocks of up to 512
+# threads. Unbounded, ptxas gives recur_backward 151-152 registers per thread with
+# the weights in shared memory, which fits only 384 threads and would halve the batch
+# rows per block of a 200-wide layer; compiled with launch bounds of 512 threads it
+# fits in 120-127 registers without spilling. recur_forward needs at most 94
+# registers unbounded (640 threads fit); a bound there made ptxas aim at 64 registers
+# and spill, so it has none.
 _MAX_RECURRENCE_THREADS = 512
+# The simulator's cuda.jit takes no launch bounds.
+_RECUR_BACKWARD_JIT = {} if SIMULATOR else dict(launch_bounds=_MAX_RECURRENCE_THREADS)
+
+# The register file, as CUDA's occupancy calculator (cuda_occupancy.h) models it for
+# every architecture from sm_70 to sm_120: 65,536 registers per multiprocessor and
+# per block, in 4 sub-partitions; a warp's registers are allocated in units of 256,
+# and a block's warps are spread evenly over the sub-partitions.
+REGISTERS_PER_SM = 65536
+REGISTER_SUBPARTITIONS = 4
+REGISTER_ALLOCATION_UNIT = 256
+MAX_REGISTERS_PER_THREAD = 255
+MAX_THREADS_PER_BLOCK = 1024
+
+
+def max_threads_for_registers(registers):
+    """Largest block (whole warps) that fits when each thread uses ``registers`` registers.
+
+    E.g. 128 registers: 4,096 per warp, 4 warps per sub-partition, 512 threads;
+    151 registers: 4,864 per warp, 3 warps per sub-partition, 384 threads.
+    """
+    if registers > MAX_REGISTERS_PER_THREAD:
+        return 0
+    per_warp = -(-registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    warps = REGISTER_SUBPARTITIONS * (REGISTERS_PER_SM // REGISTER_SUBPARTITIONS // max(per_warp, 1))
+    return min(MAX_THREADS_PER_BLOCK, 32 * warps)
 # Without the opt-in attribute a block may use 48 KB of dynamic shared memory;
 # the simulator pretends to be such a device unless a test says otherwise.
 _DEFAULT_SHARED_BYTES = 48 * 1024
@@ -131,45 +171,74 @@ class LaunchPolicy:
 policy = LaunchPolicy()
 
 
-# ---- kernels, built once per float dtype -----------------------------------------
+# ---- shared by every stage ----------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _kernels(np_dtype, weights_in_shared):
-    """Compile-time specialised kernels for one float dtype and weight placement.
+def _xp(a):
+    if SIMULATOR or isinstance(a, np.ndarray):
+        return np
+    import cupy
+    return cupy
+
+
+_external_streams = {}
+
+
+def _stream():
+    """CuPy's current stream, so kernels and cuBLAS GEMMs stay ordered without host syncs."""
+    if SIMULATOR:
+        return 0
+    try:
+        import cupy
+    except ImportError:
+        return 0
+    ptr = cupy.cuda.get_current_stream().ptr
+    if not ptr:
+        return 0  # CuPy's null stream is the legacy default stream Numba uses for 0.
+    if ptr not in _external_streams:
+        _external_streams[ptr] = cuda.external_stream(ptr)
+    return _external_streams[ptr]
+
+
+def _device_arg(a):
+    if SIMULATOR or not hasattr(a, "__cuda_array_interface__"):
+        return a
+    # Same stream as the producer (see _stream): skip Numba's per-argument host sync.
+    return cuda.as_cuda_array(a, sync=False)
+
+
+def _launch(kernel, blocks, threads, shared_bytes, *args):
+    args = tuple(_device_arg(a) for a in args)
+    kernel[blocks, threads, _stream(), shared_bytes](*args)
+
+
+def _flat_shape(n):
+    threads = max(1, min(_FLAT_THREADS, n))
+    return min(-(-n // threads), _MAX_BLOCKS), threads
+
+def _float_type(dtype):
+    """The NumPy scalar type the kernels are specialised for (float32 or float64)."""
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ELMError(f"CUDA kernels support float32 and float64, got {dt}")
+    return dt.type
+
+
+def _constants(np_dtype):
+    """(Numba dtype, 0, 1) of one float type.
 
     Constants are NumPy scalars of the model dtype so that float32 kernels never
-    promote to float64 arithmetic; the dtype also types the dynamic shared array.
+    promote to float64 arithmetic; the Numba dtype types the dynamic shared array.
     """
     from numba import from_dtype
-    nb_dtype = from_dtype(np.dtype(np_dtype))
-    ZERO = np_dtype(0)
-    ONE = np_dtype(1)
+    return from_dtype(np.dtype(np_dtype)), np_dtype(0), np_dtype(1)
 
-    @cuda.jit(device=True)
-    def activate(z, silu):
-        if silu:
-            return z / (ONE + math.exp(-z))
-        return z if z > ZERO else ZERO
 
-    @cuda.jit(device=True)
-    def activation_slope(z, silu):
-        if silu:
-            s = ONE / (ONE + math.exp(-z))
-            return s * (ONE + z * (ONE - s))
-        return ONE if z > ZERO else ZERO
+# ---- routing ----------------------------------------------------------------------
 
-    if weights_in_shared:
-        @cuda.jit(device=True)
-        def stage_weights(packed, smem):
-            """Copy the packed weights into shared memory; returns (weights, first free slot)."""
-            nthreads = cuda.blockDim.x * cuda.blockDim.y
-            for k in range(cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x, packed.shape[0], nthreads):
-                smem[k] = packed[k]
-            return smem, packed.shape[0]
-    else:
-        @cuda.jit(device=True)
-        def stage_weights(packed, smem):
-            return packed, 0
+@functools.lru_cache(maxsize=None)
+def _routing_kernels(np_dtype):
+    """The routing kernels (and the zero fill route_weight_grad needs) for one float type."""
+    _, ZERO, _ = _constants(np_dtype)
 
     @cuda.jit
     def zero_2d(out):
@@ -225,6 +294,44 @@ def _kernels(np_dtype, weights_in_shared):
                 acc += entry_weight[e] * dA[b, t, entry_syn[e] // syn_per_channel]
             dX_out[b, t, i] = acc
 
+    return dict(zero_2d=zero_2d, route_forward=route_forward, route_weight_grad=route_weight_grad,
+                route_input_grad=route_input_grad)
+
+
+def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
+    """See ``kernels.cpu.route_forward``. One block per (b, t) row, atomics per channel."""
+    B, T, D = X.shape
+    if SIMULATOR:
+        threads = min(D, 8)
+    else:
+        threads = max(32, min(_ROUTE_THREADS, 1 << (D - 1).bit_length()))
+    k = _routing_kernels(_float_type(A_out.dtype))["route_forward"]
+    _launch(k, min(B * T, _MAX_BLOCKS), threads, 0, X, indptr, entry_syn, entry_weight,
+            int(syn_per_channel), A_out)
+
+
+def route_weight_grad(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
+    """See ``kernels.cpu.route_weight_grad``. One thread per (b, input)."""
+    B, T, D = X.shape
+    ks = _routing_kernels(_float_type(partial_out.dtype))
+    _launch(ks["zero_2d"], *_flat_shape(partial_out.size), 0, partial_out)
+    _launch(ks["route_weight_grad"], *_flat_shape(B * D), 0, X, indptr, entry_syn, entry_mask,
+            int(syn_per_channel), dA, partial_out)
+
+
+def route_input_grad(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
+    """See ``kernels.cpu.route_input_grad``. One thread per (b, t, input)."""
+    k = _routing_kernels(_float_type(dX_out.dtype))["route_input_grad"]
+    _launch(k, *_flat_shape(dX_out.size), 0, dA, indptr, entry_syn, entry_weight,
+            int(syn_per_channel), dX_out)
+
+
+# ---- linear leaky scans ------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _scan_kernels(np_dtype):
+    _, ZERO, _ = _constants(np_dtype)
+
     @cuda.jit
     def scan_forward(A, kappa, u0, U_out):
         B, T, C = A.shape
@@ -248,6 +355,77 @@ def _kernels(np_dtype, weights_in_shared):
             for t in range(T - 1, -1, -1):
                 nxt = dU[b, t, c] + decay * nxt
                 dA_out[b, t, c] = nxt
+
+    return dict(scan_forward=scan_forward, scan_backward=scan_backward)
+
+
+def scan_forward(A, kappa, u0, U_out):
+    """See ``kernels.cpu.scan_forward``. One thread per (b, channel); A may alias U_out.
+
+    U_out may be a strided view (the model scans into the branch columns of the first
+    layer's input buffer); the kernel then writes a contiguous result that is copied in.
+    """
+    B, _, C = A.shape
+    target = U_out if U_out.flags.c_contiguous else _xp(U_out).empty(U_out.shape, U_out.dtype)
+    _launch(_scan_kernels(_float_type(U_out.dtype))["scan_forward"], *_flat_shape(B * C), 0, A, kappa, u0, target)
+    if target is not U_out:
+        U_out[...] = target
+
+
+def scan_backward(dU, kappa, dA_out):
+    """See ``kernels.cpu.scan_backward``. One thread per (b, channel); dU may alias dA_out."""
+    B, _, C = dU.shape
+    _launch(_scan_kernels(_float_type(dA_out.dtype))["scan_backward"], *_flat_shape(B * C), 0, dU, kappa, dA_out)
+
+
+# ---- the MLP-and-memory recurrence ---------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _activation_functions(np_dtype):
+    """activate(z, silu) and its derivative activation_slope(z, silu), as device functions."""
+    _, ZERO, ONE = _constants(np_dtype)
+
+    @cuda.jit(device=True)
+    def activate(z, silu):
+        if silu:
+            return z / (ONE + math.exp(-z))
+        return z if z > ZERO else ZERO
+
+    @cuda.jit(device=True)
+    def activation_slope(z, silu):
+        if silu:
+            s = ONE / (ONE + math.exp(-z))
+            return s * (ONE + z * (ONE - s))
+        return ONE if z > ZERO else ZERO
+
+    return activate, activation_slope
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_staging(weights_in_shared):
+    """stage_weights(packed, smem) -> (where the kernel reads its weights, first free shared slot)."""
+    if weights_in_shared:
+        @cuda.jit(device=True)
+        def stage_weights(packed, smem):
+            """Copy the packed weights into shared memory; returns (weights, first free slot)."""
+            nthreads = cuda.blockDim.x * cuda.blockDim.y
+            for k in range(cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x, packed.shape[0], nthreads):
+                smem[k] = packed[k]
+            return smem, packed.shape[0]
+    else:
+        @cuda.jit(device=True)
+        def stage_weights(packed, smem):
+            return packed, 0
+
+    return stage_weights
+
+
+@functools.lru_cache(maxsize=None)
+def _recurrence_kernels(np_dtype, weights_in_shared):
+    """recur_forward and recur_backward for one float type and weight placement."""
+    nb_dtype, ZERO, ONE = _constants(np_dtype)
+    activate, activation_slope = _activation_functions(np_dtype)
+    stage_weights = _weight_staging(weights_in_shared)
 
     @cuda.jit
     def recur_forward(Zb, packed, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
@@ -314,7 +492,7 @@ def _kernels(np_dtype, weights_in_shared):
             cuda.syncthreads()
             p = 1 - p
 
-    @cuda.jit
+    @cuda.jit(**_RECUR_BACKWARD_JIT)
     def recur_backward(dM, packed, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope,
                        L, H, o_wh, o_wo, dZ_out, dO_out, gkappa_out, gc_out):
         # Shared layout per row r, at base + r·(6·Dm + 2·H): ∂o ping-pong [2,Dm],
@@ -396,115 +574,8 @@ def _kernels(np_dtype, weights_in_shared):
                 gkappa_out[b, i] = smem[gk_at + i]
                 gc_out[b, i] = smem[gc_at + i]
 
-    return dict(zero_2d=zero_2d, route_forward=route_forward, route_weight_grad=route_weight_grad,
-                route_input_grad=route_input_grad, scan_forward=scan_forward, scan_backward=scan_backward,
-                recur_forward=recur_forward, recur_backward=recur_backward)
+    return dict(recur_forward=recur_forward, recur_backward=recur_backward)
 
-
-# ---- launching --------------------------------------------------------------------
-
-def _xp(a):
-    if SIMULATOR or isinstance(a, np.ndarray):
-        return np
-    import cupy
-    return cupy
-
-
-_external_streams = {}
-
-
-def _stream():
-    """CuPy's current stream, so kernels and cuBLAS GEMMs stay ordered without host syncs."""
-    if SIMULATOR:
-        return 0
-    try:
-        import cupy
-    except ImportError:
-        return 0
-    ptr = cupy.cuda.get_current_stream().ptr
-    if not ptr:
-        return 0  # CuPy's null stream is the legacy default stream Numba uses for 0.
-    if ptr not in _external_streams:
-        _external_streams[ptr] = cuda.external_stream(ptr)
-    return _external_streams[ptr]
-
-
-def _device_arg(a):
-    if SIMULATOR or not hasattr(a, "__cuda_array_interface__"):
-        return a
-    # Same stream as the producer (see _stream): skip Numba's per-argument host sync.
-    return cuda.as_cuda_array(a, sync=False)
-
-
-def _launch(kernel, blocks, threads, shared_bytes, *args):
-    args = tuple(_device_arg(a) for a in args)
-    kernel[blocks, threads, _stream(), shared_bytes](*args)
-
-
-def _flat_shape(n):
-    threads = max(1, min(_FLAT_THREADS, n))
-    return min(-(-n // threads), _MAX_BLOCKS), threads
-
-
-def _kernel_set(dtype, weights_in_shared=True):
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ELMError(f"CUDA kernels support float32 and float64, got {dt}")
-    return _kernels(dt.type, weights_in_shared)
-
-
-# ---- routing ----------------------------------------------------------------------
-
-def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
-    """See ``kernels.cpu.route_forward``. One block per (b, t) row, atomics per channel."""
-    B, T, D = X.shape
-    if SIMULATOR:
-        threads = min(D, 8)
-    else:
-        threads = max(32, min(256, 1 << (D - 1).bit_length()))
-    k = _kernel_set(A_out.dtype)["route_forward"]
-    _launch(k, min(B * T, _MAX_BLOCKS), threads, 0, X, indptr, entry_syn, entry_weight,
-            int(syn_per_channel), A_out)
-
-
-def route_weight_grad(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
-    """See ``kernels.cpu.route_weight_grad``. One thread per (b, input)."""
-    B, T, D = X.shape
-    ks = _kernel_set(partial_out.dtype)
-    _launch(ks["zero_2d"], *_flat_shape(partial_out.size), 0, partial_out)
-    _launch(ks["route_weight_grad"], *_flat_shape(B * D), 0, X, indptr, entry_syn, entry_mask,
-            int(syn_per_channel), dA, partial_out)
-
-
-def route_input_grad(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
-    """See ``kernels.cpu.route_input_grad``. One thread per (b, t, input)."""
-    k = _kernel_set(dX_out.dtype)["route_input_grad"]
-    _launch(k, *_flat_shape(dX_out.size), 0, dA, indptr, entry_syn, entry_weight,
-            int(syn_per_channel), dX_out)
-
-
-# ---- linear leaky scans ------------------------------------------------------------
-
-def scan_forward(A, kappa, u0, U_out):
-    """See ``kernels.cpu.scan_forward``. One thread per (b, channel); A may alias U_out.
-
-    U_out may be a strided view (the model scans into the branch columns of the first
-    layer's input buffer); the kernel then writes a contiguous result that is copied in.
-    """
-    B, _, C = A.shape
-    target = U_out if U_out.flags.c_contiguous else _xp(U_out).empty(U_out.shape, U_out.dtype)
-    _launch(_kernel_set(U_out.dtype)["scan_forward"], *_flat_shape(B * C), 0, A, kappa, u0, target)
-    if target is not U_out:
-        U_out[...] = target
-
-
-def scan_backward(dU, kappa, dA_out):
-    """See ``kernels.cpu.scan_backward``. One thread per (b, channel); dU may alias dA_out."""
-    B, _, C = dU.shape
-    _launch(_kernel_set(dA_out.dtype)["scan_backward"], *_flat_shape(B * C), 0, dU, kappa, dA_out)
-
-
-# ---- the MLP-and-memory recurrence ---------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class RecurrenceLaunch:
@@ -593,11 +664,12 @@ def _launch_recurrence(name, batch, tile, unit_width, row_floats, args):
     while True:
         plan = plan_recurrence(batch, tile, unit_width, row_floats, packed.size, dtype.itemsize,
                                max_threads, limits)
-        kernel = _kernel_set(dtype, plan.weights_in_shared)[name]
+        kernel = _recurrence_kernels(_float_type(dtype), plan.weights_in_shared)[name]
         if SIMULATOR:
             break
         kernel = kernel.specialize(*dev_args)
-        # Register use, known only after compiling, may allow fewer threads than planned.
+        # The register budget above makes every plan fit; this guards a future kernel
+        # (or another ptxas) whose compiled register count allows fewer threads.
         allowed = next(iter(kernel.overloads.values())).max_threads_per_block
         if plan.rows_per_block * plan.unit_threads > allowed:
             max_threads = allowed
@@ -679,7 +751,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
 
 
 def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope, tile,
-                   dZ_out, dO_out, gkappa_out, gc_out, A_out):
+                   dZ_out, dO_out, gkappa_out, gc_out, act_out):
     """See ``kernels.cpu.recur_backward`` (same arguments, same outputs).
 
     dM [B,T,Dm] read only.  W0m [W0,Dm], Wh [Lh,H,H], Wo [Dm,H] untransposed, packed
@@ -687,7 +759,7 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     M, Z, DM, m0, kappa_m, c_m: exactly what recur_forward was given / wrote.
     tile             batch rows per thread block; any value >= 1 is correct.
     dZ_out [L,B,T,H], dO_out [B,T,Dm], gkappa_out, gc_out [B,Dm]: overwritten.
-    A_out [L,B,T,H]  act(Z), written by one elementwise pass of the array module after
+    act_out [L,B,T,H]  act(Z), written by one elementwise pass of the array module after
                      the launch (on the GPU that pass is bandwidth-bound and cheap; the
                      recurrence kernel keeps its registers for the time loop).
     """
@@ -708,7 +780,7 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
         dZ_out if L else placeholder, dO_out, gkappa_out, gc_out))
     if L:
         if silu:
-            xp.multiply(Z, 1 / (1 + xp.exp(-Z)), out=A_out)
+            xp.multiply(Z, 1 / (1 + xp.exp(-Z)), out=act_out)
         else:
-            xp.maximum(Z, 0, out=A_out)
+            xp.maximum(Z, 0, out=act_out)
     return plan

@@ -67,12 +67,6 @@ def silu(z):
 
 
 @njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
-def silu_slope(z):
-    s = sigmoid(z)
-    return s * (1.0 + np.float64(z) * (1.0 - s))
-
-
-@njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
 def tanh(y):
     """tanh through exp of a non-positive argument, so nothing overflows; absolute error ~1 ulp."""
     y = np.float64(y)

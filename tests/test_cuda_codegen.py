@@ -1,0 +1,152 @@
+"""Real GPU code generation, checked on machines without a GPU.
+
+The simulator (``tests/test_cuda_sim.py``) runs the CUDA kernels as Python, so it
+cannot see what only the compiler sees: typing, register pressure, spills, float64
+arithmetic leaking into float32 kernels. ``bench/cuda_codegen_report.py`` compiles
+every kernel of its table to PTX for sm_90 with the real NVVM and assembles it with
+the ``ptxas`` of the same toolkit; it runs here in a child process without
+``NUMBA_ENABLE_CUDASIM`` (the simulator, once imported, compiles nothing). The
+compilers come with the ``test`` extra, so CI runs this file; it skips, saying
+why, only where the wheels are absent. ``pytest -s`` prints the per-kernel table.
+"""
+
+import functools
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPORT_SCRIPT = ROOT / "bench" / "cuda_codegen_report.py"
+SIM_ENV = "NUMBA_ENABLE_CUDASIM"
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("cuda_codegen_report", REPORT_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _report():
+    env = {k: v for k, v in os.environ.items() if k != SIM_ENV}
+    proc = subprocess.run([sys.executable, str(REPORT_SCRIPT), "--json"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report():
+    out = _report()
+    if "unavailable" in out:
+        pytest.skip(f"CUDA compilers not installed: {out['unavailable']}")
+    return out
+
+
+# ---- the register file rule the launcher follows -------------------------------------------
+#
+# As CUDA's occupancy calculator (cuda_occupancy.h, cudaOccMaxBlocksPerSMRegsLimit) states it
+# for sm_70 … sm_120: a thread may use at most 255 registers; a warp's registers are allocated
+# in units of 256; the 65,536 registers of a multiprocessor (and of a block) sit in 4
+# sub-partitions, and the hardware check counts a block's warps rounded up to a multiple of 4.
+
+def block_fits(registers, threads):
+    warps = math.ceil(threads / 32)
+    per_warp = math.ceil(registers * 32 / 256) * 256
+    return (registers <= 255 and threads <= 1024
+            and per_warp * (math.ceil(warps / 4) * 4) <= 65536          # per-block hardware check
+            and (65536 // 4 // per_warp) * 4 >= warps)                  # warps the sub-partitions hold
+
+
+def test_launcher_rule_is_the_register_file_rule():
+    from elmcore.kernels import cuda as K
+    for registers in range(1, 256):
+        largest = max(t for t in range(32, 1025, 32) if block_fits(registers, t))
+        assert K.max_threads_for_registers(registers) == largest, registers
+    # The figures of the issue: 151 registers do not allow 512 threads (77,312 > 65,536).
+    assert K.max_threads_for_registers(128) == 512
+    assert K.max_threads_for_registers(151) == 384 and not block_fits(151, 512)
+    assert K.max_threads_for_registers(256) == 0
+
+
+def test_float64_detector_reads_ptx_instructions():
+    f64 = _report_module()._F64
+    ptx = "\n".join(["\t.reg .f64 \t%fd<4>;", "\tadd.f32 \t%f3, %f1, %f2;", "\tld.global.f32 \t%f1, [%rd4];",
+                     "\tcvt.f64.f32 \t%fd1, %f1;", "\tfma.rn.f64 \t%fd3, %fd1, %fd2, %fd1;",
+                     "\t@%p1 cvt.rn.f32.f64 \t%f4, %fd3;", "\tmul.wide.s32 \t%rd5, %r1, 4;"])
+    assert [line.split()[0] for line in f64.findall(ptx)] == ["cvt.f64.f32", "fma.rn.f64", "@%p1"]
+
+
+# ---- the compiled kernels --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_hopper(report):
+    print("\n" + _report_module().format_table(report))
+    assert report["arch"] == "sm_90" and report["uncovered"] == []
+    compiled = {(r["kernel"], r["dtype"], r["weights"]) for r in report["rows"]}
+    for kernel in ("zero_2d", "route_forward", "route_weight_grad", "route_input_grad", "scan_forward",
+                   "scan_backward"):
+        assert {(kernel, dt, "-") for dt in ("float32", "float64")} <= compiled
+    for kernel in ("recur_forward", "recur_backward"):
+        assert {(kernel, dt, w) for dt in ("float32", "float64") for w in ("shared", "global")} <= compiled
+    assert all(0 < r["registers"] <= 255 for r in report["rows"])
+
+
+@pytest.mark.slow
+def test_float32_kernels_have_no_float64_instructions(report):
+    leaks = {f"{r['kernel']}/{r['weights']}": r["f64_instructions"]
+             for r in report["rows"] if r["dtype"] == "float32" and r["f64_count"]}
+    assert not leaks, f"float64 instructions in float32 kernels: {leaks}"
+
+
+@pytest.mark.slow
+def test_recurrence_kernels_do_not_spill(report):
+    rows = [r for r in report["rows"] if r["recurrence"]]
+    assert len(rows) == 8
+    spills = {f"{r['kernel']}/{r['dtype']}/{r['weights']}": (r["spill_stores"], r["spill_loads"])
+              for r in rows if r["spill_stores"] or r["spill_loads"]}
+    assert not spills, f"spill stores/loads (bytes) in the recurrence: {spills}"
+
+
+@pytest.mark.slow
+def test_planned_blocks_fit_the_compiled_register_counts(report):
+    from elmcore.kernels import cuda as K
+    too_big = {f"{r['kernel']}/{r['dtype']}/{r['weights']}": (r["registers"], r["planned_threads"])
+               for r in report["rows"] if not block_fits(r["registers"], r["planned_threads"])}
+    assert not too_big, f"(registers, planned threads) beyond the register file: {too_big}"
+    # The recurrence launcher plans up to its thread cap whatever the layer width.
+    plan = K.plan_recurrence(64, 4, 1000, 16, 16, 4, limits=(132, 227 * 1024))
+    assert plan.rows_per_block * plan.unit_threads <= K._MAX_RECURRENCE_THREADS
+    assert all(r["planned_threads"] == K._MAX_RECURRENCE_THREADS for r in report["rows"] if r["recurrence"])
+
+
+def test_report_script_without_compilers_says_why(tmp_path):
+    # A child that cannot find NVVM reports it instead of failing with a traceback.
+    env = {k: v for k, v in os.environ.items() if k != SIM_ENV}
+    code = ("import sys, runpy; import cuda.pathfinder as p\n"
+            "def missing(name): raise p.DynamicLibNotFoundError(name + ' not found')\n"
+            "p.load_nvidia_dynamic_lib = missing\n"
+            f"sys.argv = ['report', '--json']; runpy.run_path({str(REPORT_SCRIPT)!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    if "No module named 'cuda.pathfinder'" in proc.stderr:
+        pytest.skip("cuda-pathfinder is not installed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "nvvm not found" in out["unavailable"] and "pip install" in out["unavailable"]
+
+
+def test_float_types_are_the_only_kernel_types():
+    from elmcore import ELMError
+    from elmcore.kernels import cuda as K
+    assert K._float_type("float32") is np.float32 and K._float_type(np.float64) is np.float64
+    with pytest.raises(ELMError, match="float32 and float64"):
+        K._float_type(np.float16)
