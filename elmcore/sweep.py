@@ -317,6 +317,8 @@ def run_sweep(points, sweep_dir, jobs=1, log=print):
     if comm.size > 1 and jobs > 1:
         raise ELMError("use either mpiexec (points over ranks) or --jobs (local processes), not both")
     dirs = comm.bcast(point_dirs(points, sweep_dir) if comm.is_root else None)
+    if comm.size > 1:
+        log = _prefixed(log, f"rank {comm.rank}: ")
     todo = [d for i, d in enumerate(dirs) if i % comm.size == comm.rank and point_state(d) != "done"]
     done_before = sum(point_state(d) == "done" for d in dirs)
     if comm.is_root:
@@ -339,6 +341,10 @@ def run_sweep(points, sweep_dir, jobs=1, log=print):
     except ELMError as e:
         log(f"no {PLOT}: {e}")
     return rows
+
+
+def _prefixed(log, prefix):
+    return lambda message: log(prefix + message)
 
 
 # ---- summary and plot --------------------------------------------------------------------------------
