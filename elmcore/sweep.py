@@ -205,6 +205,12 @@ def sweep_directory(spec, path):
 
 def point_dirs(points, sweep_dir):
     """Create the point directories (or check they hold the same points as before); their paths."""
+    from .train import TrainSettings
+    for p in points:  # an impossible setting fails the sweep before any point trains
+        try:
+            TrainSettings.from_dict(dict(p.settings)).validate()
+        except ELMError as e:
+            raise ELMError(f"sweep point {p.name}: {e}") from None
     os.makedirs(sweep_dir, exist_ok=True)
     dirs = []
     for p in points:

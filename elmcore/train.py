@@ -109,6 +109,8 @@ class Trainer:
         settings.validate()
         self.comm = communicator(settings.device)
         progress, log = self.comm.output_on_root(progress, log)
+        if self.comm.size > 1:
+            log(f"data-parallel over {self.comm.describe()}: each takes its share of every batch")
         self.settings = settings
         self.progress = progress
         self.log = log

@@ -143,3 +143,14 @@ def test_sweep_with_two_jobs_survives_a_killed_point_and_resumes_it(tmp_path):
     assert all(float(r["best_valid"]) > 0 and r["test"] and r["metric"] == "mse" for r in rows)
     with open(os.path.join(sweep_dir, "sweep.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_impossible_point_fails_the_sweep_before_anything_trains(tmp_path):
+    from click.testing import CliRunner
+    from elm_cli.main import cli
+    path = tmp_path / "s.toml"
+    path.write_text(f'sweep_dir = "{tmp_path / "sw"}"\n[base]\ntask = "adding"\n[grid]\nlr = [1e-3, -1.0]\n')
+    result = CliRunner().invoke(cli, ["sweep", str(path)])
+    assert result.exit_code == 2
+    assert "sweep point p001-lr=-1" in result.output and "'lr'" in result.output
+    assert not (tmp_path / "sw").exists()
