@@ -145,7 +145,8 @@ def _env():
 
 def _train(args, ranks=None, **kw):
     cmd = ([MPIEXEC, "-n", str(ranks)] if ranks else []) + ELM_COMMAND + ["train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600,
+                          stdin=subprocess.DEVNULL, **kw)
 
 
 def _params(run_dir):
@@ -198,7 +199,8 @@ def test_a_killed_rank_is_named_and_resume_matches_an_uninterrupted_run(tmp_path
     r = _train(args + ["--run-dir", ref], ranks=2)
     assert r.returncode == 0, r.stderr
     proc = subprocess.Popen([MPIEXEC, "-n", "2"] + ELM_COMMAND + ["train", *args, "--run-dir", cut],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, env=_env())
     metrics, deadline, killed = os.path.join(cut, "metrics.jsonl"), time.time() + 300, None
     while killed is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

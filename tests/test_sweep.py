@@ -113,7 +113,7 @@ def test_sweep_with_two_jobs_survives_a_killed_point_and_resumes_it(tmp_path):
     path = tmp_path / "sweep.toml"
     path.write_text(SWEEP.format(dir=sweep_dir))
     cmd = [sys.executable, "-m", "elm_cli.launch", "sweep", str(path), "--jobs", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     victim = os.path.join(sweep_dir, "p001-num_memory=4")
     killed, deadline = None, time.time() + 300
     while killed is None and proc.poll() is None and time.time() < deadline:
@@ -131,7 +131,7 @@ def test_sweep_with_two_jobs_survives_a_killed_point_and_resumes_it(tmp_path):
     assert status == {"p000-num_memory=2": "done", "p001-num_memory=4": "interrupted", "p002-num_memory=6": "done"}
     finished = os.path.getmtime(os.path.join(sweep_dir, "p000-num_memory=2", "summary.json"))
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stderr
     assert "3 points, 2 already done" in again.stderr
     assert os.path.getmtime(os.path.join(sweep_dir, "p000-num_memory=2", "summary.json")) == finished
