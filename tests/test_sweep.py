@@ -154,3 +154,20 @@ def test_an_impossible_point_fails_the_sweep_before_anything_trains(tmp_path):
     assert result.exit_code == 2
     assert "sweep point p001-lr=-1" in result.output and "'lr'" in result.output
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.slow
+def test_sweep_points_spread_over_mpi_ranks(tmp_path):
+    from test_distributed import MPIEXEC, _env
+    if MPIEXEC is None:
+        pytest.skip("no mpiexec: install the [mpi] extra to run sweeps over MPI ranks")
+    sweep_dir = str(tmp_path / "sw")
+    path = tmp_path / "sweep.toml"
+    path.write_text(SWEEP.format(dir=sweep_dir).replace("[2, 4, 6]", "[2, 4]").replace("epochs = 3", "epochs = 1"))
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "elm_cli.launch", "sweep", str(path)],
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=_env())
+    assert r.returncode == 0, r.stderr
+    assert "rank 0: point p000-num_memory=2" in r.stderr and "rank 1: point p001-num_memory=4" in r.stderr
+    assert r.stdout.count("sweep: 2/2 points done") == 1  # rank 0 alone reports
+    with open(os.path.join(sweep_dir, "summary.csv")) as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["done", "done"]
