@@ -179,7 +179,14 @@ class NCCLCommunicator(MPICommunicator):
     def __init__(self, world):
         super().__init__(world)
         import cupy
-        from cupy.cuda import nccl
+        try:
+            from cupy.cuda import nccl
+        except ImportError as e:
+            nccl, reason = None, str(e)
+        if nccl is None or not getattr(nccl, "available", True):
+            raise ELMError("data-parallel training on cuda needs NCCL, which CuPy cannot load here"
+                           f"{' (' + reason + ')' if nccl is None else ''}; install NCCL for your CUDA "
+                           "(e.g. pip install nvidia-nccl-cu12, or the cluster's nccl module)")
         count = cupy.cuda.runtime.getDeviceCount()
         self.gpu = self.local_rank % count
         cupy.cuda.Device(self.gpu).use()
@@ -234,15 +241,16 @@ def communicator(device="cpu"):
                            "for a different MPI than the mpiexec that started this job; use the mpiexec "
                            "of the MPI that mpi4py loads (`python -m mpi4py --mpi-library`)")
         _world = world
-    if device == "cuda" and _uses_real_gpu():
+    if device in ("cuda", "auto") and _uses_real_gpu():
         return NCCLCommunicator(_world)
     return MPICommunicator(_world)
 
 
 def _uses_real_gpu():
-    from .cuda_backend import cuda_problem
-    if cuda_problem() is not None:
-        return False  # get_backend reports it when the model is built
+    """Whether the model's arrays will live on a GPU (not under the CUDA simulator, which uses NumPy)."""
+    from .backend import cuda_available
+    if not cuda_available():
+        return False  # for device "cuda", get_backend says why when the model is built
     from .kernels.cuda import SIMULATOR
     return not SIMULATOR
 

@@ -93,6 +93,40 @@ def test_nccl_dtype_names_the_two_float_kinds_and_refuses_others():
         nccl_dtype(fake, np.float16)
 
 
+class _DeviceArray(np.ndarray):
+    """A host array that shows a device pointer the way CuPy does (``a.data.ptr``)."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+def test_nccl_all_reduce_gets_the_flat_buffer_in_place_on_the_current_stream():
+    """The NCCL path without a GPU: a fake NCCL that sums two identical ranks through the raw pointer."""
+    import ctypes
+    from elmcore.distributed import NCCLCommunicator
+    calls = []
+
+    def all_reduce(send, recv, count, dtype, op, stream):
+        calls.append((send == recv, count, dtype, op, stream))
+        memory = np.ctypeslib.as_array((ctypes.c_double * count).from_address(recv))
+        memory *= 2  # rank 1 holds the same shard as rank 0
+
+    comm = object.__new__(NCCLCommunicator)
+    comm._buffer, comm.rank, comm.size = None, 0, 2
+    comm._cupy = types.SimpleNamespace(
+        empty=lambda n, dtype: np.empty(n, dtype).view(_DeviceArray),
+        cuda=types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(ptr=99)))
+    comm._nccl = types.SimpleNamespace(NCCL_FLOAT32=7, NCCL_FLOAT64=8, NCCL_SUM=0)
+    comm.nccl = types.SimpleNamespace(allReduce=all_reduce)
+    grads = {"w": np.arange(6.0).reshape(2, 3), "b": np.array([0.5, -1.0])}
+    loss, reduced = comm.allreduce_gradients(grads, 3.0, 0.25)
+    assert calls == [(True, 9, 8, 0, 99)]  # one call: 8 gradient entries + the loss, in place
+    assert loss == pytest.approx(2 * 0.25 * 3.0)
+    for k in grads:
+        np.testing.assert_allclose(reduced[k], 2 * 0.25 * grads[k])
+
+
 def test_launcher_environment_is_read_for_each_mpi_and_slurm():
     assert launcher_ranks({}) is None
     assert launcher_ranks({"PMI_RANK": "0", "PMI_SIZE": "1"}) is None  # one rank: nothing to do
