@@ -307,11 +307,12 @@ class Trainer:
             loss, dY = self.loss_fn(Y, target, burn_in=s.burn_in)
         else:
             loss, dY = self.loss_fn(Y, target)
+        # Reduced before any check, so that every rank judges the global batch's loss alike.
+        grads = self.model.backward(dY, cache)
+        loss, grads = self.comm.allreduce_gradients(grads, loss, weight)
         step = self.position["step"] + 1
         if not math.isfinite(loss):
             self._diverged(f"the loss is {loss} at step {step}")
-        grads = self.model.backward(dY, cache)
-        loss, grads = self.comm.allreduce_gradients(grads, loss, weight)
         xp = self.model.xp
         bad = [k for k, g in grads.items() if not bool(xp.all(xp.isfinite(g)))]
         if bad:
