@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from elmcore.errors import ELMError
@@ -171,3 +172,19 @@ def test_sweep_points_spread_over_mpi_ranks(tmp_path):
     assert r.stdout.count("sweep: 2/2 points done") == 1  # rank 0 alone reports
     with open(os.path.join(sweep_dir, "summary.csv")) as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["done", "done"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_budget_count_matches_the_network_model(seed):
+    """Once the ELM Network model is in the package, its own count must equal the budget arithmetic."""
+    models = pytest.importorskip("elmcore.models", reason="the ELM Network model (issue 10) is not merged yet")
+    from elmcore.config import NetworkConfig
+    rng = np.random.default_rng(seed)
+    shape = dict(num_output=int(rng.integers(1, 5)), num_neurons=int(rng.integers(1, 9)),
+                 num_memory=int(rng.integers(1, 7)), num_branch=int(rng.integers(1, 5)),
+                 num_synapse_per_branch=int(rng.integers(1, 4)), mlp_num_layers=int(rng.integers(0, 3)),
+                 mlp_hidden_size=int(rng.integers(1, 9)), learn_memory_tau=bool(seed % 2),
+                 num_layers=int(rng.integers(1, 3)))
+    cfg = NetworkConfig.from_dict({"num_input": int(rng.integers(1, 6)), **shape})
+    model = models.build_model(cfg, seed=0, dtype="float64")
+    assert model.num_parameters == network_parameter_count(**shape)
