@@ -59,7 +59,9 @@ def _slurm_tasks_on_node(environ):
 
 def threads_per_rank(local_ranks, usable_cores=None, node_cores=None):
     """Threads for one of ``local_ranks`` ranks on a node: its bound cores, else an equal share."""
-    usable = usable_cores if usable_cores is not None else len(os.sched_getaffinity(0))
+    if usable_cores is None:
+        usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    usable = usable_cores
     node = node_cores if node_cores is not None else (os.cpu_count() or usable)
     if usable < node:
         return usable  # the launcher bound this rank to its own cores
