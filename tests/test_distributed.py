@@ -238,7 +238,7 @@ def test_a_killed_rank_is_named_and_resume_matches_an_uninterrupted_run(tmp_path
     metrics, deadline, killed = os.path.join(cut, "metrics.jsonl"), time.time() + 300, None
     while killed is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-        if os.path.exists(metrics) and open(metrics).read().count('"type": "step"') >= 8:
+        if os.path.exists(metrics) and open(metrics).read().count('"type": "step"') >= 5:
             killed = _worker_pid(cut, 1)
             if killed:
                 os.kill(killed, signal.SIGKILL)
