@@ -249,6 +249,7 @@ def train_point(point_dir):
         def log(message):
             log_file.write(message + "\n")
             log_file.flush()
+        log(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: training in process {os.getpid()}")
         with distributed.alone():
             if point_state(point_dir) == "interrupted":
                 log("resuming from last.npz")
@@ -283,33 +284,58 @@ def _job_environment(jobs):
 
 
 def _train_in_processes(todo, jobs, log):
-    """Train the points in ``todo`` over ``jobs`` child processes; {point_dir: succeeded}."""
-    env, queue, running, results = _job_environment(jobs), list(todo), {}, {}
+    """Train the points in ``todo`` over ``jobs`` long-lived worker processes, next point to the first free.
+
+    A worker is one interpreter that trains point after point (its imports and compiled
+    kernels are paid once); it reads a point directory per line on stdin and answers
+    ``ok DIR`` or ``failed DIR``. A worker that dies takes only its current point with
+    it (a re-run resumes that point) and is replaced while points remain.
+    """
+    import selectors
+    env, queue, current = _job_environment(jobs), list(todo), {}
+    selector = selectors.DefaultSelector()
+
+    def spawn():
+        worker = subprocess.Popen([sys.executable, "-m", "elmcore.sweep", "--worker"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=env)
+        selector.register(worker.stdout, selectors.EVENT_READ, worker)
+        return worker
+
+    def assign(worker):
+        if queue:
+            current[worker] = queue.pop(0)
+            worker.stdin.write(current[worker] + "\n")
+            worker.stdin.flush()
+        else:  # nothing left: let it finish
+            current.pop(worker, None)
+            selector.unregister(worker.stdout)
+            worker.stdin.close()
+            worker.wait()
+
     try:
-        while queue or running:
-            while queue and len(running) < jobs:
-                d = queue.pop(0)
-                out = open(os.path.join(d, LOG), "a")
-                child = subprocess.Popen([sys.executable, "-m", "elmcore.sweep", d], stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-                running[child] = (d, out)
-            time.sleep(0.05)
-            for child in [c for c in running if c.poll() is not None]:
-                d, out = running.pop(child)
-                out.close()
-                results[d] = child.returncode == 0
-                if child.returncode != 0:
-                    how = (f"was killed by signal {-child.returncode}" if child.returncode < 0
-                           else f"exited with code {child.returncode}")
-                    log(f"point {os.path.basename(d)} {how} (see {os.path.join(d, LOG)})")
-                else:
-                    log(f"point {os.path.basename(d)} done")
+        for _ in range(min(jobs, len(queue))):
+            assign(spawn())
+        while selector.get_map():
+            for key, _ in selector.select():
+                worker = key.data
+                answer = worker.stdout.readline()
+                name = os.path.basename(current[worker])
+                if answer:
+                    log(f"point {name} {'done' if answer.startswith('ok ') else 'failed'}")
+                    assign(worker)
+                    continue
+                selector.unregister(worker.stdout)
+                code = worker.wait()
+                how = f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
+                log(f"point {name} {how} (its process, pid {worker.pid}); running the sweep again resumes it")
+                del current[worker]
+                if queue:
+                    assign(spawn())
     finally:
-        for child, (d, out) in running.items():
-            child.terminate()
-            child.wait()
-            out.close()
-    return results
+        for worker in current:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
 
 
 def run_sweep(points, sweep_dir, jobs=1, log=print):
@@ -421,15 +447,23 @@ def plot_sweep(rows, fields, path):
     return path
 
 
-def _main(argv):
-    """``python -m elmcore.sweep POINT_DIR``: one point in a child process of ``elm sweep --jobs N``."""
-    try:
-        train_point(argv[0])
-    except ELMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _worker():
+    """``python -m elmcore.sweep --worker``: train the point directories named on stdin, one per line."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything the training prints must not mix with the answers
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    for line in sys.stdin:
+        point_dir = line.rstrip("\n")
+        ok = _train_in_process(point_dir, log)
+        answers.write(f"{'ok' if ok else 'failed'} {point_dir}\n")
+        answers.flush()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    if sys.argv[1:] != ["--worker"]:
+        sys.exit("usage: python -m elmcore.sweep --worker (started by `elm sweep --jobs N`)")
+    sys.exit(_worker())
