@@ -5,7 +5,7 @@ class; under an MPI launcher with more than one rank it is :class:`MPICommunicat
 (or :class:`NCCLCommunicator` on ``cuda``). The scheme, step by step:
 
 * Every rank draws the same global batch: the batch order and windows come from
-  the seed alone (``docs/architecture.md``), so no data is sent.
+  generators seeded by (seed, epoch) alone (see ``elmcore.train``), so no data is sent.
 * Rank r keeps the contiguous rows ``[r·B/K, (r+1)·B/K)`` of a global batch of B
   rows. The losses are means over the batch (``elmcore.losses``), so the shard's
   gradient, scaled by ``B_r / B``, summed over the ranks, is exactly the gradient of
