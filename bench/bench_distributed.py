@@ -1,7 +1,8 @@
 """One node, two ways to use its cores: data-parallel ranks against threads, and sweeps.
 
-    python bench/bench_distributed.py step     # NeuronIO-best training step: 1 process x 2 threads
-                                               # against mpiexec -n 2 x 1 thread (B = 32 split 16 + 16)
+    python bench/bench_distributed.py step     # NeuronIO-best training step: 1 process x 1 thread,
+                                               # 1 process x 2 threads, mpiexec -n 2 x 1 thread (B = 32
+                                               # split 16 + 16)
     python bench/bench_distributed.py sweep    # 8 small models: serial, --jobs 2, mpiexec -n 2
     python bench/bench_distributed.py step sweep --ranks 2 --json out.json
 
@@ -134,11 +135,12 @@ def main(argv=None):
         sys.exit("no mpiexec: pip install -e '.[mpi]'")
     results = {}
     if "step" in args.what:
+        single = time_step(args.config, 1, 1, args.repeats, args.warmup)
         one = time_step(args.config, 1, args.ranks, args.repeats, args.warmup)
         many = time_step(args.config, args.ranks, 1, args.repeats, args.warmup)
-        results["step"] = [one, many]
+        results["step"] = [single, one, many]
         print(f"{args.config} training step, global batch as in bench_step.py:")
-        for r in (one, many):
+        for r in (single, one, many):
             print(f"  {r['ranks']} process(es) x {r['threads_per_rank']} thread(s): median {r['median_ms']:7.1f} ms "
                   f"(min {r['min_ms']:.1f}, max {r['max_ms']:.1f})  {r['sample_steps_per_s']:10,.0f} sample-steps/s")
         print(f"  ranks / threads: x{one['median_ms'] / many['median_ms']:.2f}")
