@@ -158,15 +158,16 @@ def expand_points(spec):
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise ELMError("sweep [grid] must map each field to a non-empty list of values")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
+    all_overrides = [{**first, **combo} for first in firsts for combo in combos]
+    if len(all_overrides) > 10000:
+        raise ELMError(f"the sweep has {len(all_overrides)} points; split it (at most 10000)")
+    # Directory names show only what differs between points (a budget sweep's version does not).
+    varying = [k for k in dict.fromkeys(k for o in all_overrides for k in o)
+               if len({json.dumps(o.get(k), sort_keys=True) for o in all_overrides}) > 1]
     points = []
-    for first in firsts:
-        for combo in combos:
-            overrides = {**first, **combo}
-            label = "-".join(f"{k.rpartition('.')[2]}={_slug(v)}" for k, v in overrides.items())
-            name = f"p{len(points):03d}" + (f"-{label}" if label else "")
-            points.append(Point(name, overrides, _apply(base, overrides)))
-    if len(points) > 10000:
-        raise ELMError(f"the sweep has {len(points)} points; split it (at most 10000)")
+    for i, overrides in enumerate(all_overrides):
+        label = "-".join(f"{k.rpartition('.')[2]}={_slug(overrides[k])}" for k in varying if k in overrides)
+        points.append(Point(f"p{i:03d}" + (f"-{label}" if label else ""), overrides, _apply(base, overrides)))
     return points
 
 
