@@ -303,6 +303,8 @@ def _register_optional_commands():
     except ImportError:  # pragma: no cover - the data group ships with the package
         return
     cli.add_command(data)
+    from elm_cli.sweep_cmd import sweep
+    cli.add_command(sweep)
 
 
 _register_optional_commands()

@@ -16,14 +16,21 @@ def _host(model, a):
     return model.backend.to_host(a)
 
 
-def evaluate_batches(model, task, split, batch_size=64, max_batches=None):
-    """Mean loss and the task metric over a split, batch by batch (no windows stitched)."""
+def evaluate_batches(model, task, split, batch_size=64, max_batches=None, comm=None):
+    """Mean loss and the task metric over a split, batch by batch (no windows stitched).
+
+    With a data-parallel ``comm`` (``elmcore.distributed``) each rank evaluates every
+    K-th batch and the sums and metric inputs are combined, so every rank gets the
+    whole split's figures.
+    """
     loss_fn = LOSS_FUNCTIONS[task.loss]
     total_loss, count = 0.0, 0
     logits, labels, spike_true, spike_score = [], [], [], []
     for i, batch in enumerate(task.batches(split, batch_size)):
         if max_batches is not None and i >= max_batches:
             break
+        if comm is not None and i % comm.size != comm.rank:
+            continue
         Y = model.forward(batch.X)
         loss, _ = loss_fn(Y, model.xp.asarray(batch.target))
         n = len(batch.X)
@@ -36,6 +43,12 @@ def evaluate_batches(model, task, split, batch_size=64, max_batches=None):
         elif task.loss == "neuronio":
             spike_true.append(np.asarray(batch.target)[..., 0].ravel())
             spike_score.append(Yh[..., 0].ravel())
+    if comm is not None and comm.size > 1:
+        summed = comm.allreduce_sum([total_loss, count])
+        total_loss, count = float(summed[0]), int(summed[1])
+        logits, labels, spike_true, spike_score = (
+            [a for rank_part in comm.allgather(part) for a in rank_part]
+            for part in (logits, labels, spike_true, spike_score))
     if count == 0:
         raise ELMError(f"task '{task.name}' has no '{split}' examples to evaluate")
     out = {"loss": total_loss / count, "examples": count}

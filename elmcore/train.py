@@ -25,6 +25,7 @@ import numpy as np
 
 from .checkpoint import load_file, save_checkpoint, save_model
 from .config import ELMConfig
+from .distributed import communicator
 from .errors import ELMError
 from .evaluate import evaluate, metric_value
 from .fileio import atomic_write_text
@@ -106,6 +107,10 @@ class Trainer:
 
     def __init__(self, settings: TrainSettings, task=None, progress=True, log=print):
         settings.validate()
+        self.comm = communicator(settings.device)
+        progress, log = self.comm.output_on_root(progress, log)
+        if self.comm.size > 1:
+            log(f"data-parallel over {self.comm.describe()}: each takes its share of every batch")
         self.settings = settings
         self.progress = progress
         self.log = log
@@ -114,8 +119,8 @@ class Trainer:
             task = get_task(settings.task, data_dir=settings.data_dir, seed=settings.seed, **settings.task_options)
         self.task = task
         self.loss_fn = LOSS_FUNCTIONS[task.loss]
-        self.run_dir = settings.run_dir or os.path.join(
-            "runs", f"{settings.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir = self.comm.bcast(settings.run_dir or os.path.join(
+            "runs", f"{settings.task}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
     # ---- setup -------------------------------------------------------------
     def model_config(self):
@@ -145,8 +150,9 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.position = {"step": 0, "epoch": 0, "batch": 0, "dropout_rng": None,
                          "best_metric": None, "best_step": None}
-        atomic_write_text(os.path.join(self.run_dir, RUN_FILE),
-                          json.dumps(dataclasses.asdict(s), indent=2) + "\n")
+        if self.comm.is_root:
+            atomic_write_text(os.path.join(self.run_dir, RUN_FILE),
+                              json.dumps(dataclasses.asdict(s), indent=2) + "\n")
         self._truncate_metrics(0, 0)
 
     def _make_optimizer(self):
@@ -186,6 +192,8 @@ class Trainer:
 
     def _truncate_metrics(self, step, epoch):
         """Drop records past the checkpoint we restart from, so the log tells one consistent story."""
+        if not self.comm.is_root:
+            return
         path = self._metrics_path()
         kept = []
         if os.path.exists(path):
@@ -201,6 +209,8 @@ class Trainer:
         atomic_write_text(path, "".join(kept))
 
     def _record(self, rec):
+        if not self.comm.is_root:
+            return
         with open(self._metrics_path(), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -211,6 +221,8 @@ class Trainer:
                 "task": self.task.name}
 
     def _save_checkpoint(self):
+        if not self.comm.is_root:
+            return
         save_checkpoint(os.path.join(self.run_dir, LAST), self.model.config, self.model.state_dict(),
                         self.optimizer.state_dict(), self._meta(), dtype=self.settings.dtype)
 
@@ -269,6 +281,7 @@ class Trainer:
             improved = self._is_better(last_valid)
             if improved:
                 self.position.update(best_metric=last_valid, best_step=self.position["step"])
+            if improved and self.comm.is_root:
                 save_model(os.path.join(self.run_dir, BEST), self.model.config, self.model.state_dict(),
                            dtype=s.dtype)
             self._record({"type": "epoch", "epoch": epoch, "step": self.position["step"],
@@ -286,17 +299,20 @@ class Trainer:
         if s.input_dropout > 0:
             keep = dropout_rng.random(X.shape) >= s.input_dropout
             X = X * keep / np.float32(1 - s.input_dropout)
+        X, target, weight = self.comm.shard_batch(X, batch.target)
         lr = cosine_lr(self.position["step"], total_steps, s.lr, s.min_lr, s.warmup_steps)
         Y, cache = self.model.forward(X, return_cache=True)
-        target = self.model.xp.asarray(batch.target)
+        target = self.model.xp.asarray(target)
         if self.task.loss == "neuronio":
             loss, dY = self.loss_fn(Y, target, burn_in=s.burn_in)
         else:
             loss, dY = self.loss_fn(Y, target)
+        # Reduced before any check, so that every rank judges the global batch's loss alike.
+        grads = self.model.backward(dY, cache)
+        loss, grads = self.comm.allreduce_gradients(grads, loss, weight)
         step = self.position["step"] + 1
         if not math.isfinite(loss):
             self._diverged(f"the loss is {loss} at step {step}")
-        grads = self.model.backward(dY, cache)
         xp = self.model.xp
         bad = [k for k, g in grads.items() if not bool(xp.all(xp.isfinite(g)))]
         if bad:
@@ -322,7 +338,7 @@ class Trainer:
             return evaluate(self.model, self.task, split, batch_size=self.settings.eval_batch_size, **options)
         from .evaluate import evaluate_batches
         return evaluate_batches(self.model, self.task, split, self.settings.eval_batch_size,
-                                self.settings.valid_max_batches)
+                                self.settings.valid_max_batches, comm=self.comm)
 
     def _is_better(self, value):
         best = self.position["best_metric"]
@@ -339,6 +355,8 @@ class Trainer:
                    "parameters": self.model.num_parameters, "seconds": seconds,
                    "samples_per_s": samples / seconds if seconds > 0 else None,
                    "settings": dataclasses.asdict(self.settings)}
+        if not self.comm.is_root:
+            return summary
         best_path = os.path.join(self.run_dir, BEST)
         if self.task.num_examples("test") and os.path.exists(best_path):
             best = load_file(best_path).build_model(dtype=self.settings.dtype, device=self.settings.device)

@@ -1,0 +1,136 @@
+"""The ``elm`` entry point: what must happen before NumPy and Numba are imported.
+
+Under an MPI launcher (``mpiexec -n K elm train …``, ``srun elm train …``) two things
+need the process environment before the libraries read it:
+
+* Threads per rank. K ranks on one node share its cores: each rank gets
+  cores // (ranks on this node) Numba and BLAS threads, or the cores the launcher
+  bound it to. A value the user exported wins.
+* A rank that dies must be named. When a rank is killed (the OOM killer, SIGKILL,
+  a crash) the launcher kills the others at once and reports only a PID. So
+  ``elm train`` and ``elm sweep`` run in a child process of a thin parent: the
+  parent holds no MPI state, sees how its child ended, and says which rank died
+  and how to resume. The child inherits every descriptor (the launcher's
+  connection) and dies with its parent.
+
+This module imports nothing heavy: the CLI itself is imported only afterwards.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+SUPERVISED = "ELMCORE_RANK_SUPERVISED"
+WATCHED_COMMANDS = ("train", "sweep")
+THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+# (rank, world size, ranks on this node) as each launcher names them.
+LAUNCHER_VARIABLES = (
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"),                                        # Hydra: MPICH, Intel MPI
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),     # Open MPI
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"),        # MVAPICH
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", None),                                     # srun
+)
+
+
+def launcher_ranks(environ=os.environ):
+    """(rank, size, ranks on this node) announced by an MPI launcher, or None outside one (or for 1 rank)."""
+    for rank_name, size_name, local_name in LAUNCHER_VARIABLES:
+        rank, size = environ.get(rank_name, ""), environ.get(size_name, "")
+        if rank.isdigit() and size.isdigit() and int(size) > 1:
+            local = environ.get(local_name, "") if local_name else _slurm_tasks_on_node(environ)
+            return int(rank), int(size), int(local) if str(local).isdigit() and int(local) > 0 else int(size)
+    return None
+
+
+def _slurm_tasks_on_node(environ):
+    """Tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE such as '2(x3),1'."""
+    counts = []
+    for part in environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        number, _, repeat = part.partition("(x")
+        if not number.isdigit():
+            return ""
+        counts += [int(number)] * (int(repeat.rstrip(")")) if repeat.rstrip(")").isdigit() else 1)
+    node = environ.get("SLURM_NODEID", "0")
+    return str(counts[int(node)]) if node.isdigit() and int(node) < len(counts) else ""
+
+
+def threads_per_rank(local_ranks, usable_cores=None, node_cores=None):
+    """Threads for one of ``local_ranks`` ranks on a node: its bound cores, else an equal share."""
+    if usable_cores is None:
+        usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    usable = usable_cores
+    node = node_cores if node_cores is not None else (os.cpu_count() or usable)
+    if usable < node:
+        return usable  # the launcher bound this rank to its own cores
+    return max(1, usable // max(1, local_ranks))
+
+
+def set_thread_defaults(local_ranks, environ=os.environ):
+    threads = str(threads_per_rank(local_ranks))
+    for name in THREAD_VARIABLES:
+        environ.setdefault(name, threads)
+
+
+def death_message(rank, size, pid, signum, argv):
+    """The line a rank's parent prints when the rank was killed by a signal."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    command = argv[1] if len(argv) > 1 else "elm"
+    how = (f"continue with `mpiexec -n {size} elm train --resume RUN_DIR` (the last checkpoint, "
+           "last.npz, is always whole)" if command == "train" else
+           "run the same `elm sweep` again: finished points are kept, interrupted ones resume")
+    return (f"error: rank {rank} of {size} (pid {pid} on {socket.gethostname()}) was killed by {name}; "
+            f"the launcher stops the other ranks. To go on, {how}.")
+
+
+def _die_with_parent():
+    """In the child: be killed when the parent dies (Linux), so no rank outlives its launcher."""
+    try:
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(rank, size, argv):
+    """Run ``argv`` as a child rank; return the exit code to end with."""
+    env = dict(os.environ, **{SUPERVISED: "1"})
+    # Every rank of `elm train` reaches the same end; rank 0 alone reports it (errors still show).
+    quiet = rank != 0 and len(argv) > 1 and argv[1] == "train"
+    child = subprocess.Popen([sys.executable, "-m", "elm_cli.launch", *argv[1:]], env=env, close_fds=False,
+                             stdout=subprocess.DEVNULL if quiet else None,
+                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, forward)
+    code = child.wait()
+    if code < 0:
+        sys.stderr.write(death_message(rank, size, child.pid, -code, argv) + "\n")
+        sys.stderr.flush()
+        return 128 - code
+    return code
+
+
+def main():
+    ranks = launcher_ranks()
+    if ranks is not None:
+        rank, size, local = ranks
+        set_thread_defaults(local)
+        watched = len(sys.argv) > 1 and sys.argv[1] in WATCHED_COMMANDS
+        if watched and os.environ.get(SUPERVISED) != "1":
+            sys.exit(supervise(rank, size, sys.argv))
+    from elm_cli.main import main as cli_main
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
