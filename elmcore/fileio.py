@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import zipfile
 
@@ -92,15 +93,18 @@ def atomic_output(path, suffix="", inputs=()):
     # A symlink (or a chain of them) is kept: its final target is what gets written.
     target = os.path.realpath(path)
     try:
-        info = os.stat(target)
+        info = os.stat(path)  # the kernel follows every link, /dev/stdout's included
     except FileNotFoundError:
         info = None
     except OSError as e:
         raise write_error(path, e) from None
     if info is not None and stat.S_ISDIR(info.st_mode):
         raise ELMError(f"cannot write {path}: it is a directory")
-    if info is not None and not stat.S_ISREG(info.st_mode):
-        with _write_through(path, target, info, suffix) as tmp:
+    through_proc = _proc_link(path)
+    if info is not None and (not stat.S_ISREG(info.st_mode) or through_proc is not None):
+        # A FIFO, device or terminal, or a descriptor named through /proc (/dev/stdout, /dev/fd/N):
+        # renaming onto it would replace what it is, so the finished bytes are written into it.
+        with _write_through(path, info, suffix, through_proc) as tmp:
             yield tmp
         return
     directory = os.path.dirname(target)
@@ -130,17 +134,56 @@ def atomic_output(path, suffix="", inputs=()):
         raise
 
 
+def _proc_link(path):
+    """The path in /proc that resolving ``path`` passes through (``/dev/stdout`` -> ``/proc/self/fd/1``), or None."""
+    current = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        if current == "/proc" or current.startswith("/proc/"):
+            return current
+        parts = current.split(os.sep)
+        for i in range(2, len(parts) + 1):
+            prefix = os.sep.join(parts[:i])
+            if os.path.islink(prefix):
+                current = os.path.normpath(os.path.join(os.path.dirname(prefix), os.readlink(prefix), *parts[i:]))
+                break
+        else:
+            return None
+    return None
+
+
+def _own_descriptor(proc_path):
+    """N when ``proc_path`` names this process's descriptor N (``/proc/self/fd/N``)."""
+    parts = proc_path.split(os.sep)
+    if len(parts) == 5 and parts[3] == "fd" and parts[4].isdigit() and \
+            parts[2] in ("self", "thread-self", str(os.getpid())):
+        return int(parts[4])
+    return None
+
+
 @contextlib.contextmanager
-def _write_through(path, target, info, suffix):
-    """A FIFO, terminal or device: write the finished bytes into it, never replace the node."""
+def _write_through(path, info, suffix, proc_path):
+    """Write the finished bytes into ``path`` (a FIFO, device, terminal or descriptor), never replacing it.
+
+    This process's own descriptor (``/dev/stdout``) is written at its current
+    position, as a shell's ``>&1`` would, so what the command prints around it
+    is kept; anything else is opened for writing as ``open(path, "wb")`` would.
+    """
     if stat.S_ISSOCK(info.st_mode):
         raise ELMError(f"cannot write {path}: it is a socket")
     scratch = tempfile.mkdtemp(prefix="elmcore-")
     try:
         tmp = os.path.join(scratch, "output" + suffix)
         yield tmp
+        descriptor = _own_descriptor(proc_path) if proc_path else None
         try:
-            with open(tmp, "rb") as src, open(target, "wb") as dst:
+            if descriptor is not None:
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                dst = os.fdopen(os.dup(descriptor), "wb")
+            else:
+                dst = open(path, "wb")
+            with open(tmp, "rb") as src, dst:
                 shutil.copyfileobj(src, dst)
         except OSError as e:
             raise write_error(path, e) from None

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import params as P
 from .config import ELMConfig
-from .errors import DataError, ELMError
+from .errors import DataError, ELMError, NonFiniteOutputError
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -170,8 +170,8 @@ class ELM:
             if len(bad):
                 b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
                 raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
-            raise DataError("the model produced non-finite outputs from finite input "
-                            "(diverged parameters?)")
+            raise NonFiniteOutputError("the model produced non-finite outputs from finite input "
+                                       "(diverged parameters?)")
 
     # ---- forward ------------------------------------------------------------
     def forward(self, X, return_cache=False, state=None):

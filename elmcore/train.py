@@ -43,7 +43,7 @@ import numpy as np
 
 from .checkpoint import load_file, save_checkpoint, save_model
 from .config import ELMConfig
-from .errors import CheckpointError, DataError, ELMError
+from .errors import CheckpointError, ELMError, NonFiniteOutputError
 from .evaluate import evaluate, metric_value
 from .fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
                      remove_stale_temporaries, write_error)
@@ -206,7 +206,7 @@ class Trainer:
         self.run_dir = settings.run_dir or os.path.join(
             "runs", f"{settings.task}-{time.strftime('%Y%m%d-%H%M%S')}")
         self._lock_file = None
-        self._created_dir = False
+        self._created_dir = self._created_parent = False
         self._last_checkpoint_step = None
 
     # ---- the run directory: one trainer at a time ------------------------------
@@ -216,6 +216,8 @@ class Trainer:
             if not os.path.isdir(self.run_dir):
                 raise ELMError(f"cannot resume: {self.run_dir} is not a directory")
         elif self.settings.run_dir is None:
+            parent = os.path.dirname(self.run_dir)
+            self._created_parent = bool(parent) and not os.path.exists(parent)
             self.run_dir = _make_unique_dir(self.run_dir)
             self._created_dir = True
         else:
@@ -240,6 +242,8 @@ class Trainer:
                     os.unlink(os.path.join(self.run_dir, name))
             with contextlib.suppress(OSError):
                 os.rmdir(self.run_dir)  # only if nothing else was put there
+                if self._created_parent:
+                    os.rmdir(os.path.dirname(self.run_dir))
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -415,7 +419,12 @@ class Trainer:
                     self._save_checkpoint()
             if bar is not None:
                 bar.close()
-            valid = self._validate()
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    valid = self._validate()
+            except NonFiniteOutputError:
+                self._diverged(f"the model's outputs on validation data are not finite after step "
+                               f"{self.position['step']}", step=self.position["step"])
             last_valid = metric_value(self.task, valid)
             improved = self._is_better(last_valid)
             if improved:
@@ -444,10 +453,8 @@ class Trainer:
         with np.errstate(over="ignore", invalid="ignore"):
             try:
                 Y, cache = self.model.forward(X, return_cache=True)
-            except DataError:
-                if np.all(np.isfinite(X)):  # finite input, non-finite output: the parameters blew up
-                    self._diverged(f"the model's outputs are not finite at step {step}")
-                raise
+            except NonFiniteOutputError:
+                self._diverged(f"the model's outputs are not finite at step {step}")
             target = self.model.xp.asarray(batch.target)
             if self.task.loss == "neuronio":
                 loss, dY = self.loss_fn(Y, target, burn_in=s.burn_in)
@@ -466,17 +473,24 @@ class Trainer:
             if bad:
                 self._diverged(f"the gradient of {bad[0]} is not finite at step {step}", loss)
             norm = self.optimizer.step(grads, lr=lr)
+            # Never let a checkpoint hold an overflowed parameter.
+            bad = [k for k in self.model.trainable_keys if not bool(xp.all(xp.isfinite(self.model.params[k])))]
+            if bad:
+                self._diverged(f"the update of step {step} made {bad[0]} non-finite", loss)
         return loss, norm, lr
 
-    def _diverged(self, what, loss=None):
+    def _diverged(self, what, loss=None, step=None):
+        """Record and raise the divergence of ``step`` (default: the step being taken)."""
         last = os.path.join(self.run_dir, LAST)
         if self._last_checkpoint_step is not None and os.path.exists(last):
-            where = f"the last good checkpoint is {last} (step {self._last_checkpoint_step})"
+            good = "" if self._last_checkpoint_step == step else "good "  # at ``step``: the diverged parameters
+            where = f"the last {good}checkpoint is {last} (step {self._last_checkpoint_step})"
         else:
             where = "no checkpoint was written yet"
         if os.path.exists(os.path.join(self.run_dir, BEST)):
             where += f", the best model so far {os.path.join(self.run_dir, BEST)}"
-        self._record({"type": "diverged", "step": self.position["step"] + 1, "epoch": self.position["epoch"],
+        self._record({"type": "diverged", "step": self.position["step"] + 1 if step is None else step,
+                      "epoch": self.position["epoch"],
                       "loss": finite_or_none(loss), "message": what})
         raise TrainingDiverged(f"training stopped: {what} (epoch {self.position['epoch'] + 1}); {where}. "
                                "Try a lower --lr or --clip-norm.")

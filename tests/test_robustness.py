@@ -94,6 +94,25 @@ def test_device_node_output_is_written_through_not_replaced(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs /proc")
+def test_dev_stdout_is_written_at_the_descriptor_not_replaced(tmp_path):
+    import subprocess
+    import sys
+    script = ("from elmcore.fileio import atomic_write_text\n"
+              "print('before', flush=True)\n"
+              "atomic_write_text('/dev/stdout', 'json\\n')\n"
+              "atomic_write_text('/dev/fd/1', 'again\\n')\n"
+              "print('after', flush=True)\n")
+    out = tmp_path / "captured.txt"
+    with open(out, "wb") as f:
+        inode = os.fstat(f.fileno()).st_ino
+        subprocess.run([sys.executable, "-c", script], stdout=f, check=True, timeout=60)
+    assert out.read_text() == "before\njson\nagain\nafter\n"
+    assert os.stat(out).st_ino == inode  # the same file, not one renamed over it
+    piped = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True, timeout=60)
+    assert piped.stdout == b"before\njson\nagain\nafter\n"
+
+
 def test_existing_file_keeps_its_mode_and_new_files_follow_the_umask(tmp_path):
     kept = tmp_path / "shared.json"
     kept.write_text("{}")
@@ -565,6 +584,25 @@ def test_a_failed_train_leaves_no_empty_run_directory(tmp_path):
     assert not rd.exists()
     assert_refused(invoke("train", *TINY_ADDING, "--set", "num_memory=0", "--run-dir", rd), "num_memory")
     assert not rd.exists()
+
+
+def test_a_failed_train_in_a_default_directory_leaves_nothing(tmp_path, monkeypatch):
+    from elmcore.data.synthetic import make_synthetic
+    task = make_synthetic("adding", n=40, length=6)
+    task.splits["train"][0][0, 0, 0] = np.inf
+    task.save(tmp_path / "adding.npz")
+    monkeypatch.chdir(tmp_path)
+    assert_refused(invoke("train", "--task", "adding", "--data-dir", tmp_path, "--quiet"), "infinite")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_info_on_a_checkpoint_with_odd_metadata_still_describes_it(finished_run, tmp_path):
+    rd = _copy_run(finished_run, tmp_path)
+    _rewrite_checkpoint(rd / "last.npz", lambda d: d.update(meta=np.array(json.dumps(
+        {"step": "x", "best_metric": "best", "position": {}}))))
+    result = invoke("info", rd / "last.npz")
+    assert result.exit_code == 0, result.output
+    assert "elmcore-checkpoint" in result.output
 
 
 def test_done_line_names_no_best_model_when_none_was_kept(tmp_path, monkeypatch):
