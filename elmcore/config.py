@@ -145,6 +145,14 @@ class ELMConfig:
         tau_input = self.branches if self.is_v2 else self.num_synapse
         return mlp + self.num_synapse + self.num_output * (m + 1) + tau_input + m + routing
 
+    def activation_bytes(self, batch, steps, itemsize=4):
+        """About what one forward and backward pass over ``batch`` sequences of ``steps`` steps holds:
+        per step the input, routed and branch inputs, memory and its update, every MLP layer's
+        pre-activations and the outputs, once for the forward cache and once for the gradients."""
+        per_step = (self.num_input + self.branches + self.num_synapse + 3 * self.num_memory
+                    + (self.mlp_num_layers + 1) * self.hidden_size + self.num_output)
+        return 2 * batch * steps * per_step * itemsize
+
     def training_bytes(self):
         """A lower bound on the memory training needs: parameters, gradients and two Adam moments in float64,
         plus NumPy's per-array overhead for each layer's tensors."""

@@ -42,7 +42,7 @@ from typing import Optional
 import numpy as np
 
 from .checkpoint import load_file, save_checkpoint, save_model
-from .config import ELMConfig
+from .config import ELMConfig, check_memory
 from .errors import CheckpointError, ELMError, NonFiniteOutputError
 from .evaluate import evaluate, metric_value
 from .fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
@@ -206,7 +206,7 @@ class Trainer:
         self.run_dir = settings.run_dir or os.path.join(
             "runs", f"{settings.task}-{time.strftime('%Y%m%d-%H%M%S')}")
         self._lock_file = None
-        self._created_dir = self._created_parent = False
+        self._created_dir = self._created_parent = self._activations_checked = False
         self._last_checkpoint_step = None
 
     # ---- the run directory: one trainer at a time ------------------------------
@@ -447,6 +447,12 @@ class Trainer:
         if s.input_dropout > 0:
             keep = dropout_rng.random(X.shape) >= s.input_dropout
             X = X * keep / np.float32(1 - s.input_dropout)
+        if not self._activations_checked:
+            held_out = max(self.task.num_examples("valid"), self.task.num_examples("test"))
+            batch_size = max(len(X), min(s.eval_batch_size, held_out))
+            check_memory(self.model.config.activation_bytes(batch_size, X.shape[1], self.model.dtype.itemsize),
+                         f"training on batches of {batch_size} sequences of {X.shape[1]} steps")
+            self._activations_checked = True
         lr = cosine_lr(self.position["step"], total_steps, s.lr, s.min_lr, s.warmup_steps)
         step = self.position["step"] + 1
         # Overflow is detected below by explicit finiteness checks, which name the step.
