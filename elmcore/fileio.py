@@ -66,7 +66,7 @@ def _same_file(a, b):
 
 
 def refuse_inputs(output, inputs):
-    """Raise if ``output`` is one of the files ``inputs`` (through symlinks and hard links); ``None`` items are skipped."""
+    """Raise if ``output`` is one of the files ``inputs`` (through symlinks and hard links); skips ``None``."""
     out_real = os.path.realpath(os.fspath(output))
     out_exists = os.path.lexists(out_real)
     for item in inputs:

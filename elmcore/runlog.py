@@ -16,13 +16,24 @@ import os
 from .errors import ELMError
 from .fileio import describe_os_error
 
+
+def _is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_table(v):
+    return isinstance(v, dict)
+
+
 # Fields every record of a type must hold, with the check each must pass.
-_IS_COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-_IS_NUMBER = (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool))
 REQUIRED = {
-    "step": {"step": _IS_COUNT, "epoch": _IS_COUNT, "loss": _IS_NUMBER},
-    "epoch": {"step": _IS_COUNT, "epoch": _IS_COUNT, "valid": (lambda v: isinstance(v, dict))},
-    "diverged": {"step": _IS_COUNT},
+    "step": {"step": _is_count, "epoch": _is_count, "loss": _is_number},
+    "epoch": {"step": _is_count, "epoch": _is_count, "valid": _is_table},
+    "diverged": {"step": _is_count},
 }
 
 

@@ -253,7 +253,7 @@ class Trainer:
         d = {**self.task.model_defaults(), **self.settings.model}
         for key in ("num_input", "num_output"):
             if d[key] != getattr(self.task, key):
-                raise ELMError(f"model {key} = {d[key]} does not match task '{self.task.name}' "
+                raise ELMError(f"model {key} = {d[key]!r} does not match task '{self.task.name}' "
                                f"({getattr(self.task, key)})")
         return ELMConfig.from_dict(d)
 

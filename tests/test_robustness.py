@@ -259,7 +259,8 @@ def test_parameter_count_in_closed_form_matches_the_shapes(num_input, num_memory
     cfg = ELMConfig.from_dict(dict(num_input=num_input, num_output=2, num_memory=num_memory,
                                    mlp_num_layers=layers, mlp_hidden_size=hidden, version=version,
                                    input_to_synapse_routing=routing,
-                                   num_branch=branches if routing else None, num_synapse_per_branch=2 if routing else 1))
+                                   num_branch=branches if routing else None,
+                                   num_synapse_per_branch=2 if routing else 1))
     assert cfg.parameter_count() == sum(int(np.prod(s)) for s in expected_shapes(cfg).values())
 
 
