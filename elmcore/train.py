@@ -388,8 +388,8 @@ class Trainer:
             data_rng = np.random.default_rng([s.seed, epoch])
             bar = _progress(per_epoch, skip, f"epoch {epoch + 1}/{s.epochs}", self.progress)
             # Sums over the epoch's batches so far: a resumed epoch goes on from the checkpoint's.
-            epoch_loss = float(self.position.get("epoch_loss_sum", 0.0)) if skip else 0.0
-            epoch_n = int(self.position.get("epoch_examples", 0)) if skip else 0
+            epoch_loss = float(self.position.get("epoch_loss_sum") or 0.0) if skip else 0.0
+            epoch_n = int(self.position.get("epoch_examples") or 0) if skip else 0
             t_epoch = time.perf_counter()
             for b, batch in enumerate(self.task.batches("train", s.batch_size, rng=data_rng, shuffle=True)):
                 if b >= per_epoch:
@@ -470,7 +470,7 @@ class Trainer:
             if not math.isfinite(loss):
                 self._diverged(f"the loss is {loss} at step {step}", loss)
             first = self.position.get("first_loss")
-            if first is not None and loss > DIVERGENCE_FACTOR * max(first, np.finfo(np.float32).tiny):
+            if first is not None and first > 0 and loss > DIVERGENCE_FACTOR * first:
                 self._diverged(f"the loss {loss:.3g} at step {step} exceeds {DIVERGENCE_FACTOR:g} times the "
                                f"loss of the first step ({first:.3g}): training diverged", loss)
             grads = self.model.backward(dY, cache)

@@ -671,3 +671,15 @@ def test_divergence_after_a_bad_update_keeps_the_last_good_checkpoint(tmp_path):
                       model={"num_memory": 3}, run_dir=str(tmp_path / "run"))
     with pytest.raises(TrainingDiverged, match=r"step 2 .*last good checkpoint .*last.npz \(step 1\)"):
         Trainer(s, task=make_synthetic("adding", n=50, length=6), progress=False, log=lambda m: None).run()
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only")])
+def test_a_full_or_read_only_disk_during_training_is_one_error(tmp_path, monkeypatch, code, words):
+    def failing_save(f, **arrays):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(np, "savez", failing_save)
+    rd = tmp_path / "run"
+    assert_refused(invoke("train", *TINY_ADDING, "--epochs", "1", "--checkpoint-every", "1", "--run-dir", rd),
+                   "cannot write", "last.npz", words)
+    assert leftovers(rd) == []
