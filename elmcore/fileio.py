@@ -89,6 +89,8 @@ def atomic_output(path, suffix="", inputs=()):
     On any exception the temporary file is removed and ``path`` is untouched.
     """
     path = os.fspath(path)
+    if not path or "\0" in path or path.endswith(os.sep):
+        raise ELMError(f"cannot write {path!r}: not a file name")
     refuse_inputs(path, inputs)
     # A symlink (or a chain of them) is kept: its final target is what gets written.
     target = os.path.realpath(path)
@@ -230,12 +232,20 @@ def parse_json(text, source):
         raise ELMError(f"{source}: JSON nested too deeply to read") from None
 
 
+# JSON files elmcore reads are configs and run settings: a few KiB. The cap stops /dev/zero and the like.
+MAX_JSON_BYTES = 64 * 2 ** 20
+
+
 def read_json(path, what="file"):
-    """Parse the JSON file ``path``; missing, unreadable, non-UTF-8 or malformed files raise an ELMError."""
+    """Parse the JSON file ``path``; missing, unreadable, oversized, non-UTF-8 or malformed files raise an ELMError."""
     path = os.fspath(path)
+    if "\0" in path:
+        raise ELMError(f"{what} {path!r}: not a file name")
     try:
         with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_JSON_BYTES + 1)
+        if len(text) > MAX_JSON_BYTES:
+            raise ELMError(f"{what} {path} is larger than {MAX_JSON_BYTES // 2 ** 20} MiB; not a settings file")
     except FileNotFoundError:
         raise ELMError(f"{what} not found: {path}") from None
     except IsADirectoryError:

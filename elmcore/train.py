@@ -175,7 +175,7 @@ def _check_setting_type(name, value, annotation):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         wanted = "a finite number"
     elif base is str:
-        ok, wanted = isinstance(value, str), "a string"
+        ok, wanted = isinstance(value, str) and "\0" not in value, "a string (without NUL characters)"
     elif base is dict:
         ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
         wanted = "a table of KEY = VALUE"
