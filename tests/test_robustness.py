@@ -690,3 +690,19 @@ def test_a_full_or_read_only_disk_during_training_is_one_error(tmp_path, monkeyp
     assert_refused(invoke("train", *TINY_ADDING, "--epochs", "1", "--checkpoint-every", "1", "--run-dir", rd),
                    "cannot write", "last.npz", words)
     assert leftovers(rd) == []
+
+
+_option_values = st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=True) | \
+    st.text(max_size=4) | st.lists(st.integers(0, 3), max_size=2)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(["adding", "delayed-recall"]),
+       options=st.dictionaries(st.sampled_from(["n", "length", "num_tokens", "valid_fraction", "test_fraction",
+                                                "seed", "junk"]), _option_values, max_size=3))
+def test_any_task_options_give_a_task_or_an_elm_error(name, options):
+    try:
+        task = get_task(name, **options)
+    except ELMError:
+        return
+    assert task.num_examples("train") >= 1 and task.num_input >= 2
