@@ -52,8 +52,14 @@ def write_error(path, error):
 
 
 def _current_umask():
-    # os.umask can only be read by setting it; this process is single-threaded where it writes.
-    mask = os.umask(0o022)
+    try:  # Linux states it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere it can only be read by setting it (for a moment)
     os.umask(mask)
     return mask
 

@@ -139,6 +139,9 @@ def test_model_files_and_run_files_are_readable_by_the_group_under_umask_022(tmp
         cfg = ELMConfig(num_input=2, num_output=1, num_memory=2)
         save_model(tmp_path / "m.npz", cfg, ELM(cfg).state_dict())
         assert stat.S_IMODE(os.stat(tmp_path / "m.npz").st_mode) == 0o644
+        result = invoke("data", "generate", "adding", "--n", "30", "--length", "5", "--out", tmp_path / "data")
+        assert result.exit_code == 0, result.output
+        assert stat.S_IMODE(os.stat(tmp_path / "data" / "adding.npz").st_mode) == 0o644
     finally:
         os.umask(old)
 
