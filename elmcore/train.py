@@ -363,6 +363,8 @@ class Trainer:
             failed = False
             return summary
         finally:
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()  # an error message then starts on a line of its own
             self._close_run_dir(failed)
 
     def _run(self):
@@ -386,7 +388,7 @@ class Trainer:
             if skip and self.position["dropout_rng"] is not None:
                 dropout_rng.bit_generator.state = self.position["dropout_rng"]
             data_rng = np.random.default_rng([s.seed, epoch])
-            bar = _progress(per_epoch, skip, f"epoch {epoch + 1}/{s.epochs}", self.progress)
+            bar = self._bar = _progress(per_epoch, skip, f"epoch {epoch + 1}/{s.epochs}", self.progress)
             # Sums over the epoch's batches so far: a resumed epoch goes on from the checkpoint's.
             epoch_loss = float(self.position.get("epoch_loss_sum") or 0.0) if skip else 0.0
             epoch_n = int(self.position.get("epoch_examples") or 0) if skip else 0

@@ -380,7 +380,7 @@ CLI_CASES = {
     "train model bomb": (lambda f: ["train", *TINY_ADDING, "--set", "num_memory=1000000000", "--run-dir", f / "rb"],
                          ["num_memory=1000000000", "would need at least"]),
     "train activations bomb": (lambda f: ["train", "--task", "adding", "--task-option", "n=3", "--task-option",
-                                          "length=20000000", "--quiet", "--run-dir", f / "ra"],
+                                          "length=20000000", "--run-dir", f / "ra"],
                                ["sequences of 20000000 steps", "would need at least"]),
     "train config /dev/zero": (lambda f: ["train", "--config", "/dev/zero"], ["larger than"]),
     "train run dir with NUL": (lambda f: ["train", "--config", _run_config(f, "nul.json", {"run_dir": "a\0b"})],
@@ -709,3 +709,27 @@ def test_any_task_options_give_a_task_or_an_elm_error(name, options):
     except ELMError:
         return
     assert task.num_examples("train") >= 1 and task.num_input >= 2
+
+
+def test_two_trainer_processes_on_one_run_directory(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    rd = tmp_path / "run"
+    cmd = [sys.executable, "-m", "elm_cli.main", "train", "--task", "adding", "--task-option", "n=4000",
+           "--task-option", "length=30", "--epochs", "50", "--quiet", "--run-dir", str(rd)]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((rd / "metrics.jsonl").exists() and
+                                              (rd / "metrics.jsonl").stat().st_size):
+            time.sleep(0.05)
+        assert first.poll() is None, "the first trainer must still be running for this test to mean anything"
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert "in use by another trainer" in second.stderr and f"process {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
