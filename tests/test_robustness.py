@@ -434,9 +434,10 @@ def test_convert_onto_its_own_checkpoint_is_refused(tmp_path):
     before = pt.read_bytes()
     assert_refused(invoke("convert", pt, "-o", pt), "input")
     assert_refused(invoke("convert", pt, "-o", tmp_path / "model_config.json"), "input")
-    assert_refused(invoke("convert", pt, "--config", tmp_path / "deep.json", "-o", tmp_path / "m.npz"))
-    (tmp_path / "deep.json").write_text("{" * 50000)
-    assert_refused(invoke("convert", pt, "--config", tmp_path / "deep.json", "-o", tmp_path / "m.npz"))
+    assert_refused(invoke("convert", pt, "--config", tmp_path / "deep.json", "-o", tmp_path / "m.npz"), "not found")
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    assert_refused(invoke("convert", pt, "--config", tmp_path / "deep.json", "-o", tmp_path / "m.npz"),
+                   "nested too deeply")
     assert pt.read_bytes() == before and not (tmp_path / "m.npz").exists()
 
 
