@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from . import params as P
-from .config import ELMConfig
+from .config import ELMConfig, check_memory
 from .errors import DataError, ELMError, NonFiniteOutputError
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -185,6 +185,9 @@ class ELM:
         ``state`` (from ``init_state``) continues a stream instead of starting at zero.
         """
         X = self.prepare_input(X)
+        # Half of activation_bytes: the forward cache without the gradients.
+        check_memory(self.config.activation_bytes(X.shape[0], X.shape[1], self.dtype.itemsize) // 2,
+                     f"a forward pass over {X.shape[0]} sequences of {X.shape[1]} steps")
         Y, cache = self._forward(X, state)
         self._check_output(Y, X)
         return (Y, cache) if return_cache else Y

@@ -734,3 +734,13 @@ def test_two_trainer_processes_on_one_run_directory(tmp_path):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+
+
+def test_a_forward_pass_that_cannot_fit_is_refused_before_allocating(files, tmp_path, monkeypatch):
+    # A machine with 64 MiB, so that a modest input stands for one far longer than memory.
+    monkeypatch.setattr("elmcore.config.memory_limit_bytes", lambda: 2 ** 26)
+    np.save(tmp_path / "long.npy", np.zeros((1, 2 ** 20, 2), np.float32))
+    assert_refused(invoke("predict", files / "model.npz", "--input", tmp_path / "long.npy", "--output",
+                          tmp_path / "out.npy"), "forward pass over 1 sequences of 1048576 steps",
+                   "would need at least", "allows 64 MiB")
+    assert not (tmp_path / "out.npy").exists()
