@@ -1,10 +1,12 @@
-"""Pieces every ``elm`` command group shares: how user errors are shown, KEY=VALUE options."""
+"""Pieces every ``elm`` command group shares: how user errors are shown, KEY=VALUE options, number types."""
 
 import json
+import math
 
 import click
 
 from elmcore.errors import ELMError
+from elmcore.fileio import describe_os_error
 
 
 class UserError(click.ClickException):
@@ -25,12 +27,43 @@ class ELMGroup(click.Group):
             raise UserError(str(e)) from None
         except MemoryError:
             raise UserError("out of memory: reduce the batch size or sequence length") from None
+        except RecursionError:
+            raise UserError("an input is nested too deeply to read") from None
+        except OSError as e:
+            # The file system refused something (disk full, read-only, vanished path): the user's to fix.
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            raise UserError(f"{where}{describe_os_error(e)}") from None
 
 
-def parse_assignments(pairs, what="option"):
+class FiniteFloat(click.ParamType):
+    """A float option that refuses NaN and ±inf (click's FloatRange lets NaN through every bound)."""
+    name = "float"
+
+    def __init__(self, min=None, max=None, min_open=False, max_open=False):
+        self.min, self.max, self.min_open, self.max_open = min, max, min_open, max_open
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and (number < self.min or (self.min_open and number == self.min)):
+            self.fail(f"{number:g} is not {'>' if self.min_open else '>='} {self.min:g}", param, ctx)
+        if self.max is not None and (number > self.max or (self.max_open and number == self.max)):
+            self.fail(f"{number:g} is not {'<' if self.max_open else '<='} {self.max:g}", param, ctx)
+        return number
+
+
+def parse_assignments(pairs, what="option", reserved=()):
     """``KEY=VALUE`` strings -> dict; VALUE is read as JSON where it parses (numbers, true, null), else a string.
 
     Dashes in keys become underscores, so ``--set mlp-num-layers=2`` works too.
+    ``reserved`` keys are set by the command itself (its own options) and refused here.
     """
     out = {}
     for pair in pairs:
@@ -39,7 +72,11 @@ def parse_assignments(pairs, what="option"):
             raise UserError(f"{what} expects KEY=VALUE, got {pair!r}")
         try:
             value = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = raw
-        out[key.strip().replace("-", "_")] = value
+        key = key.strip().replace("-", "_")
+        if key in reserved:
+            raise UserError(f"{what} {key}=… is not an option here; use the command's own --{key.replace('_', '-')}"
+                            if key != "name" else f"{what} name=… is not an option here")
+        out[key] = value
     return out

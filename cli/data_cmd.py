@@ -48,7 +48,7 @@ def generate(task, out_dir, n, seed, extra, unbalanced, **named):
     options = {k: v for k, v in named.items() if v is not None}
     if unbalanced:
         options["balanced"] = False
-    options.update(parse_assignments(extra, "--option"))
+    options.update(parse_assignments(extra, "--option", ("name", "out_dir", "n", "seed", "progress")))
     written = generate_task(spec.name, out_dir, n=n, seed=seed, progress=True, **options)
     click.echo(f"wrote {spec.name} (seed {seed}) to {written}")
 
@@ -70,14 +70,14 @@ def _format(value):
 @generic_option
 def info(data_dir, task_name, preview, seed, extra):
     """Counts, sequence lengths and class balance of the data set in DATA_DIR."""
-    from elmcore.data.registry import detect_task, get_task, task_spec
+    from elmcore.data.registry import data_files, detect_task, get_task, task_spec
     name = task_spec(task_name).name if task_name else detect_task(data_dir)
-    task = get_task(name, data_dir, seed=seed, **parse_assignments(extra, "--option"))
+    task = get_task(name, data_dir, seed=seed, **parse_assignments(extra, "--option", ("name", "data_dir", "seed")))
     click.echo(f"{name}: {data_dir}")
     for key, value in task.describe().items():
         click.echo(f"  {key}: {_format(value)}")
     if preview:
-        write_preview(task, preview)
+        write_preview(task, preview, inputs=data_files(name, data_dir))
         click.echo(f"preview written to {preview}")
 
 
@@ -88,8 +88,8 @@ def _first_split(task):
     raise ELMError(f"task {task.name} has no examples to preview")
 
 
-def write_preview(task, path, max_images=16):
-    """Save a PNG preview of ``task`` to ``path`` (atomically)."""
+def write_preview(task, path, max_images=16, inputs=()):
+    """Save a PNG preview of ``task`` to ``path`` (atomically; never over one of ``inputs``)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -133,6 +133,6 @@ def write_preview(task, path, max_images=16):
         ax.set_ylabel("input channel")
         ax.set_title(f"{task.name} ({split}, example 0): {len(steps)} non-zero inputs")
     fig.tight_layout()
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+    with atomic_output(path, inputs=inputs) as tmp, open(tmp, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

@@ -7,7 +7,7 @@ import sys
 import click
 import numpy as np
 
-from elm_cli.common import ELMGroup, UserError, parse_assignments
+from elm_cli.common import ELMGroup, FiniteFloat, UserError, parse_assignments
 from elmcore.errors import ELMError
 
 DEFAULT_GRADCHECK_CONFIG = {
@@ -73,11 +73,11 @@ def info(path):
               help="Override the config's version.")
 @click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=6, show_default=True, type=click.IntRange(min=1))
-@click.option("--eps", default=1e-6, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--eps", default=1e-6, show_default=True, type=FiniteFloat(min=0, min_open=True))
 @click.option("--entries", default=12, show_default=True, type=click.IntRange(min=1),
               help="Entries checked per tensor (all when the tensor is smaller).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--tolerance", default=1e-6, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--tolerance", default=1e-6, show_default=True, type=FiniteFloat(min=0, min_open=True))
 def gradcheck(config_path, version, batch, steps, eps, entries, seed, tolerance):
     """Compare analytic gradients with central differences in float64, tensor by tensor."""
     from elmcore.config import ELMConfig
@@ -113,23 +113,54 @@ def _switch_version(cfg, version):
 
 # ---- train ----------------------------------------------------------------------------
 
+# Task options that are run settings of their own (--seed, --data-dir).
+TASK_RESERVED = ("name", "data_dir", "seed")
+
+
 def _load_run_file(path):
-    if not os.path.exists(path):
-        raise ELMError(f"run config not found: {path}")
-    try:
-        if path.endswith(".toml"):
+    """The run settings in a JSON or TOML file, as a dict (types are checked by TrainSettings)."""
+    from elmcore.fileio import describe_os_error, read_json
+    if not path.endswith(".toml"):
+        data = read_json(path, "run config")
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
             try:
-                import tomllib
-            except ImportError:  # Python < 3.11
                 import tomli as tomllib
+            except ImportError:
+                raise ELMError("reading TOML needs Python 3.11+ or the 'tomli' package") from None
+        try:
             with open(path, "rb") as f:
-                return tomllib.load(f)
-        with open(path) as f:
-            return json.load(f)
-    except ImportError:
-        raise ELMError("reading TOML needs Python 3.11+ or the 'tomli' package") from None
-    except Exception as e:  # json / toml decode errors carry the line and column
-        raise ELMError(f"{path}: cannot parse run config ({e})") from None
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ELMError(f"run config not found: {path}") from None
+        except OSError as e:
+            raise ELMError(f"cannot read run config {path}: {describe_os_error(e)}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ELMError(f"{path}: cannot parse run config ({e or 'nested too deeply'})") from None
+    if not isinstance(data, dict):
+        raise ELMError(f"{path}: a run config must be a JSON object or TOML table of settings, "
+                       f"got {type(data).__name__}")
+    return data
+
+
+def _data_files(settings):
+    """The data files a run will read (``data_files`` of its task), or none where the task is not known yet."""
+    from elmcore.data.registry import data_files
+    try:
+        return data_files(settings.get("task"), settings.get("data_dir"))
+    except (ELMError, TypeError):
+        return []  # an unknown task or a data_dir of the wrong type: the settings check reports it
+
+
+def _section(settings, key, source):
+    """The ``model`` / ``task_options`` table of a run config, which flags then extend."""
+    value = settings.get(key, {})
+    if not isinstance(value, dict):
+        raise ELMError(f"training setting '{key}' must be a table of KEY = VALUE, got {type(value).__name__} "
+                       f"{str(value)[:60]} ({source})")
+    return value
 
 
 TRAIN_FLAGS = ("task", "data_dir", "epochs", "batch_size", "batches_per_epoch", "optimizer", "lr", "min_lr",
@@ -154,15 +185,15 @@ TRAIN_FLAGS = ("task", "data_dir", "epochs", "batch_size", "batches_per_epoch", 
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--batches-per-epoch", type=click.IntRange(min=1))
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "adamax"]))
-@click.option("--lr", type=float)
-@click.option("--min-lr", type=float)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True))
+@click.option("--min-lr", type=FiniteFloat(min=0))
 @click.option("--warmup-steps", type=click.IntRange(min=0))
-@click.option("--weight-decay", type=float)
-@click.option("--clip-norm", type=float)
-@click.option("--input-dropout", type=float)
+@click.option("--weight-decay", type=FiniteFloat(min=0))
+@click.option("--clip-norm", type=FiniteFloat(min=0, min_open=True))
+@click.option("--input-dropout", type=FiniteFloat())
 @click.option("--burn-in", type=click.IntRange(min=0), help="NeuronIO: steps at the start of each window "
               "left out of the loss (the release uses 0).")
-@click.option("--seed", type=int)
+@click.option("--seed", type=click.IntRange(min=0))
 @click.option("--dtype", type=click.Choice(["float32", "float64"]))
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]))
 @click.option("--checkpoint-every", type=click.IntRange(min=1))
@@ -182,24 +213,30 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, quie
                             "may change")
         trainer = Trainer.resume(resume_dir, progress=not quiet, log=log, **given)
     else:
-        settings = dict(_load_run_file(run_config)) if run_config else {}
+        source = run_config or "command line"
+        settings = _load_run_file(run_config) if run_config else {}
         settings.update(given)
         if "task" not in settings:
             from elmcore.train import DEFAULT_RUN
             settings = {**DEFAULT_RUN, **settings}
         if model_config:
             from elmcore.config import ELMConfig
-            settings["model"] = {**settings.get("model", {}), **ELMConfig.load(model_config).to_dict()}
+            settings["model"] = {**_section(settings, "model", source), **ELMConfig.load(model_config).to_dict()}
         if model_sets:
-            settings["model"] = {**settings.get("model", {}), **parse_assignments(model_sets, "--set")}
+            settings["model"] = {**_section(settings, "model", source), **parse_assignments(model_sets, "--set")}
         if task_sets:
-            settings["task_options"] = {**settings.get("task_options", {}),
-                                        **parse_assignments(task_sets, "--task-option")}
-        trainer = Trainer(TrainSettings.from_dict(settings), progress=not quiet, log=log)
+            settings["task_options"] = {**_section(settings, "task_options", source),
+                                        **parse_assignments(task_sets, "--task-option", TASK_RESERVED)}
+        trainer = Trainer(TrainSettings.from_dict(settings, source=source), progress=not quiet, log=log,
+                          inputs=[run_config, model_config, *_data_files(settings)])
     summary = trainer.run()
     best = summary["best_valid_metric"]
+    best_path = os.path.join(summary["run_dir"], "best.npz")
+    kept = (f"model: {best_path}" if os.path.exists(best_path) else
+            f"no model improved on validation, so no best.npz; last checkpoint: "
+            f"{os.path.join(summary['run_dir'], 'last.npz')}")
     click.echo(f"done: {summary['steps']} steps in {summary['seconds']:.1f} s, best valid {summary['metric']} "
-               f"{best if best is None else format(best, '.4g')}; model: {os.path.join(summary['run_dir'], 'best.npz')}")
+               f"{best if best is None else format(best, '.4g')}; {kept}")
 
 
 # ---- eval / predict / convert / plot ---------------------------------------------------------
@@ -224,10 +261,10 @@ def eval_cmd(model_path, task, data_dir, task_sets, split, batch_size, window, b
              dtype, device, json_out):
     """Evaluate a model or checkpoint on a task split and print its metrics."""
     from elmcore.checkpoint import load_model
-    from elmcore.data.registry import get_task
+    from elmcore.data.registry import data_files, get_task
     from elmcore.evaluate import evaluate
     model = load_model(model_path, dtype=dtype, device=device)
-    t = get_task(task, data_dir=data_dir, **parse_assignments(task_sets, "--task-option"))
+    t = get_task(task, data_dir=data_dir, **parse_assignments(task_sets, "--task-option", ("name", "data_dir")))
     if (t.num_input, t.num_output) != (model.config.num_input, model.config.num_output):
         raise UserError(f"model has {model.config.num_input} inputs / {model.config.num_output} outputs, "
                         f"task '{task}' needs {t.num_input} / {t.num_output}")
@@ -240,7 +277,8 @@ def eval_cmd(model_path, task, data_dir, task_sets, split, batch_size, window, b
     if json_out:
         from elmcore.fileio import atomic_write_text
         atomic_write_text(json_out, json.dumps({"model": model_path, "task": task, "split": split,
-                                                "metrics": metrics}, indent=2) + "\n")
+                                                "metrics": metrics}, indent=2) + "\n",
+                          inputs=[model_path, *data_files(task, data_dir)])
 
 
 @cli.command()
@@ -262,7 +300,7 @@ def predict(model_path, input_path, output_path, head, batch_size, dtype, device
     X, squeeze = read_input_array(input_path, model.config.num_input)
     Y = predict_array(model, X, head=head, batch_size=batch_size)
     from elmcore.fileio import atomic_output
-    with atomic_output(output_path) as tmp:
+    with atomic_output(output_path, inputs=[model_path, input_path]) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, Y[0] if squeeze else Y)
     click.echo(f"wrote {output_path}: {Y[0].shape if squeeze else Y.shape} ({head} head)")
@@ -282,7 +320,9 @@ def convert(pt_path, config_path, version, output, dtype):
     cfg, params = load_release_model(pt_path, config_path=config_path, version=version)
     from elmcore.model import ELM
     model = ELM(cfg, params=params, dtype=dtype)
-    save_model(output, cfg, model.state_dict(), dtype=dtype)
+    save_model(output, cfg, model.state_dict(), dtype=dtype,
+               inputs=[pt_path, config_path, os.path.join(os.path.dirname(os.path.abspath(pt_path)),
+                                                          "model_config.json")])
     click.echo(f"wrote {output}: {cfg.version}, {model.num_parameters} parameters")
 
 

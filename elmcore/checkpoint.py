@@ -14,36 +14,36 @@ torn file where a good one was.
 
 import json
 import os
-import zipfile
 
 import numpy as np
 
 from .config import ELMConfig
 from .errors import CheckpointError, ELMError
-from .fileio import atomic_output
+from .fileio import atomic_output, parse_json, read_npz
 
 MODEL_FORMAT = "elmcore-model"
 CHECKPOINT_FORMAT = "elmcore-checkpoint"
 
 
-def _write_npz(path, arrays):
-    with atomic_output(path) as tmp:
+def _write_npz(path, arrays, inputs=()):
+    with atomic_output(path, inputs=inputs) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
 
-def save_model(path, config: ELMConfig, params, dtype="float32"):
+def save_model(path, config: ELMConfig, params, dtype="float32", inputs=()):
+    """Write a model file; ``inputs`` (the files the caller read) may not be overwritten."""
     arrays = {"format": np.array(MODEL_FORMAT), "config": np.array(config.to_json()), "dtype": np.array(dtype)}
     arrays.update({f"param/{k}": np.asarray(v) for k, v in params.items()})
-    _write_npz(path, arrays)
+    _write_npz(path, arrays, inputs)
 
 
-def save_checkpoint(path, config: ELMConfig, params, optim_state, meta, dtype="float32"):
+def save_checkpoint(path, config: ELMConfig, params, optim_state, meta, dtype="float32", inputs=()):
     arrays = {"format": np.array(CHECKPOINT_FORMAT), "config": np.array(config.to_json()),
               "dtype": np.array(dtype), "meta": np.array(json.dumps(meta))}
     arrays.update({f"param/{k}": np.asarray(v) for k, v in params.items()})
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in optim_state.items()})
-    _write_npz(path, arrays)
+    _write_npz(path, arrays, inputs)
 
 
 class LoadedFile:
@@ -67,35 +67,46 @@ class LoadedFile:
 def load_file(path):
     """Read a model or checkpoint ``.npz``; any damage becomes one CheckpointError naming the file."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"file not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory, expected a model .npz file")
     try:
-        with np.load(path, allow_pickle=False) as d:
-            data = {k: d[k] for k in d.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable elmcore model/checkpoint (truncated or corrupt: {e})") from None
-    kind = str(data.get("format", ""))
+        data = read_npz(path, "an elmcore model or checkpoint")
+    except ELMError as e:
+        raise CheckpointError(str(e)) from None
+    kind = _text_entry(data, "format", path, "")
     if kind not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path}: not an elmcore model or checkpoint (no 'format' entry of "
                               f"{MODEL_FORMAT!r} or {CHECKPOINT_FORMAT!r})")
+    if "config" not in data:
+        raise CheckpointError(f"{path}: lacks its model config")
     try:
-        config = ELMConfig.from_json(str(data["config"]), source=f"{path}: config")
-    except KeyError:
-        raise CheckpointError(f"{path}: lacks its model config") from None
+        config = ELMConfig.from_json(_text_entry(data, "config", path), source=f"{path}: config")
     except ELMError as e:
         raise CheckpointError(f"{path}: {e}") from None
     params = {k[6:]: v for k, v in data.items() if k.startswith("param/")}
     optim = {k[6:]: v for k, v in data.items() if k.startswith("optim/")}
     meta = {}
     if kind == CHECKPOINT_FORMAT:
+        if "meta" not in data:
+            raise CheckpointError(f"{path}: checkpoint metadata missing")
         try:
-            meta = json.loads(str(data["meta"]))
-        except (KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: checkpoint metadata missing or corrupt ({e})") from None
-    dtype = str(data.get("dtype", "float32"))
+            meta = parse_json(_text_entry(data, "meta", path), f"{path}: meta")
+        except ELMError as e:
+            raise CheckpointError(f"checkpoint metadata corrupt: {e}") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: checkpoint metadata must be a JSON object, got {type(meta).__name__}")
+    dtype = _text_entry(data, "dtype", path, "float32")
+    if dtype not in ("float32", "float64"):
+        raise CheckpointError(f"{path}: stored dtype must be float32 or float64, got {dtype[:40]!r}")
     return LoadedFile(path, kind, config, dtype, params, optim, meta)
+
+
+def _text_entry(data, key, path, default=None):
+    """A 0-d text entry as ``str``; any other array there is damage, named as such."""
+    if key not in data:
+        return default
+    value = data[key]
+    if value.shape != () or value.dtype.kind != "U":
+        raise CheckpointError(f"{path}: entry '{key}' must be a text scalar, got {value.dtype} {value.shape}")
+    return str(value)
 
 
 def load_model(path, dtype=None, device="cpu"):

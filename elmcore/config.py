@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from .errors import ConfigError, ELMError
+from .fileio import parse_json, read_json
 
 VERSIONS = ("elm_v1", "branch_elm_v2")
 ACTIVATIONS = ("relu", "silu")
@@ -125,6 +126,38 @@ class ELMConfig:
             raise ConfigError("memory_tau_max",
                               f"must exceed memory_tau_min by more than {2 * TAU_INIT_MARGIN:g} "
                               "(the release's initialisation margin)")
+        sizes = ", ".join(f"{name}={getattr(self, name)}" for name in
+                          ("num_input", "num_memory", "mlp_num_layers", "mlp_hidden_size", "num_branch",
+                           "num_synapse_per_branch") if getattr(self, name) is not None)
+        check_memory(self.training_bytes(),
+                     f"a model with {sizes} ({self.parameter_count():.3g} parameters, trained in float64)")
+
+    # ---- size ------------------------------------------------------------
+    def parameter_count(self):
+        """Entries of every state_dict tensor, in closed form (no allocation, any layer count)."""
+        h, m, layers = self.hidden_size, self.num_memory, self.mlp_num_layers
+        fan_in = self.mlp_input_size
+        if layers:
+            mlp = fan_in * h + (layers - 1) * h * h + h * m + layers * h + m
+        else:
+            mlp = fan_in * m + m
+        routing = 2 * self.num_synapse if self.input_to_synapse_routing else 0
+        tau_input = self.branches if self.is_v2 else self.num_synapse
+        return mlp + self.num_synapse + self.num_output * (m + 1) + tau_input + m + routing
+
+    def activation_bytes(self, batch, steps, itemsize=4):
+        """About what one forward and backward pass over ``batch`` sequences of ``steps`` steps holds:
+        per step the input, routed and branch inputs, memory and its update, every MLP layer's
+        pre-activations and the outputs, once for the forward cache and once for the gradients."""
+        per_step = (self.num_input + self.branches + self.num_synapse + 3 * self.num_memory
+                    + (self.mlp_num_layers + 1) * self.hidden_size + self.num_output)
+        return 2 * batch * steps * per_step * itemsize
+
+    def training_bytes(self):
+        """A lower bound on the memory training needs: parameters, gradients and two Adam moments in float64,
+        plus NumPy's per-array overhead for each layer's tensors."""
+        tensors = 2 * (self.mlp_num_layers + 1) + 8
+        return 4 * (8 * self.parameter_count() + ARRAY_OVERHEAD_BYTES * tensors)
 
     # ---- (de)serialisation ---------------------------------------------
     def to_dict(self):
@@ -163,29 +196,71 @@ class ELMConfig:
 
     @classmethod
     def from_json(cls, text, source="config"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ELMError(f"{source}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, source))
 
     @classmethod
     def load(cls, path):
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ELMError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ELMError(f"cannot read config file {path}: {e}") from None
-        return cls.from_json(text, source=os.fspath(path))
+        return cls.from_dict(read_json(path, "config file"))
 
-    def save(self, path):
+    def save(self, path, inputs=()):
         from .fileio import atomic_write_text
-        atomic_write_text(path, self.to_json() + "\n")
+        atomic_write_text(path, self.to_json() + "\n", inputs=inputs)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+# ---- memory estimates (shared by every model family and by data generated in memory) ----
+
+ARRAY_OVERHEAD_BYTES = 112  # sys.getsizeof(np.empty(0)): what each tensor costs besides its data
+
+
+def memory_limit_bytes():
+    """What this process may allocate: physical memory, lowered by a cgroup limit or RLIMIT_AS / RLIMIT_DATA.
+
+    ``None`` where none of them can be read.
+    """
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(cgroup_file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    try:
+        import resource
+        for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+            soft, _ = resource.getrlimit(which)
+            if soft != resource.RLIM_INFINITY and soft > 0:
+                limits.append(soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return min(limits) if limits else None
+
+
+def format_bytes(n):
+    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_memory(nbytes, what):
+    """Refuse, before allocating, work that cannot fit in this machine's memory.
+
+    ``what`` names the thing being built; the message says how much it would
+    need and how much there is, so the user can see which size to shrink.
+    """
+    limit = memory_limit_bytes()
+    if limit is not None and nbytes > limit:
+        raise ELMError(f"{what} would need at least {format_bytes(nbytes)} of memory; this machine "
+                       f"allows {format_bytes(limit)}")
 
 
 def _require_int(name, value, minimum):

@@ -25,3 +25,7 @@ class DataError(ELMError):
 
 class CheckpointError(ELMError):
     """A missing, truncated, corrupt or unsafe checkpoint file."""
+
+
+class NonFiniteOutputError(DataError):
+    """A model's outputs are not finite although its input is: its parameters have diverged."""

@@ -41,8 +41,9 @@ def describe_path(path):
     lines = [f"{loaded.kind}: {path} (stored as {loaded.dtype})"]
     meta = loaded.meta
     if meta:
+        best = meta.get("best_metric")
         lines.append(f"step {meta.get('step')}, epoch {meta.get('epoch')}"
-                     + (f", best {meta.get('metric_name', 'metric')} {meta['best_metric']:.4g}"
-                        if meta.get("best_metric") is not None else ""))
+                     + (f", best {meta.get('metric_name', 'metric')} {best:.4g}"
+                        if isinstance(best, (int, float)) and not isinstance(best, bool) else ""))
     loaded.build_model()  # validates every parameter against the config
     return lines + describe_config(loaded.config)

@@ -12,8 +12,8 @@ import dataclasses
 import numpy as np
 
 from . import params as P
-from .config import ELMConfig
-from .errors import DataError, ELMError
+from .config import ELMConfig, check_memory
+from .errors import DataError, ELMError, NonFiniteOutputError
 from .kernels import contract as kernel_contract
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -171,8 +171,8 @@ class ELM:
             if len(bad):
                 b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
                 raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
-            raise DataError("the model produced non-finite outputs from finite input "
-                            "(diverged parameters?)")
+            raise NonFiniteOutputError("the model produced non-finite outputs from finite input "
+                                       "(diverged parameters?)")
 
     # ---- forward ------------------------------------------------------------
     def forward(self, X, return_cache=False, state=None):
@@ -187,6 +187,9 @@ class ELM:
         ``state`` (from ``init_state``) continues a stream instead of starting at zero.
         """
         X = self.prepare_input(X)
+        # Half of activation_bytes: the forward cache without the gradients.
+        check_memory(self.config.activation_bytes(X.shape[0], X.shape[1], self.dtype.itemsize) // 2,
+                     f"a forward pass over {X.shape[0]} sequences of {X.shape[1]} steps")
         Y, cache = self._forward(X, state)
         self._check_output(Y, X)
         return (Y, cache) if return_cache else Y

@@ -1,14 +1,13 @@
 """Oracle files from the official release (ELM_SPEC §6) and checking the engine against them."""
 
 import dataclasses
-import json
 import os
-import zipfile
 
 import numpy as np
 
 from .config import ELMConfig
 from .errors import ELMError
+from .fileio import parse_json, read_npz
 
 # An array's error is max|got − ref| / max|ref|; these bound it per precision.
 TOLERANCE = {"float64": 1e-9, "float32": 1e-3}
@@ -30,27 +29,37 @@ class OracleCase:
 def load_oracle(path):
     """Read an oracle ``.npz`` without pickle; every problem becomes one ELMError naming the file."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ELMError(f"oracle file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as d:
-            data = {k: d[k] for k in d.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise ELMError(f"{path}: not a readable oracle .npz file ({e})") from None
+    data = read_npz(path, "an oracle file")
     for key in ("config", "version", "X", "G", "Y", "loss"):
         if key not in data:
             raise ELMError(f"{path}: oracle file lacks the array '{key}'")
+    for key in ("config", "version"):
+        if data[key].shape != () or data[key].dtype.kind != "U":
+            raise ELMError(f"{path}: oracle entry '{key}' must be a text scalar, got {data[key].dtype} "
+                           f"{data[key].shape}")
+    cfg_dict = parse_json(str(data["config"]), f"{path}: config")
     try:
-        cfg_dict = json.loads(str(data["config"]))
-    except json.JSONDecodeError as e:
-        raise ELMError(f"{path}: 'config' is not valid JSON ({e})") from None
-    config = ELMConfig.from_dict(cfg_dict, version=str(data["version"]))
+        config = ELMConfig.from_dict(cfg_dict, version=str(data["version"]))
+    except ELMError as e:
+        raise ELMError(f"{path}: {e}") from None
     # Absent routing tensors are stored as empty arrays.
     params = {k[6:]: v for k, v in data.items() if k.startswith("param/") and v.size}
     grads = {k[5:]: v for k, v in data.items() if k.startswith("grad/")}
     traces = {k[6:]: v for k, v in data.items() if k.startswith("trace/")}
-    return OracleCase(os.path.splitext(os.path.basename(path))[0], config, data["X"], data["G"], data["Y"],
-                      float(data["loss"]), params, grads, traces)
+    for key, array in [("X", data["X"]), ("G", data["G"]), ("Y", data["Y"]), ("loss", data["loss"])] + \
+            [(f"grad/{k}", v) for k, v in grads.items()] + [(f"trace/{k}", v) for k, v in traces.items()]:
+        if array.dtype.kind not in "fiu":
+            raise ELMError(f"{path}: oracle entry '{key}' must be numeric, got {array.dtype}")
+    X, G, Y = data["X"], data["G"], data["Y"]
+    if X.ndim != 3 or X.shape[2] != config.num_input:
+        raise ELMError(f"{path}: X must have shape (batch, time, {config.num_input}), got {X.shape}")
+    if Y.shape != X.shape[:2] + (config.num_output,) or G.shape != Y.shape:
+        raise ELMError(f"{path}: Y and G must have shape {X.shape[:2] + (config.num_output,)}, got "
+                       f"{Y.shape} and {G.shape}")
+    if data["loss"].size != 1:
+        raise ELMError(f"{path}: 'loss' must be one number, got shape {data['loss'].shape}")
+    return OracleCase(os.path.splitext(os.path.basename(path))[0], config, X, G, Y,
+                      float(data["loss"].reshape(())), params, grads, traces)
 
 
 def relative_error(got, ref):

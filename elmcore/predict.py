@@ -1,11 +1,9 @@
 """Applying a model to user arrays (``elm predict``)."""
 
-import os
-import zipfile
-
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, ELMError
+from .fileio import read_npy
 from .losses import SOMA_SCALE
 
 HEADS = ("raw", "neuronio")
@@ -13,15 +11,10 @@ HEADS = ("raw", "neuronio")
 
 def read_input_array(path, num_input):
     """(X (B, T, num_input), squeezed) from a ``.npy`` file; ``squeezed`` when the file held (T, num_input)."""
-    if not os.path.exists(path):
-        raise DataError(f"input file not found: {path}")
     try:
-        X = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npy array ({e})") from None
-    if isinstance(X, np.lib.npyio.NpzFile):
-        X.close()
-        raise DataError(f"{path}: expected a single .npy array, got an .npz archive")
+        X = read_npy(path, "input")
+    except ELMError as e:
+        raise DataError(str(e)) from None
     if X.dtype.kind not in "fiub":
         raise DataError(f"{path}: input must be numeric, got dtype {X.dtype}")
     squeezed = X.ndim == 2

@@ -383,6 +383,8 @@ def _read_config(path, version):
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to read") from None
     return ELMConfig.from_dict(data, version=version)
 
 

@@ -12,32 +12,57 @@ the data order and windows from one, input dropout from another whose state is
 saved in each checkpoint. A resumed run therefore replays the interrupted epoch's
 batches, skips those already trained on, and ends bit-identical (on the CPU) to a
 run that was never interrupted.
+
+One trainer at a time: a run holds an exclusive lock on ``RUN/.lock`` while it
+runs, and a second trainer on the same directory is refused. Default run
+directories are created exclusively, so runs started in the same second get
+different names.
+
+Divergence: training stops (and records why in metrics.jsonl) when the loss,
+an output or a gradient is not finite, or when the loss exceeds
+``DIVERGENCE_FACTOR`` times the loss of the run's first step. The untrained
+model's loss is where descent started; a loss that many times higher means the
+optimiser is no longer descending but has thrown away everything it learned and
+more (an Adam step of size lr moves every weight by about lr, so a too-large
+lr sends the outputs, and the loss with their square, up by orders of magnitude
+at once, while a finite loss can still be far beyond anything meaningful, e.g.
+an MSE of 2e40 in float64). Ordinary noise, even at a learning rate that is
+merely too high, stays well within a factor of 1000.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
+import typing
 from typing import Optional
 
 import numpy as np
 
 from .checkpoint import load_file, save_checkpoint, save_model
-from .config import ELMConfig
+from .config import ELMConfig, check_memory
 from .distributed import communicator
-from .errors import ELMError
+from .errors import CheckpointError, ELMError, NonFiniteOutputError
 from .evaluate import evaluate, metric_value
-from .fileio import atomic_write_text
+from .fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
+                     remove_stale_temporaries, write_error)
 from .losses import LOSS_FUNCTIONS
 from .model import ELM
 from .optim import Optimizer, cosine_lr
+from .runlog import finite_or_none, read_records
 
 RUN_FILE = "run.json"
 LAST = "last.npz"
 BEST = "best.npz"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+LOCK = ".lock"
+RUN_FILES = (RUN_FILE, LAST, BEST, METRICS, SUMMARY)
+
+# Stop when the loss exceeds this many times the loss of the run's first step (see the module docstring).
+DIVERGENCE_FACTOR = 1e3
 
 
 # What `elm train` runs with no task given: a Branch-ELM on the adding problem at
@@ -53,7 +78,16 @@ DEFAULT_RUN = {
 
 
 class TrainingDiverged(ELMError):
-    """The loss or a gradient became non-finite; the last good checkpoint is kept."""
+    """The loss, an output or a gradient became non-finite, or the loss exploded; the last good checkpoint is kept."""
+
+
+class RunDirectoryBusy(ELMError):
+    """Another trainer holds this run directory's lock."""
+
+
+# Settings whose values are names from a fixed list.
+SETTING_CHOICES = {"optimizer": ("adam", "adamw", "adamax"), "dtype": ("float32", "float64"),
+                   "device": ("cpu", "cuda", "auto")}
 
 
 @dataclasses.dataclass
@@ -82,30 +116,83 @@ class TrainSettings:
     run_dir: Optional[str] = None
 
     def validate(self):
+        """Check every setting's type (from its annotation) and range; errors name the setting."""
+        for field in dataclasses.fields(self):
+            _check_setting_type(field.name, getattr(self, field.name), field.type)
+        clash = sorted(set(self.task_options) & {"name", "data_dir", "seed"})
+        if clash:
+            raise ELMError(f"task_options may not set {', '.join(clash)}: they are run settings of their own")
+        for name, choices in SETTING_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ELMError(f"training setting '{name}' must be one of {', '.join(choices)}, "
+                               f"got {getattr(self, name)!r}")
         checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1),
-                  ("lr", self.lr > 0 and math.isfinite(self.lr)), ("min_lr", 0 <= self.min_lr <= self.lr),
+                  ("lr", self.lr > 0), ("min_lr", 0 <= self.min_lr <= self.lr),
                   ("input_dropout", 0 <= self.input_dropout < 1), ("burn_in", self.burn_in >= 0),
                   ("checkpoint_every", self.checkpoint_every >= 1), ("warmup_steps", self.warmup_steps >= 0),
-                  ("eval_batch_size", self.eval_batch_size >= 1)]
-        if self.batches_per_epoch is not None:
-            checks.append(("batches_per_epoch", self.batches_per_epoch >= 1))
+                  ("eval_batch_size", self.eval_batch_size >= 1), ("seed", self.seed >= 0),
+                  ("weight_decay", self.weight_decay >= 0)]
+        for name, minimum in (("batches_per_epoch", 1), ("valid_max_batches", 1)):
+            if getattr(self, name) is not None:
+                checks.append((name, getattr(self, name) >= minimum))
+        if self.clip_norm is not None:
+            checks.append(("clip_norm", self.clip_norm > 0))
         for name, ok in checks:
             if not ok:
                 raise ELMError(f"training setting '{name}' has an impossible value: {getattr(self, name)!r}")
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source=None):
+        """Settings from a parsed run config (or run.json); every type and range is checked here."""
+        where = f" ({source})" if source else ""
+        if not isinstance(d, dict):
+            raise ELMError(f"run settings{where} must be a JSON object / TOML table, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ELMError(f"unknown training setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+            raise ELMError(f"unknown training setting(s){where}: {', '.join(map(str, unknown))} "
+                           f"(known: {', '.join(sorted(known))})")
+        settings = cls(**d)
+        try:
+            settings.validate()
+        except ELMError as e:
+            raise ELMError(f"{e}{where}") from None
+        return settings
+
+
+def _check_setting_type(name, value, annotation):
+    """``value`` fits ``annotation`` (int, float, str, dict, or Optional of one); JSON's true is no integer."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if value is None:
+        if optional:
+            return
+        raise ELMError(f"training setting '{name}' may not be null")
+    if base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        wanted = "an integer"
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    elif base is str:
+        ok, wanted = isinstance(value, str) and "\0" not in value, "a string (without NUL characters)"
+    elif base is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        wanted = "a table of KEY = VALUE"
+    else:
+        return
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ELMError(f"training setting '{name}' must be {wanted}{' or null' if optional else ''}, "
+                       f"got {type(value).__name__} {shown}")
 
 
 class Trainer:
     """Runs (or resumes) one training run in ``settings.run_dir``."""
 
-    def __init__(self, settings: TrainSettings, task=None, progress=True, log=print):
+    def __init__(self, settings: TrainSettings, task=None, progress=True, log=print, inputs=()):
+        """``inputs``: files the caller read the settings from; the run may not write over them."""
         settings.validate()
         self.comm = communicator(settings.device)
         progress, log = self.comm.output_on_root(progress, log)
@@ -114,20 +201,73 @@ class Trainer:
         self.settings = settings
         self.progress = progress
         self.log = log
+        self.inputs = [os.fspath(p) for p in inputs if p is not None]
         if task is None:
             from .data.registry import get_task
             task = get_task(settings.task, data_dir=settings.data_dir, seed=settings.seed, **settings.task_options)
         self.task = task
         self.loss_fn = LOSS_FUNCTIONS[task.loss]
-        self.run_dir = self.comm.bcast(settings.run_dir or os.path.join(
-            "runs", f"{settings.task}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        # Without a --run-dir: runs/<task>-<time>, made unique when the directory is created.
+        self.run_dir = settings.run_dir or os.path.join(
+            "runs", f"{settings.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self._lock_file = None
+        self._created_dir = self._created_parent = self._activations_checked = False
+        self._last_checkpoint_step = None
+
+    # ---- the run directory: one trainer at a time ------------------------------
+    def _open_run_dir(self, must_exist):
+        """Create (unless resuming) and lock the run directory; clear what a killed writer left.
+
+        Only rank 0 touches the directory; the others learn its name, which rank 0 may have
+        made unique.
+        """
+        if self.comm.is_root:
+            self._open_run_dir_on_root(must_exist)
+        self.run_dir = self.comm.bcast(self.run_dir)
+
+    def _open_run_dir_on_root(self, must_exist):
+        if must_exist:
+            if not os.path.isdir(self.run_dir):
+                raise ELMError(f"cannot resume: {self.run_dir} is not a directory")
+        elif self.settings.run_dir is None:
+            parent = os.path.dirname(self.run_dir)
+            self._created_parent = bool(parent) and not os.path.exists(parent)
+            self.run_dir = _make_unique_dir(self.run_dir)
+            self._created_dir = True
+        else:
+            self._created_dir = not os.path.exists(self.run_dir)
+            try:
+                os.makedirs(self.run_dir, exist_ok=True)
+            except OSError as e:
+                raise ELMError(f"cannot create the run directory {self.run_dir}: "
+                               f"{describe_os_error(e)}") from None
+        for name in RUN_FILES:
+            refuse_inputs(os.path.join(self.run_dir, name), self.inputs)
+        self._lock_file = _lock_run_dir(self.run_dir)
+        for stale in remove_stale_temporaries(self.run_dir, RUN_FILES):
+            self.log(f"removed {stale}, left by an interrupted write")
+
+    def _close_run_dir(self, failed):
+        """Release the lock; after a failure before anything was recorded, remove the directory we made."""
+        if failed and self._created_dir and not os.path.exists(os.path.join(self.run_dir, LAST)) \
+                and not read_records(self._metrics_path())[0]:
+            for name in (RUN_FILE, METRICS, LOCK):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.run_dir, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.run_dir)  # only if nothing else was put there
+                if self._created_parent:
+                    os.rmdir(os.path.dirname(self.run_dir))
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     # ---- setup -------------------------------------------------------------
     def model_config(self):
         d = {**self.task.model_defaults(), **self.settings.model}
         for key in ("num_input", "num_output"):
             if d[key] != getattr(self.task, key):
-                raise ELMError(f"model {key} = {d[key]} does not match task '{self.task.name}' "
+                raise ELMError(f"model {key} = {d[key]!r} does not match task '{self.task.name}' "
                                f"({getattr(self.task, key)})")
         return ELMConfig.from_dict(d)
 
@@ -141,15 +281,17 @@ class Trainer:
 
     def _new_state(self):
         s = self.settings
-        os.makedirs(self.run_dir, exist_ok=True)
+        cfg = self.model_config()
+        model = ELM(cfg, seed=s.seed, dtype=s.dtype, device=s.device)  # a bad config fails before any mkdir
+        self._open_run_dir(must_exist=False)
         if os.path.exists(os.path.join(self.run_dir, LAST)):
             raise ELMError(f"run directory {self.run_dir} already holds a run; use --resume {self.run_dir} "
                            "or choose another --run-dir")
-        cfg = self.model_config()
-        self.model = ELM(cfg, seed=s.seed, dtype=s.dtype, device=s.device)
+        self.model = model
         self.optimizer = self._make_optimizer()
         self.position = {"step": 0, "epoch": 0, "batch": 0, "dropout_rng": None,
-                         "best_metric": None, "best_step": None}
+                         "best_metric": None, "best_step": None, "first_loss": None,
+                         "epoch_loss_sum": 0.0, "epoch_examples": 0}
         if self.comm.is_root:
             atomic_write_text(os.path.join(self.run_dir, RUN_FILE),
                               json.dumps(dataclasses.asdict(s), indent=2) + "\n")
@@ -161,26 +303,31 @@ class Trainer:
                          lr=s.lr, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
 
     def _restore(self):
+        self._open_run_dir(must_exist=True)
         path = os.path.join(self.run_dir, LAST)
         loaded = load_file(path)
         if loaded.kind != "elmcore-checkpoint":
             raise ELMError(f"{path} is a model file, not a training checkpoint")
+        self.position = _checked_position(loaded.meta.get("position"), path)
         self.model = loaded.build_model(dtype=self.settings.dtype, device=self.settings.device)
         self.optimizer = self._make_optimizer()
-        self.optimizer.load_state_dict(loaded.optim_state)
-        self.position = dict(loaded.meta["position"])
+        try:
+            self.optimizer.load_state_dict(_checked_optim_state(loaded.optim_state, path))
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: optimizer state missing or damaged ({e})") from None
+        self._last_checkpoint_step = self.position["step"]
         self._truncate_metrics(self.position["step"], self.position["epoch"])
 
     @classmethod
     def resume(cls, run_dir, progress=True, log=print, task=None, **overrides):
+        run_dir = os.fspath(run_dir)
         path = os.path.join(run_dir, RUN_FILE)
         if not os.path.exists(os.path.join(run_dir, LAST)):
             raise ELMError(f"cannot resume: no checkpoint {os.path.join(run_dir, LAST)}")
         try:
-            with open(path) as f:
-                settings = TrainSettings.from_dict(json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ELMError(f"cannot resume: {path} is missing or corrupt ({e})") from None
+            settings = TrainSettings.from_dict(read_json(path, "run settings"), source=path)
+        except ELMError as e:
+            raise ELMError(f"cannot resume: {e}") from None
         settings = dataclasses.replace(settings, run_dir=run_dir, **overrides)
         trainer = cls(settings, task=task, progress=progress, log=log)
         trainer._resuming = True
@@ -191,28 +338,30 @@ class Trainer:
         return os.path.join(self.run_dir, METRICS)
 
     def _truncate_metrics(self, step, epoch):
-        """Drop records past the checkpoint we restart from, so the log tells one consistent story."""
+        """Drop records past the checkpoint we restart from, so the log tells one consistent story.
+
+        Damaged lines (torn by a kill, not UTF-8, not records) are dropped too.
+        """
         if not self.comm.is_root:
             return
         path = self._metrics_path()
-        kept = []
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line torn by a kill
-                    if (rec.get("type") == "step" and rec["step"] <= step) or \
-                            (rec.get("type") == "epoch" and rec["epoch"] < epoch):
-                        kept.append(line if line.endswith("\n") else line + "\n")
+        records, damaged = read_records(path)
+        if damaged:
+            self.log(f"{path}: dropped {damaged} damaged line(s)")
+        kept = [json.dumps(rec) + "\n" for rec in records
+                if (rec["type"] == "step" and rec["step"] <= step) or
+                (rec["type"] == "epoch" and rec["epoch"] < epoch) or
+                (rec["type"] == "diverged" and rec["step"] <= step)]
         atomic_write_text(path, "".join(kept))
 
     def _record(self, rec):
         if not self.comm.is_root:
             return
-        with open(self._metrics_path(), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(self._metrics_path(), "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise write_error(self._metrics_path(), e) from None
 
     # ---- checkpoints -----------------------------------------------------------
     def _meta(self):
@@ -225,9 +374,21 @@ class Trainer:
             return
         save_checkpoint(os.path.join(self.run_dir, LAST), self.model.config, self.model.state_dict(),
                         self.optimizer.state_dict(), self._meta(), dtype=self.settings.dtype)
+        self._last_checkpoint_step = self.position["step"]
 
     # ---- the loop ---------------------------------------------------------------
     def run(self):
+        failed = True
+        try:
+            summary = self._run()
+            failed = False
+            return summary
+        finally:
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()  # an error message then starts on a line of its own
+            self._close_run_dir(failed)
+
+    def _run(self):
         s = self.settings
         if getattr(self, "_resuming", False):
             self._restore()
@@ -248,8 +409,10 @@ class Trainer:
             if skip and self.position["dropout_rng"] is not None:
                 dropout_rng.bit_generator.state = self.position["dropout_rng"]
             data_rng = np.random.default_rng([s.seed, epoch])
-            bar = _progress(per_epoch, skip, f"epoch {epoch + 1}/{s.epochs}", self.progress)
-            epoch_loss, epoch_n = 0.0, 0
+            bar = self._bar = _progress(per_epoch, skip, f"epoch {epoch + 1}/{s.epochs}", self.progress)
+            # Sums over the epoch's batches so far: a resumed epoch goes on from the checkpoint's.
+            epoch_loss = float(self.position.get("epoch_loss_sum") or 0.0) if skip else 0.0
+            epoch_n = int(self.position.get("epoch_examples") or 0) if skip else 0
             t_epoch = time.perf_counter()
             for b, batch in enumerate(self.task.batches("train", s.batch_size, rng=data_rng, shuffle=True)):
                 if b >= per_epoch:
@@ -257,12 +420,15 @@ class Trainer:
                 if b < skip:
                     continue
                 loss, norm, lr = self._train_step(batch, dropout_rng, total_steps)
-                self.position.update(step=self.position["step"] + 1, batch=b + 1,
-                                     dropout_rng=dropout_rng.bit_generator.state)
                 n = len(batch.X)
                 samples_seen += n
                 epoch_loss += loss * n
                 epoch_n += n
+                self.position.update(step=self.position["step"] + 1, batch=b + 1,
+                                     dropout_rng=dropout_rng.bit_generator.state,
+                                     epoch_loss_sum=epoch_loss, epoch_examples=epoch_n)
+                if self.position.get("first_loss") is None:
+                    self.position["first_loss"] = loss
                 rate = samples_seen / max(time.perf_counter() - start_time, 1e-9)
                 self._record({"type": "step", "step": self.position["step"], "epoch": epoch, "batch": b,
                               "loss": loss, "lr": lr, "grad_norm": norm, "samples_per_s": rate})
@@ -276,7 +442,12 @@ class Trainer:
                     self._save_checkpoint()
             if bar is not None:
                 bar.close()
-            valid = self._validate()
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    valid = self._validate()
+            except NonFiniteOutputError:
+                self._diverged(f"the model's outputs on validation data are not finite after step "
+                               f"{self.position['step']}", step=self.position["step"])
             last_valid = metric_value(self.task, valid)
             improved = self._is_better(last_valid)
             if improved:
@@ -289,7 +460,8 @@ class Trainer:
                           "valid": valid, "best": improved, "seconds": time.perf_counter() - t_epoch})
             self.log(f"epoch {epoch + 1}/{s.epochs}: train loss {epoch_loss / max(epoch_n, 1):.4g}, "
                      f"valid {self.task.metric} {last_valid:.4g}{' (best)' if improved else ''}")
-            self.position.update(epoch=epoch + 1, batch=0, dropout_rng=None)
+            self.position.update(epoch=epoch + 1, batch=0, dropout_rng=None, epoch_loss_sum=0.0,
+                                 epoch_examples=0)
             self._save_checkpoint()
         return self._finish(time.perf_counter() - start_time, samples_seen)
 
@@ -300,31 +472,59 @@ class Trainer:
             keep = dropout_rng.random(X.shape) >= s.input_dropout
             X = X * keep / np.float32(1 - s.input_dropout)
         X, target, weight = self.comm.shard_batch(X, batch.target)
+        if not self._activations_checked:
+            held_out = max(self.task.num_examples("valid"), self.task.num_examples("test"))
+            batch_size = max(len(X), min(s.eval_batch_size, held_out))
+            check_memory(self.model.config.activation_bytes(batch_size, X.shape[1], self.model.dtype.itemsize),
+                         f"training on batches of {batch_size} sequences of {X.shape[1]} steps")
+            self._activations_checked = True
         lr = cosine_lr(self.position["step"], total_steps, s.lr, s.min_lr, s.warmup_steps)
-        Y, cache = self.model.forward(X, return_cache=True)
-        target = self.model.xp.asarray(target)
-        if self.task.loss == "neuronio":
-            loss, dY = self.loss_fn(Y, target, burn_in=s.burn_in)
-        else:
-            loss, dY = self.loss_fn(Y, target)
-        # Reduced before any check, so that every rank judges the global batch's loss alike.
-        grads = self.model.backward(dY, cache)
-        loss, grads = self.comm.allreduce_gradients(grads, loss, weight)
         step = self.position["step"] + 1
-        if not math.isfinite(loss):
-            self._diverged(f"the loss is {loss} at step {step}")
-        xp = self.model.xp
-        bad = [k for k, g in grads.items() if not bool(xp.all(xp.isfinite(g)))]
-        if bad:
-            self._diverged(f"the gradient of {bad[0]} is not finite at step {step}")
-        norm = self.optimizer.step(grads, lr=lr)
+        # Overflow is detected below by explicit finiteness checks, which name the step.
+        with np.errstate(over="ignore", invalid="ignore"):
+            try:
+                Y, cache = self.model.forward(X, return_cache=True)
+            except NonFiniteOutputError:
+                self._diverged(f"the model's outputs are not finite at step {step}")
+            target = self.model.xp.asarray(target)
+            if self.task.loss == "neuronio":
+                loss, dY = self.loss_fn(Y, target, burn_in=s.burn_in)
+            else:
+                loss, dY = self.loss_fn(Y, target)
+            # Reduced before any check, so that every rank judges the global batch's loss alike.
+            grads = self.model.backward(dY, cache)
+            loss, grads = self.comm.allreduce_gradients(grads, loss, weight)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                self._diverged(f"the loss is {loss} at step {step}", loss)
+            first = self.position.get("first_loss")
+            if first is not None and first > 0 and loss > DIVERGENCE_FACTOR * first:
+                self._diverged(f"the loss {loss:.3g} at step {step} exceeds {DIVERGENCE_FACTOR:g} times the "
+                               f"loss of the first step ({first:.3g}): training diverged", loss)
+            xp = self.model.xp
+            bad = [k for k, g in grads.items() if not bool(xp.all(xp.isfinite(g)))]
+            if bad:
+                self._diverged(f"the gradient of {bad[0]} is not finite at step {step}", loss)
+            norm = self.optimizer.step(grads, lr=lr)
+            # Never let a checkpoint hold an overflowed parameter.
+            bad = [k for k in self.model.trainable_keys if not bool(xp.all(xp.isfinite(self.model.params[k])))]
+            if bad:
+                self._diverged(f"the update of step {step} made {bad[0]} non-finite", loss)
         return loss, norm, lr
 
-    def _diverged(self, what):
+    def _diverged(self, what, loss=None, step=None):
+        """Record and raise the divergence of ``step`` (default: the step being taken)."""
         last = os.path.join(self.run_dir, LAST)
-        where = (f"the last good checkpoint is {last} (step {load_file(last).meta.get('step')})"
-                 if os.path.exists(last) else "no checkpoint was written yet")
-        self._record({"type": "diverged", "step": self.position["step"] + 1, "message": what})
+        if self._last_checkpoint_step is not None and os.path.exists(last):
+            good = "" if self._last_checkpoint_step == step else "good "  # at ``step``: the diverged parameters
+            where = f"the last {good}checkpoint is {last} (step {self._last_checkpoint_step})"
+        else:
+            where = "no checkpoint was written yet"
+        if os.path.exists(os.path.join(self.run_dir, BEST)):
+            where += f", the best model so far {os.path.join(self.run_dir, BEST)}"
+        self._record({"type": "diverged", "step": self.position["step"] + 1 if step is None else step,
+                      "epoch": self.position["epoch"],
+                      "loss": finite_or_none(loss), "message": what})
         raise TrainingDiverged(f"training stopped: {what} (epoch {self.position['epoch'] + 1}); {where}. "
                                "Try a lower --lr or --clip-norm.")
 
@@ -364,6 +564,97 @@ class Trainer:
             self.log(f"test {self.task.metric} of the best model: {summary['test'][self.task.metric]:.4g}")
         atomic_write_text(os.path.join(self.run_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _make_unique_dir(base):
+    """Create ``base``, or ``base-2``, ``base-3``, … if taken: mkdir is atomic, so two runs never share one."""
+    parent = os.path.dirname(base)
+    try:
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        for n in range(1, 10000):
+            candidate = base if n == 1 else f"{base}-{n}"
+            try:
+                os.mkdir(candidate)
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise ELMError(f"cannot create a run directory {base}: {describe_os_error(e)}") from None
+    raise ELMError(f"cannot create a run directory: {base}-2 … {base}-9999 all exist; pass --run-dir")
+
+
+def _lock_run_dir(run_dir):
+    """An exclusive lock on ``run_dir`` held as long as the returned file stays open."""
+    path = os.path.join(run_dir, LOCK)
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise ELMError(f"cannot lock the run directory {run_dir}: {describe_os_error(e)}") from None
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run unlocked
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise RunDirectoryBusy(f"run directory {run_dir} is in use by another trainer"
+                               f"{f' (process {holder})' if holder.isdigit() else ''}; wait for it to finish "
+                               "or choose another --run-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _checked_position(position, path):
+    """A checkpoint's loop position, every entry checked (a damaged one fails here, not mid-epoch)."""
+    if not isinstance(position, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata lacks the training position")
+
+    def bad(key, wanted):
+        return CheckpointError(f"{path}: training position '{key}' must be {wanted}, got {position.get(key)!r}")
+
+    def is_count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in ("step", "epoch", "batch"):
+        if not is_count(position.get(key)):
+            raise bad(key, "an integer >= 0")
+    for key, check, wanted in (("best_metric", is_number, "a finite number or null"),
+                               ("best_step", is_count, "an integer >= 0 or null"),
+                               ("first_loss", is_number, "a finite number or null"),
+                               ("epoch_loss_sum", is_number, "a finite number"),
+                               ("epoch_examples", is_count, "an integer >= 0")):
+        if position.get(key) is not None and not check(position[key]):
+            raise bad(key, wanted)
+    state = position.get("dropout_rng")
+    if state is not None:
+        try:
+            np.random.default_rng(0).bit_generator.state = state
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
+            raise bad("dropout_rng", "a NumPy PCG64 generator state") from None
+    return dict(position)
+
+
+def _checked_optim_state(state, path):
+    """The optimizer state with its step count checked and every array finite."""
+    t = state.get("t")
+    if t is None or t.shape != () or t.dtype.kind not in "iu" or int(t) < 0:
+        raise CheckpointError(f"{path}: optimizer step count 't' missing or not an integer >= 0")
+    for key, value in state.items():
+        if value.dtype.kind not in "fiu":
+            raise CheckpointError(f"{path}: optimizer state '{key}' is not numeric ({value.dtype})")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise CheckpointError(f"{path}: optimizer state '{key}' holds NaN or infinite values")
+    return state
 
 
 def _progress(total, initial, desc, enabled):

@@ -15,7 +15,9 @@ import dataclasses
 import glob
 import importlib
 import inspect
+import math
 import os
+import typing
 from typing import Optional
 
 from ..errors import DataError, ELMError
@@ -119,8 +121,64 @@ def _load(target):
     return getattr(importlib.import_module(module), attr)
 
 
+# Ranges of task options, checked here once for every reader and generator that takes an option of
+# that name. Integer options are otherwise >= 0; these counts and sizes must be >= 1.
+POSITIVE_OPTIONS = frozenset({"n", "n_files", "length", "num_tokens", "window", "bin_size", "sims_per_file",
+                              "duration_ms", "size", "levels", "per_folder"})
+# Shares of the examples held out: [0, 1).
+FRACTION_OPTIONS = frozenset({"valid_fraction", "test_fraction"})
+
+
+def _option_kind(parameter):
+    """(type an option must have, whether null is allowed), from its annotation or else its default."""
+    annotation = parameter.annotation
+    if annotation is not inspect.Parameter.empty:
+        args = typing.get_args(annotation)
+        if args:
+            base = next((a for a in args if a is not type(None)), None)
+            return base, type(None) in args
+        return annotation, False
+    default = parameter.default
+    if default is None or default is inspect.Parameter.empty:
+        return None, True
+    return type(default), False
+
+
+def check_option(what, name, value, parameter):
+    """Raise an ELMError naming ``name`` unless ``value`` has the type and range the option takes."""
+    kind, nullable = _option_kind(parameter)
+    if value is None:
+        if nullable:
+            return
+        raise ELMError(f"{what}: option {name} may not be null")
+    if isinstance(value, (list, dict, tuple, set)):
+        raise ELMError(f"{what}: option {name} takes a single value, got {value!r:.60}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ELMError(f"{what}: option {name} must be true or false, got {value!r:.60}")
+        return
+    untyped = kind is None and not isinstance(value, bool)
+    if kind is int or (untyped and isinstance(value, int)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ELMError(f"{what}: option {name} must be an integer, got {value!r:.60}")
+        minimum = 1 if name in POSITIVE_OPTIONS else 0
+        if value < minimum:
+            raise ELMError(f"{what}: option {name} must be >= {minimum}, got {value}")
+        return
+    if kind is float or (untyped and isinstance(value, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ELMError(f"{what}: option {name} must be a finite number, got {value!r:.60}")
+        if name in FRACTION_OPTIONS and not 0 <= value < 1:
+            raise ELMError(f"{what}: option {name} must be in [0, 1), got {value}")
+        if value < 0:
+            raise ELMError(f"{what}: option {name} must be >= 0, got {value}")
+        return
+    if kind is str and not isinstance(value, str):
+        raise ELMError(f"{what}: option {name} must be a string, got {value!r:.60}")
+
+
 def _call(function, what, *args, **options):
-    """Call ``function`` after checking that every option is one of its parameters."""
+    """Call ``function`` after checking every option: one of its parameters, of the right type and range."""
     params = inspect.signature(function).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         accepted = list(params)[len(args):]
@@ -128,7 +186,24 @@ def _call(function, what, *args, **options):
         if unknown:
             raise ELMError(f"{what}: unknown option(s) {', '.join(unknown)}; accepted: "
                            f"{', '.join(accepted)}")
+    for name, value in options.items():
+        if name in params:
+            check_option(what, name, value, params[name])
     return function(*args, **options)
+
+
+def _check_synthetic_size(name, function, options):
+    """Generated in memory: refuse, before allocating, sizes whose float32 inputs cannot fit."""
+    from ..config import check_memory
+    params = inspect.signature(function).parameters
+
+    def option(key):
+        value = options.get(key, params[key].default)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 1
+
+    channels = 2 if name == "adding" else option("num_tokens") + 1
+    check_memory(option("n") * option("length") * channels * 4,
+                 f"{name} with n={option('n')}, length={option('length')}")
 
 
 def _matches(data_dir, pattern):
@@ -137,6 +212,20 @@ def _matches(data_dir, pattern):
         if glob.glob(os.path.join(glob.escape(data_dir), alternative), recursive=True):
             return True
     return False
+
+
+def data_files(name, data_dir):
+    """The files of task ``name`` that ``data_dir`` holds (what a command reading it must not write over)."""
+    if data_dir is None:
+        return []
+    data_dir = os.fspath(data_dir)
+    if os.path.isfile(data_dir):
+        return [data_dir]
+    found = []
+    for pattern in task_spec(name).files:
+        for alternative in pattern.split("|"):
+            found += glob.glob(os.path.join(glob.escape(data_dir), alternative), recursive=True)
+    return found
 
 
 def check_data_dir(spec, data_dir):
@@ -170,6 +259,7 @@ def get_task(name, data_dir=None, seed=0, **options) -> Task:
     if spec.in_memory:
         from .synthetic import load_synthetic, make_synthetic
         if data_dir is None:
+            _check_synthetic_size(spec.name, make_synthetic, options)
             return _call(make_synthetic, spec.name, spec.name, seed=seed, **options)
         if options:
             raise ELMError(f"{spec.name}: options {', '.join(sorted(options))} apply only when "
@@ -213,6 +303,8 @@ def generate(name, out_dir, n=None, seed=0, progress=False, **options):
     kwargs = {**spec.generator_options, **options, spec.count_option: n, "seed": seed}
     if "progress" in inspect.signature(generator).parameters:
         kwargs["progress"] = progress
+    if spec.in_memory:
+        _check_synthetic_size(spec.name, generator, kwargs)
     _call(generator, spec.name, out_dir, **kwargs)
     return out_dir
 
