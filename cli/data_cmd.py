@@ -2,9 +2,10 @@
 
 import click
 
-from elm_cli.common import ELMGroup, parse_assignments
-from elmcore.errors import ELMError
+from elm_cli.common import ELMGroup, TaskChoice, parse_assignments
 from elmcore.data.base import SPLITS
+from elmcore.data.registry import GENERATABLE, TASKS
+from elmcore.errors import ELMError
 
 
 generic_option = click.option(
@@ -17,12 +18,21 @@ def data():
     """Generate offline data sets and inspect data directories."""
 
 
-@data.command()
-@click.argument("task")
+def _default_counts():
+    counts = {}
+    for name in GENERATABLE:
+        counts.setdefault(TASKS[name].default_n, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {n}" for n, names in counts.items())
+
+
+@data.command(help=f"""Write an offline data set of TASK ({', '.join(GENERATABLE)}) into --out; read it
+    back with `elm data info DIR`.""")
+@click.argument("task", type=TaskChoice(GENERATABLE))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory to write into (created if needed).")
-@click.option("--n", type=click.IntRange(min=1), default=None,
-              help="Examples in all splits (NeuronIO: files). Default: 1000 (NeuronIO: 1).")
+@click.option("--n", type=click.IntRange(min=1), default=None, show_default=_default_counts(),
+              help="Examples in all splits, split 80/10/10 (NeuronIO: files, split by the reader into "
+                   "train / valid / test, so at least 3).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--length", type=click.IntRange(min=2), help="adding / delayed-recall: sequence length.")
 @click.option("--num-tokens", type=click.IntRange(min=2), help="delayed-recall: number of cue tokens K.")
@@ -36,13 +46,12 @@ def data():
 @click.option("--path-length", type=click.IntRange(min=1), help="pathfinder: dashes per main contour.")
 @click.option("--distractors", type=click.IntRange(min=0), help="pathfinder: number of distractor contours.")
 @click.option("--distractor-length", type=click.IntRange(min=1), help="pathfinder: dashes per distractor.")
-@click.option("--dash-spacing", type=click.FloatRange(min=0, min_open=True), help="pathfinder: gap between dashes (px).")
+@click.option("--dash-spacing", type=click.FloatRange(min=0, min_open=True),
+              help="pathfinder: gap between dashes (px).")
 @click.option("--sims-per-file", type=click.IntRange(min=1), help="neuronio: simulations per file.")
 @click.option("--duration-ms", type=click.IntRange(min=1), help="neuronio: simulation length in ms.")
 @generic_option
 def generate(task, out_dir, n, seed, extra, unbalanced, **named):
-    """Write an offline data set of TASK (listops, pathfinder, pathfinder64, pathx, adding,
-    delayed-recall, neuronio) into --out; read it back with `elm data info DIR`."""
     from elmcore.data.registry import generate as generate_task, task_spec
     spec = task_spec(task)
     options = {k: v for k, v in named.items() if v is not None}
@@ -61,8 +70,8 @@ def _format(value):
 
 @data.command()
 @click.argument("data_dir", type=click.Path())
-@click.option("--task", "task_name", default=None,
-              help="Task the files belong to (default: guessed from the file names).")
+@click.option("--task", "task_name", type=TaskChoice(), default=None, show_default="guessed from the file names",
+              help="Task the files belong to.")
 @click.option("--preview", type=click.Path(dir_okay=False),
               help="Write a PNG: a grid of images (pathfinder, scifar) or the input raster of one "
                    "example (spikes for neuronio / shd, tokens for listops). Needs matplotlib.")

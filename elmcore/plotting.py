@@ -1,55 +1,200 @@
-"""Learning-curve plots of a run directory (matplotlib is an optional extra)."""
+"""Learning-curve plots of a run directory (matplotlib is an optional extra).
+
+The figure a scientist keeps: the training loss per step (raw and a running
+mean), and the model-selection metric per epoch on the split that measured it,
+on a log scale where the metric is an error, with integer epoch ticks, the best
+epoch marked, the test score of the selected model beside it, and chance drawn
+for accuracy and AUC.
+"""
 
 import json
+import math
 import os
 
 from .errors import ELMError
 
-
-def read_metrics(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise ELMError(f"no metrics log in {run_dir} (looked for {path})")
-    steps, epochs = [], []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("type") == "step":
-                steps.append(rec)
-            elif rec.get("type") == "epoch":
-                epochs.append(rec)
-    if not steps:
-        raise ELMError(f"{path} holds no training steps yet")
-    return steps, epochs
+# Metrics where lower is better and which span decades while a model learns: plotted on a log axis.
+ERROR_METRICS = ("mse", "loss", "bpc", "rmse")
+# The metric an epoch record is read for when it does not name one (logs written before it did).
+_METRIC_ORDER = ("accuracy", "auc", "mse", "bpc", "loss")
 
 
-def plot_run(run_dir, output=None):
+def import_pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or an ELMError saying how to install it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ELMError("plotting needs matplotlib: pip install 'elmcore[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_metrics(run_dir):
+    """(step records, epoch records) of ``run_dir/metrics.jsonl``.
+
+    A last line torn by a kill is skipped; any other line that is not a JSON
+    object with the fields a plot needs is an error naming the file and line.
+    Epoch records written before they named their split read as split "valid".
+    """
+    run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise ELMError(f"run directory not found: {run_dir}")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ELMError(f"no metrics log in {run_dir} (looked for {path})")
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().splitlines()
+    except OSError as e:
+        raise ELMError(f"cannot read {path}: {e.strerror or e}") from None
+    steps, epochs = [], []
+    for number, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ELMError(f"{where} is not UTF-8 text: the log is damaged") from None
+        except json.JSONDecodeError:
+            if number == len(raw_lines):
+                continue  # the last line, torn by a kill
+            raise ELMError(f"{where} is not JSON: the log is damaged") from None
+        if not isinstance(rec, dict):
+            raise ELMError(f"{where} is not a JSON object: the log is damaged")
+        if rec.get("type") == "step":
+            if not (_number(rec.get("step")) and _number(rec.get("loss"))):
+                raise ELMError(f"{where}: a step record needs numeric 'step' and 'loss'")
+            steps.append(rec)
+        elif rec.get("type") == "epoch":
+            metrics = rec.get("metrics", rec.get("valid"))
+            if not _number(rec.get("epoch")) or not isinstance(metrics, dict):
+                raise ELMError(f"{where}: an epoch record needs a numeric 'epoch' and a 'metrics' object")
+            epochs.append({**rec, "metrics": metrics, "split": rec.get("split", "valid")})
+    if not steps:
+        raise ELMError(f"{path} holds no training steps yet")
+    return steps, epochs
+
+
+def _read_optional_json(path):
+    """A JSON object from ``path``, or None when the file is absent or unreadable (plots go without it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _epoch_metric(epochs, summary):
+    named = (summary or {}).get("metric") or epochs[-1].get("metric")
+    if named and all(_number(r["metrics"].get(named)) for r in epochs):
+        return named
+    for key in _METRIC_ORDER:
+        if all(_number(r["metrics"].get(key)) for r in epochs):
+            return key
+    return None
+
+
+def _chance(metric, run_dir):
+    """Chance level of an accuracy (1 / classes, from the run's model) or an AUC (0.5)."""
+    if metric == "auc":
+        return 0.5, "chance (AUC 0.5)"
+    if metric == "accuracy":
+        from .checkpoint import load_file
+        for name in ("best.npz", "last.npz"):
+            try:
+                classes = int(load_file(os.path.join(run_dir, name)).config.num_output)
+            except (ELMError, OSError, ValueError):
+                continue
+            if classes >= 2:
+                return 1.0 / classes, f"chance (1/{classes})"
+    return None
+
+
+def _running_mean(values, width):
+    import numpy as np
+    if width <= 1 or len(values) < 2 * width:
+        return None
+    kernel = np.ones(width) / width
+    return np.convolve(values, kernel, mode="valid")
+
+
+def plot_run(run_dir, output=None):
+    """Write the learning curves of ``run_dir`` to ``output`` (default ``run_dir/curves.png``)."""
     steps, epochs = read_metrics(run_dir)
+    plt = import_pyplot()
+    from matplotlib.ticker import MaxNLocator
+    summary = _read_optional_json(os.path.join(run_dir, "summary.json"))
+    settings = _read_optional_json(os.path.join(run_dir, "run.json"))
     output = output or os.path.join(run_dir, "curves.png")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("training loss")
-    axes[0].set_yscale("log" if min(r["loss"] for r in steps) > 0 else "linear")
-    if epochs:
-        metric = next((k for k in ("accuracy", "auc", "mse") if k in epochs[0]["valid"]), "loss")
-        axes[1].plot([r["epoch"] + 1 for r in epochs], [r["valid"][metric] for r in epochs], "o-")
-        axes[1].set_ylabel(f"validation {metric}")
-    axes[1].set_xlabel("epoch")
-    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
+
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = [r["step"] for r in steps]
+    loss = [r["loss"] for r in steps]
+    ax_loss.plot(x, loss, lw=0.6, alpha=0.35, color="C0", label="per step")
+    width = max(1, len(loss) // 50)
+    smooth = _running_mean(loss, width)
+    if smooth is not None:
+        ax_loss.plot(x[width - 1:], smooth, lw=1.6, color="C0", label=f"running mean ({width} steps)")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    if min(loss) > 0 and max(loss) > 10 * min(loss):  # a log axis only once the loss spans a decade
+        ax_loss.set_yscale("log")
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.grid(alpha=0.3, which="both")
+    ax_loss.legend(fontsize=8)
+    ax_loss.set_title("training loss", fontsize=10)
+
+    metric = _epoch_metric(epochs, summary) if epochs else None
+    if metric is None:
+        ax_metric.text(0.5, 0.5, "no epoch finished yet" if not epochs else "epochs record no metric",
+                       ha="center", va="center", transform=ax_metric.transAxes)
+        ax_metric.set_xlabel("epoch")
+    else:
+        split = epochs[-1]["split"]
+        ep = [int(r["epoch"]) + 1 for r in epochs]
+        val = [float(r["metrics"][metric]) for r in epochs]
+        lower_better = metric in ERROR_METRICS
+        ax_metric.plot(ep, val, "o-", color="C1", ms=4, label=f"{split} {metric}")
+        best_i = min(range(len(val)), key=val.__getitem__) if lower_better else \
+            max(range(len(val)), key=val.__getitem__)
+        ax_metric.plot([ep[best_i]], [val[best_i]], marker="*", ms=15, color="C3", ls="none",
+                       label=f"best: {val[best_i]:.4g} (epoch {ep[best_i]})", zorder=5)
+        test = (summary or {}).get("test")
+        if isinstance(test, dict) and _number(test.get(metric)):
+            ax_metric.plot([ep[best_i]], [test[metric]], marker="D", ms=7, color="C2", ls="none",
+                           label=f"test of the selected model: {test[metric]:.4g}", zorder=5)
+        chance = _chance(metric, run_dir)
+        if chance is not None:
+            ax_metric.axhline(chance[0], color="0.4", ls="--", lw=1, label=chance[1])
+        if lower_better and min(val) > 0:
+            ax_metric.set_yscale("log")
+        if metric in ("accuracy", "auc"):
+            ax_metric.set_ylim(min(min(val), chance[0] if chance else 1) - 0.05, 1.01)
+        ax_metric.set_ylabel(f"{split} {metric}" + (" (lower is better)" if lower_better else ""))
+        ax_metric.set_xlabel("epoch")
+        ax_metric.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_metric.grid(alpha=0.3, which="both")
+        ax_metric.legend(fontsize=8)
+        ax_metric.set_title(f"model selection on the {split} split", fontsize=10)
+
+    title = os.path.basename(os.path.abspath(run_dir))
+    if settings and isinstance(settings.get("task"), str):
+        title += f" - task {settings['task']}"
+    fig.suptitle(title)
     fig.tight_layout()
     from .fileio import atomic_output
-    with atomic_output(output) as tmp:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_output(output) as tmp, open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+    except OSError as e:
+        raise ELMError(f"cannot write {output}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return output

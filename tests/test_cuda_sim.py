@@ -347,7 +347,9 @@ def test_scan_kernels_match_cpu_in_place_and_from_u0(dtype):
 
 def _recurrence_inputs(rng, dtype, B, T, Dm, H, L):
     W0 = H if L else Dm
-    f = lambda *s: rng.normal(scale=0.6, size=s).astype(dtype)
+    def f(*s):
+        return rng.normal(scale=0.6, size=s).astype(dtype)
+
     return dict(Zb=f(B, T, W0), W0m=f(W0, Dm), Wh=f(max(L - 1, 0), H, H), ch=f(max(L - 1, 0), H),
                 Wo=f(Dm, H) if L else np.zeros((1, 1), dtype), co=f(Dm),
                 kappa_m=rng.uniform(0.3, 0.99, Dm).astype(dtype), c_m=rng.uniform(0.1, 2, Dm).astype(dtype),
@@ -484,7 +486,8 @@ _PTX_PROBE = textwrap.dedent("""
             recur_backward=(f(B, T, Dm), f(99), f(Dm), f(Dm), f(B, Dm), f(B, T, Dm), f(L, B, T, H),
                             f(B, T, Dm), True, x, x, L, H, 1, 2, f(L, B, T, H), f(B, T, Dm), f(B, Dm), f(B, Dm)),
         )
-    ptxas = shutil.which("ptxas") or ("/usr/local/cuda/bin/ptxas" if shutil.os.path.exists("/usr/local/cuda/bin/ptxas") else None)
+    ptxas = shutil.which("ptxas") or ("/usr/local/cuda/bin/ptxas"
+                                      if shutil.os.path.exists("/usr/local/cuda/bin/ptxas") else None)
     out = {"f64_in_float32": [], "registers": {}}
     for dt in (np.dtype(np.float32), np.dtype(np.float64)):
         for in_shared in (True, False):
@@ -501,7 +504,8 @@ _PTX_PROBE = textwrap.dedent("""
                     r = subprocess.run([ptxas, "-arch=sm_90", "-v", fh.name, "-o", "/dev/null"],
                                        capture_output=True, text=True)
                     regs = re.search(r"Used (\\d+) registers", r.stderr)
-                    out["registers"][f"{dt.name}/{name}"] = int(regs.group(1)) if r.returncode == 0 and regs else r.stderr
+                    out["registers"][f"{dt.name}/{name}"] = (int(regs.group(1)) if r.returncode == 0 and regs
+                                                             else r.stderr)
     print(json.dumps(out))
 """)
 
