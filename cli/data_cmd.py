@@ -1,11 +1,11 @@
 """``elm data``: generate offline data sets and inspect data directories."""
 
+import sys
+
 import click
 
 from elm_cli.common import ELMGroup, TaskChoice, parse_assignments
-from elmcore.data.base import SPLITS
 from elmcore.data.registry import GENERATABLE, TASKS
-from elmcore.errors import ELMError
 
 
 generic_option = click.option(
@@ -58,7 +58,8 @@ def generate(task, out_dir, n, seed, extra, unbalanced, **named):
     if unbalanced:
         options["balanced"] = False
     options.update(parse_assignments(extra, "--option"))
-    written = generate_task(spec.name, out_dir, n=n, seed=seed, progress=True, **options)
+    # A bar only on a terminal: in a log file its carriage-return redraws are noise.
+    written = generate_task(spec.name, out_dir, n=n, seed=seed, progress=sys.stderr.isatty(), **options)
     click.echo(f"wrote {spec.name} (seed {seed}) to {written}")
 
 
@@ -73,8 +74,9 @@ def _format(value):
 @click.option("--task", "task_name", type=TaskChoice(), default=None, show_default="guessed from the file names",
               help="Task the files belong to.")
 @click.option("--preview", type=click.Path(dir_okay=False),
-              help="Write a PNG: a grid of images (pathfinder, scifar) or the input raster of one "
-                   "example (spikes for neuronio / shd, tokens for listops). Needs matplotlib.")
+              help="Write a PNG: a grid of labelled images (pathfinder, scifar), or one example's inputs with "
+                   "its label or target (listops: tokens and padding; neuronio: excitatory / inhibitory input, "
+                   "soma trace and output spikes in ms). Needs matplotlib.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @generic_option
 def info(data_dir, task_name, preview, seed, extra):
@@ -90,58 +92,7 @@ def info(data_dir, task_name, preview, seed, extra):
         click.echo(f"preview written to {preview}")
 
 
-def _first_split(task):
-    for split in SPLITS:
-        if task.num_examples(split):
-            return split
-    raise ELMError(f"task {task.name} has no examples to preview")
-
-
 def write_preview(task, path, max_images=16):
-    """Save a PNG preview of ``task`` to ``path`` (atomically)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ELMError("--preview needs matplotlib: pip install matplotlib") from None
-    import numpy as np
-
-    from elmcore.fileio import atomic_output
-    split = _first_split(task)
-    if hasattr(task, "images"):
-        count = min(max_images, task.num_examples(split))
-        indices = np.arange(count)
-        pixels, labels = task.images(split, indices), task.labels[split][indices]
-        shape = getattr(task, "image_shape", None)
-        if shape is not None and task.encoding == "raw":
-            pixels = pixels.reshape((count,) + tuple(shape))
-        elif shape is not None:
-            pixels = pixels.reshape((count,) + tuple(shape[:2]))
-        cols = int(np.ceil(np.sqrt(count)))
-        rows = int(np.ceil(count / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
-        for ax in axes.ravel():
-            ax.axis("off")
-        for ax, image, label in zip(axes.ravel(), pixels, labels):
-            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
-            ax.set_title(f"label {label}", fontsize=8)
-        fig.suptitle(f"{task.name} ({split})")
-    else:
-        batches = task.batches(split, 1)
-        batch = next(iter(batches))
-        if hasattr(batches, "close"):
-            batches.close()  # stops any prefetching worker of a streaming task
-        x = batch.X[0]
-        steps, channels = np.nonzero(x)
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.scatter(steps, channels, s=1, c="k", marker="|" if x.shape[1] > 50 else "s")
-        ax.set_xlim(-0.5, x.shape[0] - 0.5)
-        ax.set_ylim(-0.5, x.shape[1] - 0.5)
-        ax.set_xlabel("time step")
-        ax.set_ylabel("input channel")
-        ax.set_title(f"{task.name} ({split}, example 0): {len(steps)} non-zero inputs")
-    fig.tight_layout()
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    """Save a PNG preview of ``task`` to ``path`` (see ``elmcore.plotting.write_data_preview``)."""
+    from elmcore.plotting import write_data_preview
+    return write_data_preview(task, path, max_images=max_images)
