@@ -117,9 +117,18 @@ def _chance(metric, run_dir):
     return None
 
 
+def _log_axis(ax, values):
+    """A log y axis labelled in plain numbers (0.2, not 2×10⁻¹), minor ticks too when it spans under a decade."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if max(values) < 10 * min(values) else NullFormatter())
+
+
 def _running_mean(values, width):
     import numpy as np
-    if width <= 1 or len(values) < 2 * width:
+    if width < 3 or len(values) < 2 * width:
         return None
     kernel = np.ones(width) / width
     return np.convolve(values, kernel, mode="valid")
@@ -137,15 +146,16 @@ def plot_run(run_dir, output=None):
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = [r["step"] for r in steps]
     loss = [r["loss"] for r in steps]
-    ax_loss.plot(x, loss, lw=0.6, alpha=0.35, color="C0", label="per step")
     width = max(1, len(loss) // 50)
     smooth = _running_mean(loss, width)
+    ax_loss.plot(x, loss, lw=0.6 if smooth is not None else 1.0, alpha=0.35 if smooth is not None else 1.0,
+                 color="C0", label="per step")
     if smooth is not None:
         ax_loss.plot(x[width - 1:], smooth, lw=1.6, color="C0", label=f"running mean ({width} steps)")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss")
     if min(loss) > 0 and max(loss) > 10 * min(loss):  # a log axis only once the loss spans a decade
-        ax_loss.set_yscale("log")
+        _log_axis(ax_loss, loss)
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.grid(alpha=0.3, which="both")
     ax_loss.legend(fontsize=8)
@@ -174,7 +184,8 @@ def plot_run(run_dir, output=None):
         if chance is not None:
             ax_metric.axhline(chance[0], color="0.4", ls="--", lw=1, label=chance[1])
         if lower_better and min(val) > 0:
-            ax_metric.set_yscale("log")
+            _log_axis(ax_metric, val + ([test[metric]] if isinstance(test, dict) and _number(test.get(metric))
+                                        else []))
         if metric in ("accuracy", "auc"):
             ax_metric.set_ylim(min(min(val), chance[0] if chance else 1) - 0.05, 1.01)
         ax_metric.set_ylabel(f"{split} {metric}" + (" (lower is better)" if lower_better else ""))
