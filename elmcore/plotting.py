@@ -252,7 +252,8 @@ def _preview_images(plt, task, split, max_images):
         pixels = pixels.reshape((count,) + tuple(shape[:2]))
     cols = int(np.ceil(np.sqrt(count)))
     rows = int(np.ceil(count / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols + 0.8, 2 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols + 0.8, 2 * rows + 0.4), squeeze=False,
+                             layout="constrained")  # leaves room for the shared colour bar
     for ax in axes.ravel():
         ax.axis("off")
     shown = None
@@ -371,11 +372,13 @@ def write_data_preview(task, path, max_images=16):
         fig = _preview_images(plt, task, split, max_images)
     elif task.name == "listops":
         fig = _preview_listops(plt, task, split)
+        fig.tight_layout()
     elif task.loss == "neuronio":
         fig = _preview_neuronio(plt, task, split)
+        fig.tight_layout()
     else:
         fig = _preview_sequence(plt, task, split)
-    fig.tight_layout()
+        fig.tight_layout()
     from .fileio import atomic_output
     try:
         with atomic_output(path) as tmp, open(tmp, "wb") as f:
