@@ -21,7 +21,11 @@ DEFAULT_GRADCHECK_CONFIG = {
 @click.group(cls=ELMGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="elmcore")
 def cli():
-    """Train, evaluate and check ELM neurons and Branch-ELMs (Spieler et al., ICLR 2024)."""
+    """Train, evaluate and check ELM neurons and Branch-ELMs (Spieler et al., ICLR 2024).
+
+    `elm tasks` lists the tasks, `elm info --fields` the model fields. Shell completion
+    (bash): eval "$(_ELM_COMPLETE=bash_source elm)"; zsh: zsh_source; fish: fish_source.
+    """
 
 
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",

@@ -336,12 +336,13 @@ class Trainer:
                 self.position.update(best_metric=last_valid, best_step=self.position["step"])
                 save_model(os.path.join(self.run_dir, BEST), self.model.config, self.model.state_dict(),
                            dtype=s.dtype)
+            seconds = time.perf_counter() - t_epoch
             self._record({"type": "epoch", "epoch": epoch, "step": self.position["step"],
                           "train_loss": epoch_loss / max(epoch_n, 1), "split": self.selection_split,
-                          "metric": self.task.metric, "metrics": valid, "best": improved,
-                          "seconds": time.perf_counter() - t_epoch})
+                          "metric": self.task.metric, "metrics": valid, "best": improved, "seconds": seconds})
             self.log(f"epoch {epoch + 1}/{s.epochs}: train loss {epoch_loss / max(epoch_n, 1):.4g}, "
-                     f"{self.selection_split} {self.task.metric} {last_valid:.4g}{' (best)' if improved else ''}")
+                     f"{self.selection_split} {self.task.metric} {last_valid:.4g}{' (best)' if improved else ''}"
+                     f" [{seconds:.1f} s]")
             self.position.update(epoch=epoch + 1, batch=0, dropout_rng=None)
             self._save_checkpoint()
         return self._finish(time.perf_counter() - start_time, samples_seen)

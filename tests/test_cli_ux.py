@@ -63,6 +63,12 @@ def test_task_choices_come_from_the_registry():
     assert "listops: LRA ListOps" in invoke("tasks", "listops").output
 
 
+def test_shell_completion_offers_task_names():
+    env = {"_ELM_COMPLETE": "bash_complete", "COMP_WORDS": "elm train --task de", "COMP_CWORD": "3"}
+    result = CliRunner().invoke(cli, [], env=env, prog_name="elm")
+    assert result.exit_code == 0 and result.output.split() == ["plain,delayed-recall"]
+
+
 def test_readme_names_every_task_and_documents_completion():
     text = open(README, encoding="utf-8").read()
     for name in registry.TASKS:
