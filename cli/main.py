@@ -70,7 +70,8 @@ def info(path, fields):
     For a run directory: its task, task options and settings (run.json), the split that
     selected the model and its scores (summary.json), then the selected model (best.npz).
     """
-    from elmcore.summary import describe_fields, describe_path, describe_run
+    from elmcore.overview import describe_fields, describe_run
+    from elmcore.summary import describe_path
     if fields:
         lines = describe_fields()
     elif path is None:
@@ -88,7 +89,7 @@ def info(path, fields):
 def tasks(name):
     """List the tasks (or one task): what each is, its --task-option options with their defaults,
     where its data comes from and the settings of its default experiment (`elm train --task NAME`)."""
-    from elmcore.summary import describe_tasks
+    from elmcore.overview import describe_tasks
     for line in describe_tasks([name] if name else None):
         click.echo(line)
 
