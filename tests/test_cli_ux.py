@@ -261,3 +261,30 @@ def test_plot_of_missing_things_is_one_error_line(tmp_path):
     (rd / "metrics.jsonl").write_text("\n".join(lines) + '\n{"type": "st')  # a kill mid-line: still plots
     pytest.importorskip("matplotlib")
     assert invoke("plot", rd).exit_code == 0
+
+
+def test_chance_level_comes_from_the_runs_model(tmp_path):
+    from elmcore import ELM
+    from elmcore.checkpoint import save_model
+    from elmcore.plotting import _chance
+    cfg = ELMConfig(num_input=3, num_output=4, num_memory=2)
+    save_model(tmp_path / "best.npz", cfg, ELM(cfg).state_dict())
+    assert _chance("accuracy", str(tmp_path)) == (0.25, "chance (1/4)")
+    assert _chance("auc", str(tmp_path))[0] == 0.5
+    assert _chance("mse", str(tmp_path)) is None
+
+
+def test_previews_of_a_wide_spiking_task_and_of_listops(tmp_path):
+    pytest.importorskip("matplotlib")
+    from elmcore.plotting import write_data_preview
+    rng = np.random.default_rng(0)
+    X = (rng.random((4, 30, 100)) < 0.05).astype(np.float32)
+    task = ArrayTask("spikes", {"train": (X, np.arange(4) % 2)}, num_output=2)
+    task.bin_size = 10  # a clock: the raster's time axis is in ms
+    write_data_preview(task, tmp_path / "raster.png")
+    assert (tmp_path / "raster.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = invoke("data", "generate", "listops", "--out", tmp_path / "lo", "--n", "12", "--min-length", "5",
+                    "--max-length", "30")
+    assert result.exit_code == 0 and "\r" not in result.output  # no progress bar when not on a terminal
+    result = invoke("data", "info", tmp_path / "lo", "--preview", tmp_path / "lo.png")
+    assert result.exit_code == 0 and (tmp_path / "lo.png").exists()
