@@ -160,7 +160,8 @@ def _build_module_class():
                     raise ELMError(f"parameters: '{key}' has shape {arr.shape}, the config needs "
                                    f"{tuple(slot.shape)}")
                 if key == "input_to_synapse_indices":
-                    if arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= self.cfg["num_input"])):
+                    out_of_range = arr.size and (arr.min() < 0 or arr.max() >= self.cfg["num_input"])
+                    if arr.dtype.kind not in "iu" or out_of_range:
                         raise ELMError(f"parameters: '{key}' must hold integers in [0, {self.cfg['num_input']})")
                 elif not np.all(np.isfinite(arr.astype(np.float64))):
                     raise ELMError(f"parameters: '{key}' holds NaN or infinite values")

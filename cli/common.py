@@ -17,8 +17,30 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def _user_error(e: click.ClickException) -> UserError:
+    """Click's own errors (unknown option, bad value, …) in the project's one style: ``error: …``, exit 2."""
+    hint = ""
+    if isinstance(e, click.UsageError) and e.ctx is not None:
+        hint = f" (see '{e.ctx.command_path} --help')"
+    return UserError(e.format_message().rstrip(".") + hint)
+
+
 class ELMGroup(click.Group):
-    """Turns every ELMError raised by a command into a UserError, never a traceback."""
+    """Turns every ELMError raised by a command, and Click's own usage errors, into a UserError.
+
+    So a user sees one ``error: …`` line and exit code 2 whatever went wrong, never a
+    traceback and never Click's multi-line ``Usage: … Error: …`` block.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a bare group prints its help
+        except click.ClickException as e:
+            if isinstance(e, UserError):
+                raise
+            raise _user_error(e) from None
 
     def invoke(self, ctx):
         try:
@@ -27,6 +49,12 @@ class ELMGroup(click.Group):
             raise UserError(str(e)) from None
         except MemoryError:
             raise UserError("out of memory: reduce the batch size or sequence length") from None
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as e:
+            if isinstance(e, UserError):
+                raise
+            raise _user_error(e) from None
         except RecursionError:
             raise UserError("an input is nested too deeply to read") from None
         except OSError as e:
@@ -80,3 +108,16 @@ def parse_assignments(pairs, what="option", reserved=()):
                             if key != "name" else f"{what} name=… is not an option here")
         out[key] = value
     return out
+
+
+class TaskChoice(click.Choice):
+    """A task name from the registry (any case; ``_`` and ``-`` interchangeable), so shells complete it."""
+
+    def __init__(self, names=None):
+        from elmcore.data.registry import TASKS
+        super().__init__(list(TASKS if names is None else names), case_sensitive=False)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            value = value.strip().lower().replace("_", "-")
+        return super().convert(value, param, ctx)

@@ -1,10 +1,11 @@
 """``elm data``: generate offline data sets and inspect data directories."""
 
+import sys
+
 import click
 
-from elm_cli.common import ELMGroup, parse_assignments
-from elmcore.errors import ELMError
-from elmcore.data.base import SPLITS
+from elm_cli.common import ELMGroup, TaskChoice, parse_assignments
+from elmcore.data.registry import GENERATABLE, TASKS
 
 
 generic_option = click.option(
@@ -17,12 +18,21 @@ def data():
     """Generate offline data sets and inspect data directories."""
 
 
-@data.command()
-@click.argument("task")
+def _default_counts():
+    counts = {}
+    for name in GENERATABLE:
+        counts.setdefault(TASKS[name].default_n, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {n}" for n, names in counts.items())
+
+
+@data.command(help=f"""Write an offline data set of TASK ({', '.join(GENERATABLE)}) into --out; read it
+    back with `elm data info DIR`.""")
+@click.argument("task", type=TaskChoice(GENERATABLE))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory to write into (created if needed).")
-@click.option("--n", type=click.IntRange(min=1), default=None,
-              help="Examples in all splits (NeuronIO: files). Default: 1000 (NeuronIO: 1).")
+@click.option("--n", type=click.IntRange(min=1), default=None, show_default=_default_counts(),
+              help="Examples in all splits, split 80/10/10 (NeuronIO: files, split by the reader into "
+                   "train / valid / test, so at least 3).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--length", type=click.IntRange(min=2), help="adding / delayed-recall: sequence length.")
 @click.option("--num-tokens", type=click.IntRange(min=2), help="delayed-recall: number of cue tokens K.")
@@ -36,20 +46,20 @@ def data():
 @click.option("--path-length", type=click.IntRange(min=1), help="pathfinder: dashes per main contour.")
 @click.option("--distractors", type=click.IntRange(min=0), help="pathfinder: number of distractor contours.")
 @click.option("--distractor-length", type=click.IntRange(min=1), help="pathfinder: dashes per distractor.")
-@click.option("--dash-spacing", type=click.FloatRange(min=0, min_open=True), help="pathfinder: gap between dashes (px).")
+@click.option("--dash-spacing", type=click.FloatRange(min=0, min_open=True),
+              help="pathfinder: gap between dashes (px).")
 @click.option("--sims-per-file", type=click.IntRange(min=1), help="neuronio: simulations per file.")
 @click.option("--duration-ms", type=click.IntRange(min=1), help="neuronio: simulation length in ms.")
 @generic_option
 def generate(task, out_dir, n, seed, extra, unbalanced, **named):
-    """Write an offline data set of TASK (listops, pathfinder, pathfinder64, pathx, adding,
-    delayed-recall, neuronio) into --out; read it back with `elm data info DIR`."""
     from elmcore.data.registry import generate as generate_task, task_spec
     spec = task_spec(task)
     options = {k: v for k, v in named.items() if v is not None}
     if unbalanced:
         options["balanced"] = False
     options.update(parse_assignments(extra, "--option", ("name", "out_dir", "n", "seed", "progress")))
-    written = generate_task(spec.name, out_dir, n=n, seed=seed, progress=True, **options)
+    # A bar only on a terminal: in a log file its carriage-return redraws are noise.
+    written = generate_task(spec.name, out_dir, n=n, seed=seed, progress=sys.stderr.isatty(), **options)
     click.echo(f"wrote {spec.name} (seed {seed}) to {written}")
 
 
@@ -61,11 +71,12 @@ def _format(value):
 
 @data.command()
 @click.argument("data_dir", type=click.Path())
-@click.option("--task", "task_name", default=None,
-              help="Task the files belong to (default: guessed from the file names).")
+@click.option("--task", "task_name", type=TaskChoice(), default=None, show_default="guessed from the file names",
+              help="Task the files belong to.")
 @click.option("--preview", type=click.Path(dir_okay=False),
-              help="Write a PNG: a grid of images (pathfinder, scifar) or the input raster of one "
-                   "example (spikes for neuronio / shd, tokens for listops). Needs matplotlib.")
+              help="Write a PNG: a grid of labelled images (pathfinder, scifar), or one example's inputs with "
+                   "its label or target (listops: tokens and padding; neuronio: excitatory / inhibitory input, "
+                   "soma trace and output spikes in ms). Needs matplotlib.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @generic_option
 def info(data_dir, task_name, preview, seed, extra):
@@ -81,58 +92,7 @@ def info(data_dir, task_name, preview, seed, extra):
         click.echo(f"preview written to {preview}")
 
 
-def _first_split(task):
-    for split in SPLITS:
-        if task.num_examples(split):
-            return split
-    raise ELMError(f"task {task.name} has no examples to preview")
-
-
 def write_preview(task, path, max_images=16, inputs=()):
-    """Save a PNG preview of ``task`` to ``path`` (atomically; never over one of ``inputs``)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ELMError("--preview needs matplotlib: pip install matplotlib") from None
-    import numpy as np
-
-    from elmcore.fileio import atomic_output
-    split = _first_split(task)
-    if hasattr(task, "images"):
-        count = min(max_images, task.num_examples(split))
-        indices = np.arange(count)
-        pixels, labels = task.images(split, indices), task.labels[split][indices]
-        shape = getattr(task, "image_shape", None)
-        if shape is not None and task.encoding == "raw":
-            pixels = pixels.reshape((count,) + tuple(shape))
-        elif shape is not None:
-            pixels = pixels.reshape((count,) + tuple(shape[:2]))
-        cols = int(np.ceil(np.sqrt(count)))
-        rows = int(np.ceil(count / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
-        for ax in axes.ravel():
-            ax.axis("off")
-        for ax, image, label in zip(axes.ravel(), pixels, labels):
-            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
-            ax.set_title(f"label {label}", fontsize=8)
-        fig.suptitle(f"{task.name} ({split})")
-    else:
-        batches = task.batches(split, 1)
-        batch = next(iter(batches))
-        if hasattr(batches, "close"):
-            batches.close()  # stops any prefetching worker of a streaming task
-        x = batch.X[0]
-        steps, channels = np.nonzero(x)
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.scatter(steps, channels, s=1, c="k", marker="|" if x.shape[1] > 50 else "s")
-        ax.set_xlim(-0.5, x.shape[0] - 0.5)
-        ax.set_ylim(-0.5, x.shape[1] - 0.5)
-        ax.set_xlabel("time step")
-        ax.set_ylabel("input channel")
-        ax.set_title(f"{task.name} ({split}, example 0): {len(steps)} non-zero inputs")
-    fig.tight_layout()
-    with atomic_output(path, inputs=inputs) as tmp, open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    """Save a PNG preview of ``task`` to ``path`` (see ``elmcore.plotting.write_data_preview``)."""
+    from elmcore.plotting import write_data_preview
+    return write_data_preview(task, path, max_images=max_images, inputs=inputs)

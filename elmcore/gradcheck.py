@@ -1,10 +1,23 @@
 """Analytic gradients against central finite differences, in float64."""
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import params as P
 from .config import ELMConfig
 from .model import ELM
+
+
+class GradcheckRow(NamedTuple):
+    """One tensor's comparison of analytic and central-difference gradients."""
+    name: str
+    shape: tuple
+    entries: int          # entries checked (all of them when the tensor is small)
+    max_abs_diff: float   # max |analytic − numeric|
+    max_numeric: float    # max |numeric|: the tensor's gradient scale
+    relative: float       # max_abs_diff / max_numeric
+    noise: float          # rounding bound of the difference quotient itself
 
 
 def random_test_params(cfg: ELMConfig, rng, nonuniform_tau_s=False):
@@ -31,8 +44,7 @@ def gradcheck(cfg: ELMConfig, params=None, batch=2, steps=5, seed=0, eps=1e-6, m
     """Compare ``backward`` with central differences of loss = Σ Y ⊙ G.
 
     Checks up to ``max_entries`` random entries of each trainable tensor (all
-    of them when it is smaller) and of X. Returns rows
-    (name, shape, entries checked, max |analytic − numeric|, max |numeric|, relative error, noise).
+    of them when it is smaller) and of X. Returns one :class:`GradcheckRow` per tensor.
 
     ``noise`` bounds the rounding error of the difference quotient itself,
     4·ε·Σ|Y ⊙ G| / eps (each loss evaluation carries a few
@@ -74,11 +86,10 @@ def gradcheck(cfg: ELMConfig, params=None, batch=2, steps=5, seed=0, eps=1e-6, m
             numeric[n] = (up - down) / (2 * eps)
         diff = float(np.abs(analytic - numeric).max())
         scale = float(np.abs(numeric).max())
-        rows.append((name, tuple(arr.shape), len(picks), diff, scale, diff / max(scale, 1e-300), noise))
+        rows.append(GradcheckRow(name, tuple(arr.shape), len(picks), diff, scale, diff / max(scale, 1e-300), noise))
     return rows
 
 
-def passes(row, tolerance=1e-6):
+def passes(row: GradcheckRow, tolerance=1e-6):
     """Within ``tolerance`` relative to the tensor's gradient scale, plus the difference quotient's noise."""
-    _, _, _, diff, scale, _, noise = row
-    return diff <= tolerance * scale + noise
+    return row.max_abs_diff <= tolerance * row.max_numeric + row.noise

@@ -135,7 +135,9 @@ class ELM:
             c_m = cfg.lambda_value * (1 - kappa_m)
         entry_weight = w_s[self.routing.entry_syn] * self.routing.entry_mask
         dt = self.dtype
-        cast = (lambda a: None if a is None else a.astype(dt, copy=False))
+
+        def cast(a):
+            return None if a is None else a.astype(dt, copy=False)
         return Derived(cast(w_s), cast(entry_weight), cast(kappa_channel), spc, cast(tau_m),
                        cast(kappa_m), cast(c_m), cast(kappa_lambda))
 

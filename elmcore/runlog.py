@@ -1,7 +1,7 @@
 """Reading a run's ``metrics.jsonl`` whatever a kill, a full disk or a hand edit left in it.
 
 The trainer appends one JSON object per line: ``{"type": "step", "step", "epoch",
-"loss", ...}``, ``{"type": "epoch", "epoch", "step", "valid": {...}, ...}`` and,
+"loss", ...}``, ``{"type": "epoch", "epoch", "step", "split", "metric", "metrics": {...}, ...}`` and,
 when training stops on divergence, ``{"type": "diverged", ...}``. A line that
 is not UTF-8, not JSON, not an object, or lacks its type's fields (a line torn
 by SIGKILL, say) is skipped and counted, never fatal: the log is a record of
@@ -32,7 +32,7 @@ def _is_table(v):
 # Fields every record of a type must hold, with the check each must pass.
 REQUIRED = {
     "step": {"step": _is_count, "epoch": _is_count, "loss": _is_number},
-    "epoch": {"step": _is_count, "epoch": _is_count, "valid": _is_table},
+    "epoch": {"step": _is_count, "epoch": _is_count, "metrics": _is_table},
     "diverged": {"step": _is_count},
 }
 

@@ -393,7 +393,7 @@ def summarize(points, dirs):
                 s = json.load(f)
             metric = s.get("metric")
             row.update(status="done", parameters=s.get("parameters"), metric=metric,
-                       best_valid=s.get("best_valid_metric"),
+                       selection_split=s.get("selection_split"), best_valid=s.get("best_metric"),
                        test=(s.get("test") or {}).get(metric), seconds=s.get("seconds"))
         elif os.path.exists(os.path.join(d, "last.npz")):
             row["status"] = "interrupted"
@@ -404,7 +404,8 @@ def summarize(points, dirs):
 
 def write_summary(rows, path):
     fields = list(dict.fromkeys(["point", "status"] + [k for r in rows for k in r if k != "run_dir"]
-                                + ["parameters", "metric", "best_valid", "test", "seconds", "run_dir"]))
+                                + ["parameters", "metric", "selection_split", "best_valid", "test", "seconds",
+                                   "run_dir"]))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

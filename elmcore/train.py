@@ -4,8 +4,14 @@ A run directory holds:
   run.json        the settings of the run (so ``--resume`` needs nothing else)
   last.npz        the latest checkpoint (parameters, optimiser, RNG state, position)
   best.npz        the model with the best validation metric so far
-  metrics.jsonl   one JSON record per step ("step") and per epoch ("epoch")
+  metrics.jsonl   one JSON record per step ("step") and per epoch ("epoch"); an epoch record
+                  names the split its metrics were measured on ("split": "valid")
   summary.json    final figures, written when the run ends
+
+The model is selected on the task's validation split. A task without one gets one
+carved from its training examples when they are in memory (deterministic from the
+seed); otherwise the run says, in its log and records, that it selects on "train".
+The test split is never used for selection.
 
 Determinism: every random draw comes from generators seeded by (seed, epoch):
 the data order and windows from one, input dropout from another whose state is
@@ -35,6 +41,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import typing
 from typing import Optional
@@ -43,6 +50,8 @@ import numpy as np
 
 from .checkpoint import load_file, save_checkpoint, save_model
 from .config import ELMConfig, check_memory
+from .data.base import ArrayTask
+from .data.registry import DEFAULT_TASK
 from .distributed import communicator
 from .errors import CheckpointError, ELMError, NonFiniteOutputError
 from .evaluate import evaluate, metric_value
@@ -64,17 +73,10 @@ RUN_FILES = (RUN_FILE, LAST, BEST, METRICS, SUMMARY)
 # Stop when the loss exceeds this many times the loss of the run's first step (see the module docstring).
 DIVERGENCE_FACTOR = 1e3
 
-
-# What `elm train` runs with no task given: a Branch-ELM on the adding problem at
-# length 200, generated in memory (no download). Measured on a 2-core CPU it
-# passes validation MSE 0.01 after about 8 epochs (~20 s) and ends near 3e-4.
-DEFAULT_RUN = {
-    "task": "adding",
-    "task_options": {"length": 200, "n": 10000},
-    "model": {"version": "branch_elm_v2", "num_memory": 30, "memory_tau_max": 500.0},
-    "epochs": 20,
-    "lr": 5e-3,
-}
+# Share of the training examples held out for model selection when a task has no validation split.
+CARVED_VALID_FRACTION = 0.1
+# Without a progress bar (stderr not a terminal), one line every this many batches.
+LOG_EVERY_BATCHES = 100
 
 
 class TrainingDiverged(ELMError):
@@ -92,7 +94,7 @@ SETTING_CHOICES = {"optimizer": ("adam", "adamw", "adamax"), "dtype": ("float32"
 
 @dataclasses.dataclass
 class TrainSettings:
-    task: str = DEFAULT_RUN["task"]
+    task: str = DEFAULT_TASK
     data_dir: Optional[str] = None
     task_options: dict = dataclasses.field(default_factory=dict)
     model: dict = dataclasses.field(default_factory=dict)
@@ -188,10 +190,52 @@ def _check_setting_type(name, value, annotation):
                        f"got {type(value).__name__} {shown}")
 
 
-class Trainer:
-    """Runs (or resumes) one training run in ``settings.run_dir``."""
+def resolve_settings(overrides: dict, source=None) -> TrainSettings:
+    """The named task's default experiment (``TaskSpec.default_run``) with ``overrides`` on top.
 
-    def __init__(self, settings: TrainSettings, task=None, progress=True, log=print, inputs=()):
+    ``overrides`` are a run file's settings updated with command-line flags; its
+    ``model`` and ``task_options`` are merged field by field into the default
+    run's, so ``--set num_memory=8`` keeps the default run's other model fields.
+    Bare ``elm train`` and ``elm train --task adding`` are therefore one experiment.
+    """
+    from .data.registry import default_run
+    base = default_run(overrides.get("task", DEFAULT_TASK), overrides.get("data_dir"))
+    merged = {**base, **overrides}
+    for key in ("model", "task_options"):
+        if isinstance(base.get(key), dict) and isinstance(overrides.get(key), dict):
+            merged[key] = {**base[key], **overrides[key]}
+    return TrainSettings.from_dict(merged, source=source)
+
+
+def carve_validation(task, fraction, seed):
+    """Move ``fraction`` of an in-memory task's training examples into a new "valid" split.
+
+    The held-out examples are drawn from ``default_rng([seed, 2])`` (the data order uses
+    ``[seed, epoch]``), so a resumed run holds out the same ones. Returns how many, or 0
+    when the task already has a validation split or keeps its examples out of memory.
+    """
+    if task.num_examples("valid") or not isinstance(task, ArrayTask) or "train" not in task.splits:
+        return 0
+    X, target = task.splits["train"]
+    n_valid = int(round(fraction * len(X)))
+    if n_valid < 1 or n_valid >= len(X):
+        return 0
+    order = np.random.default_rng([seed, 2]).permutation(len(X))
+    held, kept = np.sort(order[:n_valid]), np.sort(order[n_valid:])
+    task.splits = {**task.splits, "train": (X[kept], target[kept]), "valid": (X[held], target[held])}
+    return n_valid
+
+
+class Trainer:
+    """Runs (or resumes) one training run in ``settings.run_dir``.
+
+    ``progress``: "bar" (a tqdm bar on stderr), "lines" (a ``log`` line every
+    ``log_every`` batches), "none", or "auto"/True (a bar when stderr is a
+    terminal, lines otherwise, so a log file holds no carriage-return redraws);
+    False is "none". Epoch lines and the final lines go to ``log`` in every mode.
+    """
+
+    def __init__(self, settings: TrainSettings, task=None, progress="auto", log=print, log_every=None, inputs=()):
         """``inputs``: files the caller read the settings from; the run may not write over them."""
         settings.validate()
         self.comm = communicator(settings.device)
@@ -199,13 +243,25 @@ class Trainer:
         if self.comm.size > 1:
             log(f"data-parallel over {self.comm.describe()}: each takes its share of every batch")
         self.settings = settings
+        if progress is True or progress == "auto":
+            progress = "bar" if _stderr_is_terminal() else "lines"
+        elif progress is False or progress is None:
+            progress = "none"
+        if progress not in ("bar", "lines", "none"):
+            raise ELMError(f"progress must be bar, lines, none or auto, got {progress!r}")
         self.progress = progress
+        self.log_every = LOG_EVERY_BATCHES if log_every is None else log_every
+        if self.log_every < 1:
+            raise ELMError(f"log_every must be >= 1, got {self.log_every}")
         self.log = log
         self.inputs = [os.fspath(p) for p in inputs if p is not None]
         if task is None:
             from .data.registry import get_task
             task = get_task(settings.task, data_dir=settings.data_dir, seed=settings.seed, **settings.task_options)
         self.task = task
+        self.carved_valid = carve_validation(task, CARVED_VALID_FRACTION, settings.seed)
+        # Selection never uses the test split: its score would no longer estimate unseen data.
+        self.selection_split = "valid" if task.num_examples("valid") else "train"
         self.loss_fn = LOSS_FUNCTIONS[task.loss]
         # Without a --run-dir: runs/<task>-<time>, made unique when the directory is created.
         self.run_dir = settings.run_dir or os.path.join(
@@ -319,7 +375,7 @@ class Trainer:
         self._truncate_metrics(self.position["step"], self.position["epoch"])
 
     @classmethod
-    def resume(cls, run_dir, progress=True, log=print, task=None, **overrides):
+    def resume(cls, run_dir, progress="auto", log=print, task=None, log_every=None, **overrides):
         run_dir = os.fspath(run_dir)
         path = os.path.join(run_dir, RUN_FILE)
         if not os.path.exists(os.path.join(run_dir, LAST)):
@@ -329,7 +385,7 @@ class Trainer:
         except ELMError as e:
             raise ELMError(f"cannot resume: {e}") from None
         settings = dataclasses.replace(settings, run_dir=run_dir, **overrides)
-        trainer = cls(settings, task=task, progress=progress, log=log)
+        trainer = cls(settings, task=task, progress=progress, log=log, log_every=log_every)
         trainer._resuming = True
         return trainer
 
@@ -367,7 +423,7 @@ class Trainer:
     def _meta(self):
         return {"position": self.position, "step": self.position["step"], "epoch": self.position["epoch"],
                 "best_metric": self.position["best_metric"], "metric_name": self.task.metric,
-                "task": self.task.name}
+                "selection_split": self.selection_split, "task": self.task.name}
 
     def _save_checkpoint(self):
         if not self.comm.is_root:
@@ -399,6 +455,12 @@ class Trainer:
         self.log(f"run {self.run_dir}: task {self.task.name}, {self.model.config.version}, "
                  f"{self.model.num_parameters} parameters, {s.epochs} epochs x {per_epoch} batches of "
                  f"{s.batch_size} ({s.device}, {s.dtype})")
+        if self.carved_valid:
+            self.log(f"task {self.task.name} has no validation split: {self.carved_valid} training examples "
+                     f"(drawn from seed {s.seed}) are held out to select the model")
+        elif self.selection_split == "train":
+            self.log(f"warning: task {self.task.name} has no validation split; the model is selected on the "
+                     "TRAINING split, so its selection score is optimistic (give the data a validation split)")
         start_time = time.perf_counter()
         samples_seen = 0
         last_valid = None
@@ -409,7 +471,7 @@ class Trainer:
             if skip and self.position["dropout_rng"] is not None:
                 dropout_rng.bit_generator.state = self.position["dropout_rng"]
             data_rng = np.random.default_rng([s.seed, epoch])
-            bar = self._bar = _progress(per_epoch, skip, f"epoch {epoch + 1}/{s.epochs}", self.progress)
+            bar = self._bar = _progress(per_epoch, skip, f"epoch {epoch + 1}/{s.epochs}", self.progress == "bar")
             # Sums over the epoch's batches so far: a resumed epoch goes on from the checkpoint's.
             epoch_loss = float(self.position.get("epoch_loss_sum") or 0.0) if skip else 0.0
             epoch_n = int(self.position.get("epoch_examples") or 0) if skip else 0
@@ -436,8 +498,11 @@ class Trainer:
                     bar.update(1)
                     post = {"loss": f"{loss:.4g}", "samples/s": f"{rate:.0f}"}
                     if last_valid is not None:
-                        post[self.task.metric] = f"{last_valid:.4g}"
+                        post[f"{self.selection_split} {self.task.metric}"] = f"{last_valid:.4g}"
                     bar.set_postfix(post)
+                elif self.progress == "lines" and (b + 1) % self.log_every == 0 and b + 1 < per_epoch:
+                    self.log(f"epoch {epoch + 1}/{s.epochs} batch {b + 1}/{per_epoch}: loss {loss:.4g}, "
+                             f"{rate:.0f} samples/s")
                 if self.position["step"] % s.checkpoint_every == 0:
                     self._save_checkpoint()
             if bar is not None:
@@ -455,11 +520,13 @@ class Trainer:
             if improved and self.comm.is_root:
                 save_model(os.path.join(self.run_dir, BEST), self.model.config, self.model.state_dict(),
                            dtype=s.dtype)
+            seconds = time.perf_counter() - t_epoch
             self._record({"type": "epoch", "epoch": epoch, "step": self.position["step"],
-                          "train_loss": epoch_loss / max(epoch_n, 1),
-                          "valid": valid, "best": improved, "seconds": time.perf_counter() - t_epoch})
+                          "train_loss": epoch_loss / max(epoch_n, 1), "split": self.selection_split,
+                          "metric": self.task.metric, "metrics": valid, "best": improved, "seconds": seconds})
             self.log(f"epoch {epoch + 1}/{s.epochs}: train loss {epoch_loss / max(epoch_n, 1):.4g}, "
-                     f"valid {self.task.metric} {last_valid:.4g}{' (best)' if improved else ''}")
+                     f"{self.selection_split} {self.task.metric} {last_valid:.4g}{' (best)' if improved else ''}"
+                     f" [{seconds:.1f} s]")
             self.position.update(epoch=epoch + 1, batch=0, dropout_rng=None, epoch_loss_sum=0.0,
                                  epoch_examples=0)
             self._save_checkpoint()
@@ -529,9 +596,7 @@ class Trainer:
                                "Try a lower --lr or --clip-norm.")
 
     def _validate(self):
-        split = "valid" if self.task.num_examples("valid") else "test"
-        if not self.task.num_examples(split):
-            split = "train"
+        split = self.selection_split
         options = {}
         if self.task.loss == "neuronio" and hasattr(self.task, "simulation_groups"):
             options["max_files"] = 1
@@ -551,7 +616,8 @@ class Trainer:
     def _finish(self, seconds, samples):
         summary = {"run_dir": self.run_dir, "task": self.task.name, "steps": self.position["step"],
                    "epochs": self.position["epoch"], "metric": self.task.metric,
-                   "best_valid_metric": self.position["best_metric"], "best_step": self.position["best_step"],
+                   "selection_split": self.selection_split, "best_metric": self.position["best_metric"],
+                   "best_step": self.position["best_step"],
                    "parameters": self.model.num_parameters, "seconds": seconds,
                    "samples_per_s": samples / seconds if seconds > 0 else None,
                    "settings": dataclasses.asdict(self.settings)}
@@ -561,7 +627,8 @@ class Trainer:
         if self.task.num_examples("test") and os.path.exists(best_path):
             best = load_file(best_path).build_model(dtype=self.settings.dtype, device=self.settings.device)
             summary["test"] = evaluate(best, self.task, "test", batch_size=self.settings.eval_batch_size)
-            self.log(f"test {self.task.metric} of the best model: {summary['test'][self.task.metric]:.4g}")
+            self.log(f"test {self.task.metric} of the best model (selected on {self.selection_split}): "
+                     f"{summary['test'][self.task.metric]:.4g}")
         atomic_write_text(os.path.join(self.run_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -655,6 +722,13 @@ def _checked_optim_state(state, path):
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
             raise CheckpointError(f"{path}: optimizer state '{key}' holds NaN or infinite values")
     return state
+
+
+def _stderr_is_terminal():
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def _progress(total, initial, desc, enabled):

@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 
 from elmcore.config import ELMConfig
 

@@ -1,7 +1,6 @@
 """elm train / eval / plot end to end through the command line, including a real kill and resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -348,7 +348,9 @@ def test_scan_kernels_match_cpu_in_place_and_from_u0(dtype):
 
 def _recurrence_inputs(rng, dtype, B, T, Dm, H, L):
     W0 = H if L else Dm
-    f = lambda *s: rng.normal(scale=0.6, size=s).astype(dtype)
+    def f(*s):
+        return rng.normal(scale=0.6, size=s).astype(dtype)
+
     return dict(Zb=f(B, T, W0), W0m=f(W0, Dm), Wh=f(max(L - 1, 0), H, H), ch=f(max(L - 1, 0), H),
                 Wo=f(Dm, H) if L else np.zeros((1, 1), dtype), co=f(Dm),
                 kappa_m=rng.uniform(0.3, 0.99, Dm).astype(dtype), c_m=rng.uniform(0.1, 2, Dm).astype(dtype),

@@ -205,7 +205,7 @@ def test_two_ranks_give_the_single_process_parameters(tmp_path):
         scale = max(np.abs(a[k]).max(), 1e-300)
         assert np.abs(a[k] - b[k]).max() / scale <= 1e-10, k
     s1, s2 = (json.load(open(os.path.join(d, "summary.json"))) for d in (one, two))
-    assert s2["best_valid_metric"] == pytest.approx(s1["best_valid_metric"], rel=1e-10)
+    assert s2["best_metric"] == pytest.approx(s1["best_metric"], rel=1e-10)
 
 
 def _worker_pid(run_dir, rank):

@@ -15,7 +15,7 @@ FD_TOLERANCE = 1e-6
 def _check(cfg, params=None, batch=2, steps=5, seed=0):
     rows = gradcheck(cfg, params=params, batch=batch, steps=steps, seed=seed, max_entries=8)
     model = ELM(cfg, dtype="float64")
-    assert {r[0] for r in rows} == set(model.trainable_keys) | {"X"}
+    assert {r.name for r in rows} == set(model.trainable_keys) | {"X"}
     bad = [r for r in rows if not passes(r, FD_TOLERANCE)]
     assert not bad, bad
 

@@ -110,7 +110,7 @@ def test_cross_entropy_closed_form_and_gradient():
     labels = np.array([0, 4, 2])
     loss = _fd_check(losses.cross_entropy_last, Y, labels)
     last = Y[:, -1]
-    expect = np.mean([np.log(np.exp(r).sum()) - r[l] for r, l in zip(last, labels)])
+    expect = np.mean([np.log(np.exp(r).sum()) - r[label] for r, label in zip(last, labels)])
     assert loss == pytest.approx(expect, rel=1e-12)
 
 

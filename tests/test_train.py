@@ -1,7 +1,6 @@
 """The training loop: learning, checkpoints, bit-identical resume, divergence handling."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -40,13 +39,14 @@ def test_training_lowers_the_loss_and_writes_the_run_directory(tmp_path):
     rd = tmp_path / "run"
     for name in ("run.json", "last.npz", "best.npz", "metrics.jsonl", "summary.json"):
         assert (rd / name).exists(), name
-    records = [json.loads(l) for l in (rd / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["type"] == "step"]
     assert len(losses) == summary["steps"] == 6 * 5
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     epochs = [r for r in records if r["type"] == "epoch"]
-    assert len(epochs) == 6 and all("accuracy" in r["valid"] for r in epochs)
-    assert summary["best_valid_metric"] == max(r["valid"]["accuracy"] for r in epochs)
+    assert len(epochs) == 6 and all(r["split"] == "valid" and "accuracy" in r["metrics"] for r in epochs)
+    assert summary["selection_split"] == "valid"
+    assert summary["best_metric"] == max(r["metrics"]["accuracy"] for r in epochs)
     ckpt = load_file(rd / "last.npz")
     assert ckpt.kind == "elmcore-checkpoint" and ckpt.meta["step"] == 30
     assert set(ckpt.optim_state) >= {"t", "exp_avg/w_y.weight"}
@@ -87,8 +87,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, kill_after):
         assert np.array_equal(full.params[k], again.params[k]), k
     for k in full.optim_state:
         assert np.array_equal(full.optim_state[k], again.optim_state[k]), k
-    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["type"] == "step"]
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["type"] == "step"]
     assert steps == list(range(1, 16))  # no duplicates from the replayed steps
 
 
