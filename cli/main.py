@@ -8,7 +8,9 @@ import click
 import numpy as np
 
 from elm_cli.common import ELMGroup, UserError, parse_assignments
+from elmcore.data.registry import output_heads
 from elmcore.errors import ELMError
+from elmcore.predict import head_names
 
 DEFAULT_GRADCHECK_CONFIG = {
     "num_input": 7, "num_output": 3, "num_memory": 4, "mlp_num_layers": 2, "mlp_hidden_size": 5,
@@ -231,9 +233,11 @@ def eval_cmd(model_path, task, data_dir, task_sets, split, batch_size, window, b
     if (t.num_input, t.num_output) != (model.config.num_input, model.config.num_output):
         raise UserError(f"model has {model.config.num_input} inputs / {model.config.num_output} outputs, "
                         f"task '{task}' needs {t.num_input} / {t.num_output}")
-    options = {}
-    if t.loss == "neuronio" and hasattr(t, "simulation_groups"):
-        options = dict(window=window, burn_in=burn_in, align=not no_align_soma)
+    # Evaluation options reach the task only when given: it owns their defaults, and one without them refuses them.
+    given = click.get_current_context().get_parameter_source
+    options = {name: value for name, param, value in (("window", "window", window), ("burn_in", "burn_in", burn_in),
+                                                      ("align", "no_align_soma", not no_align_soma))
+               if given(param) == click.core.ParameterSource.COMMANDLINE}
     metrics = evaluate(model, t, split, batch_size=batch_size, **options)
     for key, value in metrics.items():
         click.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
@@ -248,9 +252,9 @@ def eval_cmd(model_path, task, data_dir, task_sets, split, batch_size, window, b
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help="Input .npy of shape (batch, time, inputs) or (time, inputs).")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Output .npy.")
-@click.option("--head", type=click.Choice(["raw", "neuronio"]), default="raw", show_default=True,
-              help="raw: the model's outputs; neuronio: sigmoid spike probability and soma in mV "
-                   "(bias-subtracted), as the release's eval head.")
+@click.option("--head", type=click.Choice(head_names()), default="raw", show_default=True,
+              help="; ".join(["raw: the model's outputs"] + [f"{h.name}: {h.summary}" for h in output_heads().values()])
+              + ".")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None)
 @device_option

@@ -28,7 +28,6 @@ from .config import ELMConfig
 from .errors import ELMError
 from .evaluate import evaluate, metric_value
 from .fileio import atomic_write_text
-from .losses import LOSS_FUNCTIONS
 from .model import ELM
 from .optim import Optimizer, cosine_lr
 
@@ -113,7 +112,6 @@ class Trainer:
             from .data.registry import get_task
             task = get_task(settings.task, data_dir=settings.data_dir, seed=settings.seed, **settings.task_options)
         self.task = task
-        self.loss_fn = LOSS_FUNCTIONS[task.loss]
         self.run_dir = settings.run_dir or os.path.join(
             "runs", f"{settings.task}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -289,10 +287,7 @@ class Trainer:
         lr = cosine_lr(self.position["step"], total_steps, s.lr, s.min_lr, s.warmup_steps)
         Y, cache = self.model.forward(X, return_cache=True)
         target = self.model.xp.asarray(batch.target)
-        if self.task.loss == "neuronio":
-            loss, dY = self.loss_fn(Y, target, burn_in=s.burn_in)
-        else:
-            loss, dY = self.loss_fn(Y, target)
+        loss, dY = self.task.loss_and_grad(Y, target, burn_in=s.burn_in)
         step = self.position["step"] + 1
         if not math.isfinite(loss):
             self._diverged(f"the loss is {loss} at step {step}")
@@ -316,13 +311,8 @@ class Trainer:
         split = "valid" if self.task.num_examples("valid") else "test"
         if not self.task.num_examples(split):
             split = "train"
-        options = {}
-        if self.task.loss == "neuronio" and hasattr(self.task, "simulation_groups"):
-            options["max_files"] = 1
-            return evaluate(self.model, self.task, split, batch_size=self.settings.eval_batch_size, **options)
-        from .evaluate import evaluate_batches
-        return evaluate_batches(self.model, self.task, split, self.settings.eval_batch_size,
-                                self.settings.valid_max_batches)
+        return self.task.validation_metrics(self.model, split, self.settings.eval_batch_size,
+                                            self.settings.valid_max_batches)
 
     def _is_better(self, value):
         best = self.position["best_metric"]

@@ -19,7 +19,7 @@ import os
 from typing import Optional
 
 from ..errors import DataError, ELMError
-from .base import Task
+from .base import OutputHead, Task
 
 LRA_SOURCE = ("the LRA release tarball lra_release.gz from "
               "https://github.com/google-research/long-range-arena")
@@ -39,12 +39,15 @@ class TaskSpec:
     count_option: str = "n"           # the generator's name for ``n``
     in_memory: bool = False           # buildable without any data_dir (generated on the fly)
     own_search: bool = False          # the reader searches sub-folders / files itself and names them
+    heads: tuple = ()                 # OutputHeads ``elm predict --head`` offers for this task's models
 
 
 def _spec(name, summary, reader, files, source, reader_options=None, generator=None,
-          generator_options=None, default_n=1000, count_option="n", in_memory=False, own_search=False):
+          generator_options=None, default_n=1000, count_option="n", in_memory=False, own_search=False,
+          heads=()):
     return TaskSpec(name, summary, reader, dict(reader_options or {}), tuple(files), source, generator,
-                    dict(generator_options or {}), default_n, count_option, in_memory, own_search)
+                    dict(generator_options or {}), default_n, count_option, in_memory, own_search,
+                    tuple(heads))
 
 
 def _generated_hint(name):
@@ -58,7 +61,10 @@ TASKS = {spec.name: spec for spec in (
           "(kaggle.com/selfishgene/single-neurons-as-deep-nets-nmda-train-data, "
           f"...-nmda-test-data), or {_generated_hint('neuronio')} for a teacher-labelled surrogate",
           generator=("elmcore.data.neuronio", "generate_neuronio_surrogate"), default_n=1,
-          count_option="n_files"),
+          count_option="n_files",
+          heads=[OutputHead("neuronio", "sigmoid spike probability and soma in mV (bias-subtracted), as the "
+                            "release's eval head", ("elmcore.data.neuronio.evaluation", "neuronio_head"),
+                            min_outputs=2)]),
     _spec("shd", "Spiking Heidelberg Digits (700 inputs, 20 classes)",
           ("elmcore.data.shd", "SHDTask"), ("shd_train.h5", "shd_test.h5"),
           "https://zenkelab.org/datasets/ (Cramer et al., IEEE TNNLS 2020)",
@@ -104,6 +110,16 @@ TASKS = {spec.name: spec for spec in (
           generator_options={"name": "delayed-recall"}, in_memory=True),
 )}
 GENERATABLE = tuple(name for name, spec in TASKS.items() if spec.generator)
+
+
+def output_heads():
+    """{name: OutputHead} of every head the tasks declare (``elm predict --head``)."""
+    return {head.name: head for spec in TASKS.values() for head in spec.heads}
+
+
+def load_head(head):
+    """The function an :class:`OutputHead` names (imported only when asked for)."""
+    return _load(head.function)
 
 
 def task_spec(name):
