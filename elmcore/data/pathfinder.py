@@ -32,11 +32,11 @@ import os
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..errors import DataError
 from ..fileio import atomic_write_bytes, atomic_write_text
+from ..optional import require
 from .images import EncodedSequenceTask, one_hot, quantize_grey, split_indices
 
 RESOLUTIONS = {32: "pathfinder32", 64: "pathfinder64", 128: "pathfinder128"}
@@ -127,6 +127,7 @@ def read_metadata(dataset_dir):
 
 def load_grey_png(path, resolution):
     """(resolution, resolution) uint8 pixels of one image; colour images are converted to grey."""
+    Image = require("PIL.Image")
     try:
         with Image.open(path) as img:
             img.load()
@@ -326,6 +327,7 @@ def _scene(rng, size, path_length, distractors, distractor_length, geo):
 
 
 def _render(size, contours, markers, geo):
+    Image, ImageDraw = require("PIL.Image"), require("PIL.ImageDraw")
     canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(canvas)
     width = max(1, int(round(geo["thickness"] * SUPERSAMPLE)))
@@ -437,6 +439,7 @@ def read_record(dataset_dir):
 def image_resolution(dataset_dir):
     """Side of the first image listed in ``dataset_dir/metadata`` (used to tell 32 from 128)."""
     paths, _ = read_metadata(dataset_dir)
+    Image = require("PIL.Image")
     try:
         with Image.open(paths[0]) as img:
             return int(img.size[0])
