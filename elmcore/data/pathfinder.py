@@ -394,6 +394,7 @@ def generate_pathfinder(out_dir, n=1000, seed=0, size=32, path_length=8, distrac
         raise DataError(f"pathfinder option distractors must be >= 0, got {distractors}")
     if not subdir or os.sep in subdir or subdir in (".", ".."):
         raise DataError(f"pathfinder subdir must be a plain folder name, got {subdir!r}")
+    require("PIL.ImageDraw")  # before any output or progress bar
     dataset_dir = os.path.join(os.fspath(out_dir), subdir)
     labels = np.random.default_rng(seed).permutation(np.arange(n) >= n // 2).astype(int)
     records, metadata = [], {}
