@@ -138,6 +138,23 @@ def test_hostile_neuronio_pickles_are_refused_by_elm_data_info(tmp_path, name):
     assert_refused(result, "x_sim__0.p", *([fragment] if fragment else []))
 
 
+def test_folder_link_loops_are_walked_once(tmp_path):
+    from elmcore.data.neuronio import write_neuronio_file
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    sim = {"exInputSpikeTimes": {0: [1]}, "inhInputSpikeTimes": {}, "outputSpikeTimes": [],
+           "somaVoltageLowRes": [-70.0] * 10}
+    for k in range(3):
+        write_neuronio_file(data / "sub" / f"x_sim__{k}.p", {"allSegmentsType": ["b"], "totalSimDurationInSec": 0.01},
+                            [sim])
+    for name in ("a", "b", "c"):  # glob('**') would follow these into 3**depth paths
+        (data / name).symlink_to(".")
+        (data / "sub" / name).symlink_to("..")
+    result = run_elm("data", "info", data, "-O", "window=5", "-O", "burn_in=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "neuronio" in result.stdout and "files_train: 1" in result.stdout and "files_test: 1" in result.stdout
+
+
 def test_the_neuronio_reader_still_reads_plain_arrays_scalars_and_both_byte_orders(tmp_path):
     from elmcore.data.neuronio import read_neuronio_file
     soma = np.linspace(-80, -50, 10)

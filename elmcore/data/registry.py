@@ -20,6 +20,7 @@ from typing import Optional
 
 from ..errors import DataError, ELMError
 from .base import OutputHead, Task
+from .walk import find_files
 
 LRA_SOURCE = ("the LRA release tarball lra_release.gz from "
               "https://github.com/google-research/long-range-arena")
@@ -150,7 +151,10 @@ def _call(function, what, *args, **options):
 def _matches(data_dir, pattern):
     """Whether ``data_dir`` holds a file for ``pattern`` (alternatives separated by ``|``)."""
     for alternative in pattern.split("|"):
-        if glob.glob(os.path.join(glob.escape(data_dir), alternative), recursive=True):
+        if alternative.startswith("**/"):
+            if find_files(data_dir, alternative[3:], first_only=True):
+                return True
+        elif glob.glob(os.path.join(glob.escape(data_dir), alternative)):
             return True
     return False
 

@@ -150,8 +150,9 @@ def _spike_dict_events(spikes, num_segments, duration_ms, row_offset, budget, pa
     times, rows = [], []
     for segment, seg_times in spikes.items():
         seg = _as_int(segment)
-        _require(seg is not None and 0 <= seg < num_segments, path,
-                 f"{where} has segment key {short_repr(segment)}; keys must be integers in [0, {num_segments})")
+        if seg is None or not 0 <= seg < num_segments:
+            raise DataError(f"NeuronIO file {path}: {where} has segment key {short_repr(segment)}; keys must "
+                            f"be integers in [0, {num_segments})")
         t = _numbers(seg_times, budget, path, f"{where}[{seg}]")
         times.append(t)
         rows.append(np.full(t.size, seg + row_offset, np.int64))

@@ -1,4 +1,5 @@
-"""The release's soma target preparation (docs/spec.md §5, task heads): one definition for reader, loss, evaluation and head."""
+"""The release's soma target preparation (docs/spec.md §5, task heads), in one place for reader,
+loss, evaluation and head."""
 
 import numpy as np
 

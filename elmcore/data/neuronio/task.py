@@ -1,7 +1,6 @@
 """NeuronIO as a training task: split discovery, a bounded cache of decoded files, and
 random training windows assembled by a background thread while the caller trains."""
 
-import glob
 import math
 import os
 import queue
@@ -13,6 +12,7 @@ import numpy as np
 
 from ...errors import DataError, ELMError
 from ..base import SPLITS, Batch, Task
+from ..walk import find_files
 from .files import (DATA_SOURCE, FILE_PATTERN, NUM_INPUT, RELEASE_IGNORE_TIME_FROM_START, read_neuronio_file,
                     require_int)
 from .evaluation import evaluate_neuronio
@@ -27,8 +27,7 @@ def _natural_key(path):
 
 
 def _find_files(directory):
-    return sorted(glob.glob(os.path.join(glob.escape(directory), "**", FILE_PATTERN), recursive=True),
-                  key=_natural_key)
+    return sorted(find_files(directory, FILE_PATTERN), key=_natural_key)
 
 
 def _missing_data_error(directory, detail):
