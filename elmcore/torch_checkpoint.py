@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import zipfile
 import zlib
@@ -385,6 +386,8 @@ def load_torch_state_dict(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block in open(), a device never end
+        raise CheckpointError(f"{path} is not a regular file")
     try:
         with zipfile.ZipFile(path) as zf:
             archive = _Archive(zf)

@@ -126,6 +126,9 @@ NEURONIO_CASES = {
     "soma 1e300 (inf in float32)": (neuronio_bytes(soma=[-70.0] * 9 + [1e300]), "beyond float32 range"),
     "one simulation repeated 200,000 times by reference": (
         neuronio_bytes(sims=200_000), "more soma samples than"),
+    "segment list that is a 0-d array": (
+        pickle.dumps({"Params": {"allSegmentsType": np.array(3.0), "totalSimDurationInSec": 0.01},
+                      "Results": {"listOfSingleSimulationDicts": []}}, protocol=2), "must be a non-empty list"),
     "one spike list repeated by reference": (
         neuronio_bytes(spikes=dict.fromkeys(range(3), list(range(10)) * 30_000)), "repeated by reference"),
 }
@@ -323,3 +326,50 @@ def test_shd_group_instead_of_dataset_and_huge_declared_count(tmp_path):
         f["labels"] = np.zeros(1, np.uint8)
     with pytest.raises(DataError, match="declares 1000000000 samples"):
         read_shd_h5(tmp_path / "n.h5")
+
+
+def test_damaged_neuronio_files_raise_only_data_error(tmp_path):
+    """Bit flips, truncations and spliced opcodes of a real-layout file: a DataError or a clean read."""
+    from elmcore.data.neuronio import read_neuronio_file, write_neuronio_file
+    sims = [{"exInputSpikeTimes": {np.int64(0): [np.int64(1), np.int64(5)], np.int64(2): [9]},
+             "inhInputSpikeTimes": {np.int64(1): [5]}, "outputSpikeTimes": np.array([3.5], np.float16),
+             "somaVoltageLowRes": np.linspace(-70, -50, 10).astype(np.float16)}]
+    good = tmp_path / "g_sim__0.p"
+    write_neuronio_file(good, {"allSegmentsType": ["basal"] * 3, "totalSimDurationInSec": 0.01}, sims)
+    original = good.read_bytes()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d_sim__0.p"
+    outcomes = {"read": 0, "refused": 0}
+    for trial in range(400):
+        data = bytearray(original)
+        kind = trial % 4
+        if kind == 0:
+            for i in rng.integers(0, len(data), size=3):
+                data[i] ^= 1 << int(rng.integers(8))
+        elif kind == 1:
+            data = data[:int(rng.integers(1, len(data)))]
+        elif kind == 2:
+            i = int(rng.integers(len(data)))
+            data[i:i] = bytes([int(rng.integers(256))])
+        else:
+            i, j = sorted(rng.integers(0, len(data), size=2))
+            data = data[:i] + data[j:]
+        path.write_bytes(bytes(data))
+        try:
+            read_neuronio_file(path)
+            outcomes["read"] += 1
+        except DataError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 300
+
+
+def test_fifos_named_like_data_files_are_refused_without_blocking(tmp_path):
+    from elmcore.data.neuronio import read_neuronio_file
+    from elmcore.data.shd import read_shd_h5
+    from elmcore.torch_checkpoint import load_torch_state_dict
+    for name, read, error in (("x_sim__0.p", read_neuronio_file, DataError),
+                              ("m.pt", load_torch_state_dict, CheckpointError),
+                              ("shd_train.h5", read_shd_h5, DataError)):
+        os.mkfifo(tmp_path / name)
+        with pytest.raises(error, match="not a regular file"):
+            read(tmp_path / name)

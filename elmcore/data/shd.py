@@ -19,6 +19,7 @@ label ``(l1 mod 10) + (l2 mod 10)``, 19 classes.
 """
 
 import os
+import stat
 
 import numpy as np
 
@@ -106,6 +107,8 @@ def read_shd_h5(path):
     """
     h5py = require("h5py")
     path = os.fspath(path)
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block in open()
+        raise DataError(f"SHD file {path} is not a regular file")
     try:
         with h5py.File(path, "r") as f:
             datasets = {}

@@ -196,7 +196,8 @@ def read_neuronio_file(path):
     params = _field(obj, "Params", path, "file")
     results = _field(obj, "Results", path, "file")
     seg_types = _field(params, "allSegmentsType", path, "['Params']")
-    _require(isinstance(seg_types, (list, tuple, np.ndarray)) and len(seg_types) > 0, path,
+    _require((isinstance(seg_types, (list, tuple)) or isinstance(seg_types, np.ndarray) and seg_types.ndim == 1)
+             and len(seg_types) > 0, path,
              "['Params']['allSegmentsType'] must be a non-empty list")
     num_segments = len(seg_types)
     _require(num_segments <= MAX_SEGMENTS, path,

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import reprlib
+import stat
 import struct
 
 import numpy as np
@@ -233,6 +234,9 @@ def read_pickle_bytes(path):
     """The bytes of a NeuronIO file, or a DataError naming it."""
     path = os.fspath(path)
     try:
+        # A FIFO or device named like a data file would block in open() or never end.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DataError(f"NeuronIO file {path} is not a regular file")
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
