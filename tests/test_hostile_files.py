@@ -123,6 +123,8 @@ NEURONIO_CASES = {
     "memo index 2**28 (9 bytes)": (b"\x80\x02Nr\x00\x00\x00\x10.", "memo slot 268435456"),
     "bytes length 2**40": (b"\x80\x04\x8e" + struct.pack("<Q", 1 << 40) + b".", "longer than the"),
     "duration 1e300 s": (neuronio_bytes(soma=[-70.0] * 10, seconds=1e300), "more soma samples than"),
+    "duration an int beyond float range": (neuronio_bytes(soma=[-70.0] * 10, seconds=10 ** 400),
+                                           "must be a positive number"),
     "soma 1e300 (inf in float32)": (neuronio_bytes(soma=[-70.0] * 9 + [1e300]), "beyond float32 range"),
     "one simulation repeated 200,000 times by reference": (
         neuronio_bytes(sims=200_000), "more soma samples than"),

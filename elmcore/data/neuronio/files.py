@@ -202,22 +202,27 @@ def read_neuronio_file(path):
     num_segments = len(seg_types)
     _require(num_segments <= MAX_SEGMENTS, path,
              f"['Params']['allSegmentsType'] lists {num_segments} segments; at most {MAX_SEGMENTS} are supported")
-    seconds = _field(params, "totalSimDurationInSec", path, "['Params']")
-    _require(isinstance(seconds, (int, float, np.integer, np.floating)) and not isinstance(seconds, bool)
-             and math.isfinite(float(seconds)) and seconds > 0, path,
-             f"['Params']['totalSimDurationInSec'] must be a positive number, got {short_repr(seconds)}")
+    raw_seconds = _field(params, "totalSimDurationInSec", path, "['Params']")
+    seconds = math.nan
+    if isinstance(raw_seconds, (int, float, np.integer, np.floating)) and not isinstance(raw_seconds, bool):
+        try:
+            seconds = float(raw_seconds)
+        except OverflowError:  # an int beyond float range
+            seconds = math.inf
+    _require(math.isfinite(seconds) and seconds > 0, path,
+             f"['Params']['totalSimDurationInSec'] must be a positive number, got {short_repr(raw_seconds)}")
     sims = _field(results, "listOfSingleSimulationDicts", path, "['Results']")
     _require(isinstance(sims, (list, tuple)) and len(sims) > 0, path,
              "['Results']['listOfSingleSimulationDicts'] must be a non-empty list")
     n = len(sims)
     # Every simulation stores one soma sample per ms, so the file's size bounds
     # what the arrays below may take; checked before the duration becomes an int.
-    _require(float(seconds) * 1000 * n <= budget.file_size, path,
-             f"declares {n} simulations of {float(seconds):g} s, more soma samples than its "
+    _require(seconds * 1000 * n <= budget.file_size, path,
+             f"declares {n} simulations of {seconds:g} s, more soma samples than its "
              f"{budget.file_size} bytes could hold")
-    duration_ms = int(round(float(seconds) * 1000))
-    _require(duration_ms >= 1 and abs(duration_ms - float(seconds) * 1000) < 1e-6, path,
-             f"['Params']['totalSimDurationInSec'] = {short_repr(seconds)} is not a whole number of ms")
+    duration_ms = int(round(seconds * 1000))
+    _require(duration_ms >= 1 and abs(duration_ms - seconds * 1000) < 1e-6, path,
+             f"['Params']['totalSimDurationInSec'] = {short_repr(raw_seconds)} is not a whole number of ms")
 
     num_input = 2 * num_segments
     spikes = np.zeros((n, duration_ms), np.float32)
