@@ -375,3 +375,22 @@ def test_fifos_named_like_data_files_are_refused_without_blocking(tmp_path):
         os.mkfifo(tmp_path / name)
         with pytest.raises(error, match="not a regular file"):
             read(tmp_path / name)
+
+
+def _png_header_only(width, height):
+    """A PNG that declares its size and holds no pixels: decoding it would allocate width × height."""
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [5000, 20000])
+def test_pathfinder_png_declaring_a_huge_size_is_refused_before_decoding(tmp_path, side):
+    pytest.importorskip("PIL")
+    from elmcore.data.pathfinder import load_grey_png
+    (tmp_path / "big.png").write_bytes(_png_header_only(side, side))
+    with pytest.raises(DataError, match="big.png"):
+        load_grey_png(tmp_path / "big.png", 32)

@@ -130,15 +130,20 @@ def load_grey_png(path, resolution):
     Image = require("PIL.Image")
     try:
         with Image.open(path) as img:
+            # The header's size, checked before decoding: a tiny PNG can declare 30000×30000 pixels.
+            if img.size != (resolution, resolution):
+                raise DataError(f"image {path} is {img.size[0]}×{img.size[1]}, expected "
+                                f"{resolution}×{resolution}")
             img.load()
             if img.mode != "L":
                 img = img.convert("L")
             pixels = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     if pixels.shape != (resolution, resolution):
-        raise DataError(f"image {path} is {pixels.shape[1]}×{pixels.shape[0]}, expected "
-                        f"{resolution}×{resolution}")
+        raise DataError(f"image {path} decodes to {pixels.shape}, expected ({resolution}, {resolution})")
     return pixels
 
 
