@@ -117,6 +117,9 @@ NEURONIO_CASES = {
     "array state without a dtype stand-in": (
         neuronio_bytes(Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (10,), "<f8", False, b"\0" * 80))),
         "needs a numeric dtype"),
+    "_reconstruct of something other than ndarray": (
+        neuronio_bytes(Reduce(_reconstruct, (np.dtype, (0,), b"b"), (1, (10,), "<f8", False, b"\0" * 80))),
+        "builds only numpy.ndarray"),
     "scalar of an object dtype": (
         neuronio_bytes(Reduce(np_scalar, (pickled_dtype("O8", (3, "|", None, None, None, -1, -1, OBJECT_FLAGS)),
                                           ATTACKER_POINTER))), "dtype 'O8'"),
