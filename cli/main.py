@@ -10,7 +10,9 @@ import numpy as np
 from elm_cli.common import ELMGroup, FiniteFloat, TaskChoice, UserError, parse_assignments
 from elm_cli.data_cmd import data
 from elm_cli.sweep_cmd import sweep
+from elmcore.data.registry import output_heads
 from elmcore.errors import ELMError
+from elmcore.predict import head_names
 
 DEFAULT_GRADCHECK_CONFIG = {
     "num_input": 7, "num_output": 3, "num_memory": 4, "mlp_num_layers": 2, "mlp_hidden_size": 5,
@@ -349,9 +351,10 @@ def _eval_target(model_path, checkpoint):
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
               help="Which model of a run directory: best.npz (selected on the validation split) or last.npz.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1))
-@click.option("--window", default=500, type=click.IntRange(min=1),
+@click.option("--window", default=None, type=click.IntRange(min=1), show_default="the task's (NeuronIO: 500)",
               help="NeuronIO: evaluation window (ms).")
-@click.option("--window-burn-in-ms", "burn_in", default=150, type=click.IntRange(min=0),
+@click.option("--window-burn-in-ms", "burn_in", default=None, type=click.IntRange(min=0),
+              show_default="the task's (NeuronIO: 150)",
               help="NeuronIO: ms dropped at the start of every window but the first.")
 @click.option("--burn-in", "legacy_burn_in", type=click.IntRange(min=0), hidden=True,
               help="Old name of --window-burn-in-ms.")
@@ -371,8 +374,6 @@ def eval_cmd(model_path, task, data_dir, task_sets, seed, split, checkpoint, bat
     from elmcore.data.registry import data_files, get_task, task_spec
     from elmcore.evaluate import evaluate
     from elmcore.train import CARVED_VALID_FRACTION, carve_validation
-    if legacy_burn_in is not None:
-        burn_in = legacy_burn_in
     model_path, run = _eval_target(model_path, checkpoint)
     task_options = parse_assignments(task_sets, "--task-option", TASK_RESERVED)
     if run is not None and (task is None or task_spec(task).name == task_spec(run["task"]).name):
@@ -396,9 +397,13 @@ def eval_cmd(model_path, task, data_dir, task_sets, seed, split, checkpoint, bat
     click.echo(f"task: {t.name}{f' ({described})' if described else ''}, seed {seed}"
                + (f", data {data_dir}" if data_dir else ""))
     click.echo(f"split: {split}")
-    options = {}
-    if t.loss == "neuronio" and hasattr(t, "simulation_groups"):
-        options = dict(window=window, burn_in=burn_in, align=not no_align_soma)
+    # Evaluation options reach the task only when given: it owns their defaults, and one without them refuses them.
+    given = click.get_current_context().get_parameter_source
+    options = {name: value for name, param, value in (("window", "window", window), ("burn_in", "burn_in", burn_in),
+                                                      ("align", "no_align_soma", not no_align_soma))
+               if given(param) == click.core.ParameterSource.COMMANDLINE}
+    if legacy_burn_in is not None:
+        options["burn_in"] = legacy_burn_in
     metrics = evaluate(model, t, split, batch_size=batch_size, **options)
     for key, value in metrics.items():
         click.echo(f"{split} {key}: {value:.6g}" if isinstance(value, float) else f"{split} {key}: {value}")
@@ -415,9 +420,9 @@ def eval_cmd(model_path, task, data_dir, task_sets, seed, split, checkpoint, bat
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help="Input .npy of shape (batch, time, inputs) or (time, inputs).")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Output .npy.")
-@click.option("--head", type=click.Choice(["raw", "neuronio"]), default="raw", show_default=True,
-              help="raw: the model's outputs; neuronio: sigmoid spike probability and soma in mV "
-                   "(bias-subtracted), as the release's eval head.")
+@click.option("--head", type=click.Choice(head_names()), default="raw", show_default=True,
+              help="; ".join(["raw: the model's outputs"] + [f"{h.name}: {h.summary}" for h in output_heads().values()])
+              + ".")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None)
 @device_option

@@ -3,16 +3,12 @@
 Each returns ``(loss, dY)`` with ``loss`` a Python float and ``dY`` an array
 shaped like Y, so ``model.backward(dY, cache)`` gives ∂loss/∂θ. All are
 numerically stable for any finite logits (log-sum-exp and softplus written
-so that no exp can overflow).
+so that no exp can overflow). A task with a loss of its own provides it
+through ``Task.loss_and_grad`` instead of a name here.
 """
 
 from .backend import array_module
 from .errors import DataError
-
-# NeuronIO target preparation (ELM_SPEC §5).
-SOMA_CAP_MV = -55.0
-SOMA_BIAS_MV = -67.7
-SOMA_SCALE = 0.1
 
 
 def _softplus(x, xp):
@@ -48,33 +44,6 @@ def cross_entropy_last(Y, labels):
     return loss, dY
 
 
-def neuronio_loss(Y, target, burn_in=0, spike_weight=0.5, soma_weight=0.5):
-    """0.5·BCEWithLogits(spike) + 0.5·MSE(soma), each a mean over batch and (post-burn-in) time.
-
-    target (B, T, 2): [..., 0] spike 0/1, [..., 1] prepared soma (see ``prepare_soma``).
-    ``burn_in`` steps at the start of each window do not count (0, as in the release).
-    """
-    xp = array_module(Y)
-    B, T, _ = Y.shape
-    target = xp.asarray(target)
-    if target.shape != (B, T, 2):
-        raise DataError(f"NeuronIO targets must have shape {(B, T, 2)}, got {tuple(target.shape)}")
-    if not 0 <= burn_in < T:
-        raise DataError(f"burn-in must lie in [0, {T}) for windows of {T} steps, got {burn_in}")
-    x = Y[:, burn_in:, 0]
-    s = target[:, burn_in:, 0].astype(Y.dtype)
-    v = Y[:, burn_in:, 1]
-    soma = target[:, burn_in:, 1].astype(Y.dtype)
-    n = x.size
-    bce = float((_softplus(x, xp) - x * s).mean())
-    diff = v - soma
-    mse = float((diff * diff).mean())
-    dY = xp.zeros_like(Y)
-    dY[:, burn_in:, 0] = spike_weight * (_sigmoid(x, xp) - s) / n
-    dY[:, burn_in:, 1] = soma_weight * 2 * diff / n
-    return spike_weight * bce + soma_weight * mse, dY
-
-
 def mse(Y, target):
     """Mean squared error over every step and output."""
     xp = array_module(Y)
@@ -100,13 +69,7 @@ def mse_last(Y, target):
 
 LOSS_FUNCTIONS = {
     "cross_entropy_last": cross_entropy_last,
-    "neuronio": neuronio_loss,
     "mse": mse,
     "mse_last": mse_last,
 }
 
-
-def prepare_soma(soma_mv, scale=SOMA_SCALE):
-    """Release target prep: cap at −55 mV, subtract −67.7 mV, multiply by ``scale`` (1 for eval, in mV)."""
-    xp = array_module(soma_mv)
-    return (xp.minimum(soma_mv, SOMA_CAP_MV) - SOMA_BIAS_MV) * scale

@@ -298,7 +298,7 @@ def _preview_neuronio(plt, task, split):
     """Excitatory and inhibitory input spikes, the soma trace and the output spikes of one window, in ms."""
     import numpy as np
 
-    from .losses import SOMA_BIAS_MV, SOMA_CAP_MV, SOMA_SCALE
+    from .data.neuronio.soma import SOMA_BIAS_MV, SOMA_CAP_MV, SOMA_SCALE
     x, target = _first_example(task, split)
     t_ms = np.arange(len(x))
     fig, (ax_in, ax_soma) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True,

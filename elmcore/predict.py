@@ -4,9 +4,14 @@ import numpy as np
 
 from .errors import DataError, ELMError
 from .fileio import read_npy
-from .losses import SOMA_SCALE
 
-HEADS = ("raw", "neuronio")
+RAW_HEAD = "raw"
+
+
+def head_names():
+    """``raw`` (the model's outputs) and every head a task declares in the registry."""
+    from .data.registry import output_heads
+    return (RAW_HEAD, *output_heads())
 
 
 def read_input_array(path, num_input):
@@ -36,16 +41,19 @@ def read_input_array(path, num_input):
 def predict_array(model, X, head="raw", batch_size=64):
     """Model outputs for X (B, T, D), batch by batch, as a host float array.
 
-    ``head="neuronio"``: the release's eval head, sigmoid of output 0 (spike
-    probability) and output 1 / 0.1 (soma in mV relative to −67.7 mV).
+    ``head``: ``"raw"``, or a head a task declares (``elmcore.data.registry.output_heads``),
+    applied to the outputs.
     """
-    if head not in HEADS:
-        raise DataError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-    if head == "neuronio" and model.config.num_output < 2:
-        raise DataError("the neuronio head needs a model with 2 outputs (spike logit, soma)")
+    from .data.registry import load_head, output_heads
+    heads = output_heads()
+    if head != RAW_HEAD and head not in heads:
+        raise DataError(f"head must be one of {', '.join(head_names())}, got {head!r}")
+    spec = heads.get(head)
+    if spec is not None and model.config.num_output < spec.min_outputs:
+        raise DataError(f"the {head} head needs a model with at least {spec.min_outputs} outputs, this one has "
+                        f"{model.config.num_output}")
     outs = [model.backend.to_host(model.forward(X[i:i + batch_size])) for i in range(0, len(X), batch_size)]
     Y = np.concatenate(outs)
-    if head == "neuronio":
-        Y = np.stack([1 / (1 + np.exp(-Y[..., 0].astype(np.float64))), Y[..., 1] / SOMA_SCALE],
-                     axis=-1).astype(Y.dtype)
+    if spec is not None:
+        Y = np.asarray(load_head(spec)(Y)).astype(Y.dtype)
     return Y

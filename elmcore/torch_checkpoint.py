@@ -15,14 +15,13 @@ offset, size and stride checked against the storage length first, because
 ``as_strided`` does no bounds checking of its own.
 """
 
-import collections
 import io
 import json
+import math
 import os
 import pickle
-import pickletools
+import stat
 import struct
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from .config import ELMConfig
 from .errors import CheckpointError
 from .params import check_params
+from .pickle_guard import UnsafePickle, check_pickle_bytes
 
 
 class _Dtype(NamedTuple):
@@ -148,6 +148,18 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
     return _rebuild_parameter(data, requires_grad, backward_hooks)
 
 
+class _StateDict(dict):
+    """Stand-in for ``collections.OrderedDict``: a dict whose pickled state (torch's
+    ``_metadata``) is dropped; no attribute of it can be set from the file."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict) and not (isinstance(state, tuple) and len(state) == 2
+                                                and all(isinstance(s, (dict, type(None))) for s in state)):
+            raise _Malformed(f"an OrderedDict has the state {type(state).__name__}, not its attributes' dict")
+
+
 def _get_layout(name):
     if name != "torch.strided":
         raise _Malformed(f"tensor layout {name!r} is not supported (only dense torch.strided tensors)")
@@ -156,7 +168,7 @@ def _get_layout(name):
 
 def _allowed_globals():
     allowed = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("collections", "OrderedDict"): _StateDict,
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
         ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -209,23 +221,24 @@ _PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, TypeError, ValueError, Attri
 # Everything zipfile raises on damaged headers (ValueError covers undecodable names).
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, struct.error,
                zlib.error, NotImplementedError, RuntimeError)
-_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+# A state_dict pickle takes about 100 bytes per tensor; every byte of it can
+# become a Python object, so its size is what bounds the unpickler's memory.
+MAX_STATE_PICKLE_BYTES = 4 << 20
+# A compressed record may inflate at most this much (beyond 1 MiB): float weights
+# barely compress, while a zip bomb inflates a thousandfold.
+MAX_INFLATION = 100
+_SMALL_RECORD = 1 << 20
+# What the arrays of one file may take, as a multiple of its storages (beyond
+# 16 MiB): tied weights read one storage twice; more means entries repeat one.
+MAX_OUTPUT_PER_STORED = 4
+_MAX_DIMS = 32
 
 
-def _check_memo_indices(data):
-    """Refuse memo slots beyond the pickle's length before unpickling.
-
-    The C unpickler grows (and zero-fills) its memo table up to any index a PUT
-    names, so a four-byte LONG_BINPUT could make it claim gigabytes. A real
-    pickle never numbers more memo slots than it has bytes.
-    """
-    with warnings.catch_warnings():
-        # genops decodes protocol-0 strings; a damaged one is reported below, not warned about.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for opcode, arg, pos in pickletools.genops(data):
-            if opcode.name in _MEMO_PUTS and arg > len(data):
-                raise _Malformed(f"data.pkl stores memo slot {arg} at byte {pos}, more than the pickle "
-                                 "could fill")
+def _check_inflation(info, nbytes):
+    """Refuse reading ``nbytes`` from a compressed record that could not hold them honestly."""
+    if info.compress_type != zipfile.ZIP_STORED and nbytes > MAX_INFLATION * info.compress_size + _SMALL_RECORD:
+        raise _Malformed(f"record '{info.filename}' would inflate {info.compress_size} compressed bytes to "
+                         f"{nbytes} (more than {MAX_INFLATION}x: a zip bomb)")
 
 
 class _Archive:
@@ -240,6 +253,7 @@ class _Archive:
         self.prefix = pickles[0].split("/")[0]
         self.byteorder = self._byteorder()
         self._storages = {}
+        self._output_bytes = 0
 
     def _byteorder(self):
         name = f"{self.prefix}/byteorder"
@@ -251,7 +265,17 @@ class _Archive:
         return "<" if value == "little" else ">"
 
     def state_pickle(self):
-        return self.zf.read(f"{self.prefix}/data.pkl")
+        """``data.pkl``, read only after its declared sizes pass the limits above."""
+        info = self.zf.getinfo(f"{self.prefix}/data.pkl")
+        if info.file_size > MAX_STATE_PICKLE_BYTES:
+            raise _Malformed(f"'{info.filename}' declares {info.file_size} bytes; a state_dict pickle needs "
+                             f"far less (at most {MAX_STATE_PICKLE_BYTES} are read)")
+        _check_inflation(info, info.file_size)
+        with self.zf.open(info) as f:
+            data = f.read(MAX_STATE_PICKLE_BYTES + 1)
+        if len(data) > MAX_STATE_PICKLE_BYTES:
+            raise _Malformed(f"'{info.filename}' holds more than {MAX_STATE_PICKLE_BYTES} bytes")
+        return data
 
     def storage_bytes(self, ref: _StorageRef):
         """The raw bytes of a storage: exactly ``numel`` elements of its type."""
@@ -270,6 +294,7 @@ class _Archive:
         if info.file_size < nbytes:
             raise _Malformed(f"storage record '{name}' holds {info.file_size} bytes, but the pickle "
                              f"declares {ref.numel} {ref.storage_type.name} elements ({nbytes} bytes)")
+        _check_inflation(info, nbytes)
         with self.zf.open(info) as f:
             data = f.read(nbytes)
         if len(data) != nbytes:
@@ -285,12 +310,30 @@ class _Archive:
             raise _Malformed(f"entry '{entry}': dtype {ref.dtype.torch_name} disagrees with its "
                              f"{st.name}")
         stored = np.dtype(dtype.stored).newbyteorder(self.byteorder)
-        data = self.storage_bytes(ref.storage)
-        elements = np.frombuffer(data, dtype=stored, count=len(data) // stored.itemsize)
         if ref.offset < 0 or any(s < 0 for s in ref.size) or any(s < 0 for s in ref.stride):
             raise _Malformed(f"entry '{entry}': negative offset, size or stride (offset {ref.offset}, "
                              f"size {ref.size}, stride {ref.stride})")
-        if 0 in ref.size:
+        if len(ref.size) > _MAX_DIMS:
+            raise _Malformed(f"entry '{entry}' has {len(ref.size)} dimensions (at most {_MAX_DIMS})")
+        # Sizes and strides are checked as Python integers, before NumPy (whose
+        # integers overflow) or memory sees them: an element count beyond the
+        # storage's is a broadcast view (stride 0) that would inflate on copying.
+        numel = math.prod(ref.size)
+        if numel > ref.storage.numel:
+            raise _Malformed(f"entry '{entry}': size {ref.size} has {numel} elements, but storage "
+                             f"'{ref.storage.key}' holds only {ref.storage.numel} "
+                             f"{ref.storage.storage_type.dtype.torch_name} elements (views that repeat "
+                             "elements, stride 0, are read only up to the storage's size)")
+        if any(n > 1 << 40 for n in ref.size):
+            raise _Malformed(f"entry '{entry}': size {ref.size} is out of range")
+        data = self.storage_bytes(ref.storage)
+        self._output_bytes += numel * stored.itemsize
+        stored_total = sum(len(d) for _, d in self._storages.values())
+        if self._output_bytes > MAX_OUTPUT_PER_STORED * stored_total + 16 * _SMALL_RECORD:
+            raise _Malformed(f"the entries up to '{entry}' would take {self._output_bytes} bytes from "
+                             f"{stored_total} stored ones (entries repeating one storage)")
+        elements = np.frombuffer(data, dtype=stored, count=len(data) // stored.itemsize)
+        if numel == 0:
             arr = np.empty(ref.size, dtype=stored.newbyteorder("="))
         else:
             last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
@@ -299,9 +342,11 @@ class _Archive:
                     f"entry '{entry}': size {ref.size}, stride {ref.stride} at offset {ref.offset} reach "
                     f"element {last}, but storage '{ref.storage.key}' holds only {elements.size} "
                     f"{dtype.torch_name} elements")
+            # A dimension of size 1 never steps, whatever stride the file claims.
             view = np.lib.stride_tricks.as_strided(
                 elements[ref.offset:], shape=ref.size,
-                strides=tuple(s * stored.itemsize for s in ref.stride), writeable=False)
+                strides=tuple(s * stored.itemsize if n > 1 else 0 for n, s in zip(ref.size, ref.stride)),
+                writeable=False)
             try:
                 arr = np.array(view, dtype=stored.newbyteorder("="), order="C")
             except (MemoryError, ValueError) as e:
@@ -341,22 +386,27 @@ def load_torch_state_dict(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block in open(), a device never end
+        raise CheckpointError(f"{path} is not a regular file")
     try:
         with zipfile.ZipFile(path) as zf:
             archive = _Archive(zf)
             try:
                 data = archive.state_pickle()
-                _check_memo_indices(data)
+                check_pickle_bytes(data)
                 state = _RestrictedUnpickler(io.BytesIO(data), encoding="utf-8").load()
             except _Malformed:
                 raise
+            except UnsafePickle as e:
+                raise _Malformed(f"'{archive.prefix}/data.pkl': {e}") from None
             except _PICKLE_ERRORS as e:
                 raise _Malformed(f"'{archive.prefix}/data.pkl' is not a readable pickle "
                                  f"({type(e).__name__}: {e})") from None
             if not isinstance(state, dict):
                 raise _Malformed(f"the checkpoint holds a {type(state).__name__}, not a dict of tensors")
             arrays = {}
-            for key, value in state.items():
+            # dict.items, not state.items: the pickle chose state's class.
+            for key, value in dict.items(state):
                 if not isinstance(key, str):
                     raise _Malformed(f"state_dict key {key!r} is not a string")
                 if not isinstance(value, _TensorRef):

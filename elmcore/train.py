@@ -57,7 +57,6 @@ from .errors import CheckpointError, ELMError, NonFiniteOutputError
 from .evaluate import evaluate, metric_value
 from .fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
                      remove_stale_temporaries, write_error)
-from .losses import LOSS_FUNCTIONS
 from .model import ELM
 from .optim import Optimizer, cosine_lr
 from .runlog import finite_or_none, read_records
@@ -262,7 +261,6 @@ class Trainer:
         self.carved_valid = carve_validation(task, CARVED_VALID_FRACTION, settings.seed)
         # Selection never uses the test split: its score would no longer estimate unseen data.
         self.selection_split = "valid" if task.num_examples("valid") else "train"
-        self.loss_fn = LOSS_FUNCTIONS[task.loss]
         # Without a --run-dir: runs/<task>-<time>, made unique when the directory is created.
         self.run_dir = settings.run_dir or os.path.join(
             "runs", f"{settings.task}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -554,10 +552,7 @@ class Trainer:
             except NonFiniteOutputError:
                 self._diverged(f"the model's outputs are not finite at step {step}")
             target = self.model.xp.asarray(target)
-            if self.task.loss == "neuronio":
-                loss, dY = self.loss_fn(Y, target, burn_in=s.burn_in)
-            else:
-                loss, dY = self.loss_fn(Y, target)
+            loss, dY = self.task.loss_and_grad(Y, target, burn_in=s.burn_in)
             # Reduced before any check, so that every rank judges the global batch's loss alike.
             grads = self.model.backward(dY, cache)
             loss, grads = self.comm.allreduce_gradients(grads, loss, weight)
@@ -596,14 +591,8 @@ class Trainer:
                                "Try a lower --lr or --clip-norm.")
 
     def _validate(self):
-        split = self.selection_split
-        options = {}
-        if self.task.loss == "neuronio" and hasattr(self.task, "simulation_groups"):
-            options["max_files"] = 1
-            return evaluate(self.model, self.task, split, batch_size=self.settings.eval_batch_size, **options)
-        from .evaluate import evaluate_batches
-        return evaluate_batches(self.model, self.task, split, self.settings.eval_batch_size,
-                                self.settings.valid_max_batches, comm=self.comm)
+        return self.task.validation_metrics(self.model, self.selection_split, self.settings.eval_batch_size,
+                                            self.settings.valid_max_batches, comm=self.comm)
 
     def _is_better(self, value):
         best = self.position["best_metric"]

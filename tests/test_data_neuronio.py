@@ -1,5 +1,6 @@
 """NeuronIO reader, task and surrogate generator against hand-computed expectations."""
 
+import io
 import os
 import pickle
 import pickletools
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 from elmcore.data import neuronio as N
+from elmcore.data.neuronio.pickle_io import _AllocationBudget, _NeuronIOUnpickler
+from elmcore.data.neuronio.surrogate import _run_teacher
 from elmcore.data.base import Task
 from elmcore.errors import DataError, ELMError
 
@@ -101,7 +104,8 @@ def test_written_files_use_python2_opcodes_and_need_the_latin1_fallback(tiny_fil
     assert globals_ == {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype",
                         "numpy.core.multiarray scalar"}
     with pytest.raises(UnicodeDecodeError):  # float16 payloads are not ASCII, as in the published files
-        N._NeuronIOUnpickler(open(tiny_file, "rb"), encoding="ASCII").load()
+        data = tiny_file.read_bytes()
+        _NeuronIOUnpickler(io.BytesIO(data), _AllocationBudget(len(data)), encoding="ASCII").load()
 
 
 class _Evil:
@@ -363,7 +367,7 @@ def test_surrogate_teacher_gives_plausible_spike_rates_and_soma(teacher):
     ex_hz = np.mean([e.mean() for e, _ in spikes]) * 1000
     inh_hz = np.mean([i.mean() for _, i in spikes]) * 1000
     assert 5 < ex_hz < 30 and 3 < inh_hz < 25
-    Y = N._run_teacher(teacher, spikes, N.input_signs(), T, 1000).astype(np.float64)
+    Y = _run_teacher(teacher, spikes, N.input_signs(), T, 1000).astype(np.float64)
     rate_hz = (1 / (1 + np.exp(-Y[:, 200:, 0]))).sum(1).mean() / ((T - 200) / 1000)
     soma = Y[:, 200:, 1] / 0.1 - 67.7
     assert 0.3 < rate_hz < 8, rate_hz

@@ -16,6 +16,7 @@ from elm_cli.launch import death_message, launcher_ranks, threads_per_rank
 from elmcore.config import ELMConfig
 from elmcore.distributed import Communicator, flatten_into, launcher_size, nccl_dtype, unflatten
 from elmcore.errors import ELMError
+from elmcore.data.neuronio import neuronio_loss
 from elmcore.losses import LOSS_FUNCTIONS
 from elmcore.model import ELM
 
@@ -52,7 +53,7 @@ def test_weighted_shard_gradients_sum_to_the_global_batch_gradient(loss_name, n,
     target = {"mse_last": rng.normal(size=(n, 2)), "cross_entropy_last": rng.integers(0, 2, n),
               "neuronio": np.stack([rng.integers(0, 2, (n, T)), rng.normal(size=(n, T))], -1),
               "mse": rng.normal(size=(n, T, 2))}[loss_name]
-    loss_fn = LOSS_FUNCTIONS[loss_name]
+    loss_fn = neuronio_loss if loss_name == "neuronio" else LOSS_FUNCTIONS[loss_name]
 
     def grads_of(Xs, ts):
         Y, cache = model.forward(Xs, return_cache=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from elmcore import ELM, ELMConfig
-from elmcore.evaluate import align_soma, neuronio_predict, window_plan
+from elmcore.data.neuronio.evaluation import align_soma, neuronio_predict, window_plan
 from elmcore.metrics import auc_at_fp, roc_auc, roc_curve, soma_metrics, tp_at_fp
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from elmcore import losses
+from elmcore.data.neuronio import neuronio_loss, prepare_soma
 from elmcore.errors import ELMError
 from elmcore.optim import Optimizer, clip_by_global_norm, cosine_lr
 
@@ -124,7 +125,7 @@ def test_losses_stable_for_huge_logits():
     Yn = np.zeros((1, 2, 2))
     Yn[0, :, 0] = [800.0, -800.0]
     target = np.array([[[0.0, 0.0], [0.0, 0.0]]])
-    loss, dY = losses.neuronio_loss(Yn, target)
+    loss, dY = neuronio_loss(Yn, target)
     assert loss == pytest.approx(0.5 * 800 / 2) and np.all(np.isfinite(dY))
 
 
@@ -132,11 +133,11 @@ def test_neuronio_loss_closed_form_gradient_and_burn_in():
     rng = np.random.default_rng(2)
     Y = rng.normal(size=(2, 6, 2))
     target = np.stack([rng.random((2, 6)) < 0.3, rng.normal(size=(2, 6))], -1).astype(float)
-    loss = _fd_check(losses.neuronio_loss, Y, target)
+    loss = _fd_check(neuronio_loss, Y, target)
     x, s = Y[..., 0], target[..., 0]
     bce = np.mean(-(s * np.log(1 / (1 + np.exp(-x))) + (1 - s) * np.log(1 - 1 / (1 + np.exp(-x)))))
     assert loss == pytest.approx(0.5 * bce + 0.5 * np.mean((Y[..., 1] - target[..., 1]) ** 2), rel=1e-12)
-    burn = lambda Y, t: losses.neuronio_loss(Y, t, burn_in=2)  # noqa: E731
+    burn = lambda Y, t: neuronio_loss(Y, t, burn_in=2)  # noqa: E731
     _fd_check(burn, Y, target)
     _, dY = burn(Y, target)
     assert np.all(dY[:, :2] == 0) and np.any(dY[:, 2:] != 0)
@@ -156,13 +157,13 @@ def test_loss_target_validation():
     with pytest.raises(ELMError, match=r"\[0, 4\)"):
         losses.cross_entropy_last(Y, np.array([0, 4]))
     with pytest.raises(ELMError, match="shape"):
-        losses.neuronio_loss(Y[..., :2], np.zeros((2, 3, 3)))
+        neuronio_loss(Y[..., :2], np.zeros((2, 3, 3)))
 
 
 def test_soma_preparation():
     soma = np.array([-80.0, -67.7, -50.0])
-    np.testing.assert_allclose(losses.prepare_soma(soma), [-1.23, 0.0, 1.27])
-    np.testing.assert_allclose(losses.prepare_soma(soma, scale=1.0), [-12.3, 0.0, 12.7])
+    np.testing.assert_allclose(prepare_soma(soma), [-1.23, 0.0, 1.27])
+    np.testing.assert_allclose(prepare_soma(soma, scale=1.0), [-12.3, 0.0, 12.7])
 
 
 def test_atomic_output_keeps_the_old_file_on_failure_and_honours_suffix(tmp_path):

@@ -1,7 +1,12 @@
 """What the training loop needs from a task: batches, sizes, the loss and the metric.
 
 Every dataset (real reader or offline generator) is exposed as a :class:`Task`.
-The trainer and ``elm eval`` only talk to this interface.
+The trainer, ``elm eval`` and ``elm predict`` only talk to this interface and
+never name a task: a task with special needs overrides a hook —
+:meth:`Task.loss_and_grad` (its loss), :meth:`Task.evaluate` (its evaluation
+protocol and options), :meth:`Task.validation_metrics` (what selects the best
+model during training) — and declares output heads for ``elm predict`` in its
+registry entry (:class:`OutputHead`).
 """
 
 import dataclasses
@@ -9,12 +14,15 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-# Losses the trainer knows (elmcore.losses):
+from ..errors import ELMError
+
+# Losses by name (elmcore.losses.LOSS_FUNCTIONS), what the default loss_and_grad uses:
 #   "cross_entropy_last": target (B,) int64 class labels, read from Y[:, -1, :]
-#   "neuronio":           target (B, T, 2) float: [:, :, 0] spike 0/1, [:, :, 1] soma (capped, −bias, ×0.1)
 #   "mse":                target (B, T, num_output) float, every step
 #   "mse_last":           target (B, num_output) float, last step only
-LOSSES = ("cross_entropy_last", "neuronio", "mse", "mse_last")
+# A task with a loss of its own overrides loss_and_grad; its ``loss`` then only
+# names it (NeuronIO: "neuronio", target (B, T, 2): spike 0/1 and prepared soma).
+LOSSES = ("cross_entropy_last", "mse", "mse_last")
 SPLITS = ("train", "valid", "test")
 
 
@@ -22,6 +30,15 @@ SPLITS = ("train", "valid", "test")
 class Batch:
     X: np.ndarray        # (B, T, num_input) float32, already in the model's input encoding
     target: np.ndarray   # see LOSSES
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputHead:
+    """A named transform of model outputs for ``elm predict --head NAME``, declared by a task's registry entry."""
+    name: str
+    summary: str
+    function: tuple      # (module, attribute): f(Y (..., num_output)) -> array of the same leading shape
+    min_outputs: int = 1  # outputs the model must have
 
 
 class Task:
@@ -49,6 +66,40 @@ class Task:
     def model_defaults(self) -> dict:
         """ELMConfig fields this task suggests (e.g. delta_t, memory_tau_max); num_input/num_output always."""
         return {"num_input": self.num_input, "num_output": self.num_output}
+
+    # ---- hooks: what generic code asks a task instead of naming it ---------------
+
+    def loss_and_grad(self, Y, target, **train_options):
+        """``(loss, dY)`` of model outputs Y (B, T, num_output) against a batch's ``target``.
+
+        ``train_options`` are the run's settings a task's loss may take (the trainer
+        passes ``burn_in``); the default, ``elmcore.losses.LOSS_FUNCTIONS[self.loss]``,
+        takes none and ignores them.
+        """
+        from ..losses import LOSS_FUNCTIONS
+        if self.loss not in LOSS_FUNCTIONS:
+            raise ELMError(f"task '{self.name}' names the loss {self.loss!r}, which elmcore.losses does not "
+                           f"define ({', '.join(LOSS_FUNCTIONS)}); a task with its own loss overrides "
+                           "loss_and_grad")
+        return LOSS_FUNCTIONS[self.loss](Y, target)
+
+    def evaluate(self, model, split, batch_size=64, max_batches=None, comm=None, **options) -> dict:
+        """Metrics of ``model`` on ``split``: ``loss``, ``examples`` and ``self.metric`` at least.
+
+        The default runs :meth:`batches` through the model (at most ``max_batches``
+        batches) and takes no other options; a task with an evaluation protocol of
+        its own overrides this and names the options it takes (``elm eval`` passes
+        those the user gives). Under data-parallel training ``comm`` (``elmcore.distributed``)
+        shares the batches out over the ranks; a task may ignore it and evaluate whole.
+        """
+        if options:
+            raise ELMError(f"task '{self.name}' takes no evaluation option(s) {', '.join(sorted(options))}")
+        from ..evaluate import evaluate_batches
+        return evaluate_batches(model, self, split, batch_size, max_batches, comm=comm)
+
+    def validation_metrics(self, model, split, batch_size=64, max_batches=None, comm=None) -> dict:
+        """What the trainer selects the best model on after each epoch (default: :meth:`evaluate`)."""
+        return self.evaluate(model, split, batch_size, max_batches=max_batches, comm=comm)
 
     def describe(self) -> dict:
         """Counts, lengths and class balance for ``elm data info``."""

@@ -32,11 +32,11 @@ import os
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..errors import DataError
 from ..fileio import atomic_write_bytes, atomic_write_text
+from ..optional import require
 from .images import EncodedSequenceTask, one_hot, quantize_grey, split_indices
 
 RESOLUTIONS = {32: "pathfinder32", 64: "pathfinder64", 128: "pathfinder128"}
@@ -127,17 +127,23 @@ def read_metadata(dataset_dir):
 
 def load_grey_png(path, resolution):
     """(resolution, resolution) uint8 pixels of one image; colour images are converted to grey."""
+    Image = require("PIL.Image")
     try:
         with Image.open(path) as img:
+            # The header's size, checked before decoding: a tiny PNG can declare 30000×30000 pixels.
+            if img.size != (resolution, resolution):
+                raise DataError(f"image {path} is {img.size[0]}×{img.size[1]}, expected "
+                                f"{resolution}×{resolution}")
             img.load()
             if img.mode != "L":
                 img = img.convert("L")
             pixels = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     if pixels.shape != (resolution, resolution):
-        raise DataError(f"image {path} is {pixels.shape[1]}×{pixels.shape[0]}, expected "
-                        f"{resolution}×{resolution}")
+        raise DataError(f"image {path} decodes to {pixels.shape}, expected ({resolution}, {resolution})")
     return pixels
 
 
@@ -326,6 +332,7 @@ def _scene(rng, size, path_length, distractors, distractor_length, geo):
 
 
 def _render(size, contours, markers, geo):
+    Image, ImageDraw = require("PIL.Image"), require("PIL.ImageDraw")
     canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(canvas)
     width = max(1, int(round(geo["thickness"] * SUPERSAMPLE)))
@@ -392,6 +399,7 @@ def generate_pathfinder(out_dir, n=1000, seed=0, size=32, path_length=8, distrac
         raise DataError(f"pathfinder option distractors must be >= 0, got {distractors}")
     if not subdir or os.sep in subdir or subdir in (".", ".."):
         raise DataError(f"pathfinder subdir must be a plain folder name, got {subdir!r}")
+    require("PIL.ImageDraw")  # before any output or progress bar
     dataset_dir = os.path.join(os.fspath(out_dir), subdir)
     labels = np.random.default_rng(seed).permutation(np.arange(n) >= n // 2).astype(int)
     records, metadata = [], {}
@@ -437,6 +445,7 @@ def read_record(dataset_dir):
 def image_resolution(dataset_dir):
     """Side of the first image listed in ``dataset_dir/metadata`` (used to tell 32 from 128)."""
     paths, _ = read_metadata(dataset_dir)
+    Image = require("PIL.Image")
     try:
         with Image.open(paths[0]) as img:
             return int(img.size[0])

@@ -21,7 +21,8 @@ import typing
 from typing import Optional
 
 from ..errors import DataError, ELMError
-from .base import Task
+from .base import OutputHead, Task
+from .walk import find_files
 
 LRA_SOURCE = ("the LRA release tarball lra_release.gz from "
               "https://github.com/google-research/long-range-arena")
@@ -45,14 +46,15 @@ class TaskSpec:
     # files override them, TrainSettings' defaults fill the rest. task_options apply only to tasks
     # built in memory (no data_dir), since read data sets carry their own sizes.
     default_run: dict = dataclasses.field(default_factory=dict)
+    heads: tuple = ()                 # OutputHeads ``elm predict --head`` offers for this task's models
 
 
 def _spec(name, summary, reader, files, source, reader_options=None, generator=None,
           generator_options=None, default_n=1000, count_option="n", in_memory=False, own_search=False,
-          default_run=None):
+          default_run=None, heads=()):
     return TaskSpec(name, summary, reader, dict(reader_options or {}), tuple(files), source, generator,
                     dict(generator_options or {}), default_n, count_option, in_memory, own_search,
-                    dict(default_run or {}))
+                    dict(default_run or {}), tuple(heads))
 
 
 def _generated_hint(name):
@@ -67,7 +69,10 @@ TASKS = {spec.name: spec for spec in (
           f"...-nmda-test-data), or {_generated_hint('neuronio')} for a teacher-labelled surrogate",
           # Three files at least, so the reader's file split gives train, valid and test one each.
           generator=("elmcore.data.neuronio", "generate_neuronio_surrogate"), default_n=3,
-          count_option="n_files"),
+          count_option="n_files",
+          heads=[OutputHead("neuronio", "sigmoid spike probability and soma in mV (bias-subtracted), as the "
+                            "release's eval head", ("elmcore.data.neuronio.evaluation", "neuronio_head"),
+                            min_outputs=2)]),
     _spec("shd", "Spiking Heidelberg Digits (700 inputs, 20 classes)",
           ("elmcore.data.shd", "SHDTask"), ("shd_train.h5", "shd_test.h5"),
           "https://zenkelab.org/datasets/ (Cramer et al., IEEE TNNLS 2020)",
@@ -120,6 +125,16 @@ TASKS = {spec.name: spec for spec in (
 GENERATABLE = tuple(name for name, spec in TASKS.items() if spec.generator)
 # What `elm train` trains when no task is named: the same experiment as `elm train --task adding`.
 DEFAULT_TASK = "adding"
+
+
+def output_heads():
+    """{name: OutputHead} of every head the tasks declare (``elm predict --head``)."""
+    return {head.name: head for spec in TASKS.values() for head in spec.heads}
+
+
+def load_head(head):
+    """The function an :class:`OutputHead` names (imported only when asked for)."""
+    return _load(head.function)
 
 
 def task_spec(name):
@@ -223,7 +238,10 @@ def _check_synthetic_size(name, function, options):
 def _matches(data_dir, pattern):
     """Whether ``data_dir`` holds a file for ``pattern`` (alternatives separated by ``|``)."""
     for alternative in pattern.split("|"):
-        if glob.glob(os.path.join(glob.escape(data_dir), alternative), recursive=True):
+        if alternative.startswith("**/"):
+            if find_files(data_dir, alternative[3:], first_only=True):
+                return True
+        elif glob.glob(os.path.join(glob.escape(data_dir), alternative)):
             return True
     return False
 

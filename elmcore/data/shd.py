@@ -19,11 +19,13 @@ label ``(l1 mod 10) + (l2 mod 10)``, 19 classes.
 """
 
 import os
+import stat
 
 import numpy as np
 
 from ..errors import DataError, ELMError
 from ..fileio import atomic_output
+from ..optional import require
 from .base import SPLITS, Batch, Task
 
 NUM_UNITS = 700
@@ -35,6 +37,8 @@ DATA_SOURCE = ("https://zenkelab.org/datasets/ (Cramer, Stradmann, Schemmel & Ze
 # The release's SHD-Adding run: 2000 training and 500 validation batches of 8 per
 # epoch, and 2000 test batches (its test loader reuses the training count).
 ADDING_EXAMPLES = {"train": 16000, "valid": 4000, "test": 16000}
+# Declared sample counts beyond this are refused before reading (the published files: 8156 and 2264).
+MAX_SAMPLES = 1_000_000
 _SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 
 
@@ -71,7 +75,7 @@ def write_shd_h5(path, times_list, units_list, labels, times_dtype=np.float64):
     Used for test fixtures and small hand-made sets; written atomically. The
     published files store times in a narrower float; any float dtype reads the same way.
     """
-    import h5py
+    h5py = require("h5py")
     if not (len(times_list) == len(units_list) == len(labels)):
         raise DataError(f"{path}: times, units and labels must have one entry per sample, got "
                         f"{len(times_list)}, {len(units_list)}, {len(labels)}")
@@ -101,19 +105,30 @@ def read_shd_h5(path):
         Missing datasets, ragged arrays of different lengths, non-finite or negative
         times, units outside [0, 700), labels outside [0, 20).
     """
-    import h5py
+    h5py = require("h5py")
     path = os.fspath(path)
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block in open()
+        raise DataError(f"SHD file {path} is not a regular file")
     try:
         with h5py.File(path, "r") as f:
+            datasets = {}
             for key in ("spikes/times", "spikes/units", "labels"):
-                if key not in f:
+                # get() resolves links; a soft-link loop or a dangling link raises here, inside the try.
+                item = f.get(key)
+                if item is None:
                     raise DataError(f"SHD file {path}: missing dataset '{key}'")
-            times = list(f["spikes/times"][()])
-            units = list(f["spikes/units"][()])
-            labels = np.asarray(f["labels"][()])
+                if not isinstance(item, h5py.Dataset) or item.ndim != 1:
+                    raise DataError(f"SHD file {path}: '{key}' must be a one-dimensional dataset")
+                if item.shape[0] > MAX_SAMPLES:
+                    raise DataError(f"SHD file {path}: '{key}' declares {item.shape[0]} samples (at most "
+                                    f"{MAX_SAMPLES} are read; the published sets hold about 10,000)")
+                datasets[key] = item
+            times = list(datasets["spikes/times"][()])
+            units = list(datasets["spikes/units"][()])
+            labels = np.asarray(datasets["labels"][()])
     except DataError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:  # h5py's errors, e.g. "too many links"
         raise DataError(f"SHD file {path} is not a readable HDF5 file ({e})") from None
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"SHD file {path}: 'labels' must be a 1-d integer array, got {labels.dtype} {labels.shape}")
