@@ -22,7 +22,8 @@ def data():
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory to write into (created if needed).")
 @click.option("--n", type=click.IntRange(min=1), default=None,
-              help="Examples in all splits (NeuronIO: files). Default: 1000 (NeuronIO: 1).")
+              help="Examples in all splits (NeuronIO: files; text: characters). "
+                   "Default: 1000 (NeuronIO: 1; text: 100000).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--length", type=click.IntRange(min=2), help="adding / delayed-recall: sequence length.")
 @click.option("--num-tokens", type=click.IntRange(min=2), help="delayed-recall: number of cue tokens K.")
@@ -42,7 +43,8 @@ def data():
 @generic_option
 def generate(task, out_dir, n, seed, extra, unbalanced, **named):
     """Write an offline data set of TASK (listops, pathfinder, pathfinder64, pathx, adding,
-    delayed-recall, neuronio) into --out; read it back with `elm data info DIR`."""
+    delayed-recall, neuronio, text) into --out; read it back with `elm data info DIR`
+    (`--task text` for a text corpus)."""
     from elmcore.data.registry import generate as generate_task, task_spec
     spec = task_spec(task)
     options = {k: v for k, v in named.items() if v is not None}

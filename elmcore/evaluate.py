@@ -1,4 +1,6 @@
-"""Evaluation of a model on a task split: accuracy / MSE, or the release's NeuronIO protocol."""
+"""Evaluation of a model on a task split: accuracy / MSE / bits per character, or the release's NeuronIO protocol."""
+
+import math
 
 import numpy as np
 
@@ -45,6 +47,9 @@ def evaluate_batches(model, task, split, batch_size=64, max_batches=None):
         out["auc"] = roc_auc(np.concatenate(spike_true), np.concatenate(spike_score))
     elif task.metric == "mse":
         out["mse"] = out["loss"]
+    elif task.metric == "bpc":
+        # Every window has the same length, so the per-window mean is the per-character mean.
+        out["bpc"] = out["loss"] / math.log(2)
     return out
 
 
