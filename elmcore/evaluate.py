@@ -1,4 +1,5 @@
-"""Evaluation of a model on a task split: accuracy / MSE / bits per character, or the release's NeuronIO protocol."""
+"""Evaluation of a model on a task split: accuracy / MSE / bits per character, or the release's
+NeuronIO protocol."""
 
 import math
 
