@@ -98,7 +98,7 @@ def bench_elmcore(spec, X, target, device, repeats, warmup):
     return model, timed(train_step, repeats, warmup, sync), timed(infer, repeats, warmup, sync)
 
 
-def bench_torch(spec_name, X, target, params, device, repeats, warmup):
+def bench_torch(spec_name, X, target, params, device, repeats, warmup, threads=None):
     """(train seconds, inference seconds) of the PyTorch network in a child process, or None."""
     import torch_baseline
     if not torch_baseline.torch_available():
@@ -108,22 +108,25 @@ def bench_torch(spec_name, X, target, params, device, repeats, warmup):
     env["ELMCORE_THREAD_DEFAULTS"] = "0"
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "case.npz")
-        np.savez(data, X=X, target=target, **{f"param/{k}": v for k, v in params.items()})
+        np.savez(data, X=X, target=target, spec=np.array(json.dumps(CONFIGS[spec_name])),
+                 **{f"param/{k}": v for k, v in params.items()})
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-worker", spec_name, data,
-                              device, str(repeats), str(warmup)], env=env, capture_output=True, text=True)
+                              device, str(repeats), str(warmup), str(threads or 0)], env=env,
+                             capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"torch network baseline failed:\n{out.stderr}")
     times = json.loads(out.stdout.strip().splitlines()[-1])
-    return times["train"], times["inference"]
+    return times["train"], times["inference"], times["threads"]
 
 
-def torch_worker(spec_name, data, device, repeats, warmup):
+def torch_worker(spec_name, data, device, repeats, warmup, threads=0):
     import torch
+    if threads:
+        torch.set_num_threads(threads)
     import torch_baseline as tb
     import torch_network as tn
-    spec = CONFIGS[spec_name]
     with np.load(data) as d:
-        X, target = d["X"], d["target"]
+        X, target, spec = d["X"], d["target"], json.loads(str(d["spec"]))
         params = {k[6:]: d[k] for k in d.files if k.startswith("param/")}
     tdev = "cuda" if device == "cuda" else "cpu"
     model = tn.TorchELMNetwork(spec["model"], params, device=tdev)
@@ -145,6 +148,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torch-repeats", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="Skip the PyTorch baseline.")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="PyTorch intra-op threads (default: PyTorch's own choice). 1 keeps its many "
+                         "small per-step ops from waiting on each other when the machine is busy.")
     ap.add_argument("--no-elmcore", action="store_true",
                     help="Time only the PyTorch baseline (its own spec init, seed 0).")
     ap.add_argument("--input-dtype", default="uint8", choices=["uint8", "float32"],
@@ -180,12 +186,14 @@ def main(argv=None):
             params = torch_network.init_network_params(spec["model"], seed=0)
         if not args.no_torch:
             torch_times = bench_torch(name, X.astype(np.float32), target, params, args.device,
-                                      args.torch_repeats, 1)
+                                      args.torch_repeats, 1, args.torch_threads)
             if torch_times is None:
                 print("  torch    not installed: no baseline")
             else:
+                row["torch_threads"] = torch_times[2]
                 row["torch_train"] = summarise(torch_times[0], B * T)
                 row["torch_inference"] = summarise(torch_times[1], B * T)
+                print(f"  torch    {row['torch_threads']} thread(s)")
                 line = {"train": f"  torch    train step {row['torch_train']['median_ms']:9.1f} ms",
                         "inference": f"  torch    inference  {row['torch_inference']['median_ms']:9.1f} ms"}
                 if run_elmcore:
@@ -204,7 +212,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--torch-worker":
-        name, data, device, repeats, warmup = sys.argv[2:7]
-        torch_worker(name, data, device, int(repeats), int(warmup))
+        name, data, device, repeats, warmup, threads = sys.argv[2:8]
+        torch_worker(name, data, device, int(repeats), int(warmup), int(threads))
     else:
         main()

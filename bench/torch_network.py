@@ -175,7 +175,7 @@ def _build_module_classes():
             outputs = []
             for t in range(T):
                 pool = torch.cat([X[:, t], o], dim=1)                                # [x_t ; o_{t−1}]
-                z = pool[:, sources].view(B, N, n_b, spb)
+                z = torch.index_select(pool, 1, sources).view(B, N, n_b, spb)
                 b = kappa_b * b + (w_s * z).sum(-1).transpose(0, 1)
                 decayed = kappa_m * m
                 a = torch.cat([b, decayed], dim=-1)                                  # (N, B, n_b + d_m)

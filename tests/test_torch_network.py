@@ -128,3 +128,18 @@ def test_all_steps_cross_entropy_and_a_training_step():
     assert not torch.equal(before["layers.0.w_s"], after["layers.0.w_s"])
     assert torch.equal(before["layers.0._proto_tau_m"], after["layers.0._proto_tau_m"])
     assert torch.equal(before["layers.0.synapse_source"], after["layers.0.synapse_source"])
+
+
+def test_network_benchmark_times_the_baseline_in_a_child_process(monkeypatch, tmp_path):
+    bench = _load("bench_network")
+    tiny = dict(model=dict(version="elm_network", num_input=6, num_output=6, num_neurons=3, num_memory=2,
+                           num_branch=2, num_synapse_per_branch=2),
+                batch=2, steps=4, input="one-hot", density=None, loss="all")
+    monkeypatch.setitem(bench.CONFIGS, "tiny", tiny)
+    X, target = bench.make_inputs(tiny, np.random.default_rng(0), "uint8")
+    assert X.dtype == np.uint8 and X.shape == (2, 4, 6) and (X.sum(-1) == 1).all() and target.shape == (2, 4)
+    results = bench.main(["--configs", "tiny", "--no-elmcore", "--torch-repeats", "2", "--torch-threads", "1",
+                          "--json", str(tmp_path / "out.json")])
+    row = results["configs"]["tiny"]
+    assert row["torch_threads"] == 1 and row["torch_train"]["median_ms"] > 0
+    assert json.loads((tmp_path / "out.json").read_text())["configs"]["tiny"]["batch"] == 2
