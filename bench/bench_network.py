@@ -61,16 +61,15 @@ def make_inputs(spec, rng, input_dtype):
 
 def build_elmcore_network(model_fields, device, dtype="float32", seed=0):
     """elmcore's ELM Network for ``model_fields`` (a §7.1 dict with version="elm_network")."""
-    import elmcore.network as network
-    config_class = getattr(network, "NetworkConfig", None) or getattr(network, "ELMNetworkConfig", None)
-    if config_class is None:
-        from elmcore.config import ELMConfig as config_class
-    return network.ELMNetwork(config_class.from_dict(model_fields), seed=seed, dtype=dtype, device=device)
+    from elmcore.config import load_config_dict
+    from elmcore.models import build_model
+    return build_model(load_config_dict(model_fields), seed=seed, dtype=dtype, device=device)
 
 
 def elmcore_network_problem():
     """None when elmcore's network is importable, else why not (this branch may predate it)."""
     try:
+        import elmcore.models  # noqa: F401
         import elmcore.network  # noqa: F401
     except ImportError as e:
         return str(e)

@@ -31,12 +31,10 @@ def char_task(tmp_path_factory):
 
 
 def build_network(fields, seed=0, dtype="float32"):
-    """elmcore's ELM Network for a docs/spec.md §7.1 field dict (version="elm_network")."""
-    import elmcore.network as network
-    config_class = getattr(network, "NetworkConfig", None) or getattr(network, "ELMNetworkConfig", None)
-    if config_class is None:
-        from elmcore.config import ELMConfig as config_class
-    return network.ELMNetwork(config_class.from_dict(fields), seed=seed, dtype=dtype, device="cpu")
+    """elmcore's ELM Network for a docs/spec.md §7.1 field dict, through the model factory."""
+    from elmcore.config import load_config_dict
+    from elmcore.models import build_model
+    return build_model(load_config_dict(fields), seed=seed, dtype=dtype, device="cpu")
 
 
 def test_network_beats_the_unigram_entropy_on_a_generated_corpus(char_task):
