@@ -246,6 +246,7 @@ def detect_task(data_dir):
         return {32: "pathfinder", 64: "pathfinder64", 128: "pathx"}.get(size, "pathfinder")
     if _matches(data_dir, TASKS["neuronio"].files[0]):
         return "neuronio"
-    looked = "; ".join(f"{n}: {', '.join(s.files)}" for n, s in TASKS.items() if n not in ("shd-adding", "text"))
+    looked = "; ".join(f"{n}: {', '.join(s.files)}" for n, s in TASKS.items()
+                       if n not in ("shd-adding", "text"))
     raise DataError(f"cannot tell which task the files in {data_dir} belong to (looked for {looked}); "
                     f"name it with --task (--task text reads any text or byte file)")
