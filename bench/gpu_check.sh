@@ -7,10 +7,11 @@
 #   cuda_tests.xml         JUnit report of tests/test_cuda_sim.py on the real GPU
 #   verify_<case>_<dtype>.log  `elm verify --device cuda` per oracle file and precision
 #   bench_cuda.json        bench/bench_step.py --device cuda
+#   bench_network_cuda.json  bench/bench_network.py --device cuda (SHD-Adding- and char-LM-sized networks)
 #   recurrence_floor*.json bench/recurrence_floor.py (shared- and global-weight configs)
 #   summary.txt            one line per step: name, exit code, seconds
 #
-# Every step has its own timeout and the whole script stays under 5 minutes; a
+# Every step has its own timeout and the whole script stays under 7 minutes; a
 # failing step does not stop the later ones (set -u, not set -e). The exit code
 # is 0 only when every step passed.
 set -u
@@ -20,7 +21,7 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 unset NUMBA_ENABLE_CUDASIM  # the real GPU, not the simulator
 START=$(date +%s)
-BUDGET_S=285
+BUDGET_S=400
 failures=0
 
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -89,6 +90,10 @@ done
 
 step bench_cuda 150 python bench/bench_step.py --device cuda --configs neuronio-best shd pathfinder \
     --repeats 10 --torch-repeats 3 --json "$OUT/bench_cuda.json"
+
+# ELM Network: SHD-Adding-sized (N=128, T=100) and char-LM-sized (N=256, T=256, B=32), against PyTorch.
+step bench_network_cuda 120 python bench/bench_network.py --device cuda --repeats 5 --torch-repeats 2 \
+    --json "$OUT/bench_network_cuda.json"
 
 step recurrence_floor 30 python bench/recurrence_floor.py --json "$OUT/recurrence_floor.json"
 # d_m = 150, h = 300 in float32: weights too big for shared memory, read from global.

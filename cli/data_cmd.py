@@ -32,7 +32,7 @@ def _default_counts():
               help="Directory to write into (created if needed).")
 @click.option("--n", type=click.IntRange(min=1), default=None, show_default=_default_counts(),
               help="Examples in all splits, split 80/10/10 (NeuronIO: files, split by the reader into "
-                   "train / valid / test, so at least 3).")
+                   "train / valid / test, so at least 3; text: characters, split 90/5/5 by position).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--length", type=click.IntRange(min=2), help="adding / delayed-recall: sequence length.")
 @click.option("--num-tokens", type=click.IntRange(min=2), help="delayed-recall: number of cue tokens K.")

@@ -4,6 +4,8 @@ Tasks with an evaluation protocol of their own (full sequences in windows, say) 
 ``Task.evaluate``; :func:`evaluate` always goes through that hook.
 """
 
+import math
+
 import numpy as np
 
 from .errors import ELMError
@@ -57,6 +59,9 @@ def evaluate_batches(model, task, split, batch_size=64, max_batches=None, comm=N
         out["auc"] = roc_auc(np.concatenate(spike_true), np.concatenate(spike_score))
     elif task.metric == "mse":
         out["mse"] = out["loss"]
+    elif task.metric == "bpc":
+        # Every window has the same length, so the per-window mean is the per-character mean.
+        out["bpc"] = out["loss"] / math.log(2)
     return out
 
 

@@ -44,6 +44,33 @@ def cross_entropy_last(Y, labels):
     return loss, dY
 
 
+def cross_entropy_all(Y, targets):
+    """Mean next-token cross-entropy (nats) over every step: targets (B, T) integer tokens.
+
+    Divided by ln 2 it is the bits per character of character-level language
+    modelling. dY = (softmax(Y) − onehot(targets)) / (B·T).
+    """
+    xp = array_module(Y)
+    B, T, K = Y.shape
+    targets = xp.asarray(targets)
+    if targets.shape != (B, T):
+        raise DataError(f"next-token targets must have shape {(B, T)}, got {tuple(targets.shape)}")
+    if targets.dtype.kind not in "iu":
+        raise DataError(f"next-token targets must be integers, got dtype {targets.dtype}")
+    targets = targets.astype(xp.int64)
+    if targets.size and (int(targets.min()) < 0 or int(targets.max()) >= K):
+        raise DataError(f"next-token targets must lie in [0, {K}), got range "
+                        f"[{int(targets.min())}, {int(targets.max())}]")
+    shifted = Y - Y.max(axis=2, keepdims=True)
+    log_p = shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True))
+    rows, steps = xp.arange(B)[:, None], xp.arange(T)[None, :]
+    loss = -float(log_p[rows, steps, targets].mean())
+    dY = xp.exp(log_p)
+    dY[rows, steps, targets] -= 1
+    dY /= B * T
+    return loss, dY
+
+
 def mse(Y, target):
     """Mean squared error over every step and output."""
     xp = array_module(Y)
@@ -69,6 +96,7 @@ def mse_last(Y, target):
 
 LOSS_FUNCTIONS = {
     "cross_entropy_last": cross_entropy_last,
+    "cross_entropy_all": cross_entropy_all,
     "mse": mse,
     "mse_last": mse_last,
 }

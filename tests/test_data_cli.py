@@ -14,7 +14,7 @@ from elmcore.data.base import Task
 from elmcore.errors import DataError, ELMError
 
 ALL_TASKS = ["neuronio", "shd", "shd-adding", "listops", "pathfinder", "pathfinder64", "pathx",
-             "scifar", "adding", "delayed-recall"]
+             "scifar", "adding", "delayed-recall", "enwik8", "text"]
 SMALL_LISTOPS = ["--min-length", "6", "--max-length", "30", "--max-depth", "4", "--max-args", "4"]
 
 
@@ -27,7 +27,7 @@ def run(args):
 def test_registry_names():
     assert list(registry.TASKS) == ALL_TASKS
     assert set(registry.GENERATABLE) == {"neuronio", "listops", "pathfinder", "pathfinder64", "pathx",
-                                         "adding", "delayed-recall"}
+                                         "adding", "delayed-recall", "text"}
 
 
 def test_unknown_task_lists_valid_names():

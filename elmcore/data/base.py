@@ -18,17 +18,18 @@ from ..errors import ELMError
 
 # Losses by name (elmcore.losses.LOSS_FUNCTIONS), what the default loss_and_grad uses:
 #   "cross_entropy_last": target (B,) int64 class labels, read from Y[:, -1, :]
+#   "cross_entropy_all":  target (B, T) int64 next tokens, every step (char-level language modelling)
 #   "mse":                target (B, T, num_output) float, every step
 #   "mse_last":           target (B, num_output) float, last step only
 # A task with a loss of its own overrides loss_and_grad; its ``loss`` then only
 # names it (NeuronIO: "neuronio", target (B, T, 2): spike 0/1 and prepared soma).
-LOSSES = ("cross_entropy_last", "mse", "mse_last")
+LOSSES = ("cross_entropy_last", "cross_entropy_all", "mse", "mse_last")
 SPLITS = ("train", "valid", "test")
 
 
 @dataclasses.dataclass
 class Batch:
-    X: np.ndarray        # (B, T, num_input) float32, already in the model's input encoding
+    X: np.ndarray        # (B, T, num_input) float32 (or uint8 one-hot / spikes), in the model's input encoding
     target: np.ndarray   # see LOSSES
 
 
@@ -48,7 +49,7 @@ class Task:
     num_input: int = 0
     num_output: int = 0
     loss: str = "cross_entropy_last"
-    metric: str = "accuracy"          # "accuracy", "auc" (NeuronIO spike AUC) or "mse"
+    metric: str = "accuracy"          # "accuracy", "auc" (NeuronIO spike AUC), "mse" or "bpc" (bits per character)
     higher_is_better: bool = True
 
     def batches(self, split: str, batch_size: int, rng: Optional[np.random.Generator] = None,

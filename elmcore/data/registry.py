@@ -8,7 +8,8 @@ SHD) never breaks the others.
 
 What ``n`` counts when generating: examples in all splits together (ListOps,
 adding, delayed recall: split 80 / 10 / 10; Pathfinder: images, split by the
-reader), or NeuronIO surrogate files (``sims_per_file`` simulations each).
+reader), NeuronIO surrogate files (``sims_per_file`` simulations each), or the
+characters of a ``text`` corpus (split 90 / 5 / 5 by the reader).
 """
 
 import dataclasses
@@ -121,6 +122,15 @@ TASKS = {spec.name: spec for spec in (
           _generated_hint("delayed-recall"),
           generator=("elmcore.data.synthetic", "generate_synthetic"),
           generator_options={"name": "delayed-recall"}, in_memory=True),
+    _spec("enwik8", "enwik8 character-level language modelling (256 one-hot bytes, next byte at every step)",
+          ("elmcore.data.text", "Enwik8Task"), ("enwik8|enwik8.zip",),
+          "http://mattmahoney.net/dc/enwik8.zip (the standard 100,000,000-byte file; the zip or its "
+          "unpacked enwik8)", own_search=True),
+    _spec("text", "character-level language modelling on any local text or byte file",
+          ("elmcore.data.text", "TextTask"), ("one text or byte file",),
+          f"any text file (pass the file or a folder holding only it), or {_generated_hint('text')}",
+          own_search=True, generator=("elmcore.data.text", "generate_text"), default_n=100_000,
+          count_option="num_chars"),
 )}
 GENERATABLE = tuple(name for name, spec in TASKS.items() if spec.generator)
 # What `elm train` trains when no task is named: the same experiment as `elm train --task adding`.
@@ -347,7 +357,7 @@ def detect_task(data_dir):
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} does not exist (name the task with --task to be "
                         f"told where to get its data)")
-    for name in ("listops", "shd", "adding", "delayed-recall", "scifar"):
+    for name in ("listops", "shd", "adding", "delayed-recall", "scifar", "enwik8"):
         if all(_matches(data_dir, p) for p in TASKS[name].files):
             return name
     from .pathfinder import find_pathfinder_dir, image_resolution
@@ -360,9 +370,10 @@ def detect_task(data_dir):
         return {32: "pathfinder", 64: "pathfinder64", 128: "pathx"}.get(size, "pathfinder")
     if _matches(data_dir, TASKS["neuronio"].files[0]):
         return "neuronio"
-    looked = "; ".join(f"{n}: {', '.join(s.files)}" for n, s in TASKS.items() if n != "shd-adding")
+    looked = "; ".join(f"{n}: {', '.join(s.files)}" for n, s in TASKS.items()
+                       if n not in ("shd-adding", "text"))
     raise DataError(f"cannot tell which task the files in {data_dir} belong to (looked for {looked}); "
-                    f"name it with --task")
+                    f"name it with --task (--task text reads any text or byte file)")
 
 
 def default_run(name, data_dir=None):

@@ -1,0 +1,382 @@
+"""Character-level language modelling: ``enwik8`` and any local ``text`` file, bytes as tokens.
+
+Each example is a window of ``length`` consecutive bytes; the target at every
+step is the next byte (loss ``cross_entropy_all``, metric bits per character =
+loss / ln 2, lower is better). Every window starts from the model's zero state.
+
+Encoding: **one-hot**, one input channel per vocabulary symbol, given to the
+model as one byte per value (uint8). A learned embedding would add a layer in
+front of the synapses and a second input path to the engine; one-hot keeps the
+engine unchanged, and the routing kernels read uint8 input directly, so the
+256-wide input costs one byte per value to build and move. It also matches what
+the network's synapses are: each synapse reads one input channel, i.e. one
+byte value. Vocabularies (option ``vocab``):
+
+* ``bytes``: all 256 byte values (the default for ``enwik8``, so bits per
+  character are comparable with published figures);
+* ``corpus``: only the byte values present in the file, in increasing order
+  (the default for ``text``: a small corpus then gives a small model).
+
+Splits are by position: train, then valid, then test. enwik8 uses the usual
+90,000,000 / 5,000,000 / 5,000,000 bytes; a ``text`` file 90 / 5 / 5 %.
+Training windows (``shuffle`` with an ``rng``) start at offsets drawn uniformly
+from the train split; without an ``rng``, and for evaluation, the split is cut
+into consecutive non-overlapping windows in order. Either way an epoch has
+⌊(bytes − 1) / length⌋ windows.
+
+Files are never loaded into float arrays: a plain file is memory-mapped and only
+the bytes of the current batch are read; a zip member (``enwik8.zip``) is
+decompressed once into a uint8 buffer (100 MB for enwik8).
+
+``generate_text`` writes a corpus from a small word-level Markov source whose
+entropy rate is known exactly, so the pipeline (and its tests) run offline.
+"""
+
+import math
+import os
+import zipfile
+from typing import Optional
+
+import numpy as np
+
+from ..errors import DataError, ELMError
+from ..fileio import atomic_output
+from .base import SPLITS, Batch, Task
+
+ENWIK8_NAME = "enwik8"
+ENWIK8_SIZE = 100_000_000
+ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
+ENWIK8_SOURCE = ("http://mattmahoney.net/dc/enwik8.zip (the first 10^8 bytes of the English "
+                 "Wikipedia XML dump of 3 March 2006, Hutter Prize)")
+TEXT_FRACTIONS = (0.90, 0.05, 0.05)
+VOCABS = ("bytes", "corpus")
+DEFAULT_LENGTH = 256
+# A zip member is decompressed into memory: refuse anything claiming more than this.
+MAX_ZIP_MEMBER_BYTES = 1 << 30
+_COUNT_CHUNK = 1 << 22  # bytes per chunk when counting (bincount works on intp copies)
+GENERATED_NAME = "corpus.txt"
+
+
+# ---- reading bytes -------------------------------------------------------------------------
+
+def _read_zip_member(path, expected_size=None, member_name=None):
+    """The bytes of the single (or the named) file in zip ``path`` as a uint8 array."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            if member_name is not None:
+                named = [m for m in members if os.path.basename(m.filename) == member_name]
+                members = named or members
+            if len(members) != 1:
+                raise DataError(f"{path}: expected one file inside the zip"
+                                f"{f' named {member_name}' if member_name else ''}, found "
+                                f"{len(members)}")
+            member = members[0]
+            limit = MAX_ZIP_MEMBER_BYTES if expected_size is None else expected_size
+            if member.file_size > limit:
+                raise DataError(f"{path}: {member.filename} would unpack to {member.file_size:,} bytes"
+                                f"{'' if expected_size is None else f', not {expected_size:,}'} "
+                                f"(at most {limit:,} are read from a zip)")
+            with archive.open(member) as f:
+                # One byte past the declared size: a header that lies is caught, not trusted.
+                data = f.read(member.file_size + 1)
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError,
+            NotImplementedError, ValueError) as e:
+        raise DataError(f"cannot read zip file {path}: {e}") from None
+    if len(data) != member.file_size:
+        raise DataError(f"{path}: {member.filename} holds {len(data):,} bytes but its header says "
+                        f"{member.file_size:,} (corrupt zip)")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def read_bytes(path, expected_size=None, what="text file"):
+    """uint8 view of a byte file (memory-mapped) or of the one file inside a zip (in memory)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{what} not found: {path}")
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from None
+    # By name or by magic: a damaged zip must fail, not be read as a byte corpus.
+    if path.lower().endswith(".zip") or head == b"PK\x03\x04" or zipfile.is_zipfile(path):
+        data = _read_zip_member(path, expected_size,
+                                ENWIK8_NAME if expected_size == ENWIK8_SIZE else None)
+    else:
+        size = os.path.getsize(path)
+        if size == 0:
+            raise DataError(f"{what} {path} is empty")
+        try:
+            data = np.memmap(path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {what} {path}: {e}") from None
+    if expected_size is not None and len(data) != expected_size:
+        raise DataError(f"{path} has {len(data):,} bytes; the standard {ENWIK8_NAME} file has exactly "
+                        f"{expected_size:,} (get it from {ENWIK8_SOURCE})")
+    return data
+
+
+def byte_counts(data, start=0, stop=None):
+    """Occurrences of each byte value 0..255 in ``data[start:stop]``, read in chunks."""
+    stop = len(data) if stop is None else stop
+    counts = np.zeros(256, np.int64)
+    for lo in range(start, stop, _COUNT_CHUNK):
+        counts += np.bincount(np.asarray(data[lo:min(lo + _COUNT_CHUNK, stop)]), minlength=256)
+    return counts
+
+
+def entropy_bits(counts):
+    """Entropy in bits of the distribution proportional to ``counts``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum()) if len(p) else 0.0
+
+
+# ---- the task --------------------------------------------------------------------------------
+
+class ByteLMTask(Task):
+    """Next-byte prediction over fixed-length windows of one byte sequence.
+
+    Parameters
+    ----------
+    data : uint8 array (a memmap or a buffer) of the whole corpus.
+    bounds : {split: (start, stop)} byte ranges of the splits.
+    length : steps per window (T); targets are the next byte at every step.
+    vocab : ``bytes`` (256 symbols) or ``corpus`` (the byte values present in ``data``).
+    """
+
+    loss = "cross_entropy_all"
+    metric = "bpc"
+    higher_is_better = False
+
+    def __init__(self, name, data, bounds, length=DEFAULT_LENGTH, vocab="bytes", source=""):
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+            raise ELMError(f"{name}: length must be an integer >= 1, got {length!r}")
+        if vocab not in VOCABS:
+            raise ELMError(f"{name}: vocab must be one of {', '.join(VOCABS)}, got {vocab!r}")
+        self.name, self.data, self.source = name, data, source
+        self.length, self.vocab = int(length), vocab
+        self.bounds = {s: (int(a), int(b)) for s, (a, b) in bounds.items()}
+        for split, (lo, hi) in self.bounds.items():
+            if hi - lo < self.length + 1:
+                raise DataError(f"{name}: the {split} split of {source or 'the corpus'} has {hi - lo:,} "
+                                f"bytes, fewer than one window needs (length + 1 = {self.length + 1}); "
+                                f"use a larger file or a smaller length")
+        if vocab == "bytes":
+            self.symbols = np.arange(256, dtype=np.uint8)
+        else:
+            self.symbols = np.nonzero(byte_counts(data))[0].astype(np.uint8)
+            if len(self.symbols) < 2:
+                raise DataError(f"{name}: {source or 'the corpus'} holds a single byte value; "
+                                "there is nothing to predict")
+        # byte value -> token index (every byte of the file is in the vocabulary by construction)
+        self.index_of = np.zeros(256, np.int64)
+        self.index_of[self.symbols] = np.arange(len(self.symbols))
+        self.num_input = self.num_output = int(len(self.symbols))
+        self._unigram = {}
+
+    # ---- sizes -----------------------------------------------------------------------------
+    def split_bytes(self, split):
+        lo, hi = self.bounds.get(split, (0, 0))
+        return hi - lo
+
+    def num_examples(self, split):
+        n = self.split_bytes(split)
+        return (n - 1) // self.length if n > self.length else 0
+
+    # ---- batches ---------------------------------------------------------------------------
+    def window_starts(self, split, rng: Optional[np.random.Generator] = None, shuffle=False):
+        """Absolute start offsets of one epoch's windows of ``split``."""
+        lo, hi = self.bounds[split]
+        count = self.num_examples(split)
+        if shuffle and rng is not None:
+            # Any start whose window and its next-byte target stay inside the split.
+            return lo + rng.integers(0, hi - lo - self.length, size=count)
+        return lo + self.length * np.arange(count, dtype=np.int64)
+
+    def tokens(self, starts):
+        """(B, length + 1) int64 token indices of the windows at ``starts`` (the only bytes read)."""
+        offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(self.length + 1)
+        return self.index_of[np.asarray(self.data[offsets])]
+
+    def encode(self, tokens):
+        """(B, T) token indices -> (B, T, V) uint8 one-hot."""
+        B, T = tokens.shape
+        X = np.zeros((B, T, self.num_input), np.uint8)
+        X[np.arange(B)[:, None], np.arange(T)[None, :], tokens] = 1
+        return X
+
+    def batches(self, split, batch_size, rng: Optional[np.random.Generator] = None, shuffle=False):
+        """(B, length, V) uint8 one-hot inputs and (B, length) int64 next-token targets."""
+        if split not in SPLITS:
+            raise ELMError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ELMError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if split not in self.bounds:
+            return
+        starts = self.window_starts(split, rng, shuffle)
+        for i in range(0, len(starts), batch_size):
+            tok = self.tokens(starts[i:i + batch_size])
+            yield Batch(self.encode(tok[:, :-1]), tok[:, 1:])
+
+    # ---- information -------------------------------------------------------------------------
+    def unigram_entropy(self, split="train"):
+        """Entropy (bits per character) of ``split``'s byte distribution: the bits per character
+        of the best model that ignores context, i.e. the chance level to beat."""
+        if split not in self._unigram:
+            lo, hi = self.bounds[split]
+            self._unigram[split] = entropy_bits(byte_counts(self.data, lo, hi))
+        return self._unigram[split]
+
+    def model_defaults(self):
+        return {"num_input": self.num_input, "num_output": self.num_output}
+
+    def describe(self):
+        info = super().describe()
+        info.update({"source": self.source, "seq_len": self.length, "vocab": self.vocab,
+                     "vocab_size": self.num_input})
+        for split in SPLITS:
+            info[f"bytes_{split}"] = self.split_bytes(split)
+        info["uniform_bits"] = round(math.log2(self.num_output), 4)
+        info["unigram_entropy_bits_train"] = round(self.unigram_entropy("train"), 4)
+        return info
+
+
+def _position_bounds(total, sizes):
+    bounds, start = {}, 0
+    for split, size in zip(SPLITS, sizes):
+        bounds[split] = (start, start + size)
+        start += size
+    return bounds
+
+
+def _single_file(data_dir, what, candidates=None):
+    """``data_dir`` itself when it is a file, else its one file (or the first of ``candidates``)."""
+    path = os.fspath(data_dir)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise DataError(f"{what}: {path} does not exist")
+    if candidates:
+        for name in candidates:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise DataError(f"{what}: none of {', '.join(candidates)} found in {path}. "
+                        f"Get it from {ENWIK8_SOURCE}")
+    files = sorted(f for f in os.listdir(path)
+                   if not f.startswith(".") and os.path.isfile(os.path.join(path, f)))
+    if len(files) != 1:
+        listed = f" ({', '.join(files[:5])}{', …' if len(files) > 5 else ''})" if files else ""
+        raise DataError(f"{what}: {path} must hold exactly one file (or pass the file itself), found "
+                        f"{len(files)}{listed}")
+    return os.path.join(path, files[0])
+
+
+def Enwik8Task(data_dir, length=DEFAULT_LENGTH, vocab="bytes"):
+    """enwik8 from ``data_dir`` (the file ``enwik8`` or ``enwik8.zip``, or a folder holding one)."""
+    path = _single_file(data_dir, ENWIK8_NAME, candidates=(ENWIK8_NAME, ENWIK8_NAME + ".zip"))
+    data = read_bytes(path, expected_size=ENWIK8_SIZE, what="enwik8 file")
+    return ByteLMTask(ENWIK8_NAME, data, _position_bounds(ENWIK8_SIZE, ENWIK8_SPLIT), length=length,
+                      vocab=vocab, source=path)
+
+
+def TextTask(data_dir, length=DEFAULT_LENGTH, vocab="corpus"):
+    """Any text or byte file (``data_dir`` the file, or a folder with one file), split 90/5/5 by position."""
+    path = _single_file(data_dir, "text")
+    data = read_bytes(path, what="text file")
+    total = len(data)
+    n_valid = n_test = int(total * TEXT_FRACTIONS[1])
+    return ByteLMTask("text", data, _position_bounds(total, (total - n_valid - n_test, n_valid, n_test)),
+                      length=length, vocab=vocab, source=path)
+
+
+# ---- an offline corpus with known structure ------------------------------------------------------
+
+class WordMarkovSource:
+    """Sentences of pseudo-words drawn from a sparse first-order Markov chain over words.
+
+    Tokens are ``num_words`` distinct words of lowercase letters plus an end-of-sentence
+    token. A word is written followed by a space, or by nothing when the sentence ends
+    next; the end token is written ".\\n". The text decodes back into the token sequence
+    uniquely, so its entropy rate in bits per character is the chain's entropy rate per
+    token divided by the mean number of characters per token (both exact, from the
+    stationary distribution).
+    """
+
+    LETTERS = "aeiklmnorstu"
+
+    def __init__(self, seed=0, num_words=24, branching=3, min_word=2, max_word=6):
+        if num_words < 2 or branching < 1 or not 1 <= min_word <= max_word:
+            raise DataError("word source needs num_words >= 2, branching >= 1 and "
+                            "1 <= min_word <= max_word")
+        rng = np.random.default_rng(seed)
+        words = set()
+        while len(words) < num_words:
+            size = int(rng.integers(min_word, max_word + 1))
+            words.add("".join(rng.choice(list(self.LETTERS), size)))
+        self.words = sorted(words)
+        n = num_words + 1  # the last token ends a sentence
+        self.end = num_words
+        P = np.zeros((n, n))
+        # A random cycle through every token keeps the chain irreducible.
+        cycle = rng.permutation(n)
+        for a, b in zip(cycle, np.roll(cycle, -1)):
+            P[a, b] = 1.0
+        for i in range(n):
+            others = [j for j in range(n) if P[i, j] == 0 and not (i == self.end and j == self.end)]
+            extra = rng.choice(others, size=min(branching - 1, len(others)), replace=False)
+            P[i, extra] = 1.0
+            support = np.nonzero(P[i])[0]
+            P[i, support] = rng.dirichlet(np.ones(len(support)))
+        self.P = P
+
+    def token_text(self, token, following):
+        if token == self.end:
+            return ".\n"
+        return self.words[token] + ("" if following == self.end else " ")
+
+    def stationary(self):
+        n = len(self.P)
+        A = np.vstack([self.P.T - np.eye(n), np.ones(n)])
+        b = np.zeros(n + 1)
+        b[-1] = 1.0
+        return np.linalg.lstsq(A, b, rcond=None)[0]
+
+    def entropy_rate_bits_per_char(self):
+        """The lowest bits per character any model can reach on a long text of this source."""
+        pi = self.stationary()
+        P = self.P
+        with np.errstate(divide="ignore", invalid="ignore"):
+            row_entropy = -np.where(P > 0, P * np.log2(P), 0.0).sum(axis=1)
+        lengths = np.array([[len(self.token_text(i, j)) for j in range(len(P))] for i in range(len(P))])
+        return float(pi @ row_entropy / (pi @ (P * lengths).sum(axis=1)))
+
+    def sample(self, num_chars, rng):
+        """A text of exactly ``num_chars`` characters, starting at a sentence start."""
+        parts, size = [], 0
+        token = int(rng.choice(len(self.P), p=self.P[self.end]))
+        cdf = np.cumsum(self.P, axis=1)
+        while size < num_chars:
+            following = min(int(np.searchsorted(cdf[token], rng.random(), side="right")), len(self.P) - 1)
+            piece = self.token_text(token, following)
+            parts.append(piece)
+            size += len(piece)
+            token = following
+        return "".join(parts)[:num_chars]
+
+
+def generate_text(out_dir, num_chars=100_000, seed=0, num_words=24, branching=3):
+    """Write ``out_dir/corpus.txt`` (``num_chars`` ASCII characters) from a :class:`WordMarkovSource`."""
+    if isinstance(num_chars, bool) or not isinstance(num_chars, (int, np.integer)) or num_chars < 1:
+        raise DataError(f"num_chars must be a positive integer, got {num_chars!r}")
+    source = WordMarkovSource(seed=seed, num_words=num_words, branching=branching)
+    text = source.sample(int(num_chars), np.random.default_rng([seed, 1]))
+    path = os.path.join(os.fspath(out_dir), GENERATED_NAME)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(text.encode("ascii"))
+    return path
