@@ -221,7 +221,8 @@ def _first_split(task):
     raise ELMError(f"task {task.name} has no examples to preview")
 
 
-def _first_example(task, split):
+def first_example(task, split):
+    """(X, target) of the first example of ``split``, as host arrays."""
     batches = task.batches(split, 1)
     try:
         batch = next(iter(batches))
@@ -230,14 +231,6 @@ def _first_example(task, split):
             batches.close()  # stops any prefetching worker of a streaming task
     import numpy as np
     return np.asarray(batch.X[0]), np.asarray(batch.target[0])
-
-
-def _step_ms(task):
-    """Milliseconds per input step where the data has a clock (NeuronIO: 1 ms, SHD: its bin), else None."""
-    if task.loss == "neuronio":
-        return 1.0
-    bin_size = getattr(task, "bin_size", None)
-    return float(bin_size) if isinstance(bin_size, (int, float)) else None
 
 
 def _preview_images(plt, task, split, max_images):
@@ -266,70 +259,12 @@ def _preview_images(plt, task, split, max_images):
     return fig
 
 
-def _preview_listops(plt, task, split):
-    """One example's one-hot tokens (token × step), the left padding shaded, the label in the title."""
-    import numpy as np
-    from matplotlib.colors import ListedColormap
-
-    from .data.listops import PAD, VOCAB
-    x, label = _first_example(task, split)
-    codes = x.argmax(axis=1)
-    pad = int(np.argmax(codes != VOCAB.index(PAD))) if (codes != VOCAB.index(PAD)).any() else len(codes)
-    fig, (ax_text, ax) = plt.subplots(2, 1, figsize=(11, 5.2), gridspec_kw={"height_ratios": [1, 4]})
-    ax.imshow(x.T, aspect="auto", interpolation="nearest", cmap=ListedColormap(["white", "black"]),
-              origin="lower", extent=(-0.5, len(x) - 0.5, -0.5, x.shape[1] - 0.5))
-    if pad:
-        ax.axvspan(-0.5, pad - 0.5, color="C0", alpha=0.15, label=f"padding ({pad} steps, token {PAD})")
-        ax.legend(loc="upper left", fontsize=8)
-    ax.set_yticks(range(len(VOCAB)))
-    ax.set_yticklabels(VOCAB, fontsize=7)
-    ax.set_xlabel("step (the class is read from the last one)")
-    ax.set_ylabel("token (one-hot input)")
-    words = [VOCAB[c] for c in codes[pad:]]
-    text = " ".join(words)
-    ax_text.axis("off")
-    ax_text.text(0, 0.5, text if len(text) <= 160 else text[:157] + "...", family="monospace", fontsize=8,
-                 va="center", wrap=True)
-    fig.suptitle(f"listops ({split}, example 0): {len(words)} tokens, label {int(label)}")
-    return fig
-
-
-def _preview_neuronio(plt, task, split):
-    """Excitatory and inhibitory input spikes, the soma trace and the output spikes of one window, in ms."""
-    import numpy as np
-
-    from .data.neuronio.soma import SOMA_BIAS_MV, SOMA_CAP_MV, SOMA_SCALE
-    x, target = _first_example(task, split)
-    t_ms = np.arange(len(x))
-    fig, (ax_in, ax_soma) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True,
-                                         gridspec_kw={"height_ratios": [3, 2]})
-    for sign, color, name in ((1, "C0", "excitatory"), (-1, "C3", "inhibitory")):
-        steps, rows = np.nonzero(x * sign > 0)
-        ax_in.scatter(steps, rows, s=1.5, c=color, marker="|", linewidths=0.6,
-                      label=f"{name} ({len(steps)} spikes)")
-    half = x.shape[1] // 2
-    ax_in.axhline(half - 0.5, color="0.5", lw=0.8)
-    ax_in.set_ylim(-0.5, x.shape[1] - 0.5)
-    ax_in.set_ylabel("input (segment; exc. then inh.)")
-    ax_in.legend(loc="upper right", fontsize=8, markerscale=6)
-    soma = target[:, 1] / SOMA_SCALE + SOMA_BIAS_MV
-    ax_soma.plot(t_ms, soma, color="k", lw=0.8, label=f"soma (mV, capped at {SOMA_CAP_MV:g} as the loss sees it)")
-    spikes = np.nonzero(target[:, 0] > 0.5)[0]
-    for k, s in enumerate(spikes):
-        ax_soma.axvline(s, color="C1", lw=1, alpha=0.8, label="output spike" if k == 0 else None)
-    ax_soma.set_ylabel("soma (mV)")
-    ax_soma.set_xlabel("time (ms)")
-    ax_soma.legend(loc="upper right", fontsize=8)
-    fig.suptitle(f"neuronio ({split}, first window): {len(x)} ms, {len(spikes)} output spikes")
-    return fig
-
-
 def _preview_sequence(plt, task, split):
     """Any other sequence task: the input values over time (heatmap, or a raster when wide) and its target."""
     import numpy as np
     from matplotlib.ticker import MaxNLocator
-    x, target = _first_example(task, split)
-    step_ms = _step_ms(task)
+    x, target = first_example(task, split)
+    step_ms = task.step_ms
     scale = step_ms or 1.0
     if x.shape[1] <= 4:  # few channels: their values as curves, one panel each
         fig, axes = plt.subplots(x.shape[1], 1, figsize=(10, 1.4 + 1.6 * x.shape[1]), sharex=True, squeeze=False)
@@ -370,14 +305,9 @@ def write_data_preview(task, path, max_images=16, inputs=()):
     split = _first_split(task)
     if hasattr(task, "images"):
         fig = _preview_images(plt, task, split, max_images)
-    elif task.name == "listops":
-        fig = _preview_listops(plt, task, split)
-        fig.tight_layout()
-    elif task.loss == "neuronio":
-        fig = _preview_neuronio(plt, task, split)
-        fig.tight_layout()
     else:
-        fig = _preview_sequence(plt, task, split)
+        # A task that knows what its inputs mean draws them itself; any other gets the generic view.
+        fig = task.preview_figure(plt, split) or _preview_sequence(plt, task, split)
         fig.tight_layout()
     from .fileio import atomic_output
     try:

@@ -19,14 +19,14 @@ from elmcore.optional import MissingDependency
 from elmcore.predict import head_names, predict_array
 from elmcore.train import Trainer, TrainSettings
 
-GENERIC_MODULES = ("train.py", "evaluate.py", "predict.py", "losses.py")
+GENERIC_MODULES = ("train.py", "evaluate.py", "predict.py", "losses.py", "plotting.py")
 
 
 @pytest.mark.parametrize("module", GENERIC_MODULES)
 def test_generic_modules_never_name_a_task(module):
     source = (pathlib.Path(elmcore.__file__).parent / module).read_text().lower()
-    assert "neuronio" not in source
-    assert "simulation_groups" not in source and ".loss ==" not in source
+    assert "neuronio" not in source and "listops" not in source
+    assert "simulation_groups" not in source and ".loss ==" not in source and ".name ==" not in source
 
 
 class RecordingTask(ArrayTask):

@@ -102,6 +102,17 @@ class Task:
         """What the trainer selects the best model on after each epoch (default: :meth:`evaluate`)."""
         return self.evaluate(model, split, batch_size, max_batches=max_batches, comm=comm)
 
+    # Milliseconds per input step where the data has a clock (NeuronIO: 1, SHD: its bin), else None.
+    step_ms = None
+
+    def preview_figure(self, plt, split):
+        """A matplotlib figure of one example of ``split`` that shows what its inputs mean, or None.
+
+        ``elm data info --preview`` draws the generic view (values over time, the target
+        in the title) for a task that returns None.
+        """
+        return None
+
     def describe(self) -> dict:
         """Counts, lengths and class balance for ``elm data info``."""
         return {"task": self.name, "num_input": self.num_input, "num_output": self.num_output,

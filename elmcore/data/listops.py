@@ -145,6 +145,33 @@ class ListOpsTask(EncodedSequenceTask):
     def inputs(self, split, indices):
         return one_hot(self._codes[split][indices], self.num_input)
 
+    def preview_figure(self, plt, split):
+        """One example's one-hot tokens (token × step), the left padding shaded, the label in the title."""
+        import numpy as np
+        from matplotlib.colors import ListedColormap
+
+        from ..plotting import first_example
+        x, label = first_example(self, split)
+        codes = x.argmax(axis=1)
+        pad = int(np.argmax(codes != VOCAB.index(PAD))) if (codes != VOCAB.index(PAD)).any() else len(codes)
+        fig, (ax_text, ax) = plt.subplots(2, 1, figsize=(11, 5.2), gridspec_kw={"height_ratios": [1, 4]})
+        ax.imshow(x.T, aspect="auto", interpolation="nearest", cmap=ListedColormap(["white", "black"]),
+                  origin="lower", extent=(-0.5, len(x) - 0.5, -0.5, x.shape[1] - 0.5))
+        if pad:
+            ax.axvspan(-0.5, pad - 0.5, color="C0", alpha=0.15, label=f"padding ({pad} steps, token {PAD})")
+            ax.legend(loc="upper left", fontsize=8)
+        ax.set_yticks(range(len(VOCAB)))
+        ax.set_yticklabels(VOCAB, fontsize=7)
+        ax.set_xlabel("step (the class is read from the last one)")
+        ax.set_ylabel("token (one-hot input)")
+        words = [VOCAB[c] for c in codes[pad:]]
+        text = " ".join(words)
+        ax_text.axis("off")
+        ax_text.text(0, 0.5, text if len(text) <= 160 else text[:157] + "...", family="monospace", fontsize=8,
+                     va="center", wrap=True)
+        fig.suptitle(f"listops ({split}, example 0): {len(words)} tokens, label {int(label)}")
+        return fig
+
 
 # ---- generator -------------------------------------------------------------------------
 

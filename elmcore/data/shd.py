@@ -236,6 +236,10 @@ class SHDTask(Task):
             return self.adding_examples[split] if n else 0
         return n
 
+    @property
+    def step_ms(self):
+        return float(self.bin_size)
+
     def model_defaults(self):
         return {**super().model_defaults(), "delta_t": float(self.bin_size),
                 "memory_tau_min": 1.0, "memory_tau_max": 500.0}

@@ -144,6 +144,7 @@ class NeuronIOTask(Task):
     name = "neuronio"
     loss = "neuronio"
     metric = "auc"
+    step_ms = 1.0  # one input step per millisecond of simulation
     higher_is_better = True
 
     def __init__(self, data_dir, window=500, burn_in=150, file_load_fraction=0.3,
@@ -282,6 +283,37 @@ class NeuronIOTask(Task):
     def validation_metrics(self, model, split, batch_size=64, max_batches=None, comm=None):
         """The release's protocol on the split's first file: full files cost minutes per epoch."""
         return self.evaluate(model, split, batch_size, max_files=1)
+
+    def preview_figure(self, plt, split):
+        """Excitatory and inhibitory input spikes, the soma trace and the output spikes of one window, in ms."""
+        import numpy as np
+
+        from ...plotting import first_example
+        from .soma import SOMA_BIAS_MV, SOMA_CAP_MV, SOMA_SCALE
+        x, target = first_example(self, split)
+        t_ms = np.arange(len(x))
+        fig, (ax_in, ax_soma) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True,
+                                             gridspec_kw={"height_ratios": [3, 2]})
+        for sign, color, name in ((1, "C0", "excitatory"), (-1, "C3", "inhibitory")):
+            steps, rows = np.nonzero(x * sign > 0)
+            ax_in.scatter(steps, rows, s=1.5, c=color, marker="|", linewidths=0.6,
+                          label=f"{name} ({len(steps)} spikes)")
+        half = x.shape[1] // 2
+        ax_in.axhline(half - 0.5, color="0.5", lw=0.8)
+        ax_in.set_ylim(-0.5, x.shape[1] - 0.5)
+        ax_in.set_ylabel("input (segment; exc. then inh.)")
+        ax_in.legend(loc="upper right", fontsize=8, markerscale=6)
+        soma = target[:, 1] / SOMA_SCALE + SOMA_BIAS_MV
+        ax_soma.plot(t_ms, soma, color="k", lw=0.8,
+                     label=f"soma (mV, capped at {SOMA_CAP_MV:g} as the loss sees it)")
+        spikes = np.nonzero(target[:, 0] > 0.5)[0]
+        for k, s in enumerate(spikes):
+            ax_soma.axvline(s, color="C1", lw=1, alpha=0.8, label="output spike" if k == 0 else None)
+        ax_soma.set_ylabel("soma (mV)")
+        ax_soma.set_xlabel("time (ms)")
+        ax_soma.legend(loc="upper right", fontsize=8)
+        fig.suptitle(f"neuronio ({split}, first window): {len(x)} ms, {len(spikes)} output spikes")
+        return fig
 
     # ---- batches --------------------------------------------------------------
     def batches(self, split, batch_size, rng=None, shuffle=False):
