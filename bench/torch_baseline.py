@@ -1,4 +1,4 @@
-"""A plain PyTorch-autograd ELM / Branch-ELM, written from ELM_SPEC §1–§4, as a benchmark baseline.
+"""A plain PyTorch-autograd ELM / Branch-ELM, written from docs/spec.md §1–§4, as a benchmark baseline.
 
 It walks time step by step and lets autograd record every small operation, the
 way the official release does, so its timings stand for "the release on this
@@ -22,7 +22,7 @@ from elmcore.errors import ConfigError, DataError, ELMError
 
 VERSIONS = ("elm_v1", "branch_elm_v2")
 
-# ELM_SPEC §1 defaults; None means "derived from another field".
+# docs/spec.md §1 defaults; None means "derived from another field".
 CONFIG_DEFAULTS = {
     "num_memory": 100,
     "lambda_value": 5.0,
@@ -229,7 +229,7 @@ def TorchELM(config_dict, version, params, dtype=None, device="cpu"):
     Parameters
     ----------
     config_dict : dict
-        ELM_SPEC §1 fields (release names); missing ones take the spec defaults.
+        docs/spec.md §1 fields (release names); missing ones take the spec defaults.
     version : str
         ``elm_v1`` or ``branch_elm_v2``.
     params : dict of str to np.ndarray
@@ -253,7 +253,7 @@ def TorchELM(config_dict, version, params, dtype=None, device="cpu"):
                          device=device)
 
 
-# ---- losses of the release's task heads (ELM_SPEC §5) -------------------------
+# ---- losses of the release's task heads (docs/spec.md §5) -------------------------
 
 def neuronio_loss_fn(spike_target, soma_target):
     """``Y -> 0.5·BCEWithLogits(Y[...,0], spike) + 0.5·MSE(Y[...,1], soma)``."""

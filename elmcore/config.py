@@ -1,4 +1,4 @@
-"""Model configuration: every constructor argument of the release (ELM_SPEC §1).
+"""Model configuration: every constructor argument of the release (docs/spec.md §1).
 
 Field names are the release's, so a release ``model_config.json`` loads as it
 is. The one field the release does not write, ``version``, defaults to

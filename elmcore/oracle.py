@@ -1,4 +1,4 @@
-"""Oracle files from the official release (ELM_SPEC §6) and checking the engine against them."""
+"""Oracle files from the official release (docs/spec.md §6) and checking the engine against them."""
 
 import dataclasses
 import os

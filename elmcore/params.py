@@ -1,4 +1,4 @@
-"""Parameters of an ELM: release ``state_dict`` names, initialisation, transforms (ELM_SPEC §2, §3).
+"""Parameters of an ELM: release ``state_dict`` names, initialisation, transforms (docs/spec.md §2, §3).
 
 A model's parameters are an ordered ``dict`` from release key to array, in the
 release's ``state_dict`` order. Float arrays carry the model dtype; routing
@@ -63,7 +63,7 @@ def count_trainable(cfg: ELMConfig):
     return int(sum(math.prod(shapes[k]) for k in trainable_keys(cfg)))
 
 
-# ---- routing (ELM_SPEC §3) ---------------------------------------------------
+# ---- routing (docs/spec.md §3) ---------------------------------------------------
 
 def interlocking_indices(num_input):
     i = np.arange(num_input)

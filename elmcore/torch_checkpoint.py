@@ -1,4 +1,4 @@
-"""Read PyTorch zip checkpoints of tensor ``state_dict``\\ s without PyTorch (ELM_SPEC §7).
+"""Read PyTorch zip checkpoints of tensor ``state_dict``\\ s without PyTorch (docs/spec.md §8).
 
 A ``torch.save`` zip archive holds ``<prefix>/data.pkl``, a pickle that
 describes every tensor (storage key, offset, size, stride), and one raw

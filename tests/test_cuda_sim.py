@@ -1,4 +1,4 @@
-"""Ladder rung 3: the CUDA backend computes the CPU engine's numbers.
+"""Rung 3 of the verification ladder (docs/architecture.md §4): the CUDA backend computes the CPU engine's numbers.
 
 Numba reads ``NUMBA_ENABLE_CUDASIM`` once, when ``numba.cuda`` is first
 imported, and a simulator switched on for the whole test session would also

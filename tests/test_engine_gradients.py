@@ -1,4 +1,4 @@
-"""Ladder rung 2: central finite differences in float64 on randomised configurations."""
+"""Rung 2 of the verification ladder (docs/architecture.md §4): central finite differences in float64 on randomised configurations."""
 
 import zlib
 

@@ -27,7 +27,7 @@ RELEASE_DIRS = sorted(p.parent for p in REFERENCE.glob("*/neuronio_best_model_st
 BEST_PT = REFERENCE / "best_elm_neuron" / "neuronio_best_model_state.pt"
 SMALL_PT = REFERENCE / "num_memory_1" / "neuronio_best_model_state.pt"
 
-# ELM_SPEC §2: parameter counts of the official NeuronIO checkpoints by num_memory.
+# docs/spec.md §2: parameter counts of the official NeuronIO checkpoints by num_memory.
 SPEC_PARAM_COUNTS = {1: 4601, 2: 4708, 3: 4823, 5: 5077, 7: 5363, 10: 5852, 15: 6827, 20: 8002,
                      25: 9377, 30: 10952, 40: 14702, 50: 19252, 75: 34127, 100: 54002}
 # The order in which the release's data.pkl lists its tensors (seen with pickletools.dis).

@@ -1,6 +1,6 @@
 """Spiking Heidelberg Digits (Cramer et al.) and SHD-Adding.
 
-File format (ELM_SPEC §8): HDF5 ``shd_train.h5`` / ``shd_test.h5`` with
+File format (docs/spec.md §9): HDF5 ``shd_train.h5`` / ``shd_test.h5`` with
 ``spikes/times`` (ragged float, seconds), ``spikes/units`` (ragged int, 0..699) and
 ``labels`` (0..19; 0-9 English, 10-19 German digits).
 
