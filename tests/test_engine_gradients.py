@@ -1,4 +1,5 @@
-"""Rung 2 of the verification ladder (docs/architecture.md §4): central finite differences in float64 on randomised configurations."""
+"""Rung 2 of the verification ladder (docs/architecture.md §4):
+central finite differences in float64 on randomised configurations."""
 
 import zlib
 

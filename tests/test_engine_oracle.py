@@ -1,4 +1,5 @@
-"""Rung 1 of the verification ladder (docs/architecture.md §4): every oracle file of the official release, both precisions, library API and CLI."""
+"""Rung 1 of the verification ladder (docs/architecture.md §4):
+every oracle file of the official release, both precisions, library API and CLI."""
 
 import os
 import subprocess
