@@ -30,7 +30,9 @@ class SynapseMap:
     External synapses form a CSR over the layer's inputs, in the routing kernels' format:
     entry e of input d feeds "virtual synapse" ``entry_syn[e]`` = (k·N + i)·spb + s mod spb,
     so ``entry_syn // spb`` is the neuron-minor channel k·N + i of neuron i's branch k.
-    Recurrent synapses are entries (rec_i, rec_k, rec_src) grouped by target neuron.
+    Recurrent synapses are entries (rec_i, rec_k, rec_src) grouped by target neuron
+    (``rec_ptr``), and listed again by source neuron (``src_ptr``, ``src_entry``) for the
+    backward gather.
     ``*_flat`` give each entry's position i·k_c + s in w_s, to gather weights and scatter
     gradients.
     """
@@ -42,6 +44,8 @@ class SynapseMap:
     rec_k: np.ndarray
     rec_src: np.ndarray
     rec_flat: np.ndarray
+    src_ptr: np.ndarray
+    src_entry: np.ndarray
 
     @classmethod
     def build(cls, cfg: NetworkConfig, source, num_inputs, xp=np):
@@ -56,9 +60,12 @@ class SynapseMap:
         entry_syn = (branch[order] * N + neuron[order]) * spb + syn[order] % spb
         rec = np.nonzero(src >= num_inputs)[0]  # already grouped by target neuron
         rec_ptr = np.concatenate([[0], np.cumsum(np.bincount(neuron[rec], minlength=N))]).astype(np.int64)
+        rec_src = src[rec] - num_inputs
+        src_entry = np.argsort(rec_src, kind="stable")
+        src_ptr = np.concatenate([[0], np.cumsum(np.bincount(rec_src, minlength=N))]).astype(np.int64)
         as_dev = (lambda a: xp.asarray(np.ascontiguousarray(a, dtype=np.int64)))
         return cls(as_dev(indptr), as_dev(entry_syn), as_dev(order), as_dev(rec_ptr), as_dev(neuron[rec]),
-                   as_dev(branch[rec]), as_dev(src[rec] - num_inputs), as_dev(rec))
+                   as_dev(branch[rec]), as_dev(rec_src), as_dev(rec), as_dev(src_ptr), as_dev(src_entry))
 
 
 @dataclasses.dataclass
@@ -264,7 +271,7 @@ class ELMNetwork:
             gk = xp.empty((B, Dm, N), self.dtype)
             gc = xp.empty((B, Dm, N), self.dtype)
             k.network_backward(dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w,
-                               W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o, c["m0"], c["A0"], c["Z"], c["DM"],
+                               syn.src_ptr, syn.src_entry, W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o, c["m0"], c["A0"], c["Z"], c["DM"],
                                c["M"], silu, self.dtype.type(PHI_SCALE), self.dtype.type(PHI_SLOPE),
                                GB, dZ, dP, GO, A, gk, gc)
             grads.update(self._layer_weight_grads(layer, c, w, syn, GB, dZ, dP, GO, A, gk, gc))

@@ -29,7 +29,7 @@ from .errors import ELMError
 from .evaluate import evaluate, metric_value
 from .fileio import atomic_write_text
 from .losses import LOSS_FUNCTIONS
-from .model import ELM
+from .models import build_model
 from .optim import Optimizer, cosine_lr
 
 RUN_FILE = "run.json"
@@ -141,7 +141,7 @@ class Trainer:
             raise ELMError(f"run directory {self.run_dir} already holds a run; use --resume {self.run_dir} "
                            "or choose another --run-dir")
         cfg = self.model_config()
-        self.model = ELM(cfg, seed=s.seed, dtype=s.dtype, device=s.device)
+        self.model = build_model(cfg, seed=s.seed, dtype=s.dtype, device=s.device)
         self.optimizer = self._make_optimizer()
         self.position = {"step": 0, "epoch": 0, "batch": 0, "dropout_rng": None,
                          "best_metric": None, "best_step": None}

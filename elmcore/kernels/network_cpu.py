@@ -158,13 +158,17 @@ def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_i
 
 
 @njit(parallel=True, **_JIT)
-def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, W_hid, W_out,
+def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope,
                      GB_out, dZ_out, dP_out, GO_out, A_out, gkappa_out, gc_out):
     """Backpropagation through time of ``network_forward`` for one layer (docs/gradients.md, ELM Network).
 
     dO      [B,T,N]      ∂loss/∂o_t from outside the layer (readout or the next layer), not
                          including the recurrent path, which is walked here.
+    src_ptr [N+1], src_entry [E]  the recurrent entries grouped by source neuron: entries
+                         src_entry[src_ptr[j]:src_ptr[j+1]] (ascending) read neuron j. The
+                         gradient reaching o_{t−1}[j] is gathered over them, so every
+                         neuron's sum is formed by one owner in a fixed order.
     A0, Z, DM, M         the forward's A0_out, Z_out, DM_out, M_out, unchanged; m0 as given to it.
     GB_out  [B,T,nb,N]   g_b: ∂loss/∂b_t in total = ∂loss/∂(everything added into b_t), i.e. the
                          gradient of the external sums E_t and of each recurrent term.
@@ -180,7 +184,6 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, W
     I0, W0, _ = W_in.shape
     L = Z.shape[0]
     H = Z.shape[3]
-    n_rec = rec_w.shape[0]
     dt = dO.dtype
     dphi_scale = phi_scale * phi_slope
     for bb in prange(B):
@@ -244,10 +247,12 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, W
                     carry_b[k, i] = da0[k, i] + kappa_b[k, i] * carry_b[k, i]
                     gb[k, i] = carry_b[k, i]
             # The recurrent synapses of step t read o_{t−1}: their gradient joins ∂loss/∂o_{t−1}.
-            for i in range(N):
-                carry_o[i] = 0
-            for e in range(n_rec):
-                carry_o[rec_src[e]] += rec_w[e] * gb[rec_k[e], rec_i[e]]
+            for j in range(N):
+                acc = dt.type(0)
+                for q in range(src_ptr[j], src_ptr[j + 1]):
+                    e = src_entry[q]
+                    acc += rec_w[e] * gb[rec_k[e], rec_i[e]]
+                carry_o[j] = acc
 
 
 @njit(parallel=True, **_JIT)
