@@ -318,10 +318,13 @@ class NetworkConfig:
         widths = [self.mlp_input_size] + [h] * self.mlp_num_layers + [d_m]
         per_neuron = self.num_synapse + sum((widths[j] + 1) * widths[j + 1] for j in range(len(widths) - 1))
         per_neuron += 2 * d_m + 1 + self.num_branch
-        sizes = [("num_neurons", N * per_neuron * self.num_layers),
-                 ("num_synapse_per_branch", N * self.num_synapse * self.num_layers),
-                 ("num_input", max(self.num_input, N) * N * self.num_branch),
-                 ("num_output", self.num_output * (N + 1))]
+        synapse_field = "num_synapse_per_branch" if self.num_synapse_per_branch >= self.num_branch else "num_branch"
+        memory_field = "mlp_hidden_size" if h > d_m else "num_memory"
+        sizes = [(synapse_field, N * self.num_synapse * self.num_layers),
+                 ("num_input" if self.num_input > N else "num_neurons", max(self.num_input, N) * N * self.num_branch),
+                 ("num_output", self.num_output * (N + 1)),
+                 (memory_field, per_neuron),
+                 ("num_neurons", N * per_neuron * self.num_layers)]
         for field, elements in sizes:
             if elements > MAX_NETWORK_ELEMENTS:
                 raise ConfigError(field, f"the network would need {elements:,} parameters "
