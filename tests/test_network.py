@@ -379,3 +379,20 @@ def test_elm_train_eval_predict_a_network(tmp_path):
     result = invoke("predict", rd / "best.npz", "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.load(tmp_path / "y.npy"), load_model(rd / "best.npz").forward(X))
+
+
+def test_batch_tiling_does_not_change_the_numbers(monkeypatch):
+    from elmcore.kernels import network_cpu
+    rng = np.random.default_rng(5)
+    cfg = random_network_config(rng, num_layers=2, mlp_num_layers=1, recurrent_fraction=0.5)
+    net = ELMNetwork(cfg, seed=0, dtype="float64")
+    X = rng.normal(size=(5, 6, cfg.num_input))
+    G = rng.normal(size=(5, 6, cfg.num_output))
+    results = []
+    for rows in (1, 3, 5):
+        monkeypatch.setattr(network_cpu, "tile_rows", rows)
+        Y, cache = net.forward(X, return_cache=True)
+        results.append((Y, net.backward(G, cache, input_grad=True)))
+    for Y, grads in results[1:]:
+        assert np.array_equal(Y, results[0][0])
+        assert all(np.array_equal(grads[k], results[0][1][k]) for k in grads)
