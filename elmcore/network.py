@@ -271,8 +271,8 @@ class ELMNetwork:
             gk = xp.empty((B, Dm, N), self.dtype)
             gc = xp.empty((B, Dm, N), self.dtype)
             k.network_backward(dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w,
-                               syn.src_ptr, syn.src_entry, W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o, c["m0"], c["A0"], c["Z"], c["DM"],
-                               c["M"], silu, self.dtype.type(PHI_SCALE), self.dtype.type(PHI_SLOPE),
+                               syn.src_ptr, syn.src_entry, W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o, c["m0"],
+                               c["A0"], c["Z"], c["DM"], c["M"], silu, self.dtype.type(PHI_SCALE), self.dtype.type(PHI_SLOPE),
                                GB, dZ, dP, GO, A, gk, gc)
             grads.update(self._layer_weight_grads(layer, c, w, syn, GB, dZ, dP, GO, A, gk, gc))
             if layer > 0 or input_grad:
