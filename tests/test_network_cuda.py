@@ -22,6 +22,7 @@ from elmcore.cuda_backend import cuda_problem
 from elmcore.oracle import load_oracle, verify_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GOLDEN_NETWORK_DIR = os.path.join(HERE, "data", "golden_network")
 SIM_ENV = "NUMBA_ENABLE_CUDASIM"
 IN_SIMULATOR = os.environ.get(SIM_ENV) == "1"
 CUDA_HERE = cuda_problem() is None
@@ -98,9 +99,10 @@ def test_cuda_kernels_equal_the_cpu_kernels(case, dtype):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", ["net_basic", "net_silu_deep_learned_tau", "net_two_layers"])
-def test_cuda_matches_the_network_oracle(name, dtype):
-    case = load_oracle(os.path.join(HERE, "data", "golden_network", name + ".npz"))
+@pytest.mark.parametrize("path", sorted(os.path.join(GOLDEN_NETWORK_DIR, f) for f in os.listdir(GOLDEN_NETWORK_DIR)
+                                         if f.endswith(".npz")), ids=os.path.basename)
+def test_cuda_matches_the_network_oracle(path, dtype):
+    case = load_oracle(path)
     bad = [(n, e) for n, e in verify_case(case, dtype=dtype, device="cuda") if not e <= ORACLE_TOL[dtype]]
     assert not bad, bad
 
