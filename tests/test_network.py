@@ -396,3 +396,13 @@ def test_batch_tiling_does_not_change_the_numbers(monkeypatch):
     for Y, grads in results[1:]:
         assert np.array_equal(Y, results[0][0])
         assert all(np.array_equal(grads[k], results[0][1][k]) for k in grads)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 13, 40])
+def test_neuron_weight_grad_is_the_per_neuron_outer_product_sum(rows):
+    from elmcore.kernels import network_cpu
+    rng = np.random.default_rng(rows)
+    G, A = rng.normal(size=(rows, 5, 7)), rng.normal(size=(rows, 3, 7))
+    out = np.empty((3, 5, 7))
+    network_cpu.neuron_weight_grad(G, A, out)
+    assert np.allclose(out, np.einsum("rji,roi->joi", A, G), rtol=1e-13, atol=1e-13)

@@ -355,38 +355,55 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                     carry_o[r, j] = acc
 
 
+# Row chunks of the weight-gradient sums: a constant, so the sums' order (and the
+# result, bit for bit) does not depend on the thread count.
+WEIGHT_GRAD_CHUNKS = 8
+
+
 @njit(parallel=True, **_JIT)
 def neuron_weight_grad(G, A, out):
     """out[j, o, :] = Σ_r A[r, j, :] · G[r, o, :]: every neuron's weight gradient over all B·T rows.
 
     G [R,O,N] gradients of a layer's outputs, A [R,J,N] its inputs; out [J,O,N] (the weight
-    layout) is overwritten. Parallel over o, so no two threads write the same element and
-    the sum order (r ascending) is fixed: the result does not depend on the thread count.
-    Four rows r per pass over the accumulator.
+    layout) is overwritten. The rows are cut into WEIGHT_GRAD_CHUNKS contiguous chunks
+    summed in parallel (each reads its rows of A and G once, four rows per pass over its
+    [J,O,N] partial sum), then the partials are added in chunk order.
     """
     R, O, N = G.shape
     J = A.shape[1]
-    for o in prange(O):
-        acc = np.zeros((J, N), G.dtype)
-        r = 0
-        while r + 4 <= R:
-            g0, g1, g2, g3 = G[r, o], G[r + 1, o], G[r + 2, o], G[r + 3, o]
+    chunks = max(1, min(WEIGHT_GRAD_CHUNKS, R))
+    size = (R + chunks - 1) // chunks
+    partial = np.zeros((chunks, J, O, N), G.dtype)
+    for c in prange(chunks):
+        acc = partial[c]
+        r = c * size
+        stop = min(R, r + size)
+        while r + 4 <= stop:
             for j in range(J):
-                row = acc[j]
                 a0, a1, a2, a3 = A[r, j], A[r + 1, j], A[r + 2, j], A[r + 3, j]
-                for i in range(N):
-                    row[i] = (((row[i] + a0[i] * g0[i]) + a1[i] * g1[i]) + a2[i] * g2[i]) + a3[i] * g3[i]
+                for o in range(O):
+                    row = acc[j, o]
+                    g0, g1, g2, g3 = G[r, o], G[r + 1, o], G[r + 2, o], G[r + 3, o]
+                    for i in range(N):
+                        row[i] = (((row[i] + a0[i] * g0[i]) + a1[i] * g1[i]) + a2[i] * g2[i]) + a3[i] * g3[i]
             r += 4
-        while r < R:
-            g = G[r, o]
+        while r < stop:
             for j in range(J):
-                row = acc[j]
                 a = A[r, j]
-                for i in range(N):
-                    row[i] += a[i] * g[i]
+                for o in range(O):
+                    row = acc[j, o]
+                    g = G[r, o]
+                    for i in range(N):
+                        row[i] += a[i] * g[i]
             r += 1
-        for j in range(J):
-            out[j, o] = acc[j]
+    for j in prange(J):
+        for o in range(O):
+            row = out[j, o]
+            for i in range(N):
+                row[i] = partial[0, j, o, i]
+            for c in range(1, chunks):
+                for i in range(N):
+                    row[i] += partial[c, j, o, i]
 
 
 @njit(parallel=True, **_JIT)
