@@ -169,6 +169,7 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
     H = Z_out.shape[3]
     n_rec = rec_w.shape[0]
     dt = E.dtype
+    rec_chan = rec_k * N + rec_i  # flat index into a [nb,N] block: one index load per entry, not two
     n_tiles = (B + R - 1) // R
     for ti in prange(n_tiles):
         first = ti * R
@@ -194,8 +195,9 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
                 for k in range(nb):
                     for i in range(N):
                         br[k, i] = kappa_b[k, i] * br[k, i] + e_t[k, i]
+                br_flat = br.reshape(-1)
                 for e in range(n_rec):
-                    br[rec_k[e], rec_i[e]] += rec_w[e] * o_r[rec_src[e]]
+                    br_flat[rec_chan[e]] += rec_w[e] * o_r[rec_src[e]]
                 a0r = a0[r]
                 for k in range(nb):
                     for i in range(N):
@@ -275,6 +277,14 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
     H = Z.shape[3]
     dt = dO.dtype
     dphi_scale = phi_scale * phi_slope
+    # The recurrent entries in source order, their weight and flat [nb,N] channel side by side.
+    n_rec = src_entry.shape[0]
+    w_by_src = np.empty(n_rec, dt)
+    chan_by_src = np.empty(n_rec, np.int64)
+    for q in range(n_rec):
+        e = src_entry[q]
+        w_by_src[q] = rec_w[e]
+        chan_by_src[q] = rec_k[e] * N + rec_i[e]
     n_tiles = (B + R - 1) // R
     for ti in prange(n_tiles):
         first = ti * R
@@ -347,11 +357,11 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                         carry_b[r, k, i] = da0[r, k, i] + kappa_b[k, i] * carry_b[r, k, i]
                         gb[k, i] = carry_b[r, k, i]
                 # The recurrent synapses of step t read o_{t−1}: their gradient joins ∂loss/∂o_{t−1}.
+                gb_flat = gb.reshape(-1)
                 for j in range(N):
                     acc = dt.type(0)
                     for q in range(src_ptr[j], src_ptr[j + 1]):
-                        e = src_entry[q]
-                        acc += rec_w[e] * gb[rec_k[e], rec_i[e]]
+                        acc += w_by_src[q] * gb_flat[chan_by_src[q]]
                     carry_o[r, j] = acc
 
 
@@ -414,14 +424,16 @@ def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
     """
     B, T, nb, N = GB.shape
     n_rec = rec_i.shape[0]
+    rec_chan = rec_k * N + rec_i
     for bb in prange(B):
         acc = partial_out[bb]
         acc[:] = 0
         for t in range(T):
             o_prev = O[bb, t - 1] if t > 0 else o0[bb]
             gb = GB[bb, t]
+            gb_flat = gb.reshape(-1)
             for e in range(n_rec):
-                acc[e] += gb[rec_k[e], rec_i[e]] * o_prev[rec_src[e]]
+                acc[e] += gb_flat[rec_chan[e]] * o_prev[rec_src[e]]
 
 
 # Every compiled network kernel (the codegen probe compiles the CUDA twins of these names).
