@@ -102,8 +102,8 @@ def tasks(name):
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Model config JSON (default: a small 2-layer SiLU Branch-ELM with neuronio routing).")
-@click.option("--version", "version", type=click.Choice(["elm_v1", "branch_elm_v2"]), default=None,
-              help="Override the config's version.")
+@click.option("--version", "version", type=click.Choice(["elm_v1", "branch_elm_v2", "elm_network"]), default=None,
+              help="Override the config's version (elm_network without --config: a small 2-layer network).")
 @click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=6, show_default=True, type=click.IntRange(min=1))
 @click.option("--eps", default=1e-6, show_default=True, type=FiniteFloat(min=0, min_open=True))
@@ -115,8 +115,14 @@ def gradcheck(config_path, version, batch, steps, eps, entries, seed, tolerance)
     """Compare analytic gradients with central differences in float64, tensor by tensor."""
     from elmcore.config import ELMConfig
     from elmcore.gradcheck import gradcheck as run_gradcheck, passes
-    cfg = ELMConfig.load(config_path) if config_path else ELMConfig.from_dict(DEFAULT_GRADCHECK_CONFIG)
-    if version:
+    from elmcore.gradcheck import DEFAULT_NETWORK_CONFIG
+    if version == "elm_network" and not config_path:
+        cfg = ELMConfig.from_dict(DEFAULT_NETWORK_CONFIG)
+    else:
+        cfg = ELMConfig.load(config_path) if config_path else ELMConfig.from_dict(DEFAULT_GRADCHECK_CONFIG)
+    if version and version != cfg.version:
+        if cfg.is_network or version == "elm_network":
+            raise UserError(f"--version {version} cannot convert a {cfg.version} config")
         cfg = ELMConfig.from_dict(_switch_version(cfg, version))
     rows = run_gradcheck(cfg, batch=batch, steps=steps, seed=seed, eps=eps, max_entries=entries)
     click.echo(f"gradcheck {cfg.version}, B={batch}, T={steps}, eps={eps:g}, float64 "

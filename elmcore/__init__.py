@@ -18,9 +18,12 @@ if _tune_threads:
 if _tune_threads:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from .config import ELMConfig
+from .config import ELMConfig, NetworkConfig
 from .errors import ConfigError, DataError, ELMError
 from .model import ELM
+from .models import build_model
+from .network import ELMNetwork
 
-__all__ = ["ELM", "ELMConfig", "ELMError", "ConfigError", "DataError"]
+__all__ = ["ELM", "ELMConfig", "ELMNetwork", "NetworkConfig", "build_model", "ELMError", "ConfigError",
+           "DataError"]
 __version__ = "0.1.0"

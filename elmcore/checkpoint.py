@@ -54,12 +54,12 @@ class LoadedFile:
         self.params, self.optim_state, self.meta = params, optim_state or {}, meta or {}
 
     def build_model(self, dtype=None, device="cpu"):
-        """An ``ELM`` with these parameters, validated against the config (errors name the file)."""
+        """An ``ELM`` or ``ELMNetwork`` with these parameters, validated against the config (errors name the file)."""
         from .backend import get_backend
-        from .model import ELM
+        from .models import build_model
         get_backend(device)  # a missing GPU is not the file's fault: let that error through unprefixed
         try:
-            return ELM(self.config, params=self.params, dtype=dtype or self.dtype, device=device)
+            return build_model(self.config, params=self.params, dtype=dtype or self.dtype, device=device)
         except ELMError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
 

@@ -6,7 +6,29 @@ import numpy as np
 
 from . import params as P
 from .config import ELMConfig
-from .model import ELM
+from .models import build_model, is_network
+
+
+# `elm gradcheck --version elm_network` without --config: two stacked layers with every
+# kind of synapse, a hidden SiLU layer and learned τ_m, small enough for finite differences.
+DEFAULT_NETWORK_CONFIG = {
+    "version": "elm_network", "num_input": 4, "num_output": 2, "num_neurons": 3, "num_layers": 2,
+    "num_memory": 3, "mlp_num_layers": 1, "mlp_hidden_size": 4, "mlp_activation": "silu", "num_branch": 2,
+    "num_synapse_per_branch": 2, "recurrent_fraction": 0.5, "learn_memory_tau": True, "memory_tau_max": 50.0,
+}
+
+
+def random_network_test_params(cfg, rng):
+    """Network parameters away from the initialisation's symmetries: every neuron gets its
+    own τ_m and τ_b, and w_s is widened so the recurrent path carries real gradient."""
+    from . import network_params as NP
+    p = NP.init_params(cfg, seed=int(rng.integers(1 << 31)), dtype=np.float64)
+    for layer in range(cfg.num_layers):
+        pre = NP.layer_prefix(layer)
+        p[pre + "w_s"] = rng.uniform(-1.0, 1.0, p[pre + "w_s"].shape)
+        p[pre + "tau_b"] = rng.uniform(1.5, 8.0, p[pre + "tau_b"].shape)
+        p[pre + "_proto_tau_m"] = p[pre + "_proto_tau_m"] + rng.normal(0, 0.3, p[pre + "_proto_tau_m"].shape)
+    return p
 
 
 class GradcheckRow(NamedTuple):
@@ -54,8 +76,8 @@ def gradcheck(cfg: ELMConfig, params=None, batch=2, steps=5, seed=0, eps=1e-6, m
     """
     rng = np.random.default_rng(seed)
     if params is None:
-        params = random_test_params(cfg, rng)
-    model = ELM(cfg, params=params, dtype="float64")
+        params = random_network_test_params(cfg, rng) if is_network(cfg) else random_test_params(cfg, rng)
+    model = build_model(cfg, params=params, dtype="float64")
     X = rng.normal(0, 1, (batch, steps, cfg.num_input))
     X[rng.random(X.shape) < 0.3] = 0  # exercise the sparse routing path
     G = rng.normal(0, 1, (batch, steps, cfg.num_output))

@@ -73,8 +73,8 @@ def relative_error(got, ref):
 
 def verify_case(case, dtype="float64", device="cpu"):
     """Run forward, backward and traces; return [(array name, error)] in a stable order."""
-    from .model import ELM
-    model = ELM(case.config, params=case.params, dtype=dtype, device=device)
+    from .models import build_model
+    model = build_model(case.config, params=case.params, dtype=dtype, device=device)
     host = model.backend.to_host
     Y, cache = model.forward(case.X, return_cache=True)
     grads = model.backward(case.G, cache, input_grad="X" in case.grads)

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+from .config import network_parameter_count
 from .errors import ELMError
 from .fileio import atomic_output, atomic_write_text
 
@@ -47,24 +48,6 @@ LABELS = ("budget",)
 
 
 # ---- the budget mode: pure parameter arithmetic ----------------------------------------------------
-
-def network_parameter_count(num_output, num_neurons, num_memory, num_branch, num_synapse_per_branch,
-                            mlp_num_layers=1, mlp_hidden_size=None, learn_memory_tau=False, num_layers=1):
-    """Trainable parameters of an ELM Network (docs/spec.md §7.2).
-
-    Per neuron: k_c = num_branch·num_synapse_per_branch synapse weights, the MLP
-    (in_0 = num_branch + d_m, ``mlp_num_layers`` hidden layers of width h, default
-    2·d_m, out d_m), w_o (d_m + 1) and τ_m (d_m) if learned; every layer alike; a
-    readout K·(N + 1). The input width does not enter: a neuron has k_c synapses
-    whatever it reads.
-    """
-    d_m, n_b, N = num_memory, num_branch, num_neurons
-    h = mlp_hidden_size or 2 * d_m
-    widths = [n_b + d_m] + [h] * mlp_num_layers + [d_m]
-    mlp = sum(w_in * w_out + w_out for w_in, w_out in zip(widths[:-1], widths[1:]))
-    per_neuron = n_b * num_synapse_per_branch + mlp + (d_m + 1) + (d_m if learn_memory_tau else 0)
-    return num_layers * N * per_neuron + num_output * (N + 1)
-
 
 def budget_shapes(budgets, tolerance, num_output, num_neurons, num_memory, num_synapse_per_branch,
                   num_branch=(4,), **fixed):

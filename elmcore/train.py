@@ -57,7 +57,7 @@ from .errors import CheckpointError, ELMError, NonFiniteOutputError
 from .evaluate import evaluate, metric_value
 from .fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
                      remove_stale_temporaries, write_error)
-from .model import ELM
+from .models import build_model
 from .optim import Optimizer, cosine_lr
 from .runlog import finite_or_none, read_records
 
@@ -336,7 +336,7 @@ class Trainer:
     def _new_state(self):
         s = self.settings
         cfg = self.model_config()
-        model = ELM(cfg, seed=s.seed, dtype=s.dtype, device=s.device)  # a bad config fails before any mkdir
+        model = build_model(cfg, seed=s.seed, dtype=s.dtype, device=s.device)  # a bad config fails before any mkdir
         self._open_run_dir(must_exist=False)
         if os.path.exists(os.path.join(self.run_dir, LAST)):
             raise ELMError(f"run directory {self.run_dir} already holds a run; use --resume {self.run_dir} "

@@ -69,5 +69,6 @@ def test_elm_train_runs_a_network_on_the_text_task(char_task, tmp_path):
                              eval_batch_size=64, run_dir=str(tmp_path / "run"), checkpoint_every=1000)
     summary = Trainer(settings, progress=False, log=lambda message: None).run()
     assert summary["metric"] == "bpc"
-    assert summary["best_valid_metric"] < task.unigram_entropy("train") - MARGIN_BITS
+    assert summary["selection_split"] == "valid"
+    assert summary["best_metric"] < task.unigram_entropy("train") - MARGIN_BITS
     assert summary["test"]["bpc"] < task.unigram_entropy("train") - MARGIN_BITS

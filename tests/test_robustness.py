@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from elm_cli.main import cli
 from elmcore import fileio
 from elmcore.checkpoint import load_file, save_model
+from elmcore import config as config_module
 from elmcore.config import ELMConfig, check_memory
 from elmcore.data.registry import get_task
 from elmcore.errors import ELMError
@@ -245,6 +246,16 @@ def test_deeply_nested_json_is_one_error(tmp_path):
 def test_models_too_large_for_the_machine_are_refused_with_their_size(field, value):
     with pytest.raises(ELMError, match=rf"{field}={value}.*would need at least [\d.e+]+ [GT]iB"):
         ELMConfig.from_dict({"num_input": 4, "num_output": 1, field: value})
+
+
+@pytest.mark.parametrize("field, value", [("num_memory", 2000), ("mlp_num_layers", 10 ** 5),
+                                          ("mlp_hidden_size", 10 ** 6)])
+def test_networks_too_large_for_the_machine_are_refused_with_their_size(field, value, monkeypatch):
+    # A 1 GiB machine: network sizes stop at 2**31 parameters, which a large machine could hold.
+    monkeypatch.setattr(config_module, "memory_limit_bytes", lambda: 2 ** 30)
+    with pytest.raises(ELMError, match=r"a network of 1 x 8 neurons.*would need at least [\d.]+ [GT]iB"):
+        ELMConfig.from_dict({"num_input": 4, "num_output": 1, "version": "elm_network", field: value})
+    ELMConfig.from_dict({"num_input": 4, "num_output": 1, "version": "elm_network"})  # a small one fits
 
 
 def test_check_memory_names_the_need_and_the_limit():
@@ -556,6 +567,16 @@ def test_divergence_stops_with_the_step_and_is_recorded(tmp_path, lr, dtype, wor
     records = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["type"] == "diverged" and records[-1]["step"] == 2
     assert load_file(rd / "last.npz").meta["step"] == 1
+
+
+def test_a_diverging_network_stops_with_the_step_too(tmp_path):
+    rd = tmp_path / "run"
+    result = invoke("train", *TINY_ADDING, "--epochs", "3", "--lr", "1e30", "--set", "version=elm_network",
+                    "--set", "num_neurons=4", "--checkpoint-every", "1", "--run-dir", rd)
+    assert_refused(result, "training stopped", "step", "last good checkpoint")
+    assert "non-finite outputs" not in result.output
+    records = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["type"] == "diverged"
 
 
 def test_a_second_trainer_on_a_locked_run_directory_is_refused(tmp_path):

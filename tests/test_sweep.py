@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from elmcore.errors import ELMError
-from elmcore.sweep import budget_shapes, expand_points, network_parameter_count
+from elmcore.config import network_parameter_count
+from elmcore.sweep import budget_shapes, expand_points
 
 
 # The trainable arrays of the three ELM Network oracle cases (docs/spec.md §7.4) add up to these.
@@ -171,7 +172,7 @@ def test_sweep_points_spread_over_mpi_ranks(tmp_path):
 @pytest.mark.parametrize("seed", range(4))
 def test_budget_count_matches_the_network_model(seed):
     """Once the ELM Network model is in the package, its own count must equal the budget arithmetic."""
-    models = pytest.importorskip("elmcore.models", reason="the ELM Network model (issue 10) is not merged yet")
+    from elmcore import models
     from elmcore.config import NetworkConfig
     rng = np.random.default_rng(seed)
     shape = dict(num_output=int(rng.integers(1, 5)), num_neurons=int(rng.integers(1, 9)),

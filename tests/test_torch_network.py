@@ -163,7 +163,6 @@ ENGINE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(ENGINE_CASES))
 def test_matches_elmcore_network_engine(case):
-    pytest.importorskip("elmcore.network", reason="elmcore's ELM Network is not on this branch")
     from elmcore.config import load_config_dict
     from elmcore.models import build_model
     fields = dict(ENGINE_CASES[case], version="elm_network")

@@ -1,0 +1,441 @@
+"""Numba CPU kernels of the ELM Network (docs/spec.md §7.3): the time walk and its BPTT.
+
+Layout. Every per-neuron quantity is stored **neuron-minor**: the neuron axis N is the
+last (contiguous) one, so a step's state is a few (width, N) blocks and every loop over
+neurons is a unit-stride loop LLVM vectorises. Letters: B batch, T time, N neurons,
+nb branches, Dm memory units, H hidden width, W0 width of the first MLP layer (H, or Dm
+without hidden layers), I0 = nb + Dm its input width, L hidden layers, Lh = max(L − 1, 0),
+E recurrent synapse entries (all neurons together).
+
+Per-neuron MLP weights are stored (in, out, N): ``W[j, o, i]`` is neuron i's weight from
+input j to output o. The same array serves the forward product (Σ_j W[j,o,:]·a[j,:]) and
+the backward one (Σ_o W[j,o,:]·dz[o,:]) with the neuron loop innermost in both.
+
+Recurrent synapses are a list of entries e: target neuron ``rec_i[e]``, its branch
+``rec_k[e]``, source neuron ``rec_src[e]`` (whose o_{t−1} it reads) and weight ``rec_w[e]``,
+grouped by target neuron (``rec_ptr`` [N+1] delimits each neuron's entries) so a GPU
+thread owning a neuron finds its own. The external-input part of the synaptic sums is
+not here: it is a routing over all B·T rows (``kernels.cpu.route_*``) done beforehand.
+
+Every kernel writes caller-owned ``*_out`` arrays and keeps no state between calls.
+Float arrays of one call share the model dtype; ``phi_*`` scalars have it too.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import vecmath as vm
+from .cpu import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
+
+_JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+
+
+# ---- per-neuron matrix products over a tile of batch rows ---------------------------------
+#
+# Each neuron has its own weights, so a weight is used once per (row, step): what makes the
+# time walk fast is reusing every loaded weight vector W[j, o, :] for a whole tile of batch
+# rows while it sits in L1 (without tiles the weights streamed from L3 once per row-step).
+# Tile buffers are C-contiguous (rows, width, N); only the first n rows are used.
+
+@njit(inline="always", **_JIT)
+def _dense_rows(a, W, c, out, n):
+    """out[r, o, :] = c[o, :] + Σ_j W[j, o, :] · a[r, j, :] for r < n.
+
+    a [R,J,N], W [J,O,N], c [O,N], out [R,O,N] (must not alias a). Four inputs j per pass
+    over a row of ``out``; the sum runs over j ascending, as in the CUDA twin.
+    """
+    J, O, N = W.shape
+    for r in range(n):
+        for o in range(O):
+            for i in range(N):
+                out[r, o, i] = c[o, i]
+    j = 0
+    while j + 4 <= J:
+        for o in range(O):
+            w0, w1, w2, w3 = W[j, o], W[j + 1, o], W[j + 2, o], W[j + 3, o]
+            for r in range(n):
+                row = out[r, o]
+                a0, a1, a2, a3 = a[r, j], a[r, j + 1], a[r, j + 2], a[r, j + 3]
+                for i in range(N):
+                    row[i] = (((row[i] + w0[i] * a0[i]) + w1[i] * a1[i]) + w2[i] * a2[i]) + w3[i] * a3[i]
+        j += 4
+    while j < J:
+        for o in range(O):
+            w = W[j, o]
+            for r in range(n):
+                row = out[r, o]
+                aj = a[r, j]
+                for i in range(N):
+                    row[i] += w[i] * aj[i]
+        j += 1
+
+
+@njit(inline="always", **_JIT)
+def _dense_transposed_rows(dz, W, out, n):
+    """out[r, j, :] = Σ_o W[j, o, :] · dz[r, o, :] for r < n (the adjoint of ``_dense_rows``).
+
+    Four outputs o per pass, summed in ascending o as in the CUDA twin.
+    """
+    J, O, N = W.shape
+    for j in range(J):
+        wj = W[j]
+        for r in range(n):
+            row = out[r, j]
+            for i in range(N):
+                row[i] = 0
+        o = 0
+        while o + 4 <= O:
+            w0, w1, w2, w3 = wj[o], wj[o + 1], wj[o + 2], wj[o + 3]
+            for r in range(n):
+                row = out[r, j]
+                d0, d1, d2, d3 = dz[r, o], dz[r, o + 1], dz[r, o + 2], dz[r, o + 3]
+                for i in range(N):
+                    row[i] = (((row[i] + w0[i] * d0[i]) + w1[i] * d1[i]) + w2[i] * d2[i]) + w3[i] * d3[i]
+            o += 4
+        while o < O:
+            w = wj[o]
+            for r in range(n):
+                row = out[r, j]
+                d = dz[r, o]
+                for i in range(N):
+                    row[i] += w[i] * d[i]
+            o += 1
+
+
+@njit(inline="always", **_JIT)
+def _activate_rows(z, a, n, silu):
+    _, H, N = z.shape
+    if silu:
+        for r in range(n):
+            for h in range(H):
+                for i in range(N):
+                    a[r, h, i] = vm.silu(z[r, h, i])
+    else:
+        for r in range(n):
+            for h in range(H):
+                for i in range(N):
+                    a[r, h, i] = max(z[r, h, i], 0)
+
+
+# Batch rows walked together (None: one tile per thread, at most MAX_TILE rows; measured on 2 cores: 4 rows
+# beat 1, 8 and 16 on the SHD-Adding shape, the char-LM shape did not care).
+MAX_TILE = 4
+tile_rows = None
+
+
+def batch_tile(B):
+    if tile_rows is not None:
+        return max(1, int(tile_rows))
+    threads = max(numba.get_num_threads(), 1)
+    return max(1, min(MAX_TILE, -(-B // threads)))
+
+
+def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
+                    kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope,
+                    A0_out, Z_out, DM_out, M_out, O_out, b_out):
+    """Walk one layer of the network forward over all T steps (docs/spec.md §7.3).
+
+    Per step, for every neuron (columns i):
+        b_t   = κ_b ⊙ b_{t−1} + E_t + Σ_{recurrent e} w_e · o_{t−1}[src_e]   (into branch k_e)
+        a_0   = [b_t ; κ_m ⊙ m_{t−1}];  z_l, a_l = act(z_l) through the hidden layers
+        Δm_t  = φ(W_out a_{L} + c_out);  m_t = κ_m ⊙ m_{t−1} + c_m ⊙ Δm_t
+        o_t   = w_o · m_t + c_o
+    With L = 0 the output layer is the first layer (W_in maps a_0 straight to the
+    pre-φ values, Z_out is unused) and W_out / c_out are ignored.
+
+    E        [B,T,nb,N]  external part of the synaptic sums (routing of the layer's input).
+    kappa_b  [nb,N];  rec_*  [E] entries (module docstring), rec_ptr [N+1].
+    W_in     [I0,W0,N], c_in [W0,N];  W_hid [Lh,H,H,N], c_hid [Lh,H,N];  W_out [H,Dm,N], c_out [Dm,N].
+    kappa_m, c_m, w_o [Dm,N];  c_o [N].   b0 [B,nb,N], m0 [B,Dm,N], o0 [B,N]: the state before t = 0.
+    A0_out [B,T,I0,N]   the first layer's input a_0 per step (its top nb rows are b_t).
+    Z_out  [L,B,T,H,N]  hidden pre-activations (L = Z_out.shape[0]).
+    DM_out, M_out [B,T,Dm,N]  Δm_t and m_t;  O_out [B,T,N] o_t;  b_out [B,nb,N] the last b_t.
+    Tiles of batch rows (``batch_tile``) run in parallel; the result does not depend on the tiling.
+    """
+    _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
+                     kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope, batch_tile(E.shape[0]),
+                     A0_out, Z_out, DM_out, M_out, O_out, b_out)
+
+
+@njit(parallel=True, **_JIT)
+def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
+                     kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope, R,
+                     A0_out, Z_out, DM_out, M_out, O_out, b_out):
+    B, T, nb, N = E.shape
+    Dm = kappa_m.shape[0]
+    I0, W0, _ = W_in.shape
+    L = Z_out.shape[0]
+    H = Z_out.shape[3]
+    n_rec = rec_w.shape[0]
+    dt = E.dtype
+    rec_chan = rec_k * N + rec_i  # flat index into a [nb,N] block: one index load per entry, not two
+    n_tiles = (B + R - 1) // R
+    for ti in prange(n_tiles):
+        first = ti * R
+        n = min(R, B - first)
+        branch = np.empty((R, nb, N), dt)
+        m = np.empty((R, Dm, N), dt)
+        o = np.empty((R, N), dt)
+        a0 = np.empty((R, I0, N), dt)
+        z0 = np.empty((R, W0, N), dt)
+        a = np.empty((R, H, N), dt)
+        z = np.empty((R, H, N), dt)
+        pre = np.empty((R, Dm, N), dt)
+        for r in range(n):
+            branch[r] = b0[first + r]
+            m[r] = m0[first + r]
+            o[r] = o0[first + r]
+        for t in range(T):
+            for r in range(n):
+                bb = first + r
+                e_t = E[bb, t]
+                br = branch[r]
+                o_r = o[r]
+                for k in range(nb):
+                    for i in range(N):
+                        br[k, i] = kappa_b[k, i] * br[k, i] + e_t[k, i]
+                br_flat = br.reshape(-1)
+                for e in range(n_rec):
+                    br_flat[rec_chan[e]] += rec_w[e] * o_r[rec_src[e]]
+                a0r = a0[r]
+                for k in range(nb):
+                    for i in range(N):
+                        a0r[k, i] = br[k, i]
+                for j in range(Dm):
+                    for i in range(N):
+                        a0r[nb + j, i] = kappa_m[j, i] * m[r, j, i]
+                A0_out[bb, t] = a0r
+            if L == 0:
+                _dense_rows(a0, W_in, c_in, pre, n)
+            else:
+                _dense_rows(a0, W_in, c_in, z0, n)
+                for r in range(n):
+                    Z_out[0, first + r, t] = z0[r]
+                _activate_rows(z0, a, n, silu)
+                for l in range(1, L):
+                    _dense_rows(a, W_hid[l - 1], c_hid[l - 1], z, n)
+                    for r in range(n):
+                        Z_out[l, first + r, t] = z[r]
+                    _activate_rows(z, a, n, silu)
+                _dense_rows(a, W_out, c_out, pre, n)
+            for r in range(n):
+                bb = first + r
+                dm_t = DM_out[bb, t]
+                mr = m[r]
+                o_r = o[r]
+                for j in range(Dm):
+                    for i in range(N):
+                        dm = phi_scale * vm.tanh(phi_slope * pre[r, j, i])
+                        dm_t[j, i] = dm
+                        mr[j, i] = a0[r, nb + j, i] + c_m[j, i] * dm
+                M_out[bb, t] = mr
+                for i in range(N):
+                    o_r[i] = c_o[i]
+                for j in range(Dm):
+                    for i in range(N):
+                        o_r[i] += w_o[j, i] * mr[j, i]
+                O_out[bb, t] = o_r
+        for r in range(n):
+            b_out[first + r] = branch[r]
+
+
+def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
+                     kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope,
+                     GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+    """Backpropagation through time of ``network_forward`` for one layer (docs/gradients.md, ELM Network).
+
+    dO      [B,T,N]      ∂loss/∂o_t from outside the layer (readout or the next layer), not
+                         including the recurrent path, which is walked here.
+    src_ptr [N+1], src_entry [E]  the recurrent entries grouped by source neuron: entries
+                         src_entry[src_ptr[j]:src_ptr[j+1]] (ascending) read neuron j. The
+                         gradient reaching o_{t−1}[j] is gathered over them, so every
+                         neuron's sum is formed by one owner in a fixed order.
+    A0, Z, DM, M         the forward's A0_out, Z_out, DM_out, M_out, unchanged; m0 as given to it.
+    GB_out  [B,T,nb,N]   g_b: ∂loss/∂b_t in total = ∂loss/∂(everything added into b_t), i.e. the
+                         gradient of the external sums E_t and of each recurrent term.
+    dZ_out  [L,B,T,H,N]  ∂loss/∂z_l;  dP_out [B,T,Dm,N] ∂loss/∂(pre-φ output of the MLP)
+                         (with L = 0 that is also the first layer's ∂z).
+    GO_out  [B,T,N]      ∂loss/∂o_t in total (outside plus the recurrent path).
+    act_out [L,B,T,H,N]  act(z_l), the hidden layers' outputs, for the weight gradients.
+    gkappa_out, gc_out [B,Dm,N]  per batch row Σ_t ∂loss/∂κ_m and Σ_t ∂loss/∂c_m.
+    The gradient w.r.t. the initial state is not formed (training starts from zero).
+    """
+    _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
+                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope, batch_tile(dO.shape[0]),
+                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out)
+
+
+@njit(parallel=True, **_JIT)
+def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
+                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope, R,
+                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+    B, T, nb, N = GB_out.shape
+    Dm = kappa_m.shape[0]
+    I0, W0, _ = W_in.shape
+    L = Z.shape[0]
+    H = Z.shape[3]
+    dt = dO.dtype
+    dphi_scale = phi_scale * phi_slope
+    # The recurrent entries in source order, their weight and flat [nb,N] channel side by side.
+    n_rec = src_entry.shape[0]
+    w_by_src = np.empty(n_rec, dt)
+    chan_by_src = np.empty(n_rec, np.int64)
+    for q in range(n_rec):
+        e = src_entry[q]
+        w_by_src[q] = rec_w[e]
+        chan_by_src[q] = rec_k[e] * N + rec_i[e]
+    n_tiles = (B + R - 1) // R
+    for ti in prange(n_tiles):
+        first = ti * R
+        n = min(R, B - first)
+        carry_m = np.zeros((R, Dm, N), dt)
+        carry_b = np.zeros((R, nb, N), dt)
+        carry_o = np.zeros((R, N), dt)
+        g = np.empty((R, Dm, N), dt)
+        dpre = np.empty((R, Dm, N), dt)
+        da = np.empty((R, H, N), dt)
+        dz = np.empty((R, H, N), dt)
+        da0 = np.empty((R, I0, N), dt)
+        for r in range(n):
+            gkappa_out[first + r] = 0
+            gc_out[first + r] = 0
+        for t in range(T - 1, -1, -1):
+            for r in range(n):
+                bb = first + r
+                go = GO_out[bb, t]
+                for i in range(N):
+                    go[i] = dO[bb, t, i] + carry_o[r, i]
+                dm_t = DM[bb, t]
+                gc = gc_out[bb]
+                for j in range(Dm):
+                    for i in range(N):
+                        gji = w_o[j, i] * go[i] + carry_m[r, j, i]
+                        g[r, j, i] = gji
+                        dm = dm_t[j, i]
+                        gc[j, i] += gji * dm
+                        q = dm / phi_scale
+                        dpre[r, j, i] = gji * c_m[j, i] * dphi_scale * (1 - q * q)
+                dP_out[bb, t] = dpre[r]
+            if L == 0:
+                _dense_transposed_rows(dpre, W_in, da0, n)
+            else:
+                _dense_transposed_rows(dpre, W_out, da, n)
+                for l in range(L - 1, -1, -1):
+                    for r in range(n):
+                        bb = first + r
+                        zl = Z[l, bb, t]
+                        al = act_out[l, bb, t]
+                        if silu:
+                            for h in range(H):
+                                for i in range(N):
+                                    s = vm.sigmoid(zl[h, i])
+                                    dz[r, h, i] = da[r, h, i] * (s * (1.0 + zl[h, i] * (1.0 - s)))
+                                    al[h, i] = zl[h, i] * s
+                        else:
+                            for h in range(H):
+                                for i in range(N):
+                                    dz[r, h, i] = da[r, h, i] if zl[h, i] > 0 else 0
+                                    al[h, i] = max(zl[h, i], 0)
+                        dZ_out[l, bb, t] = dz[r]
+                    if l > 0:
+                        _dense_transposed_rows(dz, W_hid[l - 1], da, n)
+                _dense_transposed_rows(dz, W_in, da0, n)
+            for r in range(n):
+                bb = first + r
+                # Memory: m_{t−1} reaches the loss through κ_m ⊙ m_{t−1} in both m_t and a_0.
+                gk = gkappa_out[bb]
+                for j in range(Dm):
+                    for i in range(N):
+                        total = g[r, j, i] + da0[r, nb + j, i]
+                        m_prev = M[bb, t - 1, j, i] if t > 0 else m0[bb, j, i]
+                        gk[j, i] += total * m_prev
+                        carry_m[r, j, i] = kappa_m[j, i] * total
+                gb = GB_out[bb, t]
+                for k in range(nb):
+                    for i in range(N):
+                        carry_b[r, k, i] = da0[r, k, i] + kappa_b[k, i] * carry_b[r, k, i]
+                        gb[k, i] = carry_b[r, k, i]
+                # The recurrent synapses of step t read o_{t−1}: their gradient joins ∂loss/∂o_{t−1}.
+                gb_flat = gb.reshape(-1)
+                for j in range(N):
+                    acc = dt.type(0)
+                    for q in range(src_ptr[j], src_ptr[j + 1]):
+                        acc += w_by_src[q] * gb_flat[chan_by_src[q]]
+                    carry_o[r, j] = acc
+
+
+# Row chunks of the weight-gradient sums: a constant, so the sums' order (and the
+# result, bit for bit) does not depend on the thread count.
+WEIGHT_GRAD_CHUNKS = 8
+
+
+@njit(parallel=True, **_JIT)
+def neuron_weight_grad(G, A, out):
+    """out[j, o, :] = Σ_r A[r, j, :] · G[r, o, :]: every neuron's weight gradient over all B·T rows.
+
+    G [R,O,N] gradients of a layer's outputs, A [R,J,N] its inputs; out [J,O,N] (the weight
+    layout) is overwritten. The rows are cut into WEIGHT_GRAD_CHUNKS contiguous chunks
+    summed in parallel (each reads its rows of A and G once, four rows per pass over its
+    [J,O,N] partial sum), then the partials are added in chunk order.
+    """
+    R, O, N = G.shape
+    J = A.shape[1]
+    chunks = max(1, min(WEIGHT_GRAD_CHUNKS, R))
+    size = (R + chunks - 1) // chunks
+    partial = np.zeros((chunks, J, O, N), G.dtype)
+    for c in prange(chunks):
+        acc = partial[c]
+        r = c * size
+        stop = min(R, r + size)
+        while r + 4 <= stop:
+            for j in range(J):
+                a0, a1, a2, a3 = A[r, j], A[r + 1, j], A[r + 2, j], A[r + 3, j]
+                for o in range(O):
+                    row = acc[j, o]
+                    g0, g1, g2, g3 = G[r, o], G[r + 1, o], G[r + 2, o], G[r + 3, o]
+                    for i in range(N):
+                        row[i] = (((row[i] + a0[i] * g0[i]) + a1[i] * g1[i]) + a2[i] * g2[i]) + a3[i] * g3[i]
+            r += 4
+        while r < stop:
+            for j in range(J):
+                a = A[r, j]
+                for o in range(O):
+                    row = acc[j, o]
+                    g = G[r, o]
+                    for i in range(N):
+                        row[i] += a[i] * g[i]
+            r += 1
+    for j in prange(J):
+        for o in range(O):
+            row = out[j, o]
+            for i in range(N):
+                row[i] = partial[0, j, o, i]
+            for c in range(1, chunks):
+                for i in range(N):
+                    row[i] += partial[c, j, o, i]
+
+
+@njit(parallel=True, **_JIT)
+def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
+    """partial_out[b, e] = Σ_t GB[b,t,k_e,i_e] · o_{t−1}[b, src_e] (o_{−1} = o0): ∂loss/∂w_e per batch row.
+
+    GB [B,T,nb,N] from ``network_backward``; O [B,T,N] the forward's outputs; partial_out [B,E].
+    """
+    B, T, nb, N = GB.shape
+    n_rec = rec_i.shape[0]
+    rec_chan = rec_k * N + rec_i
+    for bb in prange(B):
+        acc = partial_out[bb]
+        acc[:] = 0
+        for t in range(T):
+            o_prev = O[bb, t - 1] if t > 0 else o0[bb]
+            gb = GB[bb, t]
+            gb_flat = gb.reshape(-1)
+            for e in range(n_rec):
+                acc[e] += gb_flat[rec_chan[e]] * o_prev[rec_src[e]]
+
+
+# Every compiled network kernel (the codegen probe compiles the CUDA twins of these names).
+KERNELS = ("network_forward", "network_backward", "neuron_weight_grad", "recurrent_weight_grad",
+           "route_forward", "route_weight_grad", "route_input_grad")

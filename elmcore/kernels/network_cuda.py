@@ -1,0 +1,335 @@
+"""Numba CUDA kernels of the ELM Network: the GPU twins of ``kernels/network_cpu.py``.
+
+Every public function has exactly the signature and the semantics of its namesake in
+``network_cpu.py`` (read its docstrings first; same letters and the same neuron-minor
+layout). Arrays are CuPy arrays on a real GPU, handed over through
+``__cuda_array_interface__`` without copies, or NumPy arrays under the CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``). Outputs go into caller-owned ``*_out`` arrays.
+
+Design, and why:
+
+* Time walks (``network_forward`` / ``network_backward``): ONE launch for all T steps.
+  One block per batch row (grid-stride over rows), threads over neurons; a thread owns
+  the same neurons in every phase, so each neuron's state is only ever touched by its
+  owner. Neurons meet only through the recurrent synapses, which read o_{t−1} of other
+  neurons (forward) or scatter into it (backward, formed as a gather over the entries
+  grouped by source): one ``syncthreads`` per step makes those values visible.
+* No shared memory and no per-thread scratch: a neuron's state between phases lives in
+  the output arrays themselves (b_t in A0_out, pre-φ values in DM_out before φ overwrites
+  them, the memory carry of step t−1 in dP_out[:, t−1] until step t−1 replaces it with
+  ∂/∂pre). Those rows are the thread's own and stay in L1/L2.
+* Sums run in the CPU kernels' order (over inputs j ascending, then over o ascending),
+  so CPU and CUDA agree to rounding.
+* Weight gradients (``neuron_weight_grad``, ``recurrent_weight_grad``): one thread per
+  output element, summing over all rows in order: deterministic, no atomics.
+* The external-input routing reuses ``kernels/cuda.py``'s routing kernels.
+
+Streams: launched on CuPy's current stream with ``sync=False`` arrays (see cuda.py).
+"""
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda
+
+from ..errors import ELMError
+from .cuda import SIMULATOR, _device_arg, _stream
+from .cuda import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
+
+# The simulator runs every CUDA thread as a Python thread: few threads keep it fast.
+_NEURON_THREADS = 4 if SIMULATOR else 128
+_FLAT_THREADS = 32 if SIMULATOR else 256
+_MAX_BLOCKS = 2 if SIMULATOR else 65535
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(np_dtype):
+    """Kernels specialised for one float dtype (constants typed so float32 stays float32)."""
+    ZERO = np_dtype(0)
+    ONE = np_dtype(1)
+
+    @cuda.jit(device=True)
+    def activate(z, silu):
+        if silu:
+            return z / (ONE + math.exp(-z))
+        return z if z > ZERO else ZERO
+
+    @cuda.jit(device=True)
+    def activation_slope(z, silu):
+        if silu:
+            s = ONE / (ONE + math.exp(-z))
+            return s * (ONE + z * (ONE - s))
+        return ONE if z > ZERO else ZERO
+
+    @cuda.jit
+    def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out,
+                        c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope, L, H,
+                        A0_out, Z_out, DM_out, M_out, O_out, b_out):
+        B, T, nb, N = E.shape
+        Dm = kappa_m.shape[0]
+        I0 = W_in.shape[0]
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        for bb in range(cuda.blockIdx.x, B, cuda.gridDim.x):
+            for t in range(T):
+                for i in range(tid, N, nthreads):
+                    for k in range(nb):
+                        prev = A0_out[bb, t - 1, k, i] if t > 0 else b0[bb, k, i]
+                        A0_out[bb, t, k, i] = kappa_b[k, i] * prev + E[bb, t, k, i]
+                    for e in range(rec_ptr[i], rec_ptr[i + 1]):
+                        o_prev = O_out[bb, t - 1, rec_src[e]] if t > 0 else o0[bb, rec_src[e]]
+                        A0_out[bb, t, rec_k[e], i] += rec_w[e] * o_prev
+                    for j in range(Dm):
+                        m_prev = M_out[bb, t - 1, j, i] if t > 0 else m0[bb, j, i]
+                        A0_out[bb, t, nb + j, i] = kappa_m[j, i] * m_prev
+                    # The first layer writes z_0, or the pre-φ values into DM_out when L = 0.
+                    W0 = W_in.shape[1]
+                    for o in range(W0):
+                        if L == 0:
+                            DM_out[bb, t, o, i] = c_in[o, i]
+                        else:
+                            Z_out[0, bb, t, o, i] = c_in[o, i]
+                    for j in range(I0):
+                        a = A0_out[bb, t, j, i]
+                        for o in range(W0):
+                            if L == 0:
+                                DM_out[bb, t, o, i] += W_in[j, o, i] * a
+                            else:
+                                Z_out[0, bb, t, o, i] += W_in[j, o, i] * a
+                    for l in range(1, L):
+                        for o in range(H):
+                            Z_out[l, bb, t, o, i] = c_hid[l - 1, o, i]
+                        for j in range(H):
+                            a = activate(Z_out[l - 1, bb, t, j, i], silu)
+                            for o in range(H):
+                                Z_out[l, bb, t, o, i] += W_hid[l - 1, j, o, i] * a
+                    if L > 0:
+                        for o in range(Dm):
+                            DM_out[bb, t, o, i] = c_out[o, i]
+                        for j in range(H):
+                            a = activate(Z_out[L - 1, bb, t, j, i], silu)
+                            for o in range(Dm):
+                                DM_out[bb, t, o, i] += W_out[j, o, i] * a
+                    out = c_o[i]
+                    for j in range(Dm):
+                        dm = phi_scale * math.tanh(phi_slope * DM_out[bb, t, j, i])
+                        DM_out[bb, t, j, i] = dm
+                        m = A0_out[bb, t, nb + j, i] + c_m[j, i] * dm
+                        M_out[bb, t, j, i] = m
+                        out += w_o[j, i] * m
+                    O_out[bb, t, i] = out
+                # o_t of every neuron is read by the recurrent synapses of step t + 1.
+                cuda.syncthreads()
+            for i in range(tid, N, nthreads):
+                for k in range(nb):
+                    b_out[bb, k, i] = A0_out[bb, T - 1, k, i]
+
+    @cuda.jit
+    def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid,
+                         W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope, L, H,
+                         GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+        B, T, nb, N = GB_out.shape
+        Dm = kappa_m.shape[0]
+        W0 = W_in.shape[1]
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        dphi_scale = phi_scale * phi_slope
+        for bb in range(cuda.blockIdx.x, B, cuda.gridDim.x):
+            for i in range(tid, N, nthreads):
+                GO_out[bb, T - 1, i] = dO[bb, T - 1, i]
+                for j in range(Dm):
+                    gkappa_out[bb, j, i] = ZERO
+                    gc_out[bb, j, i] = ZERO
+                    dP_out[bb, T - 1, j, i] = ZERO  # the memory carry into the last step
+            for t in range(T - 1, -1, -1):
+                for i in range(tid, N, nthreads):
+                    go = GO_out[bb, t, i]
+                    # dP_out[bb, t] holds the memory carry from step t + 1 until pass C below.
+                    if L > 0:
+                        for h in range(H):
+                            dZ_out[L - 1, bb, t, h, i] = ZERO
+                        for o in range(Dm):
+                            q = DM[bb, t, o, i] / phi_scale
+                            dp = (w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i] * dphi_scale * (ONE - q * q)
+                            for h in range(H):
+                                dZ_out[L - 1, bb, t, h, i] += W_out[h, o, i] * dp
+                        for l in range(L - 1, -1, -1):
+                            for h in range(H):
+                                z = Z[l, bb, t, h, i]
+                                dZ_out[l, bb, t, h, i] *= activation_slope(z, silu)
+                                act_out[l, bb, t, h, i] = activate(z, silu)
+                            if l > 0:
+                                for h in range(H):
+                                    dZ_out[l - 1, bb, t, h, i] = ZERO
+                                for o in range(H):
+                                    d = dZ_out[l, bb, t, o, i]
+                                    for h in range(H):
+                                        dZ_out[l - 1, bb, t, h, i] += W_hid[l - 1, h, o, i] * d
+                    # Pass A: the branch rows of ∂a_0, into g_b.
+                    for k in range(nb):
+                        acc = ZERO
+                        for o in range(W0):
+                            if L == 0:
+                                q = DM[bb, t, o, i] / phi_scale
+                                d = (w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i] * dphi_scale * (ONE - q * q)
+                            else:
+                                d = dZ_out[0, bb, t, o, i]
+                            acc += W_in[k, o, i] * d
+                        carry = GB_out[bb, t + 1, k, i] if t < T - 1 else ZERO
+                        GB_out[bb, t, k, i] = acc + kappa_b[k, i] * carry
+                    # Pass B: the memory rows; the carry for step t − 1 goes to dP_out[bb, t − 1].
+                    for j in range(Dm):
+                        acc = ZERO
+                        for o in range(W0):
+                            if L == 0:
+                                q = DM[bb, t, o, i] / phi_scale
+                                d = (w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i] * dphi_scale * (ONE - q * q)
+                            else:
+                                d = dZ_out[0, bb, t, o, i]
+                            acc += W_in[nb + j, o, i] * d
+                        g = w_o[j, i] * go + dP_out[bb, t, j, i]
+                        gc_out[bb, j, i] += g * DM[bb, t, j, i]
+                        total = g + acc
+                        m_prev = M[bb, t - 1, j, i] if t > 0 else m0[bb, j, i]
+                        gkappa_out[bb, j, i] += total * m_prev
+                        if t > 0:
+                            dP_out[bb, t - 1, j, i] = kappa_m[j, i] * total
+                    # Pass C: ∂loss/∂pre replaces the carry.
+                    for j in range(Dm):
+                        q = DM[bb, t, j, i] / phi_scale
+                        g = w_o[j, i] * go + dP_out[bb, t, j, i]
+                        dP_out[bb, t, j, i] = g * c_m[j, i] * dphi_scale * (ONE - q * q)
+                # g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources.
+                cuda.syncthreads()
+                if t > 0:
+                    for j in range(tid, N, nthreads):
+                        acc = ZERO
+                        for q in range(src_ptr[j], src_ptr[j + 1]):
+                            e = src_entry[q]
+                            acc += rec_w[e] * GB_out[bb, t, rec_k[e], rec_i[e]]
+                        GO_out[bb, t - 1, j] = dO[bb, t - 1, j] + acc
+
+    @cuda.jit
+    def neuron_weight_grad(G, A, out):
+        R, O, N = G.shape
+        J = A.shape[1]
+        for k in range(cuda.grid(1), J * O * N, cuda.gridsize(1)):
+            j = k // (O * N)
+            rest = k - j * O * N
+            o = rest // N
+            i = rest - o * N
+            acc = ZERO
+            for r in range(R):
+                acc += A[r, j, i] * G[r, o, i]
+            out[j, o, i] = acc
+
+    @cuda.jit
+    def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
+        B, T, nb, N = GB.shape
+        n_rec = rec_i.shape[0]
+        for k in range(cuda.grid(1), B * n_rec, cuda.gridsize(1)):
+            bb = k // n_rec
+            e = k - bb * n_rec
+            acc = ZERO
+            for t in range(T):
+                o_prev = O[bb, t - 1, rec_src[e]] if t > 0 else o0[bb, rec_src[e]]
+                acc += GB[bb, t, rec_k[e], rec_i[e]] * o_prev
+            partial_out[bb, e] = acc
+
+    return dict(network_forward=network_forward, network_backward=network_backward,
+                neuron_weight_grad=neuron_weight_grad, recurrent_weight_grad=recurrent_weight_grad)
+
+
+# The network's own CUDA kernels, compiled per dtype by ``kernel_set`` (the codegen probe
+# compiles every one of them); the routing kernels are kernels/cuda.py's.
+KERNELS = ("network_forward", "network_backward", "neuron_weight_grad", "recurrent_weight_grad")
+
+
+def kernel_set(dtype):
+    """{name: numba CUDA kernel} for one float dtype (float32 or float64)."""
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ELMError(f"CUDA kernels support float32 and float64, got {dt}")
+    return _kernels(dt.type)
+
+
+def _launch(kernel, blocks, threads, *args):
+    args = tuple(_device_arg(a) for a in args)
+    kernel[blocks, threads, _stream(), 0](*args)
+
+
+def _flat_shape(n):
+    threads = max(1, min(_FLAT_THREADS, n))
+    return max(1, min(-(-n // threads), _MAX_BLOCKS)), threads
+
+
+def _rows_shape(B, N):
+    return max(1, min(B, _MAX_BLOCKS)), max(1, min(N, _NEURON_THREADS))
+
+
+def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
+                    kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope,
+                    A0_out, Z_out, DM_out, M_out, O_out, b_out):
+    """See ``network_cpu.network_forward``. One block per batch row, threads over neurons."""
+    B, _, _, N = E.shape
+    k = kernel_set(E.dtype)["network_forward"]
+    rec_ptr, rec_i, rec_k, rec_src, rec_w = _nonempty(rec_ptr, rec_i, rec_k, rec_src, rec_w)
+    L, H = Z_out.shape[0], Z_out.shape[3]
+    Z_out, = _hidden_stand_ins(Z_out)
+    _launch(k, *_rows_shape(B, N), E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid,
+            W_out, c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, bool(silu), phi_scale, phi_slope, L, H,
+            A0_out, Z_out, DM_out, M_out, O_out, b_out)
+
+
+def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
+                     kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope,
+                     GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+    """See ``network_cpu.network_backward``. One block per batch row, threads over neurons."""
+    B, _, _, N = GB_out.shape
+    k = kernel_set(dO.dtype)["network_backward"]
+    rec_ptr, rec_i, rec_k, rec_src, rec_w = _nonempty(rec_ptr, rec_i, rec_k, rec_src, rec_w)
+    src_entry, = _nonempty(src_entry)
+    L, H = Z.shape[0], Z.shape[3]
+    Z, dZ_out, act_out = _hidden_stand_ins(Z, dZ_out, act_out)
+    _launch(k, *_rows_shape(B, N), dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry,
+            W_in, W_hid, W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, bool(silu), phi_scale, phi_slope, L, H,
+            GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out)
+
+
+def neuron_weight_grad(G, A, out):
+    """See ``network_cpu.neuron_weight_grad``. One thread per output element."""
+    _launch(kernel_set(G.dtype)["neuron_weight_grad"], *_flat_shape(out.size), G, A, out)
+
+
+def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
+    """See ``network_cpu.recurrent_weight_grad``. One thread per (batch row, entry)."""
+    if partial_out.size == 0:
+        return
+    _launch(kernel_set(GB.dtype)["recurrent_weight_grad"], *_flat_shape(partial_out.size), GB, O, o0, rec_i,
+            rec_k, rec_src, partial_out)
+
+
+def _nonempty(*arrays):
+    """Entry lists may be empty (ρ = 0 or 1): pass one unused element instead (loops never reach it)."""
+    out = []
+    for a in arrays:
+        if a.shape[0] == 0:
+            a = _xp(a).zeros(1, a.dtype)
+        out.append(a)
+    return out
+
+
+def _hidden_stand_ins(*arrays):
+    """Z / dZ / A have no rows without hidden layers, and a zero-size array cannot cross the
+    array interface: pass a one-element stand-in (the kernels get L = 0 and never touch it)."""
+    return [a if a.size else _xp(a).zeros((1, 1, 1, 1, 1), a.dtype) for a in arrays]
+
+
+def _xp(a):
+    return np if SIMULATOR or isinstance(a, np.ndarray) else _cupy()
+
+
+def _cupy():
+    import cupy
+    return cupy
