@@ -88,9 +88,33 @@ def _recurrence_samples(dt):
                                 f(B, Dm)))
 
 
+# The network's sample shapes: nb branches, N neurons, R recurrent entries, I0 = nb + Dm first-layer inputs.
+NB, N, R = 2, 3, 4
+I0 = NB + Dm
+
+
+def _network_samples(dt):
+    f, x = _f(dt), dt.type(1)
+    entries = (_i(N + 1), _i(R), _i(R), _i(R), f(R))  # rec_ptr, rec_i, rec_k, rec_src, rec_w
+    mlp_shapes = (f(I0, H, N), f(L - 1, H, H, N), f(H, Dm, N))  # W_in, W_hid, W_out
+    return dict(
+        network_forward=(f(B, T, NB, N), f(NB, N), *entries, mlp_shapes[0], f(H, N), mlp_shapes[1],
+                         f(L - 1, H, N), mlp_shapes[2], f(Dm, N), f(Dm, N), f(Dm, N), f(Dm, N), f(N),
+                         f(B, NB, N), f(B, Dm, N), f(B, N), True, x, x, L, H,
+                         f(B, T, I0, N), f(L, B, T, H, N), f(B, T, Dm, N), f(B, T, Dm, N), f(B, T, N),
+                         f(B, NB, N)),
+        network_backward=(f(B, T, N), f(NB, N), *entries, _i(N + 1), _i(R), *mlp_shapes, f(Dm, N), f(Dm, N),
+                          f(Dm, N), f(B, Dm, N), f(B, T, I0, N), f(L, B, T, H, N), f(B, T, Dm, N),
+                          f(B, T, Dm, N), True, x, x, L, H, f(B, T, NB, N), f(L, B, T, H, N), f(B, T, Dm, N),
+                          f(B, T, N), f(L, B, T, H, N), f(B, Dm, N), f(B, Dm, N)),
+        neuron_weight_grad=(f(B * T, H, N), f(B * T, I0, N), f(I0, H, N)),
+        recurrent_weight_grad=(f(B, T, NB, N), f(B, T, N), f(B, N), _i(R), _i(R), _i(R), f(B, R)))
+
+
 def kernel_table():
     """Every CUDA kernel the engine launches (imported late: the module must see no simulator)."""
     from elmcore.kernels import cuda as K
+    from elmcore.kernels import network_cuda as NK
 
     def entry(name, build, samples, threads=K._FLAT_THREADS, placements=(None,), recurrence=False):
         return Kernel(name, build, lambda dt: samples(dt)[name], threads, placements, recurrence)
@@ -104,6 +128,9 @@ def kernel_table():
     def recurrence(dt, in_shared):
         return K._recurrence_kernels(dt.type, in_shared)
 
+    def network(dt, _):
+        return NK.kernel_set(dt)
+
     return [
         entry("zero_2d", routing, _routing_samples),
         entry("route_forward", routing, _routing_samples, K._ROUTE_THREADS),
@@ -115,6 +142,10 @@ def kernel_table():
               recurrence=True),
         entry("recur_backward", recurrence, _recurrence_samples, K._MAX_RECURRENCE_THREADS, (True, False),
               recurrence=True),
+        entry("network_forward", network, _network_samples, NK._NEURON_THREADS, recurrence=True),
+        entry("network_backward", network, _network_samples, NK._NEURON_THREADS, recurrence=True),
+        entry("neuron_weight_grad", network, _network_samples, NK._FLAT_THREADS),
+        entry("recurrent_weight_grad", network, _network_samples, NK._FLAT_THREADS),
     ]
 
 
@@ -214,7 +245,7 @@ def _ptxas_version(ptxas):
 
 
 def format_table(result):
-    cols = [("kernel", 17), ("dtype", 7), ("weights", 7), ("regs", 4), ("spill st/ld B", 13),
+    cols = [("kernel", 21), ("dtype", 7), ("weights", 7), ("regs", 4), ("spill st/ld B", 13),
             ("smem B", 6), ("fits thr", 8), ("planned thr", 11), ("f64 ops", 7)]
     lines = [f"{result['arch']}, ptxas {result['ptxas_version']} ({result['ptxas']})",
              "  ".join(f"{n:<{w}}" for n, w in cols)]

@@ -110,7 +110,8 @@ def test_float32_kernels_have_no_float64_instructions(report):
 @pytest.mark.slow
 def test_recurrence_kernels_do_not_spill(report):
     rows = [r for r in report["rows"] if r["recurrence"]]
-    assert len(rows) == 8
+    # recur_forward / recur_backward x 2 dtypes x 2 weight placements; network_forward / _backward x 2 dtypes.
+    assert len(rows) == 12
     spills = {f"{r['kernel']}/{r['dtype']}/{r['weights']}": (r["spill_stores"], r["spill_loads"])
               for r in rows if r["spill_stores"] or r["spill_loads"]}
     assert not spills, f"spill stores/loads (bytes) in the recurrence: {spills}"
@@ -125,7 +126,8 @@ def test_planned_blocks_fit_the_compiled_register_counts(report):
     # The recurrence launcher plans up to its thread cap whatever the layer width.
     plan = K.plan_recurrence(64, 4, 1000, 16, 16, 4, limits=(132, 227 * 1024))
     assert plan.rows_per_block * plan.unit_threads <= K._MAX_RECURRENCE_THREADS
-    assert all(r["planned_threads"] == K._MAX_RECURRENCE_THREADS for r in report["rows"] if r["recurrence"])
+    assert all(r["planned_threads"] == K._MAX_RECURRENCE_THREADS for r in report["rows"]
+               if r["kernel"].startswith("recur_"))
 
 
 def test_report_script_without_compilers_says_why(tmp_path):
