@@ -5,7 +5,7 @@ import dataclasses
 import json
 import os
 
-from .config import ACTIVATIONS, ROUTINGS, VERSIONS, ELMConfig
+from .config import ACTIVATIONS, NETWORK_VERSION, ROUTINGS, VERSIONS, ELMConfig, NetworkConfig
 from .errors import ELMError
 from .summary import describe_path
 
@@ -15,19 +15,27 @@ _FIELD_CHOICES = {"version": VERSIONS, "mlp_activation": ACTIVATIONS,
                   "input_to_synapse_routing": tuple("null" if r is None else r for r in ROUTINGS)}
 
 
-def describe_fields():
-    """The model config fields ``elm train --set FIELD=VALUE`` accepts, with their defaults."""
-    lines = ["model config fields (elm train --set FIELD=VALUE; a task sets num_input / num_output "
-             "and may suggest others):"]
-    for field in dataclasses.fields(ELMConfig):
+def _field_lines(config_class, choices):
+    lines = []
+    for field in dataclasses.fields(config_class):
         if field.default is not dataclasses.MISSING:
             default = "null" if field.default is None else json.dumps(field.default)
         else:
             default = "(from the task)"
         kind = field.type.__name__ if isinstance(field.type, type) else str(field.type).replace("typing.", "")
-        choices = _FIELD_CHOICES.get(field.name)
+        allowed = choices.get(field.name)
         lines.append(f"  {field.name:<26} {kind:<15} default {default}"
-                     + (f"; one of {', '.join(choices)}" if choices else ""))
+                     + (f"; one of {', '.join(allowed)}" if allowed else ""))
+    return lines
+
+
+def describe_fields():
+    """The model config fields ``elm train --set FIELD=VALUE`` accepts, with their defaults."""
+    lines = ["model config fields (elm train --set FIELD=VALUE; a task sets num_input / num_output "
+             "and may suggest others):"]
+    lines += _field_lines(ELMConfig, _FIELD_CHOICES)
+    lines.append(f"with --set version={NETWORK_VERSION} (an ELM Network of Branch-ELM neurons, docs/spec.md §7):")
+    lines += _field_lines(NetworkConfig, {"mlp_activation": ACTIVATIONS})
     return lines
 
 

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from elm_cli.main import cli
-from elmcore.config import ELMConfig
+from elmcore.config import ELMConfig, NetworkConfig
 from elmcore.data import registry
 from elmcore.data.base import ArrayTask, Task
 from elmcore.train import Trainer, TrainSettings, resolve_settings
@@ -82,6 +82,9 @@ def test_info_fields_lists_every_model_config_field():
     for field in dataclasses.fields(ELMConfig):
         assert re.search(rf"^\s+{field.name}\s", result.output, re.M), field.name
     assert "one of elm_v1, branch_elm_v2" in result.output
+    network_part = result.output.split("--set version=elm_network")[1]
+    for field in dataclasses.fields(NetworkConfig):
+        assert re.search(rf"^\s+{field.name}\s", network_part, re.M), field.name
 
 
 def test_help_shows_defaults():
