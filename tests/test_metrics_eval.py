@@ -89,3 +89,35 @@ def test_soma_alignment_matches_target_moments():
     al = align_soma(pred, true)
     assert al.mean() == pytest.approx(true.mean()) and al.std() == pytest.approx(true.std())
     assert np.corrcoef(al.ravel(), pred.ravel())[0, 1] == pytest.approx(1.0)
+
+
+# ---- cross-checks against scikit-learn (skipped where it is not installed) ------------------
+
+@pytest.mark.parametrize("seed", range(6))
+def test_roc_curve_and_auc_equal_scikit_learn_on_tie_heavy_scores(seed):
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    y = (rng.random(n) < rng.uniform(0.05, 0.6)).astype(int)
+    y[:2] = [0, 1]  # both classes present
+    # Few distinct values: most scores tie, within and across the classes.
+    score = np.round(rng.normal(size=n) + 0.8 * y, int(rng.integers(0, 2)))
+    fpr, tpr, thr = roc_curve(y, score)
+    sk_fpr, sk_tpr, sk_thr = sk.roc_curve(y, score)
+    np.testing.assert_allclose(fpr, sk_fpr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(thr, sk_thr)
+    assert roc_auc(y, score) == pytest.approx(sk.roc_auc_score(y, score), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_soma_explained_variance_equals_scikit_learn(seed):
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    true = rng.normal(-67.0, 3.0, size=500)
+    pred = np.round(true + rng.normal(0, 1.5, size=500), 1)  # ties in the prediction
+    got = soma_metrics(true, pred)
+    assert got["soma_explained_variance_percent"] == pytest.approx(
+        100 * sk.explained_variance_score(true, pred), abs=1e-10)
+    assert got["soma_RMSE"] == pytest.approx(np.sqrt(sk.mean_squared_error(true, pred)), abs=1e-12)
+    assert got["soma_MAE"] == pytest.approx(sk.mean_absolute_error(true, pred), abs=1e-12)
