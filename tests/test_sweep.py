@@ -1,7 +1,10 @@
 """Sweeps: the budget arithmetic, point expansion, and `elm sweep --jobs 2` with a killed point."""
 
 import csv
+import json
+import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -10,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from elmcore.errors import ELMError
 from elmcore.config import network_parameter_count
+from elmcore.errors import ELMError
 from elmcore.sweep import budget_shapes, expand_points
 
 
@@ -183,3 +186,36 @@ def test_budget_count_matches_the_network_model(seed):
     cfg = NetworkConfig.from_dict({"num_input": int(rng.integers(1, 6)), **shape})
     model = models.build_model(cfg, seed=0, dtype="float64")
     assert model.num_parameters == network_parameter_count(**shape)
+
+
+def test_budget_mode_trains_networks_near_each_budget(tmp_path):
+    from click.testing import CliRunner
+    from elm_cli.main import cli
+    path = tmp_path / "budget.toml"
+    path.write_text(f'''sweep_dir = "{tmp_path / 'out'}"
+[base]
+task = "adding"
+epochs = 1
+batch_size = 16
+task_options = {{n = 120, length = 8}}
+model = {{version = "elm_network", num_output = 1}}
+[budget]
+budgets = [300, 800]
+tolerance = 0.15
+num_neurons = [2, 4, 8]
+num_memory = [2, 4, 6]
+num_synapse_per_branch = [2, 4]
+''')
+    result = CliRunner().invoke(cli, ["sweep", str(path)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
+    assert rows and all(r["status"] == "done" for r in rows)
+    for r in rows:
+        budget, parameters = float(r["budget"]), int(r["parameters"])
+        assert abs(parameters - budget) <= 0.15 * budget
+        assert math.isfinite(float(r["best_valid"])) and math.isfinite(float(r["test"]))
+        run = json.loads((pathlib.Path(r["run_dir"]) / "run.json").read_text())
+        assert run["model"]["version"] == "elm_network"
+        assert run["model"]["num_neurons"] == int(r["model.num_neurons"])
+    assert {float(r["budget"]) for r in rows} == {300.0, 800.0}
+    assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
