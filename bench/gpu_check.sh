@@ -5,13 +5,14 @@
 #   env.txt                GPU, driver and package versions
 #   <step>.log             full output of each step
 #   cuda_tests.xml         JUnit report of tests/test_cuda_sim.py on the real GPU
+#   network_cuda_tests.xml JUnit report of tests/test_network_cuda.py on the real GPU
 #   verify_<case>_<dtype>.log  `elm verify --device cuda` per oracle file and precision
 #   bench_cuda.json        bench/bench_step.py --device cuda
 #   bench_network_cuda.json  bench/bench_network.py --device cuda (SHD-Adding- and char-LM-sized networks)
 #   recurrence_floor*.json bench/recurrence_floor.py (shared- and global-weight configs)
 #   summary.txt            one line per step: name, exit code, seconds
 #
-# Every step has its own timeout and the whole script stays under 7 minutes; a
+# Every step has its own timeout and the whole script stays under 8 minutes; a
 # failing step does not stop the later ones (set -u, not set -e). The exit code
 # is 0 only when every step passed.
 set -u
@@ -21,7 +22,7 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 unset NUMBA_ENABLE_CUDASIM  # the real GPU, not the simulator
 START=$(date +%s)
-BUDGET_S=400
+BUDGET_S=480
 failures=0
 
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -80,8 +81,12 @@ fi
 step cuda_tests 150 env ELM_TEST_REQUIRE_GPU=1 python -m pytest tests/test_cuda_sim.py -q -rs \
     -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
 
-# Every oracle file through `elm verify --device cuda`, in both precisions.
-for oracle in tests/data/golden/*.npz; do
+# The ELM Network's CUDA kernels against its CPU kernels and oracle files, directly on the GPU.
+step network_cuda_tests 90 python -m pytest tests/test_network_cuda.py -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/network_cuda_tests.xml"
+
+# Every oracle file (single neuron and network) through `elm verify --device cuda`, in both precisions.
+for oracle in tests/data/golden/*.npz tests/data/golden_network/*.npz; do
     case_name=$(basename "$oracle" .npz)
     for dtype in float64 float32; do
         step "verify_${case_name}_$dtype" 40 python -m elm_cli.main verify "$oracle" --device cuda --dtype "$dtype"
