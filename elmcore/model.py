@@ -69,7 +69,44 @@ class Derived:
     kappa_lambda: np.ndarray   # [Dm] v2 only (None in v1)
 
 
-class ELM:
+class InputChecks:
+    """Input and output checks shared by every model family (``ELM``, ``ELMNetwork``).
+
+    Needs ``config.num_input``, ``xp``, ``dtype`` and ``backend`` on the model.
+    """
+
+    def prepare_input(self, X):
+        """X as a C-contiguous (B, T, num_input) array on the model's device.
+
+        Floats become the model dtype. One-byte integers (spike counts, ±1
+        NeuronIO spikes as int8, bool spikes as uint8) are kept as they are: the
+        routing kernels read them directly, and reading a quarter of the bytes is
+        most of the routing's cost on spike data.
+        """
+        cfg = self.config
+        X = self.xp.asarray(X)
+        if X.ndim != 3 or X.shape[2] != cfg.num_input or X.shape[0] < 1 or X.shape[1] < 1:
+            raise DataError(f"input must have shape (batch, time, {cfg.num_input}), got {tuple(X.shape)}")
+        if X.dtype.kind not in "fiub":
+            raise DataError(f"input must be numeric, got dtype {X.dtype}")
+        if X.dtype == bool:
+            X = X.view(self.xp.uint8)
+        if X.dtype.itemsize == 1:
+            return self.xp.ascontiguousarray(X)
+        return self.xp.ascontiguousarray(X, dtype=self.dtype)
+
+    def _check_output(self, Y, X):
+        """NaNs in X reach Y (routing multiplies them in); find their source only when they do."""
+        if not bool(self.xp.all(self.xp.isfinite(Y))):
+            bad = self.xp.argwhere(~self.xp.isfinite(X)) if X.dtype.kind == "f" else []
+            if len(bad):
+                b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
+                raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
+            raise NonFiniteOutputError("the model produced non-finite outputs from finite input "
+                                       "(diverged parameters?)")
+
+
+class ELM(InputChecks):
     """An ELM neuron (``elm_v1``) or Branch-ELM (``branch_elm_v2``).
 
     Parameters live in ``self.params`` under the release's state_dict keys.
@@ -144,37 +181,6 @@ class ELM:
     def _layers(self):
         """[(W, c)] of the MLP, input layer first."""
         return [(self.params[wk], self.params[bk]) for wk, bk in P.mlp_layer_keys(self.config.mlp_num_layers)]
-
-    # ---- input checks -------------------------------------------------------
-    def prepare_input(self, X):
-        """X as a C-contiguous (B, T, num_input) array on the model's device.
-
-        Floats become the model dtype. One-byte integers (spike counts, ±1
-        NeuronIO spikes as int8, bool spikes as uint8) are kept as they are: the
-        routing kernels read them directly, and reading a quarter of the bytes is
-        most of the routing's cost on spike data.
-        """
-        cfg = self.config
-        X = self.xp.asarray(X)
-        if X.ndim != 3 or X.shape[2] != cfg.num_input or X.shape[0] < 1 or X.shape[1] < 1:
-            raise DataError(f"input must have shape (batch, time, {cfg.num_input}), got {tuple(X.shape)}")
-        if X.dtype.kind not in "fiub":
-            raise DataError(f"input must be numeric, got dtype {X.dtype}")
-        if X.dtype == bool:
-            X = X.view(self.xp.uint8)
-        if X.dtype.itemsize == 1:
-            return self.xp.ascontiguousarray(X)
-        return self.xp.ascontiguousarray(X, dtype=self.dtype)
-
-    def _check_output(self, Y, X):
-        """NaNs in X reach Y (routing multiplies them in); find their source only when they do."""
-        if not bool(self.xp.all(self.xp.isfinite(Y))):
-            bad = self.xp.argwhere(~self.xp.isfinite(X)) if X.dtype.kind == "f" else []
-            if len(bad):
-                b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
-                raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
-            raise NonFiniteOutputError("the model produced non-finite outputs from finite input "
-                                       "(diverged parameters?)")
 
     # ---- forward ------------------------------------------------------------
     def forward(self, X, return_cache=False, state=None):

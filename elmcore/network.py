@@ -18,8 +18,8 @@ import numpy as np
 
 from . import network_params as NP
 from .config import NetworkConfig, check_memory
-from .errors import DataError, ELMError, NonFiniteOutputError
-from .model import resolve_dtype
+from .errors import DataError, ELMError
+from .model import InputChecks, resolve_dtype
 from .params import PHI_SCALE, PHI_SLOPE, TAU_FLOOR
 
 
@@ -85,7 +85,7 @@ class LayerWeights:
     c_o: np.ndarray            # [N]
 
 
-class ELMNetwork:
+class ELMNetwork(InputChecks):
     """An ELM Network (``version = "elm_network"``) with the single neuron's API.
 
     Parameters live in ``self.params`` under the spec's state_dict keys. ``forward``
@@ -148,34 +148,6 @@ class ELMNetwork:
                             mlp, contiguous(tau_m), contiguous(kappa_m), contiguous(kappa_lambda),
                             contiguous(1 - kappa_lambda), contiguous(p[pre + "w_o.weight"].T),
                             contiguous(p[pre + "w_o.bias"]))
-
-    # ---- input checks -------------------------------------------------------
-    def prepare_input(self, X):
-        """X as a C-contiguous (B, T, num_input) array on the model's device.
-
-        Floats become the model dtype; one-byte integers (spikes as uint8 / int8 / bool)
-        stay one byte per value: the routing kernels read them directly.
-        """
-        cfg = self.config
-        X = self.xp.asarray(X)
-        if X.ndim != 3 or X.shape[2] != cfg.num_input or X.shape[0] < 1 or X.shape[1] < 1:
-            raise DataError(f"input must have shape (batch, time, {cfg.num_input}), got {tuple(X.shape)}")
-        if X.dtype.kind not in "fiub":
-            raise DataError(f"input must be numeric, got dtype {X.dtype}")
-        if X.dtype == bool:
-            X = X.view(self.xp.uint8)
-        if X.dtype.itemsize == 1:
-            return self.xp.ascontiguousarray(X)
-        return self.xp.ascontiguousarray(X, dtype=self.dtype)
-
-    def _check_output(self, Y, X):
-        if not bool(self.xp.all(self.xp.isfinite(Y))):
-            bad = self.xp.argwhere(~self.xp.isfinite(X)) if X.dtype.kind == "f" else []
-            if len(bad):
-                b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
-                raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
-            raise NonFiniteOutputError("the network produced non-finite outputs from finite input "
-                                       "(diverged parameters?)")
 
     # ---- forward ------------------------------------------------------------
     def init_state(self, batch_size=1):
