@@ -25,7 +25,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, ELMError
+from ..fileio import read_npy, read_npz
 from .base import SPLITS, Batch, Task
 
 # tf.image.rgb_to_grayscale, which the LRA image pipeline applies.
@@ -144,15 +145,17 @@ def _read_image_arrays(path):
     names = [f"{xy}_{s}" for s in ("train", "valid", "test") for xy in "xy"]
     try:
         if os.path.isdir(path):
-            return {n: np.load(os.path.join(path, n + ".npy"), allow_pickle=False)
+            return {n: read_npy(os.path.join(path, n + ".npy"), n)
                     for n in names if os.path.isfile(os.path.join(path, n + ".npy"))}
         if path.endswith(".npy"):
             raise DataError(f"{path}: a lone .npy holds no labels; put x_train.npy, y_train.npy, "
                             f"x_test.npy, y_test.npy in one directory, or use an .npz")
-        with np.load(path, allow_pickle=False) as z:
-            return {n: z[n] for n in names if n in z.files}
+        arrays = read_npz(path, "image arrays")
+        return {n: arrays[n] for n in names if n in arrays}
     except DataError:
         raise
+    except ELMError as e:  # sizes checked before allocating: a forged header is refused here
+        raise DataError(f"cannot read image arrays from {path}: {e}") from None
     except Exception as e:  # zipfile / format / pickle-refusal errors all mean "not a usable file"
         raise DataError(f"cannot read image arrays from {path}: {e}") from None
 

@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
-from ..errors import DataError
-from ..fileio import atomic_output
+from ..errors import DataError, ELMError
+from ..fileio import atomic_output, read_npz
 from .base import SPLITS, ArrayTask
 from .images import split_sizes
 
@@ -128,11 +128,12 @@ def load_synthetic(path, expected=None):
     ``expected`` (a task name) rejects a file holding a different task.
     """
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"synthetic task file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataError(f"synthetic task file not found: {path}") from None
+        arrays = read_npz(path, "a synthetic task file")
+    except ELMError as e:
+        raise DataError(f"cannot read synthetic task file {path}: {e}") from None
     except Exception as e:  # a truncated zip, a non-npz file or a pickled array all land here
         raise DataError(f"cannot read synthetic task file {path}: {e}") from None
     try:
