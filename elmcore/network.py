@@ -232,7 +232,9 @@ class ELMNetwork:
             layers.append(dict(X=inp, A0=A0, Z=Z, DM=DM, M=M, O=O, m0=m0, o0=o0, weights=w))
             inp = O
         Wr, br = self.params["readout.weight"], self.params["readout.bias"]
-        Y = (inp.reshape(B * T, N) @ Wr.T + br).reshape(B, T, -1)
+        Y = xp.empty((B * T, Wr.shape[0]), self.dtype)
+        k.rows_product(inp.reshape(B * T, N), xp.ascontiguousarray(Wr.T), br, Y)
+        Y = Y.reshape(B, T, -1)
         return Y, dict(layers=layers, final_state=final, shape=(B, T))
 
     def _hidden_and_output(self, w):
@@ -261,9 +263,12 @@ class ELMNetwork:
         grads = {}
         layers = cache["layers"]
         dY2 = dY.reshape(R, -1)
-        grads["readout.weight"] = dY2.T @ layers[-1]["O"].reshape(R, N)
+        grads["readout.weight"] = xp.empty((cfg.num_output, N), self.dtype)
+        k.rows_transposed_product(dY2, layers[-1]["O"].reshape(R, N), grads["readout.weight"])
         grads["readout.bias"] = dY2.sum(0)
-        dO = xp.ascontiguousarray((dY2 @ self.params["readout.weight"]).reshape(B, T, N))
+        dO = xp.empty((R, N), self.dtype)
+        k.rows_product(dY2, self.params["readout.weight"], xp.zeros(N, self.dtype), dO)
+        dO = dO.reshape(B, T, N)
         silu = cfg.mlp_activation == "silu"
         dX = None
         for layer in range(cfg.num_layers - 1, -1, -1):
