@@ -90,8 +90,8 @@ class ELMNetwork:
 
     Parameters live in ``self.params`` under the spec's state_dict keys. ``forward``
     returns outputs Y (B, T, num_output) and, when asked, a cache that ``backward``
-    consumes (once: its buffers are then reused); ``backward`` returns ∂loss/∂θ for every trainable key (and ∂loss/∂X on
-    request). Arrays are NumPy on ``cpu`` and CuPy on ``cuda``.
+    consumes (once: its buffers are then reused); ``backward`` returns ∂loss/∂θ for every
+    trainable key (and ∂loss/∂X on request). Arrays are NumPy on ``cpu`` and CuPy on ``cuda``.
     """
 
     def __init__(self, config: NetworkConfig, params=None, seed=0, dtype="float32", device="cpu"):

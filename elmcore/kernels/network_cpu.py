@@ -196,7 +196,6 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
     I0, W0, _ = W_in.shape
     L = Z_out.shape[0]
     H = Z_out.shape[3]
-    n_rec = rec_w.shape[0]
     dt = E.dtype
     rec_chan = rec_k * N + rec_i  # flat index into a [nb,N] block: one index load per entry, not two
     n_tiles = (B + R - 1) // R
@@ -246,16 +245,19 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
                         _copy(z[r], Z_out[l, first + r, t])
                     _activate_rows(z, a, n, silu)
                 _dense_rows(a, W_out, c_out, pre, n)
+            # φ on its own flat loop over the tile: one array in and out, so it vectorises.
+            pre_flat = pre.reshape(-1)
+            for x in range(n * Dm * N):
+                pre_flat[x] = phi_scale * vm.tanh(phi_slope * pre_flat[x])
             for r in range(n):
                 bb = first + r
-                dm_t = DM_out[bb, t]
                 mr = m[r]
                 o_r = o[r]
+                dm_r = pre[r]
+                _copy(dm_r, DM_out[bb, t])
                 for j in range(Dm):
                     for i in range(N):
-                        dm = phi_scale * vm.tanh(phi_slope * pre[r, j, i])
-                        dm_t[j, i] = dm
-                        mr[j, i] = a0[r, nb + j, i] + c_m[j, i] * dm
+                        mr[j, i] = a0[r, nb + j, i] + c_m[j, i] * dm_r[j, i]
                 _copy(mr, M_out[bb, t])
                 for i in range(N):
                     o_r[i] = c_o[i]
@@ -443,24 +445,50 @@ def neuron_weight_grad(G, A, out):
                     row[i] += partial[c, j, o, i]
 
 
+STEP_BLOCK = 16  # time steps per vector in recurrent_weight_grad (one AVX-512 register of float32)
+
+
 @njit(parallel=True, **_JIT)
 def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
     """partial_out[b, e] = Σ_t GB[b,t,k_e,i_e] · o_{t−1}[b, src_e] (o_{−1} = o0): ∂loss/∂w_e per batch row.
 
     GB [B,T,nb,N] from ``network_backward``; O [B,T,N] the forward's outputs; partial_out [B,E].
+    Blocks of STEP_BLOCK steps are transposed (channel-major) so that every entry's sum over
+    the block is one unit-stride product; the per-step lanes are added at the end.
     """
     B, T, nb, N = GB.shape
     n_rec = rec_i.shape[0]
     rec_chan = rec_k * N + rec_i
+    S = STEP_BLOCK
     for bb in prange(B):
-        acc = partial_out[bb]
-        acc[:] = 0
-        for t in range(T):
-            o_prev = O[bb, t - 1] if t > 0 else o0[bb]
-            gb = GB[bb, t]
-            gb_flat = gb.reshape(-1)
+        gT = np.zeros((nb * N, S), GB.dtype)
+        oT = np.zeros((N, S), GB.dtype)
+        lanes = np.zeros((n_rec, S), GB.dtype)
+        for t0 in range(0, T, S):
+            steps = min(S, T - t0)
+            for tt in range(steps):
+                t = t0 + tt
+                o_prev = O[bb, t - 1] if t > 0 else o0[bb]
+                gb_flat = GB[bb, t].reshape(-1)
+                for c in range(nb * N):
+                    gT[c, tt] = gb_flat[c]
+                for j in range(N):
+                    oT[j, tt] = o_prev[j]
+            for tt in range(steps, S):  # a short last block: the unused lanes add zeros
+                for j in range(N):
+                    oT[j, tt] = 0
             for e in range(n_rec):
-                acc[e] += gb_flat[rec_chan[e]] * o_prev[rec_src[e]]
+                g = gT[rec_chan[e]]
+                o = oT[rec_src[e]]
+                lane = lanes[e]
+                for tt in range(S):
+                    lane[tt] += g[tt] * o[tt]
+        acc = partial_out[bb]
+        for e in range(n_rec):
+            total = GB.dtype.type(0)
+            for tt in range(S):
+                total += lanes[e, tt]
+            acc[e] = total
 
 
 # ---- the readout's products -------------------------------------------------------------
