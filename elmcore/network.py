@@ -90,8 +90,8 @@ class ELMNetwork(InputChecks):
 
     Parameters live in ``self.params`` under the spec's state_dict keys. ``forward``
     returns outputs Y (B, T, num_output) and, when asked, a cache that ``backward``
-    consumes; ``backward`` returns ∂loss/∂θ for every trainable key (and ∂loss/∂X on
-    request). Arrays are NumPy on ``cpu`` and CuPy on ``cuda``.
+    consumes (once: its buffers are then reused); ``backward`` returns ∂loss/∂θ for every
+    trainable key (and ∂loss/∂X on request). Arrays are NumPy on ``cpu`` and CuPy on ``cuda``.
     """
 
     def __init__(self, config: NetworkConfig, params=None, seed=0, dtype="float32", device="cpu"):
@@ -110,6 +110,9 @@ class ELMNetwork(InputChecks):
         host = NP.init_params(config, seed=seed, dtype=self.dtype) if params is None else \
             NP.check_params(config, {k: self.backend.to_host(v) for k, v in params.items()}, self.dtype)
         self.params = {k: (self.xp.asarray(v) if v.dtype.kind == "f" else v) for k, v in host.items()}
+        # Spare step-sized buffers for reuse (CPU only): fresh 100 MB arrays cost a page fault
+        # per 4 KiB on first touch, measured as a fifth of a char-LM step.
+        self._spare = {} if self.backend.name == "cpu" else None
         self.synapses = [SynapseMap.build(config, host[NP.layer_prefix(l) + "synapse_source"],
                                           config.layer_input_size(l), self.xp)
                          for l in range(config.num_layers)]
@@ -149,6 +152,29 @@ class ELMNetwork(InputChecks):
                             contiguous(1 - kappa_lambda), contiguous(p[pre + "w_o.weight"].T),
                             contiguous(p[pre + "w_o.bias"]))
 
+    # ---- buffers ----------------------------------------------------------------
+    MAX_SPARE = 4  # per shape: the largest buffers of one step (Z, dZ, A share a shape)
+
+    def _buffer(self, shape):
+        """An uninitialised array of the model dtype, a recycled one when there is one."""
+        spare = self._spare.get(tuple(shape)) if self._spare is not None else None
+        return spare.pop() if spare else self.xp.empty(shape, self.dtype)
+
+    def _recycle(self, *arrays):
+        if self._spare is None:
+            return
+        for a in arrays:
+            spare = self._spare.setdefault(a.shape, [])
+            if len(spare) < self.MAX_SPARE and a.dtype == self.dtype and a.flags.c_contiguous and a.base is None:
+                spare.append(a)
+
+    def _recycle_cache(self, cache):
+        """Hand a forward cache's buffers back; the cache is emptied so that it cannot be read again."""
+        for c in cache.get("layers") or []:
+            self._recycle(c["A0"], c["Z"], c["DM"], c["M"], c["O"])
+        cache.clear()
+        cache["consumed"] = True
+
     # ---- forward ------------------------------------------------------------
     def init_state(self, batch_size=1):
         """Zero state for ``step`` / ``run``: per layer b (branches), m (memory), o (outputs), neuron-minor."""
@@ -170,7 +196,10 @@ class ELMNetwork(InputChecks):
                      f"a forward pass over {X.shape[0]} sequences of {X.shape[1]} steps")
         Y, cache = self._forward(X, None)
         self._check_output(Y, X)
-        return (Y, cache) if return_cache else Y
+        if return_cache:
+            return Y, cache
+        self._recycle_cache(cache)
+        return Y
 
     def _forward(self, X, state):
         cfg, xp, k = self.config, self.xp, self.kernels
@@ -185,15 +214,15 @@ class ELMNetwork(InputChecks):
         for layer in range(cfg.num_layers):
             w = self.layer_weights(layer)
             syn = self.synapses[layer]
-            E = xp.empty((B, T, nb * N), self.dtype)
+            E = self._buffer((B, T, nb * N))
             k.route_forward(inp, syn.indptr, syn.entry_syn, w.entry_weight, cfg.num_synapse_per_branch, E)
             W_in, c_in = w.mlp[0]
             W_hid, c_hid, W_out, c_out = self._hidden_and_output(w)
-            A0 = xp.empty((B, T, nb + Dm, N), self.dtype)
-            Z = xp.empty((L, B, T, H, N), self.dtype)
-            DM = xp.empty((B, T, Dm, N), self.dtype)
-            M = xp.empty((B, T, Dm, N), self.dtype)
-            O = xp.empty((B, T, N), self.dtype)
+            A0 = self._buffer((B, T, nb + Dm, N))
+            Z = self._buffer((L, B, T, H, N))
+            DM = self._buffer((B, T, Dm, N))
+            M = self._buffer((B, T, Dm, N))
+            O = self._buffer((B, T, N))
             m0, o0 = state["m"][layer], state["o"][layer]
             k.network_forward(E.reshape(B, T, nb, N), w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src,
                               w.rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out, w.kappa_m, w.c_m, w.w_o, w.c_o,
@@ -201,10 +230,13 @@ class ELMNetwork(InputChecks):
                               self.dtype.type(PHI_SLOPE), A0, Z, DM, M, O, final["b"][layer])
             final["m"][layer] = M[:, -1]
             final["o"][layer] = O[:, -1]
+            self._recycle(E)
             layers.append(dict(X=inp, A0=A0, Z=Z, DM=DM, M=M, O=O, m0=m0, o0=o0, weights=w))
             inp = O
         Wr, br = self.params["readout.weight"], self.params["readout.bias"]
-        Y = (inp.reshape(B * T, N) @ Wr.T + br).reshape(B, T, -1)
+        Y = xp.empty((B * T, Wr.shape[0]), self.dtype)
+        k.rows_product(inp.reshape(B * T, N), xp.ascontiguousarray(Wr.T), br, Y)
+        Y = Y.reshape(B, T, -1)
         return Y, dict(layers=layers, final_state=final, shape=(B, T))
 
     def _hidden_and_output(self, w):
@@ -224,6 +256,9 @@ class ELMNetwork(InputChecks):
         With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
         """
         cfg, xp, k = self.config, self.xp, self.kernels
+        if cache.get("consumed"):
+            raise ELMError("this forward cache was already used by backward (its buffers are reused): "
+                           "run forward again")
         B, T = cache["shape"]
         R, N, nb, Dm, L, H = B * T, cfg.num_neurons, cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, \
             cfg.hidden_size
@@ -233,9 +268,12 @@ class ELMNetwork(InputChecks):
         grads = {}
         layers = cache["layers"]
         dY2 = dY.reshape(R, -1)
-        grads["readout.weight"] = dY2.T @ layers[-1]["O"].reshape(R, N)
+        grads["readout.weight"] = xp.empty((cfg.num_output, N), self.dtype)
+        k.rows_transposed_product(dY2, layers[-1]["O"].reshape(R, N), grads["readout.weight"])
         grads["readout.bias"] = dY2.sum(0)
-        dO = xp.ascontiguousarray((dY2 @ self.params["readout.weight"]).reshape(B, T, N))
+        dO = xp.empty((R, N), self.dtype)
+        k.rows_product(dY2, self.params["readout.weight"], xp.zeros(N, self.dtype), dO)
+        dO = dO.reshape(B, T, N)
         silu = cfg.mlp_activation == "silu"
         dX = None
         for layer in range(cfg.num_layers - 1, -1, -1):
@@ -243,11 +281,11 @@ class ELMNetwork(InputChecks):
             w, syn = c["weights"], self.synapses[layer]
             W_in, _ = w.mlp[0]
             W_hid, _, W_out, _ = self._hidden_and_output(w)
-            GB = xp.empty((B, T, nb, N), self.dtype)
-            dZ = xp.empty((L, B, T, H, N), self.dtype)
-            dP = xp.empty((B, T, Dm, N), self.dtype)
-            GO = xp.empty((B, T, N), self.dtype)
-            A = xp.empty((L, B, T, H, N), self.dtype)
+            GB = self._buffer((B, T, nb, N))
+            dZ = self._buffer((L, B, T, H, N))
+            dP = self._buffer((B, T, Dm, N))
+            GO = self._buffer((B, T, N))
+            A = self._buffer((L, B, T, H, N))
             gk = xp.empty((B, Dm, N), self.dtype)
             gc = xp.empty((B, Dm, N), self.dtype)
             k.network_backward(dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w,
@@ -261,6 +299,8 @@ class ELMNetwork(InputChecks):
                 k.route_input_grad(GB.reshape(B, T, nb * N), syn.indptr, syn.entry_syn, w.entry_weight,
                                    cfg.num_synapse_per_branch, dX)
                 dO = dX
+            self._recycle(GB, dZ, dP, GO, A)
+        self._recycle_cache(cache)
         keys = self.trainable_keys
         out = {key: grads[key] for key in keys}
         if input_grad:
@@ -349,4 +389,6 @@ class ELMNetwork(InputChecks):
         state = {key: self.xp.ascontiguousarray(state[key], dtype=self.dtype) for key in ("b", "m", "o")}
         Y, cache = self._forward(X, state)
         self._check_output(Y, X)
-        return Y, cache["final_state"]
+        final = cache["final_state"]
+        self._recycle_cache(cache)
+        return Y, final

@@ -26,6 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import vecmath as vm
+from .cpu import _accumulate_product
 from .cpu import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
@@ -118,6 +119,34 @@ def _activate_rows(z, a, n, silu):
                     a[r, h, i] = max(z[r, h, i], 0)
 
 
+@njit(inline="always", **_JIT)
+def _copy(src, dst):
+    """dst[...] = src[...] for two C-contiguous arrays of one size, as one unit-stride loop
+    (Numba's generic slice assignment did not vectorise: a third of the forward's time)."""
+    s = src.reshape(-1)
+    d = dst.reshape(-1)
+    for x in range(s.shape[0]):
+        d[x] = s[x]
+
+
+@njit(inline="always", **_JIT)
+def _add_recurrent(row_flat, rec_chan, rec_w, rec_src, o_prev):
+    """row_flat[rec_chan[e]] += rec_w[e] · o_prev[rec_src[e]] for every entry e, in entry order.
+
+    Entries come grouped by target neuron and branch, so runs of them add into one channel:
+    the sum of a run stays in a register instead of going through memory once per entry.
+    """
+    n_rec = rec_chan.shape[0]
+    e = 0
+    while e < n_rec:
+        c = rec_chan[e]
+        acc = row_flat[c]
+        while e < n_rec and rec_chan[e] == c:
+            acc += rec_w[e] * o_prev[rec_src[e]]
+            e += 1
+        row_flat[c] = acc
+
+
 # Batch rows walked together (None: one tile per thread, at most MAX_TILE rows; measured on 2 cores: 4 rows
 # beat 1, 8 and 16 on the SHD-Adding shape, the char-LM shape did not care).
 MAX_TILE = 4
@@ -167,7 +196,6 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
     I0, W0, _ = W_in.shape
     L = Z_out.shape[0]
     H = Z_out.shape[3]
-    n_rec = rec_w.shape[0]
     dt = E.dtype
     rec_chan = rec_k * N + rec_i  # flat index into a [nb,N] block: one index load per entry, not two
     n_tiles = (B + R - 1) // R
@@ -195,9 +223,7 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
                 for k in range(nb):
                     for i in range(N):
                         br[k, i] = kappa_b[k, i] * br[k, i] + e_t[k, i]
-                br_flat = br.reshape(-1)
-                for e in range(n_rec):
-                    br_flat[rec_chan[e]] += rec_w[e] * o_r[rec_src[e]]
+                _add_recurrent(br.reshape(-1), rec_chan, rec_w, rec_src, o_r)
                 a0r = a0[r]
                 for k in range(nb):
                     for i in range(N):
@@ -205,37 +231,40 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
                 for j in range(Dm):
                     for i in range(N):
                         a0r[nb + j, i] = kappa_m[j, i] * m[r, j, i]
-                A0_out[bb, t] = a0r
+                _copy(a0r, A0_out[bb, t])
             if L == 0:
                 _dense_rows(a0, W_in, c_in, pre, n)
             else:
                 _dense_rows(a0, W_in, c_in, z0, n)
                 for r in range(n):
-                    Z_out[0, first + r, t] = z0[r]
+                    _copy(z0[r], Z_out[0, first + r, t])
                 _activate_rows(z0, a, n, silu)
                 for l in range(1, L):
                     _dense_rows(a, W_hid[l - 1], c_hid[l - 1], z, n)
                     for r in range(n):
-                        Z_out[l, first + r, t] = z[r]
+                        _copy(z[r], Z_out[l, first + r, t])
                     _activate_rows(z, a, n, silu)
                 _dense_rows(a, W_out, c_out, pre, n)
+            # φ on its own flat loop over the tile: one array in and out, so it vectorises.
+            pre_flat = pre.reshape(-1)
+            for x in range(n * Dm * N):
+                pre_flat[x] = phi_scale * vm.tanh(phi_slope * pre_flat[x])
             for r in range(n):
                 bb = first + r
-                dm_t = DM_out[bb, t]
                 mr = m[r]
                 o_r = o[r]
+                dm_r = pre[r]
+                _copy(dm_r, DM_out[bb, t])
                 for j in range(Dm):
                     for i in range(N):
-                        dm = phi_scale * vm.tanh(phi_slope * pre[r, j, i])
-                        dm_t[j, i] = dm
-                        mr[j, i] = a0[r, nb + j, i] + c_m[j, i] * dm
-                M_out[bb, t] = mr
+                        mr[j, i] = a0[r, nb + j, i] + c_m[j, i] * dm_r[j, i]
+                _copy(mr, M_out[bb, t])
                 for i in range(N):
                     o_r[i] = c_o[i]
                 for j in range(Dm):
                     for i in range(N):
                         o_r[i] += w_o[j, i] * mr[j, i]
-                O_out[bb, t] = o_r
+                _copy(o_r, O_out[bb, t])
         for r in range(n):
             b_out[first + r] = branch[r]
 
@@ -316,7 +345,7 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                         gc[j, i] += gji * dm
                         q = dm / phi_scale
                         dpre[r, j, i] = gji * c_m[j, i] * dphi_scale * (1 - q * q)
-                dP_out[bb, t] = dpre[r]
+                _copy(dpre[r], dP_out[bb, t])
             if L == 0:
                 _dense_transposed_rows(dpre, W_in, da0, n)
             else:
@@ -337,7 +366,7 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                                 for i in range(N):
                                     dz[r, h, i] = da[r, h, i] if zl[h, i] > 0 else 0
                                     al[h, i] = max(zl[h, i], 0)
-                        dZ_out[l, bb, t] = dz[r]
+                        _copy(dz[r], dZ_out[l, bb, t])
                     if l > 0:
                         _dense_transposed_rows(dz, W_hid[l - 1], da, n)
                 _dense_transposed_rows(dz, W_in, da0, n)
@@ -345,11 +374,11 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                 bb = first + r
                 # Memory: m_{t−1} reaches the loss through κ_m ⊙ m_{t−1} in both m_t and a_0.
                 gk = gkappa_out[bb]
+                m_prev = M[bb, t - 1] if t > 0 else m0[bb]
                 for j in range(Dm):
                     for i in range(N):
                         total = g[r, j, i] + da0[r, nb + j, i]
-                        m_prev = M[bb, t - 1, j, i] if t > 0 else m0[bb, j, i]
-                        gk[j, i] += total * m_prev
+                        gk[j, i] += total * m_prev[j, i]
                         carry_m[r, j, i] = kappa_m[j, i] * total
                 gb = GB_out[bb, t]
                 for k in range(nb):
@@ -416,24 +445,103 @@ def neuron_weight_grad(G, A, out):
                     row[i] += partial[c, j, o, i]
 
 
+STEP_BLOCK = 16  # time steps per vector in recurrent_weight_grad (one AVX-512 register of float32)
+
+
 @njit(parallel=True, **_JIT)
 def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
     """partial_out[b, e] = Σ_t GB[b,t,k_e,i_e] · o_{t−1}[b, src_e] (o_{−1} = o0): ∂loss/∂w_e per batch row.
 
     GB [B,T,nb,N] from ``network_backward``; O [B,T,N] the forward's outputs; partial_out [B,E].
+    Blocks of STEP_BLOCK steps are transposed (channel-major) so that every entry's sum over
+    the block is one unit-stride product; the per-step lanes are added at the end.
     """
     B, T, nb, N = GB.shape
     n_rec = rec_i.shape[0]
     rec_chan = rec_k * N + rec_i
+    S = STEP_BLOCK
     for bb in prange(B):
-        acc = partial_out[bb]
-        acc[:] = 0
-        for t in range(T):
-            o_prev = O[bb, t - 1] if t > 0 else o0[bb]
-            gb = GB[bb, t]
-            gb_flat = gb.reshape(-1)
+        gT = np.zeros((nb * N, S), GB.dtype)
+        oT = np.zeros((N, S), GB.dtype)
+        lanes = np.zeros((n_rec, S), GB.dtype)
+        for t0 in range(0, T, S):
+            steps = min(S, T - t0)
+            for tt in range(steps):
+                t = t0 + tt
+                o_prev = O[bb, t - 1] if t > 0 else o0[bb]
+                gb_flat = GB[bb, t].reshape(-1)
+                for c in range(nb * N):
+                    gT[c, tt] = gb_flat[c]
+                for j in range(N):
+                    oT[j, tt] = o_prev[j]
+            for tt in range(steps, S):  # a short last block: the unused lanes add zeros
+                for j in range(N):
+                    oT[j, tt] = 0
             for e in range(n_rec):
-                acc[e] += gb_flat[rec_chan[e]] * o_prev[rec_src[e]]
+                g = gT[rec_chan[e]]
+                o = oT[rec_src[e]]
+                lane = lanes[e]
+                for tt in range(S):
+                    lane[tt] += g[tt] * o[tt]
+        acc = partial_out[bb]
+        for e in range(n_rec):
+            total = GB.dtype.type(0)
+            for tt in range(S):
+                total += lanes[e, tt]
+            acc[e] = total
+
+
+# ---- the readout's products -------------------------------------------------------------
+#
+# Plain NumPy ``@`` would do, but OpenBLAS's threads, woken after each Numba kernel, made these
+# small products the slowest part of a step (measured on 2 cores: 60-70 ms for dYᵀ·O of the
+# SHD-Adding shape, 3200 x 19 x 128, against 0.4 ms single-threaded). Here they run in the
+# Numba thread pool like everything else, through the register-blocked product of kernels/cpu.py.
+
+ROW_BLOCK = 64
+
+
+@njit(parallel=True, **_JIT)
+def rows_product(A, Bt, bias, out):
+    """out = A @ Bt + bias:  A [R,K], Bt [K,M] (rows contiguous), bias [M], out [R,M].
+
+    Blocks of ROW_BLOCK rows run in parallel, each summing over k in ascending order.
+    """
+    R = A.shape[0]
+    n_blocks = (R + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(n_blocks):
+        r0 = blk * ROW_BLOCK
+        r1 = min(R, r0 + ROW_BLOCK)
+        part = out[r0:r1]
+        for r in range(r1 - r0):
+            part[r, :] = bias
+        _accumulate_product(A[r0:r1], Bt, part)
+
+
+@njit(parallel=True, **_JIT)
+def rows_transposed_product(A, G, out):
+    """out = Aᵀ @ G:  A [R,K], G [R,M], out [K,M] (a weight gradient summed over all R rows).
+
+    The rows are cut into WEIGHT_GRAD_CHUNKS chunks summed in parallel, then added in chunk
+    order, so the result does not depend on the thread count.
+    """
+    R, K = A.shape
+    M = G.shape[1]
+    chunks = max(1, min(WEIGHT_GRAD_CHUNKS, R))
+    size = (R + chunks - 1) // chunks
+    partial = np.zeros((chunks, K, M), G.dtype)
+    for c in prange(chunks):
+        r0 = c * size
+        r1 = min(R, r0 + size)
+        if r1 > r0:
+            _accumulate_product(A[r0:r1].T, G[r0:r1], partial[c])
+    for k in prange(K):
+        row = out[k]
+        for m in range(M):
+            row[m] = partial[0, k, m]
+        for c in range(1, chunks):
+            for m in range(M):
+                row[m] += partial[c, k, m]
 
 
 # Every compiled network kernel (the codegen probe compiles the CUDA twins of these names).

@@ -310,6 +310,18 @@ def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
             rec_k, rec_src, partial_out)
 
 
+def rows_product(A, Bt, bias, out):
+    """See ``network_cpu.rows_product``: a cuBLAS GEMM through the array library."""
+    xp = _xp(out)
+    xp.matmul(A, Bt, out=out)
+    out += bias
+
+
+def rows_transposed_product(A, G, out):
+    """See ``network_cpu.rows_transposed_product``: a cuBLAS GEMM through the array library."""
+    _xp(out).matmul(A.T, G, out=out)
+
+
 def _nonempty(*arrays):
     """Entry lists may be empty (ρ = 0 or 1): pass one unused element instead (loops never reach it)."""
     out = []
