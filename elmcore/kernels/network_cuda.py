@@ -34,7 +34,7 @@ import numpy as np
 from numba import cuda
 
 from ..errors import ELMError
-from .cuda import SIMULATOR, _device_arg, _stream
+from .cuda import SIMULATOR, _activation_functions, _device_arg, _stream
 from .cuda import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 
 # The simulator runs every CUDA thread as a Python thread: few threads keep it fast.
@@ -48,19 +48,7 @@ def _kernels(np_dtype):
     """Kernels specialised for one float dtype (constants typed so float32 stays float32)."""
     ZERO = np_dtype(0)
     ONE = np_dtype(1)
-
-    @cuda.jit(device=True)
-    def activate(z, silu):
-        if silu:
-            return z / (ONE + math.exp(-z))
-        return z if z > ZERO else ZERO
-
-    @cuda.jit(device=True)
-    def activation_slope(z, silu):
-        if silu:
-            s = ONE / (ONE + math.exp(-z))
-            return s * (ONE + z * (ONE - s))
-        return ONE if z > ZERO else ZERO
+    activate, activation_slope = _activation_functions(np_dtype)  # the single neuron's, as the MLPs are
 
     @cuda.jit
     def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out,
