@@ -42,6 +42,21 @@ def test_shared_weight_probe_accumulates_each_neurons_product(floor):
     np.testing.assert_allclose(out, np.einsum("nrj,njo->nro", A0, W), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_explicit_simd_probe_computes_each_neurons_product(floor, dtype):
+    """4 x 4 blocks, the 4 x 1 / 1 x 4 / 1 x 1 remainders and a scalar tail of neurons."""
+    rng = np.random.default_rng(2)
+    rows, J, K_out, N = 5, 3, 6, 16 + 16 + 3
+    a = rng.normal(size=(rows, J, N)).astype(dtype)
+    W = rng.normal(size=(J, K_out, N)).astype(dtype)
+    c = rng.normal(size=(K_out, N)).astype(dtype)
+    out = np.empty((rows, K_out, N), dtype)
+    a0 = a.copy()
+    floor._explicit_simd(a, W, c, out, rows, 1)
+    ref = c[None] + np.einsum("rji,joi->roi", a0.astype(np.float64), W.astype(np.float64))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
 def test_mlp_shapes_count_every_per_neuron_weight(floor):
     cfg = NetworkConfig(num_input=5, num_output=3, num_neurons=4, num_memory=6, num_branch=3,
                         num_synapse_per_branch=2, mlp_num_layers=2, mlp_hidden_size=7)
