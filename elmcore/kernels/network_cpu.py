@@ -160,9 +160,11 @@ def _add_recurrent(accT, rec_chan, rec_w, rec_src, srcT, n):
             acc[r] += w * src[r]
 
 
-# Batch rows walked together (None: one tile per thread, at most MAX_TILE rows; measured on 2 cores: 4 rows
-# beat 1, 8 and 16 on the SHD-Adding shape, the char-LM shape did not care).
-MAX_TILE = 4
+# Batch rows walked together (None: one tile per thread, at most MAX_TILE rows). Measured one-threaded
+# with the recurrent sums vectorised over the tile: 8 rows beat 4 on the SHD-Adding shape (the
+# recurrent sums' cost per entry is mostly fixed, so it shrinks per row) and tied 16; on the char-LM
+# shape 8 tied 4 and 16 was slower.
+MAX_TILE = 8
 tile_rows = None
 
 
