@@ -17,6 +17,13 @@ grouped by target neuron (``rec_ptr`` [N+1] delimits each neuron's entries) so a
 thread owning a neuron finds its own. The external-input part of the synaptic sums is
 not here: it is a routing over all B·T rows (``kernels.cpu.route_*``) done beforehand.
 
+The time walks take a tile of R batch rows at a time (``batch_tile``). An entry is a scalar
+gather, so the walks keep what the entries read and write **row-minor** instead: the branch
+sums as [nb·N, R] (flat channel k·N + i, then row) and o_{t−1} as [N, R] forward, g_b and
+the recurrent gradient reaching o_{t−1} likewise backward. One entry is then one unit-stride
+vector FMA over the tile's rows, where one row at a time it was a scalar load and FMA. Each
+(row, channel) still sums its entries in entry order, as the CUDA twin does.
+
 Every kernel writes caller-owned ``*_out`` arrays and keeps no state between calls.
 Float arrays of one call share the model dtype; ``phi_*`` scalars have it too.
 """
@@ -37,7 +44,12 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 # Each neuron has its own weights, so a weight is used once per (row, step): what makes the
 # time walk fast is reusing every loaded weight vector W[j, o, :] for a whole tile of batch
 # rows while it sits in L1 (without tiles the weights streamed from L3 once per row-step).
-# Tile buffers are C-contiguous (rows, width, N); only the first n rows are used.
+# Tile buffers are C-contiguous (rows, width, N); only the first n rows are used. The products
+# take the tile DENSE_ROWS rows at a time, however large it is: 4 rows per pass measured
+# fastest for them on the SHD-Adding shape.
+
+DENSE_ROWS = 4
+
 
 @njit(inline="always", **_JIT)
 def _dense_rows(a, W, c, out, n):
@@ -47,29 +59,31 @@ def _dense_rows(a, W, c, out, n):
     over a row of ``out``; the sum runs over j ascending, as in the CUDA twin.
     """
     J, O, N = W.shape
-    for r in range(n):
-        for o in range(O):
-            for i in range(N):
-                out[r, o, i] = c[o, i]
-    j = 0
-    while j + 4 <= J:
-        for o in range(O):
-            w0, w1, w2, w3 = W[j, o], W[j + 1, o], W[j + 2, o], W[j + 3, o]
-            for r in range(n):
-                row = out[r, o]
-                a0, a1, a2, a3 = a[r, j], a[r, j + 1], a[r, j + 2], a[r, j + 3]
+    for r0 in range(0, n, DENSE_ROWS):
+        r1 = min(n, r0 + DENSE_ROWS)
+        for r in range(r0, r1):
+            for o in range(O):
                 for i in range(N):
-                    row[i] = (((row[i] + w0[i] * a0[i]) + w1[i] * a1[i]) + w2[i] * a2[i]) + w3[i] * a3[i]
-        j += 4
-    while j < J:
-        for o in range(O):
-            w = W[j, o]
-            for r in range(n):
-                row = out[r, o]
-                aj = a[r, j]
-                for i in range(N):
-                    row[i] += w[i] * aj[i]
-        j += 1
+                    out[r, o, i] = c[o, i]
+        j = 0
+        while j + 4 <= J:
+            for o in range(O):
+                w0, w1, w2, w3 = W[j, o], W[j + 1, o], W[j + 2, o], W[j + 3, o]
+                for r in range(r0, r1):
+                    row = out[r, o]
+                    a0, a1, a2, a3 = a[r, j], a[r, j + 1], a[r, j + 2], a[r, j + 3]
+                    for i in range(N):
+                        row[i] = (((row[i] + w0[i] * a0[i]) + w1[i] * a1[i]) + w2[i] * a2[i]) + w3[i] * a3[i]
+            j += 4
+        while j < J:
+            for o in range(O):
+                w = W[j, o]
+                for r in range(r0, r1):
+                    row = out[r, o]
+                    aj = a[r, j]
+                    for i in range(N):
+                        row[i] += w[i] * aj[i]
+            j += 1
 
 
 @njit(inline="always", **_JIT)
@@ -79,29 +93,31 @@ def _dense_transposed_rows(dz, W, out, n):
     Four outputs o per pass, summed in ascending o as in the CUDA twin.
     """
     J, O, N = W.shape
-    for j in range(J):
-        wj = W[j]
-        for r in range(n):
-            row = out[r, j]
-            for i in range(N):
-                row[i] = 0
-        o = 0
-        while o + 4 <= O:
-            w0, w1, w2, w3 = wj[o], wj[o + 1], wj[o + 2], wj[o + 3]
-            for r in range(n):
+    for r0 in range(0, n, DENSE_ROWS):
+        r1 = min(n, r0 + DENSE_ROWS)
+        for j in range(J):
+            wj = W[j]
+            for r in range(r0, r1):
                 row = out[r, j]
-                d0, d1, d2, d3 = dz[r, o], dz[r, o + 1], dz[r, o + 2], dz[r, o + 3]
                 for i in range(N):
-                    row[i] = (((row[i] + w0[i] * d0[i]) + w1[i] * d1[i]) + w2[i] * d2[i]) + w3[i] * d3[i]
-            o += 4
-        while o < O:
-            w = wj[o]
-            for r in range(n):
-                row = out[r, j]
-                d = dz[r, o]
-                for i in range(N):
-                    row[i] += w[i] * d[i]
-            o += 1
+                    row[i] = 0
+            o = 0
+            while o + 4 <= O:
+                w0, w1, w2, w3 = wj[o], wj[o + 1], wj[o + 2], wj[o + 3]
+                for r in range(r0, r1):
+                    row = out[r, j]
+                    d0, d1, d2, d3 = dz[r, o], dz[r, o + 1], dz[r, o + 2], dz[r, o + 3]
+                    for i in range(N):
+                        row[i] = (((row[i] + w0[i] * d0[i]) + w1[i] * d1[i]) + w2[i] * d2[i]) + w3[i] * d3[i]
+                o += 4
+            while o < O:
+                w = wj[o]
+                for r in range(r0, r1):
+                    row = out[r, j]
+                    d = dz[r, o]
+                    for i in range(N):
+                        row[i] += w[i] * d[i]
+                o += 1
 
 
 @njit(inline="always", **_JIT)
@@ -130,26 +146,25 @@ def _copy(src, dst):
 
 
 @njit(inline="always", **_JIT)
-def _add_recurrent(row_flat, rec_chan, rec_w, rec_src, o_prev):
-    """row_flat[rec_chan[e]] += rec_w[e] · o_prev[rec_src[e]] for every entry e, in entry order.
+def _add_recurrent(accT, rec_chan, rec_w, rec_src, srcT, n):
+    """accT[rec_chan[e], :n] += rec_w[e] · srcT[rec_src[e], :n] for every entry e, in entry order.
 
-    Entries come grouped by target neuron and branch, so runs of them add into one channel:
-    the sum of a run stays in a register instead of going through memory once per entry.
+    accT [C,R], srcT [S,R]: one column per batch row of the tile, so an entry is a unit-stride
+    FMA over the rows (a runtime trip count: a constant one gets unrolled and stays scalar).
     """
-    n_rec = rec_chan.shape[0]
-    e = 0
-    while e < n_rec:
-        c = rec_chan[e]
-        acc = row_flat[c]
-        while e < n_rec and rec_chan[e] == c:
-            acc += rec_w[e] * o_prev[rec_src[e]]
-            e += 1
-        row_flat[c] = acc
+    for e in range(rec_chan.shape[0]):
+        acc = accT[rec_chan[e]]
+        src = srcT[rec_src[e]]
+        w = rec_w[e]
+        for r in range(n):
+            acc[r] += w * src[r]
 
 
-# Batch rows walked together (None: one tile per thread, at most MAX_TILE rows; measured on 2 cores: 4 rows
-# beat 1, 8 and 16 on the SHD-Adding shape, the char-LM shape did not care).
-MAX_TILE = 4
+# Batch rows walked together (None: one tile per thread, at most MAX_TILE rows). Measured one-threaded
+# with the recurrent sums vectorised over the tile: 8 rows beat 4 on the SHD-Adding shape (the
+# recurrent sums' cost per entry is mostly fixed, so it shrinks per row) and tied 16; on the char-LM
+# shape 8 tied 4 and 16 was slower.
+MAX_TILE = 8
 tile_rows = None
 
 
@@ -202,7 +217,10 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
     for ti in prange(n_tiles):
         first = ti * R
         n = min(R, B - first)
-        branch = np.empty((R, nb, N), dt)
+        # The branch sums and o_{t−1} are kept source- / channel-major with the tile's rows
+        # contiguous, so each recurrent entry is one vector FMA over the rows (module docstring).
+        brT = np.empty((nb * N, R), dt)
+        oT = np.empty((N, R), dt)
         m = np.empty((R, Dm, N), dt)
         o = np.empty((R, N), dt)
         a0 = np.empty((R, I0, N), dt)
@@ -211,23 +229,26 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
         z = np.empty((R, H, N), dt)
         pre = np.empty((R, Dm, N), dt)
         for r in range(n):
-            branch[r] = b0[first + r]
+            for k in range(nb):
+                for i in range(N):
+                    brT[k * N + i, r] = b0[first + r, k, i]
+            for i in range(N):
+                oT[i, r] = o0[first + r, i]
             m[r] = m0[first + r]
-            o[r] = o0[first + r]
         for t in range(T):
             for r in range(n):
-                bb = first + r
-                e_t = E[bb, t]
-                br = branch[r]
-                o_r = o[r]
+                e_t = E[first + r, t]
                 for k in range(nb):
                     for i in range(N):
-                        br[k, i] = kappa_b[k, i] * br[k, i] + e_t[k, i]
-                _add_recurrent(br.reshape(-1), rec_chan, rec_w, rec_src, o_r)
+                        c = k * N + i
+                        brT[c, r] = kappa_b[k, i] * brT[c, r] + e_t[k, i]
+            _add_recurrent(brT, rec_chan, rec_w, rec_src, oT, n)
+            for r in range(n):
+                bb = first + r
                 a0r = a0[r]
                 for k in range(nb):
                     for i in range(N):
-                        a0r[k, i] = br[k, i]
+                        a0r[k, i] = brT[k * N + i, r]
                 for j in range(Dm):
                     for i in range(N):
                         a0r[nb + j, i] = kappa_m[j, i] * m[r, j, i]
@@ -265,8 +286,12 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
                     for i in range(N):
                         o_r[i] += w_o[j, i] * mr[j, i]
                 _copy(o_r, O_out[bb, t])
+                for i in range(N):
+                    oT[i, r] = o_r[i]
         for r in range(n):
-            b_out[first + r] = branch[r]
+            for k in range(nb):
+                for i in range(N):
+                    b_out[first + r, k, i] = brT[k * N + i, r]
 
 
 def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
@@ -306,21 +331,27 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
     H = Z.shape[3]
     dt = dO.dtype
     dphi_scale = phi_scale * phi_slope
-    # The recurrent entries in source order, their weight and flat [nb,N] channel side by side.
+    # The recurrent entries in source order, their weight and flat [nb,N] channel side by side:
+    # the transposed synapses, through which g_b flows back to the source neurons.
     n_rec = src_entry.shape[0]
     w_by_src = np.empty(n_rec, dt)
     chan_by_src = np.empty(n_rec, np.int64)
-    for q in range(n_rec):
-        e = src_entry[q]
-        w_by_src[q] = rec_w[e]
-        chan_by_src[q] = rec_k[e] * N + rec_i[e]
+    neuron_by_src = np.empty(n_rec, np.int64)
+    for j in range(N):
+        for q in range(src_ptr[j], src_ptr[j + 1]):
+            e = src_entry[q]
+            w_by_src[q] = rec_w[e]
+            chan_by_src[q] = rec_k[e] * N + rec_i[e]
+            neuron_by_src[q] = j
     n_tiles = (B + R - 1) // R
     for ti in prange(n_tiles):
         first = ti * R
         n = min(R, B - first)
         carry_m = np.zeros((R, Dm, N), dt)
         carry_b = np.zeros((R, nb, N), dt)
-        carry_o = np.zeros((R, N), dt)
+        # g_b and the recurrent path's ∂loss/∂o_{t−1}, row-minor as in the forward (module docstring).
+        gbT = np.empty((nb * N, R), dt)
+        carry_oT = np.zeros((N, R), dt)
         g = np.empty((R, Dm, N), dt)
         dpre = np.empty((R, Dm, N), dt)
         da = np.empty((R, H, N), dt)
@@ -334,7 +365,7 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                 bb = first + r
                 go = GO_out[bb, t]
                 for i in range(N):
-                    go[i] = dO[bb, t, i] + carry_o[r, i]
+                    go[i] = dO[bb, t, i] + carry_oT[i, r]
                 dm_t = DM[bb, t]
                 gc = gc_out[bb]
                 for j in range(Dm):
@@ -385,13 +416,14 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                     for i in range(N):
                         carry_b[r, k, i] = da0[r, k, i] + kappa_b[k, i] * carry_b[r, k, i]
                         gb[k, i] = carry_b[r, k, i]
-                # The recurrent synapses of step t read o_{t−1}: their gradient joins ∂loss/∂o_{t−1}.
-                gb_flat = gb.reshape(-1)
-                for j in range(N):
-                    acc = dt.type(0)
-                    for q in range(src_ptr[j], src_ptr[j + 1]):
-                        acc += w_by_src[q] * gb_flat[chan_by_src[q]]
-                    carry_o[r, j] = acc
+                for k in range(nb):
+                    for i in range(N):
+                        gbT[k * N + i, r] = carry_b[r, k, i]
+            # The recurrent synapses of step t read o_{t−1}: their gradient joins ∂loss/∂o_{t−1}.
+            for j in range(N):
+                for r in range(n):
+                    carry_oT[j, r] = 0
+            _add_recurrent(carry_oT, neuron_by_src, w_by_src, chan_by_src, gbT, n)
 
 
 # Row chunks of the weight-gradient sums: a constant, so the sums' order (and the
