@@ -107,7 +107,7 @@ def _network_samples(dt):
                           f(Dm, N), f(B, Dm, N), f(B, T, I0, N), f(L, B, T, H, N), f(B, T, Dm, N),
                           f(B, T, Dm, N), True, x, x, L, H, f(B, T, NB, N), f(L, B, T, H, N), f(B, T, Dm, N),
                           f(B, T, N), f(L, B, T, H, N), f(B, Dm, N), f(B, Dm, N)),
-        neuron_weight_grad=(f(B * T, H, N), f(B * T, I0, N), f(I0, H, N)),
+        neuron_weight_grad=(f(B * T, H, N), f(B * T, I0, N), f(I0, H, N), f(H, N)),
         recurrent_weight_grad=(f(B, T, NB, N), f(B, T, N), f(B, N), _i(R), _i(R), _i(R), f(B, R)))
 
 

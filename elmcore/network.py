@@ -316,9 +316,10 @@ class ELMNetwork(InputChecks):
         grads = {}
         # w_o: ∂o_t/∂w_o = m_t, ∂o_t/∂c_o = 1.
         g_wo = xp.empty((Dm, 1, N), self.dtype)
-        k.neuron_weight_grad(GO.reshape(R, 1, N), c["M"].reshape(R, Dm, N), g_wo)
+        g_co = xp.empty((1, N), self.dtype)
+        k.neuron_weight_grad(GO.reshape(R, 1, N), c["M"].reshape(R, Dm, N), g_wo, g_co)
         grads[pre + "w_o.weight"] = xp.ascontiguousarray(g_wo[:, 0, :].T)
-        grads[pre + "w_o.bias"] = GO.reshape(R, N).sum(0)
+        grads[pre + "w_o.bias"] = g_co[0]
         # The MLP: layer j's weight gradient is Σ_rows (its output gradient) ⊗ (its input).
         inputs = [c["A0"]] + [A[l] for l in range(L)]
         outputs = [dZ[l] for l in range(L)] + [dP]
@@ -326,9 +327,10 @@ class ELMNetwork(InputChecks):
             a = inputs[j].reshape(R, -1, N)
             g = outputs[j].reshape(R, -1, N)
             gw = xp.empty((a.shape[1], g.shape[1], N), self.dtype)
-            k.neuron_weight_grad(g, a, gw)
+            g_bias = xp.empty((g.shape[1], N), self.dtype)
+            k.neuron_weight_grad(g, a, gw, g_bias)
             grads[f"{pre}mlp.{j}.weight"] = xp.ascontiguousarray(gw.transpose(2, 1, 0))
-            grads[f"{pre}mlp.{j}.bias"] = xp.ascontiguousarray(g.sum(0).T)
+            grads[f"{pre}mlp.{j}.bias"] = xp.ascontiguousarray(g_bias.T)
         # w_s: external synapses through the routing, recurrent ones against o_{t−1}.
         g_ws = xp.zeros(N * k_c, self.dtype)
         partial = xp.empty((B, N * k_c), self.dtype)

@@ -403,6 +403,7 @@ def test_neuron_weight_grad_is_the_per_neuron_outer_product_sum(rows):
     from elmcore.kernels import network_cpu
     rng = np.random.default_rng(rows)
     G, A = rng.normal(size=(rows, 5, 7)), rng.normal(size=(rows, 3, 7))
-    out = np.empty((3, 5, 7))
-    network_cpu.neuron_weight_grad(G, A, out)
+    out, bias = np.empty((3, 5, 7)), np.empty((5, 7))
+    network_cpu.neuron_weight_grad(G, A, out, bias)
     assert np.allclose(out, np.einsum("rji,roi->joi", A, G), rtol=1e-13, atol=1e-13)
+    assert np.allclose(bias, G.sum(0), rtol=1e-13, atol=1e-13)

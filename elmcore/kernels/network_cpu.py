@@ -432,24 +432,33 @@ WEIGHT_GRAD_CHUNKS = 8
 
 
 @njit(parallel=True, **_JIT)
-def neuron_weight_grad(G, A, out):
-    """out[j, o, :] = Σ_r A[r, j, :] · G[r, o, :]: every neuron's weight gradient over all B·T rows.
+def neuron_weight_grad(G, A, out, bias_out):
+    """out[j, o, :] = Σ_r A[r, j, :] · G[r, o, :] and bias_out[o, :] = Σ_r G[r, o, :]: every
+    neuron's weight and bias gradient over all B·T rows.
 
     G [R,O,N] gradients of a layer's outputs, A [R,J,N] its inputs; out [J,O,N] (the weight
-    layout) is overwritten. The rows are cut into WEIGHT_GRAD_CHUNKS contiguous chunks
-    summed in parallel (each reads its rows of A and G once, four rows per pass over its
-    [J,O,N] partial sum), then the partials are added in chunk order.
+    layout) and bias_out [O,N] are overwritten. The rows are cut into WEIGHT_GRAD_CHUNKS
+    contiguous chunks summed in parallel (each reads its rows of A and G once, four rows per
+    pass over its [J,O,N] partial sum; the bias sums ride along, so G is not read a second
+    time), then the partials are added in chunk order.
     """
     R, O, N = G.shape
     J = A.shape[1]
     chunks = max(1, min(WEIGHT_GRAD_CHUNKS, R))
     size = (R + chunks - 1) // chunks
     partial = np.zeros((chunks, J, O, N), G.dtype)
+    partial_bias = np.zeros((chunks, O, N), G.dtype)
     for c in prange(chunks):
         acc = partial[c]
+        bias = partial_bias[c]
         r = c * size
         stop = min(R, r + size)
         while r + 4 <= stop:
+            for o in range(O):
+                row = bias[o]
+                g0, g1, g2, g3 = G[r, o], G[r + 1, o], G[r + 2, o], G[r + 3, o]
+                for i in range(N):
+                    row[i] = (((row[i] + g0[i]) + g1[i]) + g2[i]) + g3[i]
             for j in range(J):
                 a0, a1, a2, a3 = A[r, j], A[r + 1, j], A[r + 2, j], A[r + 3, j]
                 for o in range(O):
@@ -459,6 +468,11 @@ def neuron_weight_grad(G, A, out):
                         row[i] = (((row[i] + a0[i] * g0[i]) + a1[i] * g1[i]) + a2[i] * g2[i]) + a3[i] * g3[i]
             r += 4
         while r < stop:
+            for o in range(O):
+                row = bias[o]
+                g = G[r, o]
+                for i in range(N):
+                    row[i] += g[i]
             for j in range(J):
                 a = A[r, j]
                 for o in range(O):
@@ -475,6 +489,13 @@ def neuron_weight_grad(G, A, out):
             for c in range(1, chunks):
                 for i in range(N):
                     row[i] += partial[c, j, o, i]
+    for o in range(O):
+        row = bias_out[o]
+        for i in range(N):
+            row[i] = partial_bias[0, o, i]
+        for c in range(1, chunks):
+            for i in range(N):
+                row[i] += partial_bias[c, o, i]
 
 
 STEP_BLOCK = 16  # time steps per vector in recurrent_weight_grad (one AVX-512 register of float32)

@@ -199,7 +199,7 @@ def _kernels(np_dtype):
                         GO_out[bb, t - 1, j] = dO[bb, t - 1, j] + acc
 
     @cuda.jit
-    def neuron_weight_grad(G, A, out):
+    def neuron_weight_grad(G, A, out, bias_out):
         R, O, N = G.shape
         J = A.shape[1]
         for k in range(cuda.grid(1), J * O * N, cuda.gridsize(1)):
@@ -211,6 +211,11 @@ def _kernels(np_dtype):
             for r in range(R):
                 acc += A[r, j, i] * G[r, o, i]
             out[j, o, i] = acc
+            if j == 0:  # the threads of the first input also own the bias sums (the same G column)
+                total = ZERO
+                for r in range(R):
+                    total += G[r, o, i]
+                bias_out[o, i] = total
 
     @cuda.jit
     def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
@@ -285,9 +290,10 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
             GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out)
 
 
-def neuron_weight_grad(G, A, out):
-    """See ``network_cpu.neuron_weight_grad``. One thread per output element."""
-    _launch(kernel_set(G.dtype)["neuron_weight_grad"], *_flat_shape(out.size), G, A, out)
+def neuron_weight_grad(G, A, out, bias_out):
+    """See ``network_cpu.neuron_weight_grad``. One thread per weight element; those of input 0
+    also sum the bias."""
+    _launch(kernel_set(G.dtype)["neuron_weight_grad"], *_flat_shape(out.size), G, A, out, bias_out)
 
 
 def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
