@@ -41,14 +41,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_network  # noqa: E402  (first: bench_step records the user's thread environment)
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import njit, types  # noqa: E402
-from numba.core import cgutils  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+from numba import njit  # noqa: E402
 
 from elmcore.config import load_config_dict  # noqa: E402
 from elmcore.kernels import network_cpu  # noqa: E402
 from elmcore.kernels.cpu import _accumulate_product  # noqa: E402
+from elmcore.kernels.simd import blocked_product  # noqa: E402
 from elmcore.network_params import mlp_widths  # noqa: E402
 
 _JIT = dict(error_model="numpy", fastmath={"contract"})
@@ -95,108 +93,7 @@ def _batch_lanes_kernel(J, K_out):
     return run
 
 
-# ---- explicit SIMD: LLVM vector code through Numba intrinsics ----------------------------------
-#
-# One call computes a P x Q block of accumulators, each a vector of 64 bytes' worth of consecutive
-# neurons, held in registers for the whole reduction:
-#     acc[p, q] = out[p, q];  for k < K: acc[p, q] = fma(x[k, p], y[k, q], acc[p, q]);  out[p, q] = acc[p, q]
-# where x[k, p] starts at element x_off + k*x_sk + p*x_sp of C-contiguous x (y and out alike).
-
-VECTOR_BYTES = 64
-
-
-def _make_block(P, Q):
-    @intrinsic
-    def block(typingctx, x, y, out, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K):
-        if not all(isinstance(a, types.Array) and isinstance(a.dtype, types.Float) for a in (x, y, out)) \
-                or not (x.dtype == y.dtype == out.dtype):
-            return None
-        sig = types.void(x, y, out, *([types.intp] * 10))
-
-        def codegen(context, builder, signature, args):
-            x_arr, y_arr, out_arr = args[:3]
-            x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K = args[3:]
-            elem = context.get_value_type(signature.args[0].dtype)
-            width = VECTOR_BYTES // context.get_abi_sizeof(elem)
-            vec = ir.VectorType(elem, width)
-            vec_ptr = vec.as_pointer()
-            suffix = "f32" if isinstance(elem, ir.FloatType) else "f64"
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                                 f"llvm.fma.v{width}{suffix}")
-
-            def data(arr, aty):
-                return context.make_array(aty)(context, builder, arr).data
-
-            x_base = builder.gep(data(x_arr, signature.args[0]), [x_off])
-            y_base = builder.gep(data(y_arr, signature.args[1]), [y_off])
-            out_base = builder.gep(data(out_arr, signature.args[2]), [out_off])
-
-            def vector_at(base, offset):
-                return builder.bitcast(builder.gep(base, [offset]), vec_ptr)
-
-            def times(a, k):
-                return builder.mul(a, ir.Constant(a.type, k))
-
-            out_ptrs = [[vector_at(out_base, builder.add(times(out_sp, p), times(out_sq, q))) for q in range(Q)]
-                        for p in range(P)]
-            # Accumulators live in stack slots that LLVM's mem2reg turns into registers.
-            slots = [[cgutils.alloca_once(builder, vec) for _ in range(Q)] for _ in range(P)]
-            for p in range(P):
-                for q in range(Q):
-                    builder.store(builder.load(out_ptrs[p][q], align=1), slots[p][q])
-            with cgutils.for_range(builder, K) as loop:
-                k = loop.index
-                x_k = builder.gep(x_base, [builder.mul(k, x_sk)])
-                y_k = builder.gep(y_base, [builder.mul(k, y_sk)])
-                xs = [builder.load(vector_at(x_k, times(x_sp, p)), align=1) for p in range(P)]
-                ys = [builder.load(vector_at(y_k, times(y_sq, q)), align=1) for q in range(Q)]
-                for p in range(P):
-                    for q in range(Q):
-                        builder.store(builder.call(fma, [xs[p], ys[q], builder.load(slots[p][q])]), slots[p][q])
-            for p in range(P):
-                for q in range(Q):
-                    builder.store(builder.load(slots[p][q]), out_ptrs[p][q], align=1)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return block
-
-
-# 4 x 4 blocks (16 accumulators and 8 operand vectors: within AVX-512's 32 vector registers),
-# narrower ones for the remainders.
-_B44, _B41, _B14, _B11 = _make_block(4, 4), _make_block(4, 1), _make_block(1, 4), _make_block(1, 1)
-
-
-@njit(inline="always", **_JIT)
-def blocked_product(x, y, out, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K, P, Q, N):
-    """The block products over P x Q accumulator vectors for the neurons [0, N - N mod lanes)
-    (offsets advance by one per neuron); returns where the neurons left to a scalar loop begin."""
-    V = VECTOR_BYTES // out.itemsize
-    stop = N - N % V
-    for i in range(0, stop, V):
-        p = 0
-        while p < P:
-            rows = 4 if p + 4 <= P else 1
-            xo = x_off + i + p * x_sp
-            oo = out_off + i + p * out_sp
-            q = 0
-            while q < Q:
-                cols = 4 if q + 4 <= Q else 1
-                yo = y_off + i + q * y_sq
-                o2 = oo + q * out_sq
-                if rows == 4 and cols == 4:
-                    _B44(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
-                elif rows == 4:
-                    _B41(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
-                elif cols == 4:
-                    _B14(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
-                else:
-                    _B11(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
-                q += cols
-            p += rows
-    return stop
-
+# ---- explicit SIMD: LLVM vector code through Numba intrinsics (elmcore/kernels/simd.py) -------
 
 @njit(**_JIT)
 def _explicit_simd(a, W, c, out, rows, passes):

@@ -107,6 +107,40 @@ def test_gradcheck_random_networks(seed, batch, steps):
     assert not bad, bad
 
 
+def test_gradcheck_with_neurons_in_vector_blocks():
+    """N = 21 in float64: two full vectors of 8 neurons for the products' vector blocks and a
+    tail of 5 for their loop (the random configs above have N ≤ 4, below one vector)."""
+    cfg = ELMConfig.from_dict(dict(version="elm_network", num_input=3, num_output=2, num_neurons=21,
+                                   num_memory=2, num_branch=2, num_synapse_per_branch=2, mlp_num_layers=2,
+                                   mlp_hidden_size=5, recurrent_fraction=0.5, learn_memory_tau=True))
+    rows = gradcheck(cfg, batch=5, steps=3, seed=4)
+    assert {r[0] for r in rows} == set(NP.trainable_keys(cfg)) | {"X"}
+    bad = [r for r in rows if not passes(r)]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, neurons", [(7, 37), (4, 16), (3, 5)])
+def test_per_neuron_products_match_einsum(dtype, rows, neurons):
+    """The walks' products: vector blocks of 4 rows x 4 outputs, their 1-row / 1-output
+    remainders and the loop over the neurons past the last whole vector."""
+    from elmcore.kernels import network_cpu
+    rng = np.random.default_rng(rows * neurons)
+    J, O = 6, 5
+    a = rng.normal(size=(rows + 1, J, neurons)).astype(dtype)  # one spare row the call must not use
+    W = rng.normal(size=(J, O, neurons)).astype(dtype)
+    c = rng.normal(size=(O, neurons)).astype(dtype)
+    dz = rng.normal(size=(rows + 1, O, neurons)).astype(dtype)
+    out, back = np.full((rows + 1, O, neurons), 7, dtype), np.full((rows + 1, J, neurons), 7, dtype)
+    network_cpu._dense_rows(a, W, c, out, rows)
+    network_cpu._dense_transposed_rows(dz, W, back, rows)
+    a64, W64, dz64 = a.astype(np.float64), W.astype(np.float64), dz.astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(out[:rows], c + np.einsum("rji,joi->roi", a64[:rows], W64), rtol=tol, atol=tol)
+    np.testing.assert_allclose(back[:rows], np.einsum("roi,joi->rji", dz64[:rows], W64), rtol=tol, atol=tol)
+    assert np.all(out[rows] == 7) and np.all(back[rows] == 7)
+
+
 def test_gradcheck_sees_the_recurrent_path():
     """With T > 1 the recurrent synapses carry gradient: a backward that dropped it would fail."""
     cfg = NetworkConfig(num_input=2, num_output=2, num_neurons=3, num_memory=2, mlp_hidden_size=3, num_branch=2,

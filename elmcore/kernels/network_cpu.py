@@ -34,6 +34,7 @@ from numba import njit, prange
 
 from . import vecmath as vm
 from .cpu import _accumulate_product
+from .simd import blocked_product
 from .cpu import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
@@ -45,8 +46,8 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 # time walk fast is reusing every loaded weight vector W[j, o, :] for a whole tile of batch
 # rows while it sits in L1 (without tiles the weights streamed from L3 once per row-step).
 # Tile buffers are C-contiguous (rows, width, N); only the first n rows are used. The products
-# take the tile DENSE_ROWS rows at a time, however large it is: 4 rows per pass measured
-# fastest for them on the SHD-Adding shape.
+# take the tile DENSE_ROWS rows at a time, however large it is: a block of 4 rows × 4 outputs
+# of neuron vectors is what ``simd.blocked_product`` keeps in registers.
 
 DENSE_ROWS = 4
 
@@ -55,69 +56,42 @@ DENSE_ROWS = 4
 def _dense_rows(a, W, c, out, n):
     """out[r, o, :] = c[o, :] + Σ_j W[j, o, :] · a[r, j, :] for r < n.
 
-    a [R,J,N], W [J,O,N], c [O,N], out [R,O,N] (must not alias a). Four inputs j per pass
-    over a row of ``out``; the sum runs over j ascending, as in the CUDA twin.
+    a [R,J,N], W [J,O,N], c [O,N], out [R,O,N] (must not alias a). The vector blocks of
+    ``simd.blocked_product`` take whole vectors of neurons; a loop takes the remaining
+    neurons. Either way the sum runs over j ascending, as in the CUDA twin.
     """
     J, O, N = W.shape
     for r0 in range(0, n, DENSE_ROWS):
-        r1 = min(n, r0 + DENSE_ROWS)
-        for r in range(r0, r1):
+        rows = min(n, r0 + DENSE_ROWS) - r0
+        for r in range(r0, r0 + rows):
             for o in range(O):
                 for i in range(N):
                     out[r, o, i] = c[o, i]
-        j = 0
-        while j + 4 <= J:
+        tail = blocked_product(a, W, out, r0 * J * N, N, J * N, 0, O * N, N, r0 * O * N, O * N, N, J, rows, O, N)
+        for r in range(r0, r0 + rows):
             for o in range(O):
-                w0, w1, w2, w3 = W[j, o], W[j + 1, o], W[j + 2, o], W[j + 3, o]
-                for r in range(r0, r1):
-                    row = out[r, o]
-                    a0, a1, a2, a3 = a[r, j], a[r, j + 1], a[r, j + 2], a[r, j + 3]
-                    for i in range(N):
-                        row[i] = (((row[i] + w0[i] * a0[i]) + w1[i] * a1[i]) + w2[i] * a2[i]) + w3[i] * a3[i]
-            j += 4
-        while j < J:
-            for o in range(O):
-                w = W[j, o]
-                for r in range(r0, r1):
-                    row = out[r, o]
-                    aj = a[r, j]
-                    for i in range(N):
-                        row[i] += w[i] * aj[i]
-            j += 1
+                for j in range(J):
+                    for i in range(tail, N):
+                        out[r, o, i] += W[j, o, i] * a[r, j, i]
 
 
 @njit(inline="always", **_JIT)
 def _dense_transposed_rows(dz, W, out, n):
-    """out[r, j, :] = Σ_o W[j, o, :] · dz[r, o, :] for r < n (the adjoint of ``_dense_rows``).
-
-    Four outputs o per pass, summed in ascending o as in the CUDA twin.
-    """
+    """out[r, j, :] = Σ_o W[j, o, :] · dz[r, o, :] for r < n (the adjoint of ``_dense_rows``),
+    summed in ascending o as in the CUDA twin."""
     J, O, N = W.shape
     for r0 in range(0, n, DENSE_ROWS):
-        r1 = min(n, r0 + DENSE_ROWS)
-        for j in range(J):
-            wj = W[j]
-            for r in range(r0, r1):
-                row = out[r, j]
+        rows = min(n, r0 + DENSE_ROWS) - r0
+        for r in range(r0, r0 + rows):
+            for j in range(J):
                 for i in range(N):
-                    row[i] = 0
-            o = 0
-            while o + 4 <= O:
-                w0, w1, w2, w3 = wj[o], wj[o + 1], wj[o + 2], wj[o + 3]
-                for r in range(r0, r1):
-                    row = out[r, j]
-                    d0, d1, d2, d3 = dz[r, o], dz[r, o + 1], dz[r, o + 2], dz[r, o + 3]
-                    for i in range(N):
-                        row[i] = (((row[i] + w0[i] * d0[i]) + w1[i] * d1[i]) + w2[i] * d2[i]) + w3[i] * d3[i]
-                o += 4
-            while o < O:
-                w = wj[o]
-                for r in range(r0, r1):
-                    row = out[r, j]
-                    d = dz[r, o]
-                    for i in range(N):
-                        row[i] += w[i] * d[i]
-                o += 1
+                    out[r, j, i] = 0
+        tail = blocked_product(dz, W, out, r0 * O * N, N, O * N, 0, N, O * N, r0 * J * N, J * N, N, O, rows, J, N)
+        for r in range(r0, r0 + rows):
+            for j in range(J):
+                for o in range(O):
+                    for i in range(tail, N):
+                        out[r, j, i] += W[j, o, i] * dz[r, o, i]
 
 
 @njit(inline="always", **_JIT)
@@ -439,8 +413,9 @@ def neuron_weight_grad(G, A, out, bias_out):
     G [R,O,N] gradients of a layer's outputs, A [R,J,N] its inputs; out [J,O,N] (the weight
     layout) and bias_out [O,N] are overwritten. The rows are cut into WEIGHT_GRAD_CHUNKS
     contiguous chunks summed in parallel (each reads its rows of A and G once, four rows per
-    pass over its [J,O,N] partial sum; the bias sums ride along, so G is not read a second
-    time), then the partials are added in chunk order.
+    pass over its [J,O,N] partial sum: the sum over rows is long, so the vector blocks of the
+    walks' products, which hold their accumulators over a short sum, would stream the rows
+    once per block; measured 2-4x slower), then the partials are added in chunk order.
     """
     R, O, N = G.shape
     J = A.shape[1]
