@@ -12,17 +12,17 @@ N neurons. This script
 
 1. measures the best rate at which Numba-compiled code on this machine computes such
    per-neuron products, one core, data hot in L1/L2 (optimistic: the real walk streams its
-   caches from memory). Three formulations, the best one counts:
-   * ``neuron-lanes``: elmcore's own kernel (``network_cpu._dense_rows``): vectors over
-     neurons, a tile of ``batch_tile(B)`` rows, four inputs per pass;
+   caches from memory). Four formulations, the best one counts:
+   * ``elmcore``: the engine's kernel (``network_cpu._dense_rows``): vectors over neurons,
+     4 rows x 4 outputs of accumulator vectors held in registers through the whole sum,
+     written as LLVM vector code (``kernels/simd.py``), a tile of ``batch_tile(B)`` rows;
+   * ``numba-loops``: the same layout as plain Numba loops (the engine's kernel until
+     2026-12-01): four inputs per pass over each output row, accumulators in memory;
    * ``shared-weight``: per neuron, the tile's rows times that neuron's weight matrix with the
      register-blocked product of the single-neuron engine (``cpu._accumulate_product``):
      vectors over outputs, each weight reused by all rows;
    * ``batch-lanes``: per neuron, straight-line generated code over the batch rows as vector
      lanes, the neuron's weights held in registers;
-   * ``explicit-simd``: the engine's layout (vectors over neurons) with a 4 x 4 block of
-     accumulator vectors held in registers through the whole sum, written directly as LLVM
-     vector code (a Numba intrinsic), as a hand-written SIMD kernel would be;
 2. times the readout's three products the way the engine runs them (all threads);
 3. adds them up as if every core ran at that best rate with perfect scaling: the *floor*, a
    step that did nothing but its products (no recurrence, activations, memory traffic, Adam);
@@ -46,17 +46,46 @@ from numba import njit  # noqa: E402
 from elmcore.config import load_config_dict  # noqa: E402
 from elmcore.kernels import network_cpu  # noqa: E402
 from elmcore.kernels.cpu import _accumulate_product  # noqa: E402
-from elmcore.kernels.simd import blocked_product  # noqa: E402
 from elmcore.network_params import mlp_widths  # noqa: E402
 
 _JIT = dict(error_model="numpy", fastmath={"contract"})
 
 
 @njit(**_JIT)
-def _neuron_lanes(a, W, c, out, rows, passes):
+def _elmcore(a, W, c, out, rows, passes):
     for p in range(passes):
         network_cpu._dense_rows(a, W, c, out, rows)
         a[0, 0, 0] = out[0, 0, 0] * 1e-30  # a data dependence, so no pass can be skipped
+
+
+@njit(**_JIT)
+def _numba_loops(a, W, c, out, rows, passes):
+    J, K_out, N = W.shape
+    for p in range(passes):
+        for r in range(rows):
+            for o in range(K_out):
+                for i in range(N):
+                    out[r, o, i] = c[o, i]
+        j = 0
+        while j + 4 <= J:
+            for o in range(K_out):
+                w0, w1, w2, w3 = W[j, o], W[j + 1, o], W[j + 2, o], W[j + 3, o]
+                for r in range(rows):
+                    row = out[r, o]
+                    a0, a1, a2, a3 = a[r, j], a[r, j + 1], a[r, j + 2], a[r, j + 3]
+                    for i in range(N):
+                        row[i] = (((row[i] + w0[i] * a0[i]) + w1[i] * a1[i]) + w2[i] * a2[i]) + w3[i] * a3[i]
+            j += 4
+        while j < J:
+            for o in range(K_out):
+                w = W[j, o]
+                for r in range(rows):
+                    row = out[r, o]
+                    aj = a[r, j]
+                    for i in range(N):
+                        row[i] += w[i] * aj[i]
+            j += 1
+        a[0, 0, 0] = out[0, 0, 0] * 1e-30
 
 
 @njit(**_JIT)
@@ -93,26 +122,6 @@ def _batch_lanes_kernel(J, K_out):
     return run
 
 
-# ---- explicit SIMD: LLVM vector code through Numba intrinsics (elmcore/kernels/simd.py) -------
-
-@njit(**_JIT)
-def _explicit_simd(a, W, c, out, rows, passes):
-    R, J, N = a.shape
-    K_out = W.shape[1]
-    for p in range(passes):
-        for r in range(rows):
-            for o in range(K_out):
-                for i in range(N):
-                    out[r, o, i] = c[o, i]
-        stop = blocked_product(a, W, out, 0, N, J * N, 0, K_out * N, N, 0, K_out * N, N, J, rows, K_out, N)
-        for r in range(rows):
-            for o in range(K_out):
-                for j in range(J):
-                    for i in range(stop, N):
-                        out[r, o, i] += W[j, o, i] * a[r, j, i]
-        a[0, 0, 0] = out[0, 0, 0] * 1e-30
-
-
 def _rate(fn, args, macs_per_pass, seconds=0.3):
     """Best GMAC/s of ``fn(*args, passes)`` over a few timed runs of about ``seconds``."""
     fn(*args, 1)
@@ -141,9 +150,9 @@ def product_rates(rows, neurons, J, K_out, dtype=np.float32):
     tile = network_cpu.batch_tile(rows)
     a = rng.random((tile, J, neurons)).astype(dtype)
     W = (rng.random((J, K_out, neurons)) * 0.1).astype(dtype)
-    rates = {"neuron-lanes": _rate(_neuron_lanes, (a, W, np.zeros((K_out, neurons), dtype),
-                                                   np.empty((tile, K_out, neurons), dtype), tile),
-                                   macs * tile / rows)}
+    tile_args = (a, W, np.zeros((K_out, neurons), dtype), np.empty((tile, K_out, neurons), dtype), tile)
+    rates = {"elmcore": _rate(_elmcore, tile_args, macs * tile / rows),
+             "numba-loops": _rate(_numba_loops, tile_args, macs * tile / rows)}
     A = rng.random((neurons, rows, J)).astype(dtype)
     Wn = (rng.random((neurons, J, K_out)) * 0.1).astype(dtype)
     rates["shared-weight"] = _rate(_shared_weight, (A, Wn, np.zeros((neurons, rows, K_out), dtype)), macs)
@@ -151,9 +160,6 @@ def product_rates(rows, neurons, J, K_out, dtype=np.float32):
     buf = rng.random((J + K_out) * stride).astype(dtype)
     rates["batch-lanes"] = _rate(_batch_lanes_kernel(J, K_out),
                                  (buf, Wn, np.zeros((neurons, K_out), dtype), rows, stride), macs)
-    rates["explicit-simd"] = _rate(_explicit_simd, (a, W, np.zeros((K_out, neurons), dtype),
-                                                    np.empty((tile, K_out, neurons), dtype), tile),
-                                   macs * tile / rows)
     return rates
 
 

@@ -126,12 +126,12 @@ def test_per_neuron_products_match_einsum(dtype, rows, neurons):
     remainders and the loop over the neurons past the last whole vector."""
     from elmcore.kernels import network_cpu
     rng = np.random.default_rng(rows * neurons)
-    J, O = 6, 5
+    J, K_out = 6, 5
     a = rng.normal(size=(rows + 1, J, neurons)).astype(dtype)  # one spare row the call must not use
-    W = rng.normal(size=(J, O, neurons)).astype(dtype)
-    c = rng.normal(size=(O, neurons)).astype(dtype)
-    dz = rng.normal(size=(rows + 1, O, neurons)).astype(dtype)
-    out, back = np.full((rows + 1, O, neurons), 7, dtype), np.full((rows + 1, J, neurons), 7, dtype)
+    W = rng.normal(size=(J, K_out, neurons)).astype(dtype)
+    c = rng.normal(size=(K_out, neurons)).astype(dtype)
+    dz = rng.normal(size=(rows + 1, K_out, neurons)).astype(dtype)
+    out, back = np.full((rows + 1, K_out, neurons), 7, dtype), np.full((rows + 1, J, neurons), 7, dtype)
     network_cpu._dense_rows(a, W, c, out, rows)
     network_cpu._dense_transposed_rows(dz, W, back, rows)
     a64, W64, dz64 = a.astype(np.float64), W.astype(np.float64), dz.astype(np.float64)

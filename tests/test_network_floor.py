@@ -42,9 +42,10 @@ def test_shared_weight_probe_accumulates_each_neurons_product(floor):
     np.testing.assert_allclose(out, np.einsum("nrj,njo->nro", A0, W), rtol=1e-12)
 
 
+@pytest.mark.parametrize("probe", ["_numba_loops", "_elmcore"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_explicit_simd_probe_computes_each_neurons_product(floor, dtype):
-    """4 x 4 blocks, the 4 x 1 / 1 x 4 / 1 x 1 remainders and a scalar tail of neurons."""
+def test_neuron_vector_probes_compute_each_neurons_product(floor, probe, dtype):
+    """Rows and outputs beyond 4 x 4 blocks, neurons beyond whole vectors."""
     rng = np.random.default_rng(2)
     rows, J, K_out, N = 5, 3, 6, 16 + 16 + 3
     a = rng.normal(size=(rows, J, N)).astype(dtype)
@@ -52,7 +53,7 @@ def test_explicit_simd_probe_computes_each_neurons_product(floor, dtype):
     c = rng.normal(size=(K_out, N)).astype(dtype)
     out = np.empty((rows, K_out, N), dtype)
     a0 = a.copy()
-    floor._explicit_simd(a, W, c, out, rows, 1)
+    getattr(floor, probe)(a, W, c, out, rows, 1)
     ref = c[None] + np.einsum("rji,joi->roi", a0.astype(np.float64), W.astype(np.float64))
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
 
