@@ -406,6 +406,22 @@ WEIGHT_GRAD_CHUNKS = 8
 
 
 @njit(parallel=True, **_JIT)
+def _sum_chunks(partial, out):
+    """out = Σ_c partial[c], added in chunk order: the result does not depend on the thread count.
+
+    partial [chunks, ...] and out [...] C-contiguous, of one shape after the chunk axis.
+    """
+    chunks = partial.shape[0]
+    flat = partial.reshape(chunks, -1)
+    dst = out.reshape(-1)
+    for x in prange(dst.shape[0]):
+        total = flat[0, x]
+        for c in range(1, chunks):
+            total += flat[c, x]
+        dst[x] = total
+
+
+@njit(parallel=True, **_JIT)
 def neuron_weight_grad(G, A, out, bias_out):
     """out[j, o, :] = Σ_r A[r, j, :] · G[r, o, :] and bias_out[o, :] = Σ_r G[r, o, :]: every
     neuron's weight and bias gradient over all B·T rows.
@@ -456,21 +472,8 @@ def neuron_weight_grad(G, A, out, bias_out):
                     for i in range(N):
                         row[i] += a[i] * g[i]
             r += 1
-    for j in prange(J):
-        for o in range(O):
-            row = out[j, o]
-            for i in range(N):
-                row[i] = partial[0, j, o, i]
-            for c in range(1, chunks):
-                for i in range(N):
-                    row[i] += partial[c, j, o, i]
-    for o in range(O):
-        row = bias_out[o]
-        for i in range(N):
-            row[i] = partial_bias[0, o, i]
-        for c in range(1, chunks):
-            for i in range(N):
-                row[i] += partial_bias[c, o, i]
+    _sum_chunks(partial, out)
+    _sum_chunks(partial_bias, bias_out)
 
 
 STEP_BLOCK = 16  # time steps per vector in recurrent_weight_grad (one AVX-512 register of float32)
@@ -563,13 +566,7 @@ def rows_transposed_product(A, G, out):
         r1 = min(R, r0 + size)
         if r1 > r0:
             _accumulate_product(A[r0:r1].T, G[r0:r1], partial[c])
-    for k in prange(K):
-        row = out[k]
-        for m in range(M):
-            row[m] = partial[0, k, m]
-        for c in range(1, chunks):
-            for m in range(M):
-                row[m] += partial[c, k, m]
+    _sum_chunks(partial, out)
 
 
 # Every compiled network kernel (the codegen probe compiles the CUDA twins of these names).
