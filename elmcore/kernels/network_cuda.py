@@ -50,6 +50,13 @@ def _kernels(np_dtype):
     ONE = np_dtype(1)
     activate, activation_slope = _activation_functions(np_dtype)  # the single neuron's, as the MLPs are
 
+    @cuda.jit(device=True, inline=True)
+    def pre_phi_grad(g, dm, c_m, phi_scale, dphi_scale):
+        """∂loss/∂(pre-φ value) from g = ∂loss/∂m_t: m_t gains c_m·Δm, Δm = s·tanh(k·x), and
+        ∂Δm/∂x = s·k·(1 − (Δm/s)²) with dphi_scale = s·k."""
+        q = dm / phi_scale
+        return g * c_m * dphi_scale * (ONE - q * q)
+
     @cuda.jit
     def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out,
                         c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope, L, H,
@@ -138,8 +145,8 @@ def _kernels(np_dtype):
                         for h in range(H):
                             dZ_out[L - 1, bb, t, h, i] = ZERO
                         for o in range(Dm):
-                            q = DM[bb, t, o, i] / phi_scale
-                            dp = (w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i] * dphi_scale * (ONE - q * q)
+                            dp = pre_phi_grad(w_o[o, i] * go + dP_out[bb, t, o, i], DM[bb, t, o, i], c_m[o, i],
+                                              phi_scale, dphi_scale)
                             for h in range(H):
                                 dZ_out[L - 1, bb, t, h, i] += W_out[h, o, i] * dp
                         for l in range(L - 1, -1, -1):
@@ -159,8 +166,8 @@ def _kernels(np_dtype):
                         acc = ZERO
                         for o in range(W0):
                             if L == 0:
-                                q = DM[bb, t, o, i] / phi_scale
-                                d = (w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i] * dphi_scale * (ONE - q * q)
+                                d = pre_phi_grad(w_o[o, i] * go + dP_out[bb, t, o, i], DM[bb, t, o, i], c_m[o, i],
+                                                 phi_scale, dphi_scale)
                             else:
                                 d = dZ_out[0, bb, t, o, i]
                             acc += W_in[k, o, i] * d
@@ -171,8 +178,8 @@ def _kernels(np_dtype):
                         acc = ZERO
                         for o in range(W0):
                             if L == 0:
-                                q = DM[bb, t, o, i] / phi_scale
-                                d = (w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i] * dphi_scale * (ONE - q * q)
+                                d = pre_phi_grad(w_o[o, i] * go + dP_out[bb, t, o, i], DM[bb, t, o, i], c_m[o, i],
+                                                 phi_scale, dphi_scale)
                             else:
                                 d = dZ_out[0, bb, t, o, i]
                             acc += W_in[nb + j, o, i] * d
@@ -185,9 +192,8 @@ def _kernels(np_dtype):
                             dP_out[bb, t - 1, j, i] = kappa_m[j, i] * total
                     # Pass C: ∂loss/∂pre replaces the carry.
                     for j in range(Dm):
-                        q = DM[bb, t, j, i] / phi_scale
-                        g = w_o[j, i] * go + dP_out[bb, t, j, i]
-                        dP_out[bb, t, j, i] = g * c_m[j, i] * dphi_scale * (ONE - q * q)
+                        dP_out[bb, t, j, i] = pre_phi_grad(w_o[j, i] * go + dP_out[bb, t, j, i], DM[bb, t, j, i],
+                                                           c_m[j, i], phi_scale, dphi_scale)
                 # g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources.
                 cuda.syncthreads()
                 if t > 0:
