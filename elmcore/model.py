@@ -106,7 +106,29 @@ class InputChecks:
                                        "(diverged parameters?)")
 
 
-class ELM(InputChecks):
+class ParameterBookkeeping:
+    """Keys, count and host copy of a model's parameters, for every model family.
+
+    Needs ``param_module`` (a module with ``trainable_keys(config)`` and
+    ``count_trainable(config)``: ``params`` or ``network_params``), ``config``, ``params``
+    and ``backend`` on the model.
+    """
+    param_module = None
+
+    @property
+    def trainable_keys(self):
+        return self.param_module.trainable_keys(self.config)
+
+    @property
+    def num_parameters(self):
+        return self.param_module.count_trainable(self.config)
+
+    def state_dict(self):
+        """Host (NumPy) copies of all parameters, in the family's state_dict keys and order."""
+        return {k: np.array(self.backend.to_host(v)) for k, v in self.params.items()}
+
+
+class ELM(InputChecks, ParameterBookkeeping):
     """An ELM neuron (``elm_v1``) or Branch-ELM (``branch_elm_v2``).
 
     Parameters live in ``self.params`` under the release's state_dict keys.
@@ -114,6 +136,7 @@ class ELM(InputChecks):
     consumes; ``backward`` returns ∂loss/∂θ for every trainable key (and
     ∂loss/∂X on request). Arrays are NumPy on ``cpu`` and CuPy on ``cuda``.
     """
+    param_module = P
 
     def __init__(self, config: ELMConfig, params=None, seed=0, dtype="float32", device="cpu"):
         from .backend import get_backend
@@ -128,19 +151,7 @@ class ELM(InputChecks):
                                      host.get("valid_indices_mask"), self.dtype, self.xp)
         self._per_synapse_scan = self._needs_per_synapse_scan(host)
 
-    # ---- bookkeeping --------------------------------------------------------
-    @property
-    def trainable_keys(self):
-        return P.trainable_keys(self.config)
-
-    @property
-    def num_parameters(self):
-        return P.count_trainable(self.config)
-
-    def state_dict(self):
-        """Host (NumPy) copies of all parameters, release keys and order."""
-        return {k: np.array(self.backend.to_host(v)) for k, v in self.params.items()}
-
+    # ---- scan layout -----------------------------------------------------------
     def _needs_per_synapse_scan(self, host):
         """v1 sums per-synapse traces; they collapse to one per branch only if κ_s is uniform within it."""
         if self.config.is_v2:

@@ -19,7 +19,7 @@ import numpy as np
 from . import network_params as NP
 from .config import NetworkConfig, check_memory
 from .errors import DataError, ELMError
-from .model import InputChecks, resolve_dtype
+from .model import InputChecks, ParameterBookkeeping, resolve_dtype
 from .params import PHI_SCALE, PHI_SLOPE, TAU_FLOOR
 
 
@@ -85,7 +85,7 @@ class LayerWeights:
     c_o: np.ndarray            # [N]
 
 
-class ELMNetwork(InputChecks):
+class ELMNetwork(InputChecks, ParameterBookkeeping):
     """An ELM Network (``version = "elm_network"``) with the single neuron's API.
 
     Parameters live in ``self.params`` under the spec's state_dict keys. ``forward``
@@ -93,6 +93,7 @@ class ELMNetwork(InputChecks):
     consumes (once: its buffers are then reused); ``backward`` returns ∂loss/∂θ for every
     trainable key (and ∂loss/∂X on request). Arrays are NumPy on ``cpu`` and CuPy on ``cuda``.
     """
+    param_module = NP
 
     def __init__(self, config: NetworkConfig, params=None, seed=0, dtype="float32", device="cpu"):
         from .backend import get_backend
@@ -117,19 +118,7 @@ class ELMNetwork(InputChecks):
                                           config.layer_input_size(l), self.xp)
                          for l in range(config.num_layers)]
 
-    # ---- bookkeeping --------------------------------------------------------
-    @property
-    def trainable_keys(self):
-        return NP.trainable_keys(self.config)
-
-    @property
-    def num_parameters(self):
-        return NP.count_trainable(self.config)
-
-    def state_dict(self):
-        """Host (NumPy) copies of all parameters, spec keys and order."""
-        return {k: np.array(self.backend.to_host(v)) for k, v in self.params.items()}
-
+    # ---- kernel-layout weights -------------------------------------------------
     def layer_weights(self, layer):
         cfg, xp, p, dt = self.config, self.xp, self.params, self.dtype
         pre = NP.layer_prefix(layer)
