@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import NetworkConfig
 from .errors import ELMError
-from .params import initial_proto_tau_m
+from .params import finite_floats, initial_proto_tau_m, present_with_shape
 
 
 def layer_prefix(layer):
@@ -145,11 +145,7 @@ def check_params(cfg: NetworkConfig, params, dtype=np.float32, source="parameter
     shapes = expected_shapes(cfg)
     out = {}
     for key, shape in shapes.items():
-        if key not in params or params[key] is None:
-            raise ELMError(f"{source}: missing parameter '{key}' (expected shape {shape})")
-        arr = np.asarray(params[key])
-        if arr.shape != shape:
-            raise ELMError(f"{source}: parameter '{key}' has shape {arr.shape}, the config needs {shape}")
+        arr = present_with_shape(params, key, shape, source)
         if key.endswith("synapse_source"):
             if arr.dtype.kind not in "iu":
                 raise ELMError(f"{source}: '{key}' must hold integers, got {arr.dtype}")
@@ -160,13 +156,9 @@ def check_params(cfg: NetworkConfig, params, dtype=np.float32, source="parameter
                                f"(D = {cfg.layer_input_size(layer)} inputs + N = {cfg.num_neurons} neurons)")
             out[key] = arr.astype(np.int64)
             continue
-        if arr.dtype.kind not in "fiub":
-            raise ELMError(f"{source}: parameter '{key}' is not numeric ({arr.dtype})")
-        if not np.all(np.isfinite(arr)):
-            raise ELMError(f"{source}: parameter '{key}' holds NaN or infinite values")
+        out[key] = finite_floats(key, arr, dtype, source)
         if key.endswith("tau_b") and np.any(arr <= 0):
             raise ELMError(f"{source}: '{key}' must be positive")
-        out[key] = arr.astype(dtype)
     for key in params:
         if key not in shapes and params[key] is not None:
             raise ELMError(f"{source}: unexpected parameter '{key}' for this network config")

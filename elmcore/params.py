@@ -119,6 +119,25 @@ def init_params(cfg: ELMConfig, seed=0, dtype=np.float32):
     return out
 
 
+def present_with_shape(params, key, shape, source):
+    """params[key] as an array, or one ELMError saying it is missing or has the wrong shape."""
+    if key not in params or params[key] is None:
+        raise ELMError(f"{source}: missing parameter '{key}' (expected shape {shape})")
+    arr = np.asarray(params[key])
+    if arr.shape != shape:
+        raise ELMError(f"{source}: parameter '{key}' has shape {arr.shape}, the config needs {shape}")
+    return arr
+
+
+def finite_floats(key, arr, dtype, source):
+    """arr in ``dtype``, or one ELMError saying it is not numeric or holds NaN / infinity."""
+    if arr.dtype.kind not in "fiub":
+        raise ELMError(f"{source}: parameter '{key}' is not numeric ({arr.dtype})")
+    if not np.all(np.isfinite(arr)):
+        raise ELMError(f"{source}: parameter '{key}' holds NaN or infinite values")
+    return arr.astype(dtype)
+
+
 def check_params(cfg: ELMConfig, params, dtype=np.float32, source="parameters"):
     """Validate a state_dict against the config; return a clean copy in ``dtype``.
 
@@ -128,11 +147,7 @@ def check_params(cfg: ELMConfig, params, dtype=np.float32, source="parameters"):
     shapes = expected_shapes(cfg)
     out = {}
     for key, shape in shapes.items():
-        if key not in params or params[key] is None:
-            raise ELMError(f"{source}: missing parameter '{key}' (expected shape {shape})")
-        arr = np.asarray(params[key])
-        if arr.shape != shape:
-            raise ELMError(f"{source}: parameter '{key}' has shape {arr.shape}, the config needs {shape}")
+        arr = present_with_shape(params, key, shape, source)
         if key == "input_to_synapse_indices":
             if arr.dtype.kind not in "iu":
                 raise ELMError(f"{source}: '{key}' must hold integers, got {arr.dtype}")
@@ -142,11 +157,7 @@ def check_params(cfg: ELMConfig, params, dtype=np.float32, source="parameters"):
         elif key == "valid_indices_mask":
             out[key] = arr.copy()
         else:
-            if arr.dtype.kind not in "fiub":
-                raise ELMError(f"{source}: parameter '{key}' is not numeric ({arr.dtype})")
-            if not np.all(np.isfinite(arr)):
-                raise ELMError(f"{source}: parameter '{key}' holds NaN or infinite values")
-            out[key] = arr.astype(dtype)
+            out[key] = finite_floats(key, arr, dtype, source)
     for key in params:
         if key not in shapes and params[key] is not None and np.asarray(params[key]).size:
             raise ELMError(f"{source}: unexpected parameter '{key}' for this config")
