@@ -128,7 +128,19 @@ class ParameterBookkeeping:
         return {k: np.array(self.backend.to_host(v)) for k, v in self.params.items()}
 
 
-class ELM(InputChecks, ParameterBookkeeping):
+class SingleStep:
+    """``step`` for every model family, as a one-step chunk through its ``run``."""
+
+    def step(self, state, x_t):
+        """One time step: x_t (B, num_input) -> (y_t (B, num_output), new state)."""
+        x_t = self.xp.asarray(x_t)
+        if x_t.ndim != 2:
+            raise DataError(f"step input must have shape (batch, {self.config.num_input}), got {tuple(x_t.shape)}")
+        Y, new_state = self.run(x_t[:, None, :], state)
+        return Y[:, 0], new_state
+
+
+class ELM(InputChecks, ParameterBookkeeping, SingleStep):
     """An ELM neuron (``elm_v1``) or Branch-ELM (``branch_elm_v2``).
 
     Parameters live in ``self.params`` under the release's state_dict keys.
@@ -432,14 +444,6 @@ class ELM(InputChecks, ParameterBookkeeping):
         C = self.config.num_synapse if self._per_synapse_scan else self.config.branches
         return {"u": self.xp.zeros((batch_size, C), self.dtype),
                 "m": self.xp.zeros((batch_size, self.config.num_memory), self.dtype)}
-
-    def step(self, state, x_t):
-        """One time step: x_t (B, num_input) -> (y_t (B, num_output), new state)."""
-        x_t = self.xp.asarray(x_t)
-        if x_t.ndim != 2:
-            raise DataError(f"step input must have shape (batch, {self.config.num_input}), got {tuple(x_t.shape)}")
-        Y, new_state = self.run(x_t[:, None, :], state)
-        return Y[:, 0], new_state
 
     def run(self, X, state):
         """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""

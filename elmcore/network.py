@@ -19,7 +19,7 @@ import numpy as np
 from . import network_params as NP
 from .config import NetworkConfig, check_memory
 from .errors import DataError, ELMError
-from .model import InputChecks, ParameterBookkeeping, resolve_dtype
+from .model import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype
 from .params import PHI_SCALE, PHI_SLOPE, TAU_FLOOR
 
 
@@ -85,7 +85,7 @@ class LayerWeights:
     c_o: np.ndarray            # [N]
 
 
-class ELMNetwork(InputChecks, ParameterBookkeeping):
+class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
     """An ELM Network (``version = "elm_network"``) with the single neuron's API.
 
     Parameters live in ``self.params`` under the spec's state_dict keys. ``forward``
@@ -358,14 +358,6 @@ class ELMNetwork(InputChecks, ParameterBookkeeping):
             out[f"layers.{layer}.o"] = c["O"]
             out[f"layers.{layer}.m"] = self.xp.ascontiguousarray(c["M"].transpose(0, 1, 3, 2))
         return Y, out
-
-    def step(self, state, x_t):
-        """One time step: x_t (B, num_input) -> (y_t (B, num_output), new state)."""
-        x_t = self.xp.asarray(x_t)
-        if x_t.ndim != 2:
-            raise DataError(f"step input must have shape (batch, {self.config.num_input}), got {tuple(x_t.shape)}")
-        Y, new_state = self.run(x_t[:, None, :], state)
-        return Y[:, 0], new_state
 
     def run(self, X, state):
         """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
