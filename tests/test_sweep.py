@@ -15,7 +15,7 @@ import pytest
 
 from elmcore.config import network_parameter_count
 from elmcore.errors import ELMError
-from elmcore.sweep import budget_shapes, expand_points
+from elmcore.sweep import budget_shapes, expand_points, point_state
 
 
 # The trainable arrays of the three ELM Network oracle cases (docs/spec.md §7.4) add up to these.
@@ -93,10 +93,19 @@ batch_size = 16
 checkpoint_every = 2
 dtype = "float64"
 model = {{mlp_hidden_size = 8}}
-
-[grid]
-num_memory = [2, 4, 6]
 """
+# The victim point trains for long enough (hundreds of epochs at ~10 ms) that the test's
+# kill lands while it trains: a worker that finished it would already be on the next point.
+SWEEP_WITH_A_LONG_POINT = SWEEP + """
+[[points]]
+num_memory = 2
+[[points]]
+num_memory = 4
+epochs = 300
+[[points]]
+num_memory = 6
+"""
+VICTIM = "p001-num_memory=4-epochs=300"
 
 
 def _point_pid(point_dir):
@@ -110,24 +119,24 @@ def _point_pid(point_dir):
 def test_sweep_with_two_jobs_survives_a_killed_point_and_resumes_it(tmp_path):
     sweep_dir = str(tmp_path / "sw")
     path = tmp_path / "sweep.toml"
-    path.write_text(SWEEP.format(dir=sweep_dir))
+    path.write_text(SWEEP_WITH_A_LONG_POINT.format(dir=sweep_dir))
     cmd = [sys.executable, "-m", "elm_cli.launch", "sweep", str(path), "--jobs", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    victim = os.path.join(sweep_dir, "p001-num_memory=4")
+    victim = os.path.join(sweep_dir, VICTIM)
     killed, deadline = None, time.time() + 300
     while killed is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-        if os.path.exists(os.path.join(victim, "last.npz")):
+        if point_state(victim) == "interrupted":  # checkpointed, not finished
             killed = _point_pid(victim)
             if killed:
                 os.kill(killed, signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert killed, "the point's process was not found while it trained"
     assert proc.returncode == 1, err
-    assert "p001-num_memory=4 was killed by signal 9" in err
+    assert f"{VICTIM} was killed by signal 9" in err
     with open(os.path.join(sweep_dir, "summary.csv")) as f:
         status = {r["point"]: r["status"] for r in csv.DictReader(f)}
-    assert status == {"p000-num_memory=2": "done", "p001-num_memory=4": "interrupted", "p002-num_memory=6": "done"}
+    assert status == {"p000-num_memory=2": "done", VICTIM: "interrupted", "p002-num_memory=6": "done"}
     finished = os.path.getmtime(os.path.join(sweep_dir, "p000-num_memory=2", "summary.json"))
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
@@ -162,7 +171,7 @@ def test_sweep_points_spread_over_mpi_ranks(tmp_path):
         pytest.skip("no mpiexec: install the [mpi] extra to run sweeps over MPI ranks")
     sweep_dir = str(tmp_path / "sw")
     path = tmp_path / "sweep.toml"
-    path.write_text(SWEEP.format(dir=sweep_dir).replace("[2, 4, 6]", "[2, 4]").replace("epochs = 3", "epochs = 1"))
+    path.write_text(SWEEP.format(dir=sweep_dir).replace("epochs = 3", "epochs = 1") + "[grid]\nnum_memory = [2, 4]\n")
     r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "elm_cli.launch", "sweep", str(path)],
                        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=_env())
     assert r.returncode == 0, r.stderr
