@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DataError, ELMError
+from ..errors import DataError
 from ..fileio import read_npy, read_npz
 from .base import SPLITS, Batch, Task
 
@@ -154,9 +154,9 @@ def _read_image_arrays(path):
         return {n: arrays[n] for n in names if n in arrays}
     except DataError:
         raise
-    except ELMError as e:  # sizes checked before allocating: a forged header is refused here
-        raise DataError(f"cannot read image arrays from {path}: {e}") from None
-    except Exception as e:  # zipfile / format / pickle-refusal errors all mean "not a usable file"
+    # zipfile / format / pickle-refusal errors and read_npz's refusal of a forged header
+    # (sizes are checked before allocating) all mean "not a usable file"
+    except Exception as e:
         raise DataError(f"cannot read image arrays from {path}: {e}") from None
 
 

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from ..errors import DataError, ELMError
+from ..errors import DataError
 from ..fileio import atomic_output, read_npz
 from .base import SPLITS, ArrayTask
 from .images import split_sizes
@@ -132,9 +132,7 @@ def load_synthetic(path, expected=None):
         raise DataError(f"synthetic task file not found: {path}")
     try:
         arrays = read_npz(path, "a synthetic task file")
-    except ELMError as e:
-        raise DataError(f"cannot read synthetic task file {path}: {e}") from None
-    except Exception as e:  # a truncated zip, a non-npz file or a pickled array all land here
+    except Exception as e:  # a truncated zip, a non-npz file, a pickled array or a forged header all land here
         raise DataError(f"cannot read synthetic task file {path}: {e}") from None
     try:
         meta = json.loads(str(arrays.pop("meta")))
