@@ -46,8 +46,8 @@ def step_worker(config, repeats, warmup):
     from bench_step import CONFIGS, loss_and_grad, make_inputs  # noqa: E402  (imports elmcore first)
     import numpy as np
     from elmcore import ELM, ELMConfig
-    from elmcore.distributed import communicator
-    from elmcore.optim import Optimizer
+    from elmcore.training.distributed import communicator
+    from elmcore.training.optim import Optimizer
     spec = CONFIGS[config]
     comm = communicator()
     X, target = make_inputs(spec, np.random.default_rng(0), "uint8")

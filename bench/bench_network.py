@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402  (first: it records the user's thread environment before elmcore sets its own)
 import numpy as np  # noqa: E402
 from bench_step import summarise, timed  # noqa: E402
-from elmcore.losses import cross_entropy_all, cross_entropy_last  # noqa: E402
-from elmcore.optim import Optimizer  # noqa: E402
+from elmcore.training.losses import cross_entropy_all, cross_entropy_last  # noqa: E402
+from elmcore.training.optim import Optimizer  # noqa: E402
 
 NEURON = dict(num_memory=8, num_branch=4, num_synapse_per_branch=8, recurrent_fraction=0.5)
 CONFIGS = {
@@ -61,16 +61,16 @@ def make_inputs(spec, rng, input_dtype):
 
 def build_elmcore_network(model_fields, device, dtype="float32", seed=0):
     """elmcore's ELM Network for ``model_fields`` (a §7.1 dict with version="elm_network")."""
-    from elmcore.config import load_config_dict
-    from elmcore.models import build_model
+    from elmcore.engine.factory import load_config_dict
+    from elmcore.engine.factory import build_model
     return build_model(load_config_dict(model_fields), seed=seed, dtype=dtype, device=device)
 
 
 def elmcore_network_problem():
     """None when elmcore's network is importable, else why not (this branch may predate it)."""
     try:
-        import elmcore.models  # noqa: F401
-        import elmcore.network  # noqa: F401
+        import elmcore.engine.factory  # noqa: F401
+        import elmcore.network.model  # noqa: F401
     except ImportError as e:
         return str(e)
     return None

@@ -25,8 +25,8 @@ _USER_ENV = {k: os.environ.get(k) for k in _ELMCORE_ENV_DEFAULTS}  # before elmc
 from elmcore import ELM, ELMConfig  # noqa: E402  (before NumPy: it tunes OpenBLAS's threads)
 import numpy as np  # noqa: E402
 from elmcore.data.neuronio import neuronio_loss  # noqa: E402
-from elmcore.losses import cross_entropy_last  # noqa: E402
-from elmcore.optim import Optimizer  # noqa: E402
+from elmcore.training.losses import cross_entropy_last  # noqa: E402
+from elmcore.training.optim import Optimizer  # noqa: E402
 
 CONFIGS = {
     # The release's best_elm_neuron: 45 branches x 100 synapses over 1278 NeuronIO inputs.

@@ -63,7 +63,7 @@ for name in ("numpy", "numba", "numba_cuda", "cupy", "pytest", "click", "torch")
         print(name, importlib.import_module(name).__version__)
     except Exception as e:
         print(name, "unavailable:", type(e).__name__, e)
-from elmcore.cuda_backend import cuda_problem
+from elmcore.engine.cuda_backend import cuda_problem
 print("cuda_problem:", cuda_problem())
 PY
 } >"$OUT/env.txt" 2>&1

@@ -43,10 +43,10 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402
 
-from elmcore.config import load_config_dict  # noqa: E402
+from elmcore.engine.factory import load_config_dict  # noqa: E402
 from elmcore.kernels import network_cpu  # noqa: E402
 from elmcore.kernels.cpu import _accumulate_product  # noqa: E402
-from elmcore.network_params import mlp_widths  # noqa: E402
+from elmcore.network.params import mlp_widths  # noqa: E402
 
 _JIT = dict(error_model="numpy", fastmath={"contract"})
 

@@ -15,7 +15,7 @@ import numpy as np
 
 import elmcore  # noqa: F401  (thread settings before NumPy loads BLAS)
 from elmcore import ELMNetwork
-from elmcore.config import NetworkConfig
+from elmcore.network.config import NetworkConfig
 
 
 def time_step(name, cfg, X, reps=5):

@@ -64,7 +64,7 @@ def _device_name(device):
 def measure(args):
     from numba import cuda, float32
 
-    from elmcore import params as P
+    from elmcore.neuron import params as P
     from elmcore.kernels import cuda as K
     import cupy
 
@@ -136,7 +136,7 @@ def measure(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from elmcore.cuda_backend import cuda_problem
+    from elmcore.engine.cuda_backend import cuda_problem
     problem = cuda_problem()
     if problem is None:
         from elmcore.kernels.cuda import SIMULATOR
@@ -153,7 +153,7 @@ def main(argv=None):
     print(f"recurrence {result['recurrence_us_per_step']:.2f} us/step, "
           f"barrier floor {result['floor_us_per_step']:.2f} us/step, ratio {result['ratio']:.2f}")
     if args.json:
-        from elmcore.fileio import atomic_write_text
+        from elmcore.storage.fileio import atomic_write_text
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -18,11 +18,12 @@ if _tune_threads:
 if _tune_threads:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from .config import ELMConfig, NetworkConfig
-from .errors import ConfigError, DataError, ELMError
-from .model import ELM
-from .models import build_model
-from .network import ELMNetwork
+from elmcore.neuron.config import ELMConfig
+from elmcore.network.config import NetworkConfig
+from elmcore.errors import ConfigError, DataError, ELMError
+from elmcore.neuron.model import ELM
+from elmcore.engine.factory import build_model
+from elmcore.network.model import ELMNetwork
 
 __all__ = ["ELM", "ELMConfig", "ELMNetwork", "NetworkConfig", "build_model", "ELMError", "ConfigError",
            "DataError"]

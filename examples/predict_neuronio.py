@@ -24,8 +24,8 @@ import os
 import numpy as np
 
 from elmcore import ELM
-from elmcore.predict import predict_array
-from elmcore.torch_checkpoint import load_release_model
+from elmcore.training.predict import predict_array
+from elmcore.verification.torch_checkpoint import load_release_model
 
 SEGMENTS = 639
 NUM_INPUT = 2 * SEGMENTS

@@ -22,10 +22,10 @@ import os
 
 import numpy as np
 
-from elmcore.checkpoint import load_model, save_model
+from elmcore.training.checkpoint import load_model, save_model
 from elmcore.data.base import ArrayTask
-from elmcore.predict import predict_array
-from elmcore.train import Trainer, TrainSettings
+from elmcore.training.predict import predict_array
+from elmcore.training.train import Trainer, TrainSettings
 
 
 def make_arrays(rng, n, steps):

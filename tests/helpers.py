@@ -3,7 +3,7 @@
 import os
 
 
-from elmcore.config import ELMConfig
+from elmcore.neuron.config import ELMConfig
 
 HERE = os.path.dirname(__file__)
 GOLDEN_DIR = os.path.join(HERE, "data", "golden")

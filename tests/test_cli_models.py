@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from elm_cli.main import cli
-from elmcore.checkpoint import load_model
-from elmcore.oracle import load_oracle, relative_error
+from elmcore.training.checkpoint import load_model
+from elmcore.verification.oracle import load_oracle, relative_error
 from helpers import GOLDEN_DIR, REFERENCE_DIR
 
 CHECKPOINTS = sorted(glob.glob(os.path.join(REFERENCE_DIR, "*", "neuronio_best_model_state.pt")))
@@ -79,7 +79,7 @@ def test_predict_accepts_a_single_sequence(converted, tmp_path):
 
 def test_convert_then_hidden_input_matches_loading_the_pt_directly(converted):
     from elmcore import ELM
-    from elmcore.torch_checkpoint import load_release_model
+    from elmcore.verification.torch_checkpoint import load_release_model
     rng = np.random.default_rng(1)
     X = (rng.random((2, 40, 1278)) < 0.02) * np.where(np.arange(1278) < 639, 1.0, -1.0)
     for pt in CHECKPOINTS:

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from elm_cli.main import cli
-from elmcore.checkpoint import load_file
+from elmcore.training.checkpoint import load_file
 
 SMALL = ["--task", "delayed-recall", "--task-option", "n=600", "--task-option", "length=20",
          "--set", "num_memory=8", "--set", "version=branch_elm_v2", "--batch-size", "16", "--quiet"]

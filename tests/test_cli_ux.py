@@ -14,10 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from elm_cli.main import cli
-from elmcore.config import ELMConfig, NetworkConfig
+from elmcore.neuron.config import ELMConfig
+from elmcore.network.config import NetworkConfig
 from elmcore.data import registry
 from elmcore.data.base import ArrayTask, Task
-from elmcore.train import Trainer, TrainSettings, resolve_settings
+from elmcore.training.train import Trainer, TrainSettings, resolve_settings
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 TINY_ADDING = ["--task", "adding", "--task-option", "n=120", "--task-option", "length=12", "--seed", "3",
@@ -177,7 +178,7 @@ def test_a_task_without_validation_split_gets_one_carved_from_train(tmp_path):
     assert "epoch 1/2: train loss" in log and "valid accuracy" in log
     # Deterministic from the seed: the same examples again.
     again = ArrayTask("sign", {"train": (X[:60], y[:60]), "test": (X[60:], y[60:])}, num_output=2)
-    from elmcore.train import carve_validation
+    from elmcore.training.train import carve_validation
     carve_validation(again, 0.1, 5)
     assert np.array_equal(again.splits["valid"][0], task.splits["valid"][0])
 
@@ -268,8 +269,8 @@ def test_plot_of_missing_things_is_one_error_line(tmp_path):
 
 def test_chance_level_comes_from_the_runs_model(tmp_path):
     from elmcore import ELM
-    from elmcore.checkpoint import save_model
-    from elmcore.plotting import _chance
+    from elmcore.training.checkpoint import save_model
+    from elmcore.reporting.plotting import _chance
     cfg = ELMConfig(num_input=3, num_output=4, num_memory=2)
     save_model(tmp_path / "best.npz", cfg, ELM(cfg).state_dict())
     assert _chance("accuracy", str(tmp_path)) == (0.25, "chance (1/4)")
@@ -279,7 +280,7 @@ def test_chance_level_comes_from_the_runs_model(tmp_path):
 
 def test_previews_of_a_wide_spiking_task_and_of_listops(tmp_path):
     pytest.importorskip("matplotlib")
-    from elmcore.plotting import write_data_preview
+    from elmcore.reporting.plotting import write_data_preview
     rng = np.random.default_rng(0)
     X = (rng.random((4, 30, 100)) < 0.05).astype(np.float32)
     task = ArrayTask("spikes", {"train": (X, np.arange(4) % 2)}, num_output=2)

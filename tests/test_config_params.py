@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from elmcore import ELM, ELMConfig
-from elmcore import params as P
+from elmcore.neuron import params as P
 from elmcore.errors import ConfigError, ELMError
 from helpers import REFERENCE_DIR
 

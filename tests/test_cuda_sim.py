@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 
 from elmcore import ELM, ELMError
-from elmcore import params as P
-from elmcore.config import ELMConfig
-from elmcore.cuda_backend import cuda_problem
-from elmcore.oracle import load_oracle, relative_error, verify_case
+from elmcore.neuron import params as P
+from elmcore.neuron.config import ELMConfig
+from elmcore.engine.cuda_backend import cuda_problem
+from elmcore.verification.oracle import load_oracle, relative_error, verify_case
 from helpers import GOLDEN_DIR, random_config
 
 SIM_ENV = "NUMBA_ENABLE_CUDASIM"
@@ -474,8 +474,8 @@ _PROBE = textwrap.dedent("""
         fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=count))
         sys.modules["cupy"] = fake
     from elmcore import ELM, ELMConfig, ELMError
-    from elmcore.backend import get_backend
-    from elmcore.cuda_backend import cuda_problem
+    from elmcore.engine.backend import get_backend
+    from elmcore.engine.cuda_backend import cuda_problem
     out = {"problem": cuda_problem(), "numba_sees_gpu": bool(cuda.is_available())}
     try:
         ELM(ELMConfig(num_input=2, num_output=1, num_memory=2), device="cuda")

@@ -11,11 +11,10 @@ from click.testing import CliRunner
 
 from elm_cli.data_cmd import data as data_cli
 from elmcore.data import registry
-from elmcore.data.text import (ENWIK8_SIZE, WordMarkovSource, byte_counts, entropy_bits,
-                               generate_text, read_bytes)
+from elmcore.data.text import ENWIK8_SIZE, WordMarkovSource, byte_counts, entropy_bits, generate_text, read_bytes
 from elmcore.errors import DataError, ELMError
-from elmcore.evaluate import evaluate_batches
-from elmcore.losses import LOSS_FUNCTIONS, cross_entropy_all
+from elmcore.training.evaluate import evaluate_batches
+from elmcore.training.losses import LOSS_FUNCTIONS, cross_entropy_all
 
 
 @pytest.fixture(scope="module")

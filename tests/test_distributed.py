@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from elm_cli.launch import death_message, launcher_ranks, threads_per_rank
-from elmcore.config import ELMConfig
-from elmcore.distributed import Communicator, flatten_into, launcher_size, nccl_dtype, unflatten
+from elmcore.neuron.config import ELMConfig
+from elmcore.training.distributed import Communicator, flatten_into, launcher_size, nccl_dtype, unflatten
 from elmcore.errors import ELMError
 from elmcore.data.neuronio import neuronio_loss
-from elmcore.losses import LOSS_FUNCTIONS
-from elmcore.model import ELM
+from elmcore.training.losses import LOSS_FUNCTIONS
+from elmcore.neuron.model import ELM
 
 
 class FakeRank(Communicator):
@@ -105,7 +105,7 @@ class _DeviceArray(np.ndarray):
 def test_nccl_all_reduce_gets_the_flat_buffer_in_place_on_the_current_stream():
     """The NCCL path without a GPU: a fake NCCL that sums two identical ranks through the raw pointer."""
     import ctypes
-    from elmcore.distributed import NCCLCommunicator
+    from elmcore.training.distributed import NCCLCommunicator
     calls = []
 
     def all_reduce(send, recv, count, dtype, op, stream):

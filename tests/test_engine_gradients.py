@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from elmcore import ELM
-from elmcore.gradcheck import gradcheck, passes, random_test_params
+from elmcore.verification.gradcheck import gradcheck, passes, random_test_params
 from helpers import random_config
 
 FD_TOLERANCE = 1e-6

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from elmcore import ELM
-from elmcore.oracle import TOLERANCE, load_oracle, relative_error, verify_case
+from elmcore.verification.oracle import TOLERANCE, load_oracle, relative_error, verify_case
 from helpers import golden_files
 
 CASES = golden_files()

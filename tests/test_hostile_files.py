@@ -218,7 +218,7 @@ def test_tensor_sizes_beyond_int64_are_refused(tmp_path, size):
 
 
 def test_huge_stride_on_a_dimension_of_one_reads_the_element(tmp_path):
-    from elmcore.torch_checkpoint import load_torch_state_dict
+    from elmcore.verification.torch_checkpoint import load_torch_state_dict
     state = {"w": Tensor(Storage("0", "FloatStorage", 2), 1, (1, 1), (2 ** 70, 2 ** 65))}
     out = load_torch_state_dict(write_checkpoint(tmp_path / "h.pt", state, {"0": np.float32([1, 2]).tobytes()}))
     assert out["w"].tolist() == [[2.0]]
@@ -242,7 +242,7 @@ def test_zip_bomb_data_pkl_is_refused_by_its_declared_sizes(tmp_path):
 
 
 def test_a_storage_record_that_inflates_a_thousandfold_is_refused(tmp_path):
-    from elmcore.torch_checkpoint import load_torch_state_dict
+    from elmcore.verification.torch_checkpoint import load_torch_state_dict
     n = 16 << 20
     path = tmp_path / "st.pt"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -253,7 +253,7 @@ def test_a_storage_record_that_inflates_a_thousandfold_is_refused(tmp_path):
 
 
 def test_entries_repeating_one_storage_are_refused(tmp_path):
-    from elmcore.torch_checkpoint import load_torch_state_dict
+    from elmcore.verification.torch_checkpoint import load_torch_state_dict
     n = 1 << 20
     st = Storage("0", "FloatStorage", n)
     state = {f"w{i}": Tensor(st, 0, (n,), (1,)) for i in range(100)}  # 400 MB from 4 MB
@@ -281,7 +281,7 @@ def _one_tensor():
 
 
 def test_ordered_dict_state_cannot_shadow_its_methods(tmp_path):
-    from elmcore.torch_checkpoint import load_torch_state_dict
+    from elmcore.verification.torch_checkpoint import load_torch_state_dict
     items, storages = _one_tensor()
     # Slot state {'items': 5} used to become an attribute hiding OrderedDict.items.
     state = OrderedDictWithState(items, (None, {"items": 5, "keys": 6}))
@@ -371,7 +371,7 @@ def test_damaged_neuronio_files_raise_only_data_error(tmp_path):
 def test_fifos_named_like_data_files_are_refused_without_blocking(tmp_path):
     from elmcore.data.neuronio import read_neuronio_file
     from elmcore.data.shd import read_shd_h5
-    from elmcore.torch_checkpoint import load_torch_state_dict
+    from elmcore.verification.torch_checkpoint import load_torch_state_dict
     for name, read, error in (("x_sim__0.p", read_neuronio_file, DataError),
                               ("m.pt", load_torch_state_dict, CheckpointError),
                               ("shd_train.h5", read_shd_h5, DataError)):

@@ -72,7 +72,7 @@ def test_model_asks_the_kernel_module_for_the_sparse_first_layer(monkeypatch):
     import numpy as np
 
     from elmcore import ELM
-    from elmcore.config import ELMConfig
+    from elmcore.neuron.config import ELMConfig
     from elmcore.kernels import cpu
     cfg = ELMConfig(num_input=6, num_output=1, num_memory=3, version="branch_elm_v2",
                     num_branch=4, num_synapse_per_branch=2, input_to_synapse_routing="random_routing")

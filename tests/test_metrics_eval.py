@@ -5,7 +5,7 @@ import pytest
 
 from elmcore import ELM, ELMConfig
 from elmcore.data.neuronio.evaluation import align_soma, neuronio_predict, window_plan
-from elmcore.metrics import auc_at_fp, roc_auc, roc_curve, soma_metrics, tp_at_fp
+from elmcore.training.metrics import auc_at_fp, roc_auc, roc_curve, soma_metrics, tp_at_fp
 
 
 def mann_whitney_auc(y, s):

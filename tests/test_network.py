@@ -11,12 +11,14 @@ from click.testing import CliRunner
 
 from elm_cli.main import cli
 from elmcore import ELM, ELMNetwork, build_model
-from elmcore import network_params as NP
-from elmcore.checkpoint import load_file, load_model, save_model
-from elmcore.config import ELMConfig, NetworkConfig, load_config_dict
+from elmcore.network import params as NP
+from elmcore.training.checkpoint import load_file, load_model, save_model
+from elmcore.neuron.config import ELMConfig
+from elmcore.network.config import NetworkConfig
+from elmcore.engine.factory import load_config_dict
 from elmcore.errors import ConfigError, DataError, ELMError
-from elmcore.gradcheck import gradcheck, passes
-from elmcore.oracle import TOLERANCE, load_oracle, verify_case
+from elmcore.verification.gradcheck import gradcheck, passes
+from elmcore.verification.oracle import TOLERANCE, load_oracle, verify_case
 
 HERE = os.path.dirname(__file__)
 GOLDEN_NETWORK_DIR = os.path.join(HERE, "data", "golden_network")
@@ -350,7 +352,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def _adding_run(tmp_path, name, epochs=8, **kw):
     from elmcore.data.synthetic import make_synthetic
-    from elmcore.train import Trainer, TrainSettings
+    from elmcore.training.train import Trainer, TrainSettings
     task = make_synthetic("adding", n=3000, seed=0, length=10)
     model = dict(version="elm_network", num_neurons=16, num_memory=8, mlp_hidden_size=16, num_branch=2,
                  num_synapse_per_branch=4, recurrent_fraction=0.5, memory_tau_max=30.0)
@@ -370,7 +372,7 @@ def test_a_network_learns_the_adding_problem(tmp_path):
 
 
 def test_network_kill_and_resume_is_bit_identical(tmp_path):
-    from elmcore.train import Trainer
+    from elmcore.training.train import Trainer
     _adding_run(tmp_path, "full", epochs=1, batches_per_epoch=12)[0].run()
 
     class Killed(BaseException):

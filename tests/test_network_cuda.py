@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from elmcore import ELMNetwork
-from elmcore import network_params as NP
-from elmcore.config import ELMConfig
-from elmcore.cuda_backend import cuda_problem
-from elmcore.oracle import load_oracle, verify_case
+from elmcore.network import params as NP
+from elmcore.neuron.config import ELMConfig
+from elmcore.engine.cuda_backend import cuda_problem
+from elmcore.verification.oracle import load_oracle, verify_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN_NETWORK_DIR = os.path.join(HERE, "data", "golden_network")

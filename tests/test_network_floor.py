@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elmcore.config import NetworkConfig, network_parameter_count
+from elmcore.network.config import NetworkConfig, network_parameter_count
 
 REPO = Path(__file__).resolve().parents[1]
 

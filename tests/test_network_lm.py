@@ -13,9 +13,9 @@ import pytest
 
 from elmcore.data import registry
 from elmcore.data.text import generate_text
-from elmcore.evaluate import evaluate_batches
-from elmcore.losses import cross_entropy_all
-from elmcore.optim import Optimizer
+from elmcore.training.evaluate import evaluate_batches
+from elmcore.training.losses import cross_entropy_all
+from elmcore.training.optim import Optimizer
 
 NETWORK = dict(version="elm_network", num_neurons=16, num_memory=4, num_branch=4, num_synapse_per_branch=4,
                recurrent_fraction=0.5, memory_tau_max=50.0)
@@ -33,8 +33,8 @@ def char_task(tmp_path_factory):
 
 def build_network(fields, seed=0, dtype="float32"):
     """elmcore's ELM Network for a docs/spec.md §7.1 field dict, through the model factory."""
-    from elmcore.config import load_config_dict
-    from elmcore.models import build_model
+    from elmcore.engine.factory import load_config_dict
+    from elmcore.engine.factory import build_model
     return build_model(load_config_dict(fields), seed=seed, dtype=dtype, device="cpu")
 
 
@@ -62,7 +62,7 @@ def test_network_beats_the_unigram_entropy_on_a_generated_corpus(char_task):
 
 
 def test_elm_train_runs_a_network_on_the_text_task(char_task, tmp_path):
-    from elmcore.train import Trainer, TrainSettings
+    from elmcore.training.train import Trainer, TrainSettings
     task, corpus = char_task
     settings = TrainSettings(task="text", data_dir=str(corpus), task_options={"length": LENGTH},
                              model=dict(NETWORK), epochs=TRAINER_EPOCHS, batch_size=BATCH, lr=TRAINER_LR,

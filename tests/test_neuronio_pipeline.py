@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from elm_cli.main import cli
-from elmcore.checkpoint import save_model
+from elmcore.training.checkpoint import save_model
 from elmcore.data.neuronio import load_teacher
 from elmcore.data.registry import generate
 

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from elmcore import losses
+from elmcore.training import losses as losses
 from elmcore.data.neuronio import neuronio_loss, prepare_soma
 from elmcore.errors import ELMError
-from elmcore.optim import Optimizer, clip_by_global_norm, cosine_lr
+from elmcore.training.optim import Optimizer, clip_by_global_norm, cosine_lr
 
 
 def _reference_adam(p, grads, lr, b1, b2, eps, wd, kind):
@@ -167,7 +167,7 @@ def test_soma_preparation():
 
 
 def test_atomic_output_keeps_the_old_file_on_failure_and_honours_suffix(tmp_path):
-    from elmcore.fileio import atomic_output
+    from elmcore.storage.fileio import atomic_output
     target = tmp_path / "model.npz"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):

@@ -20,15 +20,16 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from elm_cli.main import cli
-from elmcore import fileio
-from elmcore.checkpoint import load_file, save_model
-from elmcore import config as config_module
-from elmcore.config import ELMConfig, check_memory
+from elmcore.storage import fileio as fileio
+from elmcore.training.checkpoint import load_file, save_model
+from elmcore.neuron import config as config_module
+from elmcore.neuron.config import ELMConfig
+from elmcore.engine.memory import check_memory
 from elmcore.data.registry import get_task
 from elmcore.errors import ELMError
-from elmcore.model import ELM
-from elmcore.params import expected_shapes
-from elmcore.train import RUN_FILES, Trainer, TrainingDiverged, TrainSettings, _lock_run_dir
+from elmcore.neuron.model import ELM
+from elmcore.neuron.params import expected_shapes
+from elmcore.training.train import RUN_FILES, Trainer, TrainingDiverged, TrainSettings, _lock_run_dir
 
 from helpers import REFERENCE_DIR
 
@@ -99,7 +100,7 @@ def test_device_node_output_is_written_through_not_replaced(tmp_path):
 def test_dev_stdout_is_written_at_the_descriptor_not_replaced(tmp_path):
     import subprocess
     import sys
-    script = ("from elmcore.fileio import atomic_write_text\n"
+    script = ("from elmcore.storage.fileio import atomic_write_text\n"
               "print('before', flush=True)\n"
               "atomic_write_text('/dev/stdout', 'json\\n')\n"
               "atomic_write_text('/dev/fd/1', 'again\\n')\n"
@@ -761,7 +762,7 @@ def test_two_trainer_processes_on_one_run_directory(tmp_path):
 
 def test_a_forward_pass_that_cannot_fit_is_refused_before_allocating(files, tmp_path, monkeypatch):
     # A machine with 64 MiB, so that a modest input stands for one far longer than memory.
-    monkeypatch.setattr("elmcore.config.memory_limit_bytes", lambda: 2 ** 26)
+    monkeypatch.setattr("elmcore.engine.memory.memory_limit_bytes", lambda: 2 ** 26)
     np.save(tmp_path / "long.npy", np.zeros((1, 2 ** 20, 2), np.float32))
     assert_refused(invoke("predict", files / "model.npz", "--input", tmp_path / "long.npy", "--output",
                           tmp_path / "out.npy"), "forward pass over 1 sequences of 1048576 steps",

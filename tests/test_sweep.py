@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from elmcore.config import network_parameter_count
+from elmcore.network.config import network_parameter_count
 from elmcore.errors import ELMError
-from elmcore.sweep import budget_shapes, expand_points, point_state
+from elmcore.training.sweep import budget_shapes, expand_points, point_state
 
 
 # The trainable arrays of the three ELM Network oracle cases (docs/spec.md §7.4) add up to these.
@@ -184,8 +184,8 @@ def test_sweep_points_spread_over_mpi_ranks(tmp_path):
 @pytest.mark.parametrize("seed", range(4))
 def test_budget_count_matches_the_network_model(seed):
     """Once the ELM Network model is in the package, its own count must equal the budget arithmetic."""
-    from elmcore import models
-    from elmcore.config import NetworkConfig
+    from elmcore.engine import factory as models
+    from elmcore.network.config import NetworkConfig
     rng = np.random.default_rng(seed)
     shape = dict(num_output=int(rng.integers(1, 5)), num_neurons=int(rng.integers(1, 9)),
                  num_memory=int(rng.integers(1, 7)), num_branch=int(rng.integers(1, 5)),

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 import elmcore
 from elm_cli.main import cli
 from elmcore import ELM, ELMConfig
-from elmcore.checkpoint import save_model
+from elmcore.training.checkpoint import save_model
 from elmcore.data import registry
 from elmcore.data.base import ArrayTask, OutputHead
 from elmcore.errors import ELMError
-from elmcore.optional import MissingDependency
-from elmcore.predict import head_names, predict_array
-from elmcore.train import Trainer, TrainSettings
+from elmcore.engine.optional import MissingDependency
+from elmcore.training.predict import head_names, predict_array
+from elmcore.training.train import Trainer, TrainSettings
 
 GENERIC_MODULES = ("train.py", "evaluate.py", "predict.py", "losses.py", "plotting.py")
 

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (the basel
 
 from elmcore import ELM, ELMConfig  # noqa: E402
 from elmcore.errors import ConfigError, DataError, ELMError  # noqa: E402
-from elmcore.params import init_params  # noqa: E402
+from elmcore.neuron.params import init_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_PATH = REPO / "bench" / "torch_baseline.py"

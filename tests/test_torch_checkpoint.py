@@ -17,8 +17,8 @@ import pytest
 
 from elmcore import ELM, ELMError
 from elmcore.errors import CheckpointError
-from elmcore.params import neuronio_routing
-from elmcore.torch_checkpoint import load_release_model, load_torch_state_dict
+from elmcore.neuron.params import neuronio_routing
+from elmcore.verification.torch_checkpoint import load_release_model, load_torch_state_dict
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "reference_models"

@@ -150,7 +150,7 @@ def test_network_benchmark_times_the_baseline_in_a_child_process(monkeypatch, tm
 
 
 # Configurations the oracle files do not cover: no hidden MLP layer, every synapse recurrent,
-# three stacked layers, Δt ≠ 1. Run once elmcore's network (elmcore.network) is present.
+# three stacked layers, Δt ≠ 1. Run once elmcore's network (elmcore.network.model) is present.
 ENGINE_CASES = {
     "all_recurrent_no_hidden": dict(num_input=4, num_output=3, num_neurons=5, num_memory=3, mlp_num_layers=0,
                                     num_branch=2, num_synapse_per_branch=3, recurrent_fraction=1.0,
@@ -163,8 +163,8 @@ ENGINE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(ENGINE_CASES))
 def test_matches_elmcore_network_engine(case):
-    from elmcore.config import load_config_dict
-    from elmcore.models import build_model
+    from elmcore.engine.factory import load_config_dict
+    from elmcore.engine.factory import build_model
     fields = dict(ENGINE_CASES[case], version="elm_network")
     engine = build_model(load_config_dict(fields), seed=4, dtype="float64")
     rng = np.random.default_rng(11)

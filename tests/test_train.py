@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from elmcore.checkpoint import load_file
+from elmcore.training.checkpoint import load_file
 from elmcore.data.base import ArrayTask
 from elmcore.errors import DataError
-from elmcore.train import Trainer, TrainingDiverged, TrainSettings
+from elmcore.training.train import Trainer, TrainingDiverged, TrainSettings
 
 
 def sign_task(n=96, T=12, D=3, seed=0):

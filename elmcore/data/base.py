@@ -14,9 +14,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..errors import ELMError
+from elmcore.errors import ELMError
 
-# Losses by name (elmcore.losses.LOSS_FUNCTIONS), what the default loss_and_grad uses:
+# Losses by name (elmcore.training.losses.LOSS_FUNCTIONS), what the default loss_and_grad uses:
 #   "cross_entropy_last": target (B,) int64 class labels, read from Y[:, -1, :]
 #   "cross_entropy_all":  target (B, T) int64 next tokens, every step (char-level language modelling)
 #   "mse":                target (B, T, num_output) float, every step
@@ -74,12 +74,12 @@ class Task:
         """``(loss, dY)`` of model outputs Y (B, T, num_output) against a batch's ``target``.
 
         ``train_options`` are the run's settings a task's loss may take (the trainer
-        passes ``burn_in``); the default, ``elmcore.losses.LOSS_FUNCTIONS[self.loss]``,
+        passes ``burn_in``); the default, ``elmcore.training.losses.LOSS_FUNCTIONS[self.loss]``,
         takes none and ignores them.
         """
-        from ..losses import LOSS_FUNCTIONS
+        from elmcore.training.losses import LOSS_FUNCTIONS
         if self.loss not in LOSS_FUNCTIONS:
-            raise ELMError(f"task '{self.name}' names the loss {self.loss!r}, which elmcore.losses does not "
+            raise ELMError(f"task '{self.name}' names the loss {self.loss!r}, which elmcore.training.losses does not "
                            f"define ({', '.join(LOSS_FUNCTIONS)}); a task with its own loss overrides "
                            "loss_and_grad")
         return LOSS_FUNCTIONS[self.loss](Y, target)
@@ -90,12 +90,12 @@ class Task:
         The default runs :meth:`batches` through the model (at most ``max_batches``
         batches) and takes no other options; a task with an evaluation protocol of
         its own overrides this and names the options it takes (``elm eval`` passes
-        those the user gives). Under data-parallel training ``comm`` (``elmcore.distributed``)
+        those the user gives). Under data-parallel training ``comm`` (``elmcore.training.distributed``)
         shares the batches out over the ranks; a task may ignore it and evaluate whole.
         """
         if options:
             raise ELMError(f"task '{self.name}' takes no evaluation option(s) {', '.join(sorted(options))}")
-        from ..evaluate import evaluate_batches
+        from elmcore.training.evaluate import evaluate_batches
         return evaluate_batches(model, self, split, batch_size, max_batches, comm=comm)
 
     def validation_metrics(self, model, split, batch_size=64, max_batches=None, comm=None) -> dict:

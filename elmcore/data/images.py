@@ -25,9 +25,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DataError
-from ..fileio import read_npy, read_npz
-from .base import SPLITS, Batch, Task
+from elmcore.errors import DataError
+from elmcore.storage.fileio import read_npy, read_npz
+from elmcore.data.base import SPLITS, Batch, Task
 
 # tf.image.rgb_to_grayscale, which the LRA image pipeline applies.
 GREY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140])

@@ -27,9 +27,9 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import DataError
-from ..fileio import atomic_write_text
-from .images import EncodedSequenceTask, one_hot, split_sizes
+from elmcore.errors import DataError
+from elmcore.storage.fileio import atomic_write_text
+from elmcore.data.images import EncodedSequenceTask, one_hot, split_sizes
 
 PAD = "<pad>"
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -150,7 +150,7 @@ class ListOpsTask(EncodedSequenceTask):
         import numpy as np
         from matplotlib.colors import ListedColormap
 
-        from ..plotting import first_example
+        from elmcore.reporting.plotting import first_example
         x, label = first_example(self, split)
         codes = x.argmax(axis=1)
         pad = int(np.argmax(codes != VOCAB.index(PAD))) if (codes != VOCAB.index(PAD)).any() else len(codes)

@@ -34,10 +34,10 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import DataError
-from ..fileio import atomic_write_bytes, atomic_write_text
-from ..optional import require
-from .images import EncodedSequenceTask, one_hot, quantize_grey, split_indices
+from elmcore.errors import DataError
+from elmcore.storage.fileio import atomic_write_bytes, atomic_write_text
+from elmcore.engine.optional import require
+from elmcore.data.images import EncodedSequenceTask, one_hot, quantize_grey, split_indices
 
 RESOLUTIONS = {32: "pathfinder32", 64: "pathfinder64", 128: "pathfinder128"}
 DEFAULT_SUBDIR = "curv_contour_length_14"

@@ -21,9 +21,9 @@ import os
 import typing
 from typing import Optional
 
-from ..errors import DataError, ELMError
-from .base import OutputHead, Task
-from .walk import find_files
+from elmcore.errors import DataError, ELMError
+from elmcore.data.base import OutputHead, Task
+from elmcore.data.walk import find_files
 
 LRA_SOURCE = ("the LRA release tarball lra_release.gz from "
               "https://github.com/google-research/long-range-arena")
@@ -233,7 +233,7 @@ def _call(function, what, *args, **options):
 
 def _check_synthetic_size(name, function, options):
     """Generated in memory: refuse, before allocating, sizes whose float32 inputs cannot fit."""
-    from ..config import check_memory
+    from elmcore.engine.memory import check_memory
     params = inspect.signature(function).parameters
 
     def option(key):
@@ -299,7 +299,7 @@ def get_task(name, data_dir=None, seed=0, **options) -> Task:
     """
     spec = task_spec(name)
     if spec.in_memory:
-        from .synthetic import load_synthetic, make_synthetic
+        from elmcore.data.synthetic import load_synthetic, make_synthetic
         if data_dir is None:
             _check_synthetic_size(spec.name, make_synthetic, options)
             return _call(make_synthetic, spec.name, spec.name, seed=seed, **options)
@@ -360,7 +360,7 @@ def detect_task(data_dir):
     for name in ("listops", "shd", "adding", "delayed-recall", "scifar", "enwik8"):
         if all(_matches(data_dir, p) for p in TASKS[name].files):
             return name
-    from .pathfinder import find_pathfinder_dir, image_resolution
+    from elmcore.data.pathfinder import find_pathfinder_dir, image_resolution
     try:
         dataset = find_pathfinder_dir(data_dir, 32)
     except DataError:
@@ -393,7 +393,7 @@ def task_options(name):
     """
     spec = task_spec(name)
     if spec.in_memory:
-        from .synthetic import make_synthetic
+        from elmcore.data.synthetic import make_synthetic
         function, skip = make_synthetic, {"name", "seed"}
     else:
         function, skip = _load(spec.reader), {"data_dir", "path", "seed", *spec.reader_options}

@@ -23,10 +23,10 @@ import stat
 
 import numpy as np
 
-from ..errors import DataError, ELMError
-from ..fileio import atomic_output
-from ..optional import require
-from .base import SPLITS, Batch, Task
+from elmcore.errors import DataError, ELMError
+from elmcore.storage.fileio import atomic_output
+from elmcore.engine.optional import require
+from elmcore.data.base import SPLITS, Batch, Task
 
 NUM_UNITS = 700
 NUM_CLASSES = 20

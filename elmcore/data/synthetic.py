@@ -22,10 +22,10 @@ import os
 
 import numpy as np
 
-from ..errors import DataError
-from ..fileio import atomic_output, read_npz
-from .base import SPLITS, ArrayTask
-from .images import split_sizes
+from elmcore.errors import DataError
+from elmcore.storage.fileio import atomic_output, read_npz
+from elmcore.data.base import SPLITS, ArrayTask
+from elmcore.data.images import split_sizes
 
 TASK_KINDS = {
     "adding": {"loss": "mse_last", "metric": "mse", "higher_is_better": False},

@@ -39,9 +39,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DataError, ELMError
-from ..fileio import atomic_output
-from .base import SPLITS, Batch, Task
+from elmcore.errors import DataError, ELMError
+from elmcore.storage.fileio import atomic_output
+from elmcore.data.base import SPLITS, Batch, Task
 
 ENWIK8_NAME = "enwik8"
 ENWIK8_SIZE = 100_000_000

@@ -31,16 +31,17 @@ ms, int16, plus a per-simulation index by time), never as a dense
 (sims, 6000, 1278) array (3.9 GB per published file); windows are densified on demand.
 """
 
-from .evaluation import align_soma, evaluate_neuronio, neuronio_head, neuronio_predict, window_plan
-from .files import (DATA_SOURCE, FILE_PATTERN, NUM_INPUT, NUM_SEGMENTS, RELEASE_IGNORE_TIME_FROM_START,
-                    SIM_DURATION_MS, SIMS_PER_FILE, NeuronIOFile, input_signs, read_neuronio_file)
-from .loss import neuronio_loss
-from .pickle_io import load_neuronio_pickle, write_neuronio_file
-from .soma import (SOMA_BIAS_MV, SOMA_CAP_MV, SOMA_SCALE, prepare_soma, soma_eval_target,
-                   soma_training_target)
-from .surrogate import (generate_neuronio_surrogate, load_teacher, surrogate_input, surrogate_params,
-                        teacher_path)
-from .task import NeuronIOTask, discover_splits
+from elmcore.data.neuronio.evaluation import align_soma, evaluate_neuronio, neuronio_head, neuronio_predict, window_plan
+from elmcore.data.neuronio.files import (DATA_SOURCE, FILE_PATTERN, NUM_INPUT, NUM_SEGMENTS,
+                                         RELEASE_IGNORE_TIME_FROM_START, SIM_DURATION_MS, SIMS_PER_FILE, NeuronIOFile,
+                                         input_signs, read_neuronio_file)
+from elmcore.data.neuronio.loss import neuronio_loss
+from elmcore.data.neuronio.pickle_io import load_neuronio_pickle, write_neuronio_file
+from elmcore.data.neuronio.soma import (SOMA_BIAS_MV, SOMA_CAP_MV, SOMA_SCALE, prepare_soma, soma_eval_target,
+                                        soma_training_target)
+from elmcore.data.neuronio.surrogate import (generate_neuronio_surrogate, load_teacher, surrogate_input,
+                                             surrogate_params, teacher_path)
+from elmcore.data.neuronio.task import NeuronIOTask, discover_splits
 
 __all__ = [
     "DATA_SOURCE", "FILE_PATTERN", "NUM_INPUT", "NUM_SEGMENTS", "RELEASE_IGNORE_TIME_FROM_START",

@@ -3,9 +3,9 @@ overlapping windows, each run from the zero state, stitched, then scored file by
 
 import numpy as np
 
-from ...errors import ELMError
-from ...metrics import neuronio_metrics
-from .soma import SOMA_SCALE
+from elmcore.errors import ELMError
+from elmcore.training.metrics import neuronio_metrics
+from elmcore.data.neuronio.soma import SOMA_SCALE
 
 # Simulations with more output spikes than this are left out, and the first
 # 500 ms of every simulation too (the release's evaluation).

@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-from ...errors import DataError, ELMError
-from .pickle_io import read_pickle_bytes, short_repr, unpickle_neuronio_bytes
+from elmcore.errors import DataError, ELMError
+from elmcore.data.neuronio.pickle_io import read_pickle_bytes, short_repr, unpickle_neuronio_bytes
 
 FILE_PATTERN = "*sim__*.p"
 NUM_SEGMENTS = 639

@@ -1,8 +1,8 @@
 """The release's NeuronIO training loss and its gradient w.r.t. the model output."""
 
-from ...backend import array_module
-from ...errors import DataError
-from ...losses import _sigmoid, _softplus
+from elmcore.engine.backend import array_module
+from elmcore.errors import DataError
+from elmcore.training.losses import _sigmoid, _softplus
 
 
 def neuronio_loss(Y, target, burn_in=0, spike_weight=0.5, soma_weight=0.5):
@@ -10,7 +10,7 @@ def neuronio_loss(Y, target, burn_in=0, spike_weight=0.5, soma_weight=0.5):
 
     target (B, T, 2): [..., 0] spike 0/1, [..., 1] prepared soma (see ``soma.prepare_soma``).
     ``burn_in`` steps at the start of each window do not count (0, as in the release).
-    Returns ``(loss, dY)`` like every loss in :mod:`elmcore.losses`.
+    Returns ``(loss, dY)`` like every loss in :mod:`elmcore.training.losses`.
     """
     xp = array_module(Y)
     B, T, _ = Y.shape

@@ -9,7 +9,7 @@ field offset past the item size (reading the heap), and ``ndarray.__setstate__``
 would accept either. The stand-ins accept a dtype only when it equals what
 ``np.dtype(descr)`` builds from a plain numeric descriptor (``'<f8'``, ``'|b1'``),
 and give an array its data only from bytes of exactly its size. Before the C
-unpickler runs, :func:`elmcore.pickle_guard.check_pickle_bytes` refuses memo
+unpickler runs, :func:`elmcore.storage.pickle_guard.check_pickle_bytes` refuses memo
 indices and lengths the file cannot fill, and the stand-ins allocate at most a
 few times the file's size in all (memo references can repeat one string).
 """
@@ -24,9 +24,9 @@ import struct
 
 import numpy as np
 
-from ...errors import DataError
-from ...fileio import atomic_output
-from ...pickle_guard import UnsafePickle, check_pickle_bytes
+from elmcore.errors import DataError
+from elmcore.storage.fileio import atomic_output
+from elmcore.storage.pickle_guard import UnsafePickle, check_pickle_bytes
 
 
 def _numpy_multiarray():

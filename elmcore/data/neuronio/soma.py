@@ -3,7 +3,7 @@ loss, evaluation and head."""
 
 import numpy as np
 
-from ...backend import array_module
+from elmcore.engine.backend import array_module
 
 SOMA_CAP_MV = -55.0
 SOMA_BIAS_MV = -67.7

@@ -8,10 +8,10 @@ import os
 
 import numpy as np
 
-from ...errors import ELMError
-from .files import NUM_SEGMENTS, SIM_DURATION_MS, SIMS_PER_FILE, input_signs, require_int
-from .pickle_io import write_neuronio_file
-from .soma import SOMA_BIAS_MV, SOMA_SCALE
+from elmcore.errors import ELMError
+from elmcore.data.neuronio.files import NUM_SEGMENTS, SIM_DURATION_MS, SIMS_PER_FILE, input_signs, require_int
+from elmcore.data.neuronio.pickle_io import write_neuronio_file
+from elmcore.data.neuronio.soma import SOMA_BIAS_MV, SOMA_SCALE
 
 
 def teacher_path():
@@ -21,8 +21,8 @@ def teacher_path():
 
 def load_teacher(dtype="float32", device="cpu"):
     """The release's best NeuronIO ELM (54,002 parameters, MIT, Spieler et al. 2024) as an ``elmcore.ELM``."""
-    from ...config import ELMConfig
-    from ...model import ELM
+    from elmcore.neuron.config import ELMConfig
+    from elmcore.neuron.model import ELM
     path = teacher_path()
     try:
         with np.load(path, allow_pickle=False) as z:

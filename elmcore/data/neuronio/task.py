@@ -10,14 +10,14 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ...errors import DataError, ELMError
-from ..base import SPLITS, Batch, Task
-from ..walk import find_files
-from .files import (DATA_SOURCE, FILE_PATTERN, NUM_INPUT, RELEASE_IGNORE_TIME_FROM_START, read_neuronio_file,
-                    require_int)
-from .evaluation import evaluate_neuronio
-from .loss import neuronio_loss
-from .soma import soma_eval_target, soma_training_target
+from elmcore.errors import DataError, ELMError
+from elmcore.data.base import SPLITS, Batch, Task
+from elmcore.data.walk import find_files
+from elmcore.data.neuronio.files import (DATA_SOURCE, FILE_PATTERN, NUM_INPUT, RELEASE_IGNORE_TIME_FROM_START,
+                                         read_neuronio_file, require_int)
+from elmcore.data.neuronio.evaluation import evaluate_neuronio
+from elmcore.data.neuronio.loss import neuronio_loss
+from elmcore.data.neuronio.soma import soma_eval_target, soma_training_target
 
 
 def _natural_key(path):
@@ -288,8 +288,8 @@ class NeuronIOTask(Task):
         """Excitatory and inhibitory input spikes, the soma trace and the output spikes of one window, in ms."""
         import numpy as np
 
-        from ...plotting import first_example
-        from .soma import SOMA_BIAS_MV, SOMA_CAP_MV, SOMA_SCALE
+        from elmcore.reporting.plotting import first_example
+        from elmcore.data.neuronio.soma import SOMA_BIAS_MV, SOMA_CAP_MV, SOMA_SCALE
         x, target = first_example(self, split)
         t_ms = np.arange(len(x))
         fig, (ax_in, ax_soma) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True,

@@ -1,0 +1,488 @@
+"""The ``elm`` command line."""
+
+import json
+import os
+import sys
+
+import click
+import numpy as np
+
+from elm_cli.common import ELMGroup, FiniteFloat, TaskChoice, UserError, parse_assignments
+from elm_cli.data_cmd import data
+from elm_cli.sweep_cmd import sweep
+from elmcore.data.registry import output_heads
+from elmcore.errors import ELMError
+from elmcore.training.predict import head_names
+
+DEFAULT_GRADCHECK_CONFIG = {
+    "num_input": 7, "num_output": 3, "num_memory": 4, "mlp_num_layers": 2, "mlp_hidden_size": 5,
+    "mlp_activation": "silu", "num_branch": 3, "num_synapse_per_branch": 3,
+    "input_to_synapse_routing": "neuronio_routing", "learn_memory_tau": True, "memory_tau_max": 50.0,
+}
+
+
+@click.group(cls=ELMGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="elmcore")
+def cli():
+    """Train, evaluate and check ELM neurons and Branch-ELMs (Spieler et al., ICLR 2024).
+
+    `elm tasks` lists the tasks, `elm info --fields` the model fields. Shell completion
+    (bash): eval "$(_ELM_COMPLETE=bash_source elm)"; zsh: zsh_source; fish: fish_source.
+    """
+
+
+device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+                             show_default=True, help="Where to compute.")
+
+
+# ---- verify -----------------------------------------------------------------------
+
+@cli.command()
+@click.argument("oracle", type=click.Path(dir_okay=False))
+@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True)
+@device_option
+def verify(oracle, dtype, device):
+    """Check the engine against an oracle file from the official release.
+
+    Prints every array's error max|got − ref| / max|ref| and exits 0 only if all
+    are within tolerance (float64: 1e-9, float32: 1e-3).
+    """
+    from elmcore.verification.oracle import TOLERANCE, load_oracle, verify_case
+    case = load_oracle(oracle)
+    tol = TOLERANCE[dtype]
+    results = verify_case(case, dtype=dtype, device=device)
+    width = max(len(n) for n, _ in results)
+    for name, err in results:
+        click.echo(f"  {name:<{width}}  {err:9.2e}  {'ok' if err <= tol else 'FAIL'}")
+    passed = sum(err <= tol for _, err in results)
+    worst_name, worst = max(results, key=lambda r: r[1])
+    click.echo(f"verify: {passed}/{len(results)} arrays within tolerance "
+               f"(worst {worst:.1e}: {worst_name})")
+    sys.exit(0 if passed == len(results) else 1)
+
+
+# ---- info -------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path())
+@click.option("--fields", is_flag=True,
+              help="List the model config fields (what `elm train --set FIELD=VALUE` accepts) with defaults.")
+def info(path, fields):
+    """Summarise a run directory, a model config (JSON) or a checkpoint / converted model (.npz).
+
+    For a run directory: its task, task options and settings (run.json), the split that
+    selected the model and its scores (summary.json), then the selected model (best.npz).
+    """
+    from elmcore.reporting.overview import describe_fields, describe_run
+    from elmcore.reporting.summary import describe_path
+    if fields:
+        lines = describe_fields()
+    elif path is None:
+        raise UserError("elm info needs a PATH (run directory, config .json or model .npz) or --fields")
+    else:
+        lines = describe_run(path) if os.path.isdir(path) else describe_path(path)
+    for line in lines:
+        click.echo(line)
+
+
+# ---- tasks -----------------------------------------------------------------------
+
+@cli.command()
+@click.argument("name", required=False, type=TaskChoice())
+def tasks(name):
+    """List the tasks (or one task): what each is, its --task-option options with their defaults,
+    where its data comes from and the settings of its default experiment (`elm train --task NAME`)."""
+    from elmcore.reporting.overview import describe_tasks
+    for line in describe_tasks([name] if name else None):
+        click.echo(line)
+
+
+# ---- gradcheck ----------------------------------------------------------------------
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Model config JSON (default: a small 2-layer SiLU Branch-ELM with neuronio routing).")
+@click.option("--version", "version", type=click.Choice(["elm_v1", "branch_elm_v2", "elm_network"]), default=None,
+              help="Override the config's version (elm_network without --config: a small 2-layer network).")
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=6, show_default=True, type=click.IntRange(min=1))
+@click.option("--eps", default=1e-6, show_default=True, type=FiniteFloat(min=0, min_open=True))
+@click.option("--entries", default=12, show_default=True, type=click.IntRange(min=1),
+              help="Entries checked per tensor (all when the tensor is smaller).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--tolerance", default=1e-6, show_default=True, type=FiniteFloat(min=0, min_open=True))
+def gradcheck(config_path, version, batch, steps, eps, entries, seed, tolerance):
+    """Compare analytic gradients with central differences in float64, tensor by tensor."""
+    from elmcore.neuron.config import ELMConfig
+    from elmcore.verification.gradcheck import gradcheck as run_gradcheck, passes
+    from elmcore.verification.gradcheck import DEFAULT_NETWORK_CONFIG
+    if version == "elm_network" and not config_path:
+        cfg = ELMConfig.from_dict(DEFAULT_NETWORK_CONFIG)
+    else:
+        cfg = ELMConfig.load(config_path) if config_path else ELMConfig.from_dict(DEFAULT_GRADCHECK_CONFIG)
+    if version and version != cfg.version:
+        if cfg.is_network or version == "elm_network":
+            raise UserError(f"--version {version} cannot convert a {cfg.version} config")
+        cfg = ELMConfig.from_dict(_switch_version(cfg, version))
+    rows = run_gradcheck(cfg, batch=batch, steps=steps, seed=seed, eps=eps, max_entries=entries)
+    click.echo(f"gradcheck {cfg.version}, B={batch}, T={steps}, eps={eps:g}, float64 "
+               f"(difference-quotient noise {rows[0].noise:.1e}: smaller errors pass)")
+    width = max(len(r.name) for r in rows)
+    click.echo(f"  {'tensor':<{width}}  {'shape':<14} {'n':>3}  {'max|a-n|':>9}  {'max|n|':>9}  {'rel':>9}")
+    bad = 0
+    for row in rows:
+        ok = passes(row, tolerance)
+        bad += not ok
+        click.echo(f"  {row.name:<{width}}  {str(row.shape):<14} {row.entries:>3}  {row.max_abs_diff:9.2e}  "
+                   f"{row.max_numeric:9.2e}  {row.relative:9.2e}  {'ok' if ok else 'FAIL'}")
+    worst = max(rows, key=lambda r: r.relative)
+    click.echo(f"gradcheck: {len(rows) - bad}/{len(rows)} tensors within {tolerance:g} "
+               f"(worst {worst.relative:.1e}: {worst.name})")
+    sys.exit(0 if bad == 0 else 1)
+
+
+def _switch_version(cfg, version):
+    d = cfg.to_dict()
+    tau = d.pop("tau_s_value", None) or d.pop("tau_b_value", None)
+    d["version"] = version
+    d["tau_b_value" if version == "branch_elm_v2" else "tau_s_value"] = tau
+    return d
+
+
+# ---- train ----------------------------------------------------------------------------
+
+# Task options that are run settings of their own (--seed, --data-dir).
+TASK_RESERVED = ("name", "data_dir", "seed")
+
+
+def _load_run_file(path):
+    """The run settings in a JSON or TOML file, as a dict (types are checked by TrainSettings)."""
+    from elmcore.storage.fileio import describe_os_error, read_json
+    if not path.endswith(".toml"):
+        data = read_json(path, "run config")
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ELMError("reading TOML needs Python 3.11+ or the 'tomli' package") from None
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ELMError(f"run config not found: {path}") from None
+        except OSError as e:
+            raise ELMError(f"cannot read run config {path}: {describe_os_error(e)}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ELMError(f"{path}: cannot parse run config ({e or 'nested too deeply'})") from None
+    if not isinstance(data, dict):
+        raise ELMError(f"{path}: a run config must be a JSON object or TOML table of settings, "
+                       f"got {type(data).__name__}")
+    return data
+
+
+def _data_files(settings):
+    """The data files a run will read (``data_files`` of its task), or none where the task is not known yet."""
+    from elmcore.data.registry import data_files
+    try:
+        return data_files(settings.get("task"), settings.get("data_dir"))
+    except (ELMError, TypeError):
+        return []  # an unknown task or a data_dir of the wrong type: the settings check reports it
+
+
+def _section(settings, key, source):
+    """The ``model`` / ``task_options`` table of a run config, which flags then extend."""
+    value = settings.get(key, {})
+    if not isinstance(value, dict):
+        raise ELMError(f"training setting '{key}' must be a table of KEY = VALUE, got {type(value).__name__} "
+                       f"{str(value)[:60]} ({source})")
+    return value
+
+
+def _setting_default(name):
+    """TrainSettings' default of ``name``, shown in --help (a task's default run may override it)."""
+    import dataclasses
+
+    from elmcore.training.train import TrainSettings
+    field = {f.name: f for f in dataclasses.fields(TrainSettings)}[name]
+    value = field.default
+    return "none" if value is None else str(value)
+
+
+def _setting(*decls, name, **kw):
+    """A train flag: unset unless given (a run file or the task's default run may set it)."""
+    return click.option(*decls, name, default=None, show_default=_setting_default(name), **kw)
+
+
+@cli.command()
+@click.option("--task", type=TaskChoice(), default=None, show_default="adding",
+              help="Task to train on (all of them: `elm tasks`).")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Where the task's data files are (adding / delayed-recall: generated in memory without one).")
+@click.option("--config", "run_config", type=click.Path(dir_okay=False),
+              help="Run settings from JSON or TOML; flags given here override it.")
+@click.option("--model-config", type=click.Path(dir_okay=False), help="ELM config JSON for the model.")
+@click.option("--set", "model_sets", multiple=True, metavar="FIELD=VALUE",
+              help="Model config field, e.g. --set num_memory=50 --set version=branch_elm_v2 "
+                   "(all fields: `elm info --fields`).")
+@click.option("--task-option", "task_sets", multiple=True, metavar="KEY=VALUE",
+              help="Task option, e.g. --task-option length=100 (each task's: `elm tasks`).")
+@click.option("--run-dir", type=click.Path(file_okay=False), show_default="runs/TASK-DATE-TIME",
+              help="Where to write checkpoints and logs.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the run in this directory from its last checkpoint.")
+@_setting("--epochs", name="epochs", type=click.IntRange(min=1))
+@_setting("--batch-size", name="batch_size", type=click.IntRange(min=1))
+@_setting("--batches-per-epoch", name="batches_per_epoch", type=click.IntRange(min=1),
+          help="At most this many batches per epoch (none: the whole training split).")
+@_setting("--optimizer", name="optimizer", type=click.Choice(["adam", "adamw", "adamax"]))
+@_setting("--lr", name="lr", type=FiniteFloat(min=0, min_open=True),
+          help="Peak learning rate (cosine decay to --min-lr).")
+@_setting("--min-lr", name="min_lr", type=FiniteFloat(min=0))
+@_setting("--warmup-steps", name="warmup_steps", type=click.IntRange(min=0))
+@_setting("--weight-decay", name="weight_decay", type=FiniteFloat(min=0))
+@_setting("--clip-norm", name="clip_norm", type=FiniteFloat(min=0, min_open=True),
+          help="Global gradient-norm clip (none: no clipping).")
+@_setting("--input-dropout", name="input_dropout", type=FiniteFloat())
+@_setting("--loss-skip-steps", name="burn_in", type=click.IntRange(min=0),
+          help="NeuronIO: steps at the start of each training window left out of the loss (the release "
+               "uses 0). Run-file setting: burn_in.")
+@click.option("--burn-in", "legacy_burn_in", type=click.IntRange(min=0), hidden=True,
+              help="Old name of --loss-skip-steps.")
+@_setting("--seed", name="seed", type=click.IntRange(min=0))
+@_setting("--dtype", name="dtype", type=click.Choice(["float32", "float64"]))
+@_setting("--device", name="device", type=click.Choice(["cpu", "cuda", "auto"]))
+@_setting("--checkpoint-every", name="checkpoint_every", type=click.IntRange(min=1), help="Steps between checkpoints.")
+@_setting("--eval-batch-size", name="eval_batch_size", type=click.IntRange(min=1))
+@click.option("--log-every", type=click.IntRange(min=1), default=None, show_default="100",
+              help="When stderr is not a terminal (a log file): a progress line every this many batches, "
+                   "instead of a progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar or progress lines; the epoch lines and final lines stay.")
+@click.pass_context
+def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, legacy_burn_in, log_every, quiet,
+          **flags):
+    """Train an ELM on a task; with no options, a Branch-ELM on the adding problem (no download).
+
+    Every task has a default experiment (`elm tasks` lists them): bare `elm train` is
+    `elm train --task adding`. A run file (--config) and then flags override it; the
+    defaults shown are those of settings neither sets. On a terminal a progress bar
+    shows each epoch; in a log file, one line every --log-every batches.
+    """
+    from elmcore.training.train import Trainer, resolve_settings
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    given = {k: v for k, v in flags.items()
+             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    if legacy_burn_in is not None:
+        if "burn_in" in given and given["burn_in"] != legacy_burn_in:
+            raise UserError("--burn-in is the old name of --loss-skip-steps: give one of them")
+        given["burn_in"] = legacy_burn_in
+    progress = False if quiet else "auto"
+    if resume_dir:
+        extra = set(given) - {"epochs", "device"}
+        if extra or run_config or model_config or model_sets or task_sets:
+            raise UserError("--resume continues a run with its saved settings; only --epochs and --device "
+                            "may change")
+        trainer = Trainer.resume(resume_dir, progress=progress, log=log, log_every=log_every, **given)
+    else:
+        source = run_config or "command line"
+        settings = _load_run_file(run_config) if run_config else {}
+        settings.update(given)
+        if model_config:
+            from elmcore.neuron.config import ELMConfig
+            settings["model"] = {**_section(settings, "model", source), **ELMConfig.load(model_config).to_dict()}
+        if model_sets:
+            settings["model"] = {**_section(settings, "model", source), **parse_assignments(model_sets, "--set")}
+        if task_sets:
+            settings["task_options"] = {**_section(settings, "task_options", source),
+                                        **parse_assignments(task_sets, "--task-option", TASK_RESERVED)}
+        trainer = Trainer(resolve_settings(settings, source=source), progress=progress, log=log,
+                          log_every=log_every, inputs=[run_config, model_config, *_data_files(settings)])
+    summary = trainer.run()
+    best, metric, split = summary["best_metric"], summary["metric"], summary["selection_split"]
+    test = summary.get("test", {}).get(metric)
+    best_path = os.path.join(summary["run_dir"], "best.npz")
+    kept = (f"model: {best_path}" if os.path.exists(best_path) else
+            f"no model improved on the {split} split, so no best.npz; last checkpoint: "
+            f"{os.path.join(summary['run_dir'], 'last.npz')}")
+    click.echo(f"done: {summary['steps']} steps in {summary['seconds']:.1f} s, best {split} "
+               f"{metric} {best if best is None else format(best, '.4g')}"
+               + ("" if test is None else f", test {metric} {test:.4g}")
+               + f"; {kept}")
+
+
+# ---- eval / predict / convert / plot ---------------------------------------------------------
+
+def _read_run_settings(run_dir):
+    """The settings a run was trained with (its run.json), as a dict."""
+    path = os.path.join(run_dir, "run.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except FileNotFoundError:
+        raise ELMError(f"{run_dir} is not a run directory (no run.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ELMError(f"cannot read {path}: {e}") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("task"), str) \
+            or not isinstance(settings.get("task_options", {}), dict):
+        raise ELMError(f"{path} is not a run settings file (no task / task_options)")
+    return settings
+
+
+def _eval_target(model_path, checkpoint):
+    """(model file, the run's settings or None): a run directory gives its best.npz (or last.npz)
+    and run.json; a model file inside a run directory gives that directory's run.json."""
+    if os.path.isdir(model_path):
+        run = _read_run_settings(model_path)
+        path = os.path.join(model_path, f"{checkpoint}.npz")
+        if not os.path.exists(path):
+            raise ELMError(f"run directory {model_path} has no {checkpoint}.npz yet")
+        return path, run
+    beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), "run.json")
+    return model_path, (_read_run_settings(os.path.dirname(beside)) if os.path.exists(beside) else None)
+
+
+@cli.command(name="eval")
+@click.argument("model_path", metavar="MODEL|RUN_DIR", type=click.Path())
+@click.option("--task", type=TaskChoice(), default=None, show_default="the run's task",
+              help="Task to evaluate on. A run directory (or a model file inside one) brings its own task, "
+                   "data directory, task options and seed; --task naming another task drops them.")
+@click.option("--data-dir", type=click.Path(file_okay=False), show_default="the run's")
+@click.option("--task-option", "task_sets", multiple=True, metavar="KEY=VALUE",
+              help="Task option, on top of the run's own.")
+@click.option("--seed", type=int, default=None, show_default="the run's, else 0",
+              help="Seed of the task's data (in-memory generation, split draws).")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
+              help="Which model of a run directory: best.npz (selected on the validation split) or last.npz.")
+@click.option("--batch-size", default=64, type=click.IntRange(min=1))
+@click.option("--window", default=None, type=click.IntRange(min=1), show_default="the task's (NeuronIO: 500)",
+              help="NeuronIO: evaluation window (ms).")
+@click.option("--window-burn-in-ms", "burn_in", default=None, type=click.IntRange(min=0),
+              show_default="the task's (NeuronIO: 150)",
+              help="NeuronIO: ms dropped at the start of every window but the first.")
+@click.option("--burn-in", "legacy_burn_in", type=click.IntRange(min=0), hidden=True,
+              help="Old name of --window-burn-in-ms.")
+@click.option("--no-align-soma", is_flag=True, help="NeuronIO: skip the release's per-file z-scoring of the "
+              "soma prediction onto the target.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, show_default="as stored")
+@device_option
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics here.")
+def eval_cmd(model_path, task, data_dir, task_sets, seed, split, checkpoint, batch_size, window, burn_in,
+             legacy_burn_in, no_align_soma, dtype, device, json_out):
+    """Evaluate a model, a checkpoint or a run directory's best model on a task split; print its metrics.
+
+    `elm eval RUN_DIR` evaluates RUN_DIR/best.npz on the task, options and seed the run
+    was trained with.
+    """
+    from elmcore.training.checkpoint import load_model
+    from elmcore.data.registry import data_files, get_task, task_spec
+    from elmcore.training.evaluate import evaluate
+    from elmcore.training.train import CARVED_VALID_FRACTION, carve_validation
+    model_path, run = _eval_target(model_path, checkpoint)
+    task_options = parse_assignments(task_sets, "--task-option", TASK_RESERVED)
+    if run is not None and (task is None or task_spec(task).name == task_spec(run["task"]).name):
+        task = run["task"]
+        data_dir = run.get("data_dir") if data_dir is None else data_dir
+        if not (task_spec(task).in_memory and data_dir is not None):  # a read data set has its own sizes
+            task_options = {**run["task_options"], **task_options}
+        seed = run.get("seed", 0) if seed is None else seed
+    elif task is None:
+        raise UserError(f"{model_path} is not in a run directory: name its task with --task")
+    seed = 0 if seed is None else seed
+    model = load_model(model_path, dtype=dtype, device=device)
+    t = get_task(task, data_dir=data_dir, seed=seed, **task_options)
+    if run is not None:
+        carve_validation(t, CARVED_VALID_FRACTION, seed)  # the run's own splits, if it had to carve one
+    if (t.num_input, t.num_output) != (model.config.num_input, model.config.num_output):
+        raise UserError(f"model has {model.config.num_input} inputs / {model.config.num_output} outputs, "
+                        f"task '{task}' needs {t.num_input} / {t.num_output}")
+    described = ", ".join(f"{k}={v}" for k, v in task_options.items())
+    click.echo(f"model: {model_path}")
+    click.echo(f"task: {t.name}{f' ({described})' if described else ''}, seed {seed}"
+               + (f", data {data_dir}" if data_dir else ""))
+    click.echo(f"split: {split}")
+    # Evaluation options reach the task only when given: it owns their defaults, and one without them refuses them.
+    given = click.get_current_context().get_parameter_source
+    options = {name: value for name, param, value in (("window", "window", window), ("burn_in", "burn_in", burn_in),
+                                                      ("align", "no_align_soma", not no_align_soma))
+               if given(param) == click.core.ParameterSource.COMMANDLINE}
+    if legacy_burn_in is not None:
+        options["burn_in"] = legacy_burn_in
+    metrics = evaluate(model, t, split, batch_size=batch_size, **options)
+    for key, value in metrics.items():
+        click.echo(f"{split} {key}: {value:.6g}" if isinstance(value, float) else f"{split} {key}: {value}")
+    if json_out:
+        from elmcore.storage.fileio import atomic_write_text
+        atomic_write_text(json_out, json.dumps({"model": model_path, "task": t.name, "task_options": task_options,
+                                                "seed": seed, "data_dir": data_dir, "split": split,
+                                                "metrics": metrics}, indent=2) + "\n",
+                          inputs=[model_path, *data_files(t.name, data_dir)])
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="Input .npy of shape (batch, time, inputs) or (time, inputs).")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Output .npy.")
+@click.option("--head", type=click.Choice(head_names()), default="raw", show_default=True,
+              help="; ".join(["raw: the model's outputs"] + [f"{h.name}: {h.summary}" for h in output_heads().values()])
+              + ".")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None)
+@device_option
+def predict(model_path, input_path, output_path, head, batch_size, dtype, device):
+    """Apply a model to an input array exactly as given (no sign flips, no scaling)."""
+    from elmcore.training.checkpoint import load_model
+    from elmcore.training.predict import predict_array, read_input_array
+    model = load_model(model_path, dtype=dtype, device=device)
+    X, squeeze = read_input_array(input_path, model.config.num_input)
+    Y = predict_array(model, X, head=head, batch_size=batch_size)
+    from elmcore.storage.fileio import atomic_output
+    with atomic_output(output_path, inputs=[model_path, input_path]) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, Y[0] if squeeze else Y)
+    click.echo(f"wrote {output_path}: {Y[0].shape if squeeze else Y.shape} ({head} head)")
+
+
+@cli.command()
+@click.argument("pt_path", metavar="PATH.pt", type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="The release's model_config.json (default: the one beside PATH.pt).")
+@click.option("--version", type=click.Choice(["elm_v1", "branch_elm_v2"]), default="elm_v1", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model .npz to write.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+def convert(pt_path, config_path, version, output, dtype):
+    """Convert a release PyTorch checkpoint to an elmcore model file, without PyTorch."""
+    from elmcore.training.checkpoint import save_model
+    from elmcore.verification.torch_checkpoint import load_release_model
+    cfg, params = load_release_model(pt_path, config_path=config_path, version=version)
+    from elmcore.neuron.model import ELM
+    model = ELM(cfg, params=params, dtype=dtype)
+    save_model(output, cfg, model.state_dict(), dtype=dtype,
+               inputs=[pt_path, config_path, os.path.join(os.path.dirname(os.path.abspath(pt_path)),
+                                                          "model_config.json")])
+    click.echo(f"wrote {output}: {cfg.version}, {model.num_parameters} parameters")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG path (default RUN_DIR/curves.png).")
+def plot(run_dir, output):
+    """Plot a run's learning curves (loss per step, validation metric per epoch) to PNG."""
+    from elmcore.reporting.plotting import plot_run
+    path = plot_run(run_dir, output)
+    click.echo(f"wrote {path}")
+
+
+cli.add_command(data)
+cli.add_command(sweep)
+
+
+def main():
+    cli(prog_name="elm")
+
+
+if __name__ == "__main__":
+    main()

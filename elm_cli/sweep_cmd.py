@@ -1,0 +1,42 @@
+"""``elm sweep``: train a grid, a list or a parameter-budget family of runs under one directory."""
+
+import click
+
+
+@click.command()
+@click.argument("sweep_file", metavar="SWEEP.toml", type=click.Path(dir_okay=False))
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Points trained at once in local processes (cores are shared equally). "
+                   "Under mpiexec the points go to the ranks instead.")
+@click.option("--sweep-dir", type=click.Path(file_okay=False),
+              help="Where the point run directories go (default: sweep_dir of the file, else sweeps/NAME).")
+@click.option("--dry-run", is_flag=True, help="List the points and exit.")
+def sweep(sweep_file, jobs, sweep_dir, dry_run):
+    """Train every point of SWEEP.toml as a normal run; write summary.csv and sweep.png.
+
+    \b
+    SWEEP.toml holds [base] (the keys of `elm train --config`) and the points:
+      [grid]        field = [values, ...]   every combination
+      [[points]]    field = value ...       an explicit list
+      [budget]      budgets, tolerance, num_neurons, num_memory, num_synapse_per_branch
+                    (ELM Network shapes within the tolerance of each parameter budget)
+    Fields: training settings (lr, seed, ...), model fields (num_memory or model.num_memory),
+    task_options.NAME. Running it again skips finished points and resumes interrupted ones.
+    """
+    from elm_cli.main import _load_run_file
+    from elmcore.training.sweep import expand_points, run_sweep, sweep_directory
+    spec = _load_run_file(sweep_file)
+    points = expand_points(spec)
+    directory = sweep_dir or sweep_directory(spec, sweep_file)
+    if dry_run:
+        for p in points:
+            click.echo(f"{p.name}: {p.overrides}")
+        click.echo(f"{len(points)} points in {directory}")
+        return
+    rows = run_sweep(points, directory, jobs=jobs, log=lambda m: click.echo(m, err=True))
+    if rows is None:  # an MPI rank other than 0
+        return
+    done = sum(r["status"] == "done" for r in rows)
+    click.echo(f"sweep: {done}/{len(rows)} points done; summary {directory}/summary.csv")
+    if done < len(rows):
+        raise SystemExit(1)

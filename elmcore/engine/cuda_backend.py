@@ -1,0 +1,87 @@
+"""The ``cuda`` backend: CuPy arrays and cuBLAS GEMMs around Numba CUDA kernels.
+
+On a real GPU ``xp`` is CuPy and the kernels in ``kernels/cuda.py`` receive CuPy
+arrays through ``__cuda_array_interface__`` (no copies). Under the CUDA
+simulator (``NUMBA_ENABLE_CUDASIM=1``, read by Numba when ``numba.cuda`` is
+first imported) the same kernels run on CPU threads over NumPy arrays, so
+``xp`` is NumPy and CuPy is not needed: that is how machines without a GPU
+check the CUDA code.
+"""
+
+import numpy as np
+
+from elmcore.errors import ELMError
+
+
+def cuda_problem():
+    """Why the ``cuda`` device cannot be used here, or ``None`` when it can.
+
+    CuPy imports fine on a machine without a GPU and fails only at its first
+    allocation, so the device count is probed explicitly.
+
+    Returns
+    -------
+    str or None
+        One sentence naming what is missing (numba-cuda, driver, device, CuPy).
+    """
+    try:
+        from numba import cuda
+    except ImportError as e:
+        return f"numba-cuda is not installed ({e}); install it with `pip install numba-cuda`"
+    except Exception as e:  # e.g. CUDA bindings that do not match numba-cuda
+        return f"numba-cuda cannot be imported ({type(e).__name__}: {e})"
+    from elmcore.kernels.cuda import SIMULATOR
+    if SIMULATOR:
+        return None
+    if not cuda.is_available():
+        driver_error = getattr(cuda, "cuda_error", lambda: None)()  # absent from old numba
+        reason = " ".join(str(driver_error or "").split())
+        return ("no usable NVIDIA GPU: numba-cuda cannot find a CUDA driver and device"
+                + (f" ({reason})" if reason else ""))
+    try:
+        import cupy
+    except ImportError as e:
+        return f"CuPy is not installed ({e}); install the cupy-cuda12x or cupy-cuda13x wheel matching the driver"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError, or a missing libcudart for this CuPy build
+        return f"CuPy cannot use the GPU ({type(e).__name__}: {' '.join(str(e).split())})"
+    if count < 1:
+        return "CuPy finds no CUDA device"
+    return None
+
+
+class CUDABackend:
+    """Array module plus kernels for ``--device cuda``.
+
+    Raises
+    ------
+    ELMError
+        ``--device cuda: <reason>`` when :func:`cuda_problem` reports one.
+    """
+
+    name = "cuda"
+
+    def __init__(self):
+        problem = cuda_problem()
+        if problem is not None:
+            raise ELMError(f"--device cuda: {problem}")
+        from elmcore.kernels import cuda as kernels
+        self.kernels = kernels
+        self.simulated = kernels.SIMULATOR
+        if self.simulated:
+            self.xp = np
+        else:
+            import cupy
+            self.xp = cupy
+
+    def synchronize(self):
+        """Wait for all queued GPU work (timings must include it); nothing to wait for when simulated."""
+        if not self.simulated:
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def to_host(self, a):
+        """A NumPy array holding ``a`` (a copy from device memory on a real GPU)."""
+        if self.simulated or isinstance(a, np.ndarray):
+            return np.asarray(a)
+        return self.xp.asnumpy(a)

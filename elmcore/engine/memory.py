@@ -1,0 +1,56 @@
+"""Memory estimates checked before allocating, for every model family and for data generated in memory."""
+
+import os
+
+from elmcore.errors import ELMError
+
+
+ARRAY_OVERHEAD_BYTES = 112  # sys.getsizeof(np.empty(0)): what each tensor costs besides its data
+
+
+def memory_limit_bytes():
+    """What this process may allocate: physical memory, lowered by a cgroup limit or RLIMIT_AS / RLIMIT_DATA.
+
+    ``None`` where none of them can be read.
+    """
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(cgroup_file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    try:
+        import resource
+        for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+            soft, _ = resource.getrlimit(which)
+            if soft != resource.RLIM_INFINITY and soft > 0:
+                limits.append(soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return min(limits) if limits else None
+
+
+def format_bytes(n):
+    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_memory(nbytes, what):
+    """Refuse, before allocating, work that cannot fit in this machine's memory.
+
+    ``what`` names the thing being built; the message says how much it would
+    need and how much there is, so the user can see which size to shrink.
+    """
+    limit = memory_limit_bytes()
+    if limit is not None and nbytes > limit:
+        raise ELMError(f"{what} would need at least {format_bytes(nbytes)} of memory; this machine "
+                       f"allows {format_bytes(limit)}")

@@ -1,0 +1,90 @@
+"""What every model family shares: dtype resolution, input/output checks, parameter bookkeeping,
+streaming one step at a time."""
+
+import numpy as np
+
+from elmcore.errors import DataError, ELMError, NonFiniteOutputError
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def resolve_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ELMError(f"dtype must be float32 or float64, got {dtype!r}")
+        return np.dtype(DTYPES[dtype])
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ELMError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+class InputChecks:
+    """Input and output checks shared by every model family (``ELM``, ``ELMNetwork``).
+
+    Needs ``config.num_input``, ``xp``, ``dtype`` and ``backend`` on the model.
+    """
+
+    def prepare_input(self, X):
+        """X as a C-contiguous (B, T, num_input) array on the model's device.
+
+        Floats become the model dtype. One-byte integers (spike counts, ±1
+        NeuronIO spikes as int8, bool spikes as uint8) are kept as they are: the
+        routing kernels read them directly, and reading a quarter of the bytes is
+        most of the routing's cost on spike data.
+        """
+        cfg = self.config
+        X = self.xp.asarray(X)
+        if X.ndim != 3 or X.shape[2] != cfg.num_input or X.shape[0] < 1 or X.shape[1] < 1:
+            raise DataError(f"input must have shape (batch, time, {cfg.num_input}), got {tuple(X.shape)}")
+        if X.dtype.kind not in "fiub":
+            raise DataError(f"input must be numeric, got dtype {X.dtype}")
+        if X.dtype == bool:
+            X = X.view(self.xp.uint8)
+        if X.dtype.itemsize == 1:
+            return self.xp.ascontiguousarray(X)
+        return self.xp.ascontiguousarray(X, dtype=self.dtype)
+
+    def _check_output(self, Y, X):
+        """NaNs in X reach Y (routing multiplies them in); find their source only when they do."""
+        if not bool(self.xp.all(self.xp.isfinite(Y))):
+            bad = self.xp.argwhere(~self.xp.isfinite(X)) if X.dtype.kind == "f" else []
+            if len(bad):
+                b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
+                raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
+            raise NonFiniteOutputError("the model produced non-finite outputs from finite input "
+                                       "(diverged parameters?)")
+
+
+class ParameterBookkeeping:
+    """Keys, count and host copy of a model's parameters, for every model family.
+
+    Needs ``param_module`` (a module with ``trainable_keys(config)`` and
+    ``count_trainable(config)``: ``params`` or ``network_params``), ``config``, ``params``
+    and ``backend`` on the model.
+    """
+    param_module = None
+
+    @property
+    def trainable_keys(self):
+        return self.param_module.trainable_keys(self.config)
+
+    @property
+    def num_parameters(self):
+        return self.param_module.count_trainable(self.config)
+
+    def state_dict(self):
+        """Host (NumPy) copies of all parameters, in the family's state_dict keys and order."""
+        return {k: np.array(self.backend.to_host(v)) for k, v in self.params.items()}
+
+
+class SingleStep:
+    """``step`` for every model family, as a one-step chunk through its ``run``."""
+
+    def step(self, state, x_t):
+        """One time step: x_t (B, num_input) -> (y_t (B, num_output), new state)."""
+        x_t = self.xp.asarray(x_t)
+        if x_t.ndim != 2:
+            raise DataError(f"step input must have shape (batch, {self.config.num_input}), got {tuple(x_t.shape)}")
+        Y, new_state = self.run(x_t[:, None, :], state)
+        return Y[:, 0], new_state

@@ -1,0 +1,1 @@
+"""The ELM Network: recurrent layers of Branch-ELM neurons (config, parameters, model)."""

@@ -1,0 +1,1 @@
+"""The single ELM neuron and Branch-ELM: config, parameters, model."""

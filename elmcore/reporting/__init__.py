@@ -1,0 +1,1 @@
+"""Summaries, overviews and plots of models, runs and data."""

@@ -1,0 +1,1 @@
+"""Training: the trainer, optimiser, losses, evaluation, checkpoints, data parallel runs and sweeps."""

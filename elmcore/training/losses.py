@@ -1,0 +1,103 @@
+"""Task losses with their gradients w.r.t. the model output Y (B, T, num_output).
+
+Each returns ``(loss, dY)`` with ``loss`` a Python float and ``dY`` an array
+shaped like Y, so ``model.backward(dY, cache)`` gives ∂loss/∂θ. All are
+numerically stable for any finite logits (log-sum-exp and softplus written
+so that no exp can overflow). A task with a loss of its own provides it
+through ``Task.loss_and_grad`` instead of a name here.
+"""
+
+from elmcore.engine.backend import array_module
+from elmcore.errors import DataError
+
+
+def _softplus(x, xp):
+    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def _sigmoid(x, xp):
+    # Two branches so exp never sees a large positive argument.
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def cross_entropy_last(Y, labels):
+    """Mean cross-entropy of the last step's logits against integer labels (B,)."""
+    xp = array_module(Y)
+    B, _, K = Y.shape
+    labels = xp.asarray(labels)
+    if labels.shape != (B,):
+        raise DataError(f"class labels must have shape ({B},), got {tuple(labels.shape)}")
+    labels = labels.astype(xp.int64)
+    if B and (int(labels.min()) < 0 or int(labels.max()) >= K):
+        raise DataError(f"class labels must lie in [0, {K}), got range [{int(labels.min())}, {int(labels.max())}]")
+    logits = Y[:, -1, :]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_z = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    log_p = shifted - log_z
+    rows = xp.arange(B)
+    loss = -float(log_p[rows, labels].mean())
+    dY = xp.zeros_like(Y)
+    d_last = xp.exp(log_p)
+    d_last[rows, labels] -= 1
+    dY[:, -1, :] = d_last / B
+    return loss, dY
+
+
+def cross_entropy_all(Y, targets):
+    """Mean next-token cross-entropy (nats) over every step: targets (B, T) integer tokens.
+
+    Divided by ln 2 it is the bits per character of character-level language
+    modelling. dY = (softmax(Y) − onehot(targets)) / (B·T).
+    """
+    xp = array_module(Y)
+    B, T, K = Y.shape
+    targets = xp.asarray(targets)
+    if targets.shape != (B, T):
+        raise DataError(f"next-token targets must have shape {(B, T)}, got {tuple(targets.shape)}")
+    if targets.dtype.kind not in "iu":
+        raise DataError(f"next-token targets must be integers, got dtype {targets.dtype}")
+    targets = targets.astype(xp.int64)
+    if targets.size and (int(targets.min()) < 0 or int(targets.max()) >= K):
+        raise DataError(f"next-token targets must lie in [0, {K}), got range "
+                        f"[{int(targets.min())}, {int(targets.max())}]")
+    shifted = Y - Y.max(axis=2, keepdims=True)
+    log_p = shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True))
+    rows, steps = xp.arange(B)[:, None], xp.arange(T)[None, :]
+    loss = -float(log_p[rows, steps, targets].mean())
+    dY = xp.exp(log_p)
+    dY[rows, steps, targets] -= 1
+    dY /= B * T
+    return loss, dY
+
+
+def mse(Y, target):
+    """Mean squared error over every step and output."""
+    xp = array_module(Y)
+    target = xp.asarray(target)
+    if target.shape != Y.shape:
+        raise DataError(f"regression targets must have shape {tuple(Y.shape)}, got {tuple(target.shape)}")
+    diff = Y - target.astype(Y.dtype)
+    return float((diff * diff).mean()), 2 * diff / diff.size
+
+
+def mse_last(Y, target):
+    """Mean squared error of the last step's outputs against target (B, num_output)."""
+    xp = array_module(Y)
+    B, _, K = Y.shape
+    target = xp.asarray(target)
+    if target.shape != (B, K):
+        raise DataError(f"regression targets must have shape {(B, K)}, got {tuple(target.shape)}")
+    diff = Y[:, -1, :] - target.astype(Y.dtype)
+    dY = xp.zeros_like(Y)
+    dY[:, -1, :] = 2 * diff / diff.size
+    return float((diff * diff).mean()), dY
+
+
+LOSS_FUNCTIONS = {
+    "cross_entropy_last": cross_entropy_last,
+    "cross_entropy_all": cross_entropy_all,
+    "mse": mse,
+    "mse_last": mse_last,
+}
+

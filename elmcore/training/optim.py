@@ -1,0 +1,132 @@
+"""Adam-family optimisers over plain arrays, global-norm clipping and a cosine schedule.
+
+The update formulas are PyTorch's (``torch.optim.Adam``, ``AdamW``, ``Adamax``)
+so that hyper-parameters carry over from the release's training scripts.
+Parameters are updated in place, so the model's arrays stay the same objects
+(and on the GPU stay in device memory: the arithmetic runs through the
+arrays' own module, NumPy or CuPy).
+"""
+
+import math
+
+import numpy as np
+
+from elmcore.engine.backend import array_module
+from elmcore.errors import ELMError
+
+KINDS = ("adam", "adamw", "adamax")
+
+
+def global_norm(grads):
+    total = 0.0
+    for g in grads.values():
+        total += float((g * g).sum())
+    return math.sqrt(total)
+
+
+def clip_by_global_norm(grads, max_norm):
+    """Scale all gradients in place so their joint L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping. The 1e-6 matches torch's clip_grad_norm_.
+    """
+    norm = global_norm(grads)
+    if max_norm is not None and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= g.dtype.type(scale)
+    return norm
+
+
+def cosine_lr(step, total_steps, base_lr, min_lr=0.0, warmup_steps=0):
+    """Learning rate at ``step`` (0-based): linear warm-up, then half a cosine down to ``min_lr``."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class Optimizer:
+    """Adam, AdamW (decoupled weight decay) or Adamax over a dict of arrays.
+
+    ``params`` maps names to the arrays to update in place; ``step(grads)``
+    takes a dict with the same names. ``weight_decay`` is L2 added to the
+    gradient for adam/adamax and decoupled for adamw, as in PyTorch.
+    """
+
+    def __init__(self, params, kind="adam", lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, clip_norm=None):
+        if kind not in KINDS:
+            raise ELMError(f"optimizer must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ELMError(f"learning rate must be a finite number > 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ELMError(f"betas must lie in [0, 1), got {betas}")
+        if weight_decay < 0:
+            raise ELMError(f"weight decay must be >= 0, got {weight_decay}")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ELMError(f"gradient clip norm must be > 0, got {clip_norm}")
+        self.params = params
+        self.kind, self.lr, self.betas, self.eps = kind, float(lr), tuple(betas), float(eps)
+        self.weight_decay, self.clip_norm = float(weight_decay), clip_norm
+        self.t = 0
+        self.exp_avg = {k: _zeros_like(p) for k, p in params.items()}
+        self.exp_second = {k: _zeros_like(p) for k, p in params.items()}  # v (adam) or u (adamax)
+
+    def step(self, grads, lr=None):
+        """Apply one update; returns the gradient norm before clipping."""
+        missing = set(self.params) - set(grads)
+        if missing:
+            raise ELMError(f"optimizer step is missing gradients for {sorted(missing)}")
+        norm = clip_by_global_norm(grads, self.clip_norm)
+        lr = self.lr if lr is None else float(lr)
+        self.t += 1
+        b1, b2 = self.betas
+        bc1 = 1 - b1 ** self.t
+        for name, p in self.params.items():
+            xp = array_module(p)
+            g = grads[name].astype(p.dtype, copy=True)
+            cast = p.dtype.type
+            if self.weight_decay and self.kind == "adamw":
+                p *= cast(1 - lr * self.weight_decay)
+            elif self.weight_decay:
+                g += cast(self.weight_decay) * p
+            m, s = self.exp_avg[name], self.exp_second[name]
+            m *= cast(b1)
+            m += cast(1 - b1) * g
+            if self.kind == "adamax":
+                xp.maximum(s * cast(b2), xp.abs(g) + cast(self.eps), out=s)
+                p -= cast(lr / bc1) * m / s
+            else:
+                s *= cast(b2)
+                s += cast(1 - b2) * g * g
+                bc2 = 1 - b2 ** self.t
+                denom = xp.sqrt(s) / cast(math.sqrt(bc2)) + cast(self.eps)
+                p -= cast(lr / bc1) * m / denom
+        return norm
+
+    def state_dict(self):
+        """Host arrays and scalars, for checkpoints."""
+        out = {"t": np.array(self.t)}
+        for k in self.params:
+            out[f"exp_avg/{k}"] = _to_host(self.exp_avg[k])
+            out[f"exp_second/{k}"] = _to_host(self.exp_second[k])
+        return out
+
+    def load_state_dict(self, state):
+        self.t = int(state["t"])
+        for k, p in self.params.items():
+            xp = array_module(p)
+            for name, store in (("exp_avg", self.exp_avg), ("exp_second", self.exp_second)):
+                arr = np.asarray(state[f"{name}/{k}"])
+                if arr.shape != p.shape:
+                    raise ELMError(f"optimizer state '{name}/{k}' has shape {arr.shape}, parameter has {p.shape}")
+                store[k] = xp.asarray(arr.astype(p.dtype))
+
+
+def _zeros_like(p):
+    return array_module(p).zeros_like(p)
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") else np.array(a)

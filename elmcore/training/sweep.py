@@ -1,0 +1,454 @@
+"""Parameter sweeps: many normal training runs under one sweep directory.
+
+A sweep file (TOML or JSON) holds a base run (the keys of ``elm train --config``)
+and the points to train, from any of:
+
+* ``[grid]``: field = [values…]; every combination (cartesian product);
+* ``[[points]]``: an explicit list of overrides;
+* ``[budget]``: ELM Network shapes whose parameter count lies within a tolerance
+  of each budget (:func:`budget_shapes`).
+
+``grid`` combines with the other two (e.g. every budget shape × three seeds).
+Field names are training settings (``lr``, ``seed``, ``epochs`` …), model fields
+(``num_memory`` or ``model.num_memory``) or ``task_options.NAME``.
+
+Each point is a normal run directory ``SWEEP_DIR/pNNN-field=value…`` holding also
+``point.json`` (its overrides). Re-running a sweep skips points with a
+``summary.json``, resumes points with a ``last.npz`` and starts the rest. At the
+end ``summary.csv`` (one row per point) and ``sweep.png`` are written.
+Points run one after another, over ``jobs`` local processes, or — under
+``mpiexec -n K`` — round-robin over the K ranks, each rank training its points
+alone (not data-parallel).
+"""
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from elmcore.network.config import network_parameter_count
+from elmcore.errors import ELMError
+from elmcore.storage.fileio import atomic_output, atomic_write_text
+
+POINT_FILE = "point.json"
+SUMMARY_CSV = "summary.csv"
+PLOT = "sweep.png"
+LOG = "train.log"
+# ELM Network fields (docs/spec.md §7.1) that ELMConfig does not have.
+NETWORK_FIELDS = ("num_neurons", "num_layers", "recurrent_fraction")
+BUDGET_FIELDS = ("num_neurons", "num_memory", "num_synapse_per_branch", "num_branch")
+# Override keys that only label a point (its column in summary.csv), not run settings.
+LABELS = ("budget",)
+
+
+# ---- the budget mode: pure parameter arithmetic ----------------------------------------------------
+
+def budget_shapes(budgets, tolerance, num_output, num_neurons, num_memory, num_synapse_per_branch,
+                  num_branch=(4,), **fixed):
+    """Every (N, d_m, n_b, synapses per branch) from the candidate lists within ``tolerance`` of a budget.
+
+    Returns dicts with the four fields plus ``budget`` and ``parameters``, ordered by
+    budget, then parameter count. A shape near two budgets appears under each.
+    ``fixed`` passes the other count inputs (mlp_num_layers, mlp_hidden_size,
+    learn_memory_tau, num_layers).
+    """
+    if not budgets:
+        raise ELMError("budget mode needs a non-empty list of budgets")
+    if not 0 <= tolerance < 1:
+        raise ELMError(f"budget tolerance must lie in [0, 1), got {tolerance}")
+    out = []
+    for budget in budgets:
+        if not budget > 0:
+            raise ELMError(f"a parameter budget must be > 0, got {budget}")
+        found = []
+        for N, d_m, n_b, spb in itertools.product(num_neurons, num_memory, num_branch, num_synapse_per_branch):
+            p = network_parameter_count(num_output, N, d_m, n_b, spb, **fixed)
+            if abs(p - budget) <= tolerance * budget:
+                found.append({"budget": budget, "num_neurons": N, "num_memory": d_m, "num_branch": n_b,
+                              "num_synapse_per_branch": spb, "parameters": p})
+        out += sorted(found, key=lambda s: (s["parameters"], s["num_neurons"], s["num_memory"]))
+    return out
+
+
+# ---- reading a sweep file --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Point:
+    name: str
+    overrides: dict      # {field path: value}, as written in the sweep file
+    settings: dict       # the full run settings (TrainSettings fields)
+
+
+def _field_path(key):
+    from elmcore.neuron.config import ELMConfig
+    from elmcore.training.train import TrainSettings
+    if "." in key:
+        head, _, tail = key.partition(".")
+        if head not in ("model", "task_options") or not tail:
+            raise ELMError(f"sweep field '{key}': dotted names must start with 'model.' or 'task_options.'")
+        return head, tail
+    if key in {f.name for f in dataclasses.fields(TrainSettings)} - {"model", "task_options", "run_dir"}:
+        return (key,)
+    if key in {f.name for f in dataclasses.fields(ELMConfig)} or key in NETWORK_FIELDS:
+        return "model", key
+    raise ELMError(f"sweep field '{key}' is neither a training setting nor a model field "
+                   "(write model.NAME or task_options.NAME to be explicit)")
+
+
+def _apply(base, overrides):
+    settings = json.loads(json.dumps(base))  # a deep copy of plain data
+    for key, value in overrides.items():
+        if key in LABELS:
+            continue
+        path = _field_path(key)
+        if len(path) == 1:
+            settings[key] = value
+        else:
+            settings.setdefault(path[0], {})[path[1]] = value
+    return settings
+
+
+def _slug(value):
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in ".+-" else "_" for c in text)[:24]
+
+
+def expand_points(spec):
+    """The list of :class:`Point` of a parsed sweep file (``dict``)."""
+    unknown = sorted(set(spec) - {"base", "grid", "points", "budget", "sweep_dir"})
+    if unknown:
+        raise ELMError(f"unknown sweep section(s): {', '.join(unknown)} (known: base, grid, points, budget, "
+                       "sweep_dir)")
+    base = spec.get("base", {})
+    if not isinstance(base, dict):
+        raise ELMError("sweep [base] must be a table of run settings")
+    if "points" in spec and "budget" in spec:
+        raise ELMError("a sweep takes [[points]] or [budget], not both (a [grid] combines with either)")
+    firsts = [{}]
+    if "points" in spec:
+        firsts = spec["points"]
+        if not isinstance(firsts, list) or not firsts or not all(isinstance(p, dict) for p in firsts):
+            raise ELMError("sweep [[points]] must be a non-empty list of tables of overrides")
+    elif "budget" in spec:
+        firsts = _budget_points(spec["budget"], base)
+    grid = spec.get("grid", {})
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise ELMError("sweep [grid] must map each field to a non-empty list of values")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
+    all_overrides = [{**first, **combo} for first in firsts for combo in combos]
+    if len(all_overrides) > 10000:
+        raise ELMError(f"the sweep has {len(all_overrides)} points; split it (at most 10000)")
+    # Directory names show only what differs between points (a budget sweep's version does not).
+    varying = [k for k in dict.fromkeys(k for o in all_overrides for k in o)
+               if len({json.dumps(o.get(k), sort_keys=True) for o in all_overrides}) > 1]
+    points = []
+    for i, overrides in enumerate(all_overrides):
+        label = "-".join(f"{k.rpartition('.')[2]}={_slug(overrides[k])}" for k in varying if k in overrides)
+        points.append(Point(f"p{i:03d}" + (f"-{label}" if label else ""), overrides, _apply(base, overrides)))
+    return points
+
+
+def _budget_points(budget, base):
+    if not isinstance(budget, dict):
+        raise ELMError("sweep [budget] must be a table")
+    options = dict(budget)
+    try:
+        budgets = options.pop("budgets")
+        tolerance = options.pop("tolerance", 0.1)
+        lists = {k: options.pop(k) for k in ("num_neurons", "num_memory", "num_synapse_per_branch")}
+    except KeyError as e:
+        raise ELMError(f"sweep [budget] needs {e.args[0]} (and budgets, num_neurons, num_memory, "
+                       "num_synapse_per_branch)") from None
+    lists["num_branch"] = options.pop("num_branch", [base.get("model", {}).get("num_branch", 4)])
+    model = base.get("model", {})
+    if "num_output" not in model:
+        raise ELMError("budget mode needs model.num_output in [base] (the readout counts K·(N+1))")
+    fixed = {k: model[k] for k in ("mlp_num_layers", "mlp_hidden_size", "learn_memory_tau", "num_layers")
+             if k in model}
+    if options:
+        raise ELMError(f"unknown [budget] option(s): {', '.join(sorted(options))}")
+    shapes = budget_shapes(budgets, tolerance, model["num_output"], **lists, **fixed)
+    if not shapes:
+        raise ELMError(f"no shape from the candidate lists lies within {tolerance:g} of any budget")
+    return [{"model.version": "elm_network", **{f"model.{k}": s[k] for k in BUDGET_FIELDS}, "budget": s["budget"]}
+            for s in shapes]
+
+
+def sweep_directory(spec, path):
+    """Where the sweep's points go: ``sweep_dir`` of the file, else ``sweeps/<file name>``."""
+    return spec.get("sweep_dir") or os.path.join("sweeps", os.path.splitext(os.path.basename(path))[0])
+
+
+# ---- running the points ------------------------------------------------------------------------------
+
+def point_dirs(points, sweep_dir):
+    """Create the point directories (or check they hold the same points as before); their paths."""
+    from elmcore.training.train import TrainSettings
+    for p in points:  # an impossible setting fails the sweep before any point trains
+        try:
+            TrainSettings.from_dict(dict(p.settings)).validate()
+        except ELMError as e:
+            raise ELMError(f"sweep point {p.name}: {e}") from None
+    os.makedirs(sweep_dir, exist_ok=True)
+    dirs = []
+    for p in points:
+        d = os.path.join(sweep_dir, p.name)
+        record = {"name": p.name, "overrides": p.overrides, "settings": p.settings}
+        path = os.path.join(d, POINT_FILE)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    old = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ELMError(f"{path} is unreadable ({e}); remove the point directory to retrain it") from None
+            if old.get("settings") != json.loads(json.dumps(p.settings)):
+                raise ELMError(f"{d} holds another point than the sweep file now makes (the file changed); "
+                               "give the sweep another sweep_dir or remove the old one")
+        else:
+            os.makedirs(d, exist_ok=True)
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+        dirs.append(d)
+    return dirs
+
+
+def point_state(point_dir):
+    if os.path.exists(os.path.join(point_dir, "summary.json")):
+        return "done"
+    return "interrupted" if os.path.exists(os.path.join(point_dir, "last.npz")) else "new"
+
+
+def train_point(point_dir):
+    """Train (or resume) one point in this process, logging to its ``train.log``."""
+    from elmcore.training import distributed as distributed
+    from elmcore.training.train import Trainer, TrainSettings
+    if point_state(point_dir) == "done":
+        return
+    with open(os.path.join(point_dir, LOG), "a") as log_file:
+        def log(message):
+            log_file.write(message + "\n")
+            log_file.flush()
+        log(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: training in process {os.getpid()}")
+        with distributed.alone():
+            if point_state(point_dir) == "interrupted":
+                log("resuming from last.npz")
+                trainer = Trainer.resume(point_dir, progress=False, log=log)
+            else:
+                with open(os.path.join(point_dir, POINT_FILE)) as f:
+                    settings = dict(json.load(f)["settings"], run_dir=point_dir)
+                trainer = Trainer(TrainSettings.from_dict(settings), progress=False, log=log)
+            trainer.run()
+
+
+def _train_in_process(point_dir, log):
+    try:
+        train_point(point_dir)
+        return True
+    except Exception as e:  # one broken point must not end a long sweep; the log keeps the reason
+        import traceback
+        with open(os.path.join(point_dir, LOG), "a") as f:
+            f.write(f"error: {e}\n" if isinstance(e, ELMError) else traceback.format_exc())
+        log(f"point {os.path.basename(point_dir)} failed: {e} (see {os.path.join(point_dir, LOG)})")
+        return False
+
+
+def _job_environment(jobs):
+    """Each of ``jobs`` local processes gets an equal share of the cores (a value the user set wins)."""
+    env = dict(os.environ)
+    threads = str(max(1, len(os.sched_getaffinity(0)) // jobs) if hasattr(os, "sched_getaffinity")
+                  else max(1, (os.cpu_count() or 1) // jobs))
+    for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, threads)
+    return env
+
+
+def _train_in_processes(todo, jobs, log):
+    """Train the points in ``todo`` over ``jobs`` long-lived worker processes, next point to the first free.
+
+    A worker is one interpreter that trains point after point (its imports and compiled
+    kernels are paid once); it reads a point directory per line on stdin and answers
+    ``ok DIR`` or ``failed DIR``. A worker that dies takes only its current point with
+    it (a re-run resumes that point) and is replaced while points remain.
+    """
+    import selectors
+    env, queue, current = _job_environment(jobs), list(todo), {}
+    selector = selectors.DefaultSelector()
+
+    def spawn():
+        worker = subprocess.Popen([sys.executable, "-m", "elmcore.training.sweep", "--worker"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=env)
+        selector.register(worker.stdout, selectors.EVENT_READ, worker)
+        return worker
+
+    def assign(worker):
+        if queue:
+            current[worker] = queue.pop(0)
+            worker.stdin.write(current[worker] + "\n")
+            worker.stdin.flush()
+        else:  # nothing left: let it finish
+            current.pop(worker, None)
+            selector.unregister(worker.stdout)
+            worker.stdin.close()
+            worker.wait()
+
+    try:
+        for _ in range(min(jobs, len(queue))):
+            assign(spawn())
+        while selector.get_map():
+            for key, _ in selector.select():
+                worker = key.data
+                answer = worker.stdout.readline()
+                name = os.path.basename(current[worker])
+                if answer:
+                    log(f"point {name} {'done' if answer.startswith('ok ') else 'failed'}")
+                    assign(worker)
+                    continue
+                selector.unregister(worker.stdout)
+                code = worker.wait()
+                how = f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
+                log(f"point {name} {how} (its process, pid {worker.pid}); running the sweep again resumes it")
+                del current[worker]
+                if queue:
+                    assign(spawn())
+    finally:
+        for worker in current:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
+def run_sweep(points, sweep_dir, jobs=1, log=print):
+    """Train every unfinished point; write summary.csv and sweep.png; return the summary rows.
+
+    Under an MPI launcher with K > 1 ranks, rank r trains points r, r+K, … and
+    rank 0 writes the summary once all ranks are through.
+    """
+    from elmcore.training.distributed import communicator
+    comm = communicator()
+    if comm.size > 1 and jobs > 1:
+        raise ELMError("use either mpiexec (points over ranks) or --jobs (local processes), not both")
+    dirs = comm.bcast(point_dirs(points, sweep_dir) if comm.is_root else None)
+    if comm.size > 1:
+        log = _prefixed(log, f"rank {comm.rank}: ")
+    todo = [d for i, d in enumerate(dirs) if i % comm.size == comm.rank and point_state(d) != "done"]
+    done_before = sum(point_state(d) == "done" for d in dirs)
+    if comm.is_root:
+        log(f"sweep {sweep_dir}: {len(points)} points, {done_before} already done, "
+            f"{'%d MPI ranks' % comm.size if comm.size > 1 else '%d job(s)' % jobs}")
+    if jobs > 1:
+        _train_in_processes(todo, jobs, log)
+    else:
+        for d in todo:
+            log(f"point {os.path.basename(d)}: {point_state(d)}, training")
+            _train_in_process(d, log)
+    comm.allgather(None)  # every rank is through its points
+    if not comm.is_root:
+        return None
+    rows = summarize(points, dirs)
+    write_summary(rows, os.path.join(sweep_dir, SUMMARY_CSV))
+    try:
+        plot_sweep(rows, list(dict.fromkeys(k for p in points for k in p.overrides)),
+                   os.path.join(sweep_dir, PLOT))
+    except ELMError as e:
+        log(f"no {PLOT}: {e}")
+    return rows
+
+
+def _prefixed(log, prefix):
+    return lambda message: log(prefix + message)
+
+
+# ---- summary and plot --------------------------------------------------------------------------------
+
+def summarize(points, dirs):
+    rows = []
+    for p, d in zip(points, dirs):
+        row = {"point": p.name, "status": "missing"}
+        row.update(p.overrides)
+        summary_path = os.path.join(d, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                s = json.load(f)
+            metric = s.get("metric")
+            row.update(status="done", parameters=s.get("parameters"), metric=metric,
+                       selection_split=s.get("selection_split"), best_valid=s.get("best_metric"),
+                       test=(s.get("test") or {}).get(metric), seconds=s.get("seconds"))
+        elif os.path.exists(os.path.join(d, "last.npz")):
+            row["status"] = "interrupted"
+        row["run_dir"] = d
+        rows.append(row)
+    return rows
+
+
+def write_summary(rows, path):
+    fields = list(dict.fromkeys(["point", "status"] + [k for r in rows for k in r if k != "run_dir"]
+                                + ["parameters", "metric", "selection_split", "best_valid", "test", "seconds",
+                                   "run_dir"]))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    atomic_write_text(path, text.getvalue())
+
+
+def plot_sweep(rows, fields, path):
+    """Validation metric against trainable parameters (log x): every point, and per swept field a line
+    through the points that differ from the first finished point in that field alone."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ELMError("plotting needs matplotlib: pip install 'elmcore[plot]'") from None
+    done = [r for r in rows if r["status"] == "done" and r.get("best_valid") is not None
+            and math.isfinite(r["best_valid"]) and r.get("parameters")]
+    if not done:
+        raise ELMError("no finished point has a validation metric to plot")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([r["parameters"] for r in done], [r["best_valid"] for r in done], color="0.75", s=18,
+               zorder=1, label="all points")
+    ref = done[0]
+    for field in fields:
+        line = sorted((r for r in done if all(r.get(k) == ref.get(k) for k in fields if k != field)),
+                      key=lambda r: r["parameters"])
+        if len({r.get(field) for r in line}) >= 2:
+            ax.plot([r["parameters"] for r in line], [r["best_valid"] for r in line], "o-", zorder=2,
+                    label=f"{field.rpartition('.')[2]} ({', '.join(_slug(r[field]) for r in line)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"best validation {done[0].get('metric')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _worker():
+    """``python -m elmcore.training.sweep --worker``: train the point directories named on stdin, one per line."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything the training prints must not mix with the answers
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    for line in sys.stdin:
+        point_dir = line.rstrip("\n")
+        ok = _train_in_process(point_dir, log)
+        answers.write(f"{'ok' if ok else 'failed'} {point_dir}\n")
+        answers.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--worker"]:
+        sys.exit("usage: python -m elmcore.training.sweep --worker (started by `elm sweep --jobs N`)")
+    sys.exit(_worker())

@@ -1,0 +1,728 @@
+"""The training loop: epochs × batches, validation, best-model selection, checkpoints, resume.
+
+A run directory holds:
+  run.json        the settings of the run (so ``--resume`` needs nothing else)
+  last.npz        the latest checkpoint (parameters, optimiser, RNG state, position)
+  best.npz        the model with the best validation metric so far
+  metrics.jsonl   one JSON record per step ("step") and per epoch ("epoch"); an epoch record
+                  names the split its metrics were measured on ("split": "valid")
+  summary.json    final figures, written when the run ends
+
+The model is selected on the task's validation split. A task without one gets one
+carved from its training examples when they are in memory (deterministic from the
+seed); otherwise the run says, in its log and records, that it selects on "train".
+The test split is never used for selection.
+
+Determinism: every random draw comes from generators seeded by (seed, epoch):
+the data order and windows from one, input dropout from another whose state is
+saved in each checkpoint. A resumed run therefore replays the interrupted epoch's
+batches, skips those already trained on, and ends bit-identical (on the CPU) to a
+run that was never interrupted.
+
+One trainer at a time: a run holds an exclusive lock on ``RUN/.lock`` while it
+runs, and a second trainer on the same directory is refused. Default run
+directories are created exclusively, so runs started in the same second get
+different names.
+
+Divergence: training stops (and records why in metrics.jsonl) when the loss,
+an output or a gradient is not finite, or when the loss exceeds
+``DIVERGENCE_FACTOR`` times the loss of the run's first step. The untrained
+model's loss is where descent started; a loss that many times higher means the
+optimiser is no longer descending but has thrown away everything it learned and
+more (an Adam step of size lr moves every weight by about lr, so a too-large
+lr sends the outputs, and the loss with their square, up by orders of magnitude
+at once, while a finite loss can still be far beyond anything meaningful, e.g.
+an MSE of 2e40 in float64). Ordinary noise, even at a learning rate that is
+merely too high, stays well within a factor of 1000.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import typing
+from typing import Optional
+
+import numpy as np
+
+from elmcore.training.checkpoint import load_file, save_checkpoint, save_model
+from elmcore.neuron.config import ELMConfig
+from elmcore.engine.memory import check_memory
+from elmcore.data.base import ArrayTask
+from elmcore.data.registry import DEFAULT_TASK
+from elmcore.training.distributed import communicator
+from elmcore.errors import CheckpointError, ELMError, NonFiniteOutputError
+from elmcore.training.evaluate import evaluate, metric_value
+from elmcore.storage.fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
+                                    remove_stale_temporaries, write_error)
+from elmcore.engine.factory import build_model
+from elmcore.training.optim import Optimizer, cosine_lr
+from elmcore.training.runlog import finite_or_none, read_records
+
+RUN_FILE = "run.json"
+LAST = "last.npz"
+BEST = "best.npz"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+LOCK = ".lock"
+RUN_FILES = (RUN_FILE, LAST, BEST, METRICS, SUMMARY)
+
+# Stop when the loss exceeds this many times the loss of the run's first step (see the module docstring).
+DIVERGENCE_FACTOR = 1e3
+
+# Share of the training examples held out for model selection when a task has no validation split.
+CARVED_VALID_FRACTION = 0.1
+# Without a progress bar (stderr not a terminal), one line every this many batches.
+LOG_EVERY_BATCHES = 100
+
+
+class TrainingDiverged(ELMError):
+    """The loss, an output or a gradient became non-finite, or the loss exploded; the last good checkpoint is kept."""
+
+
+class RunDirectoryBusy(ELMError):
+    """Another trainer holds this run directory's lock."""
+
+
+# Settings whose values are names from a fixed list.
+SETTING_CHOICES = {"optimizer": ("adam", "adamw", "adamax"), "dtype": ("float32", "float64"),
+                   "device": ("cpu", "cuda", "auto")}
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    task: str = DEFAULT_TASK
+    data_dir: Optional[str] = None
+    task_options: dict = dataclasses.field(default_factory=dict)
+    model: dict = dataclasses.field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 32
+    batches_per_epoch: Optional[int] = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: Optional[float] = 1.0
+    input_dropout: float = 0.0
+    burn_in: int = 0
+    eval_batch_size: int = 64
+    valid_max_batches: Optional[int] = None
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    checkpoint_every: int = 50
+    run_dir: Optional[str] = None
+
+    def validate(self):
+        """Check every setting's type (from its annotation) and range; errors name the setting."""
+        for field in dataclasses.fields(self):
+            _check_setting_type(field.name, getattr(self, field.name), field.type)
+        clash = sorted(set(self.task_options) & {"name", "data_dir", "seed"})
+        if clash:
+            raise ELMError(f"task_options may not set {', '.join(clash)}: they are run settings of their own")
+        for name, choices in SETTING_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ELMError(f"training setting '{name}' must be one of {', '.join(choices)}, "
+                               f"got {getattr(self, name)!r}")
+        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1),
+                  ("lr", self.lr > 0), ("min_lr", 0 <= self.min_lr <= self.lr),
+                  ("input_dropout", 0 <= self.input_dropout < 1), ("burn_in", self.burn_in >= 0),
+                  ("checkpoint_every", self.checkpoint_every >= 1), ("warmup_steps", self.warmup_steps >= 0),
+                  ("eval_batch_size", self.eval_batch_size >= 1), ("seed", self.seed >= 0),
+                  ("weight_decay", self.weight_decay >= 0)]
+        for name, minimum in (("batches_per_epoch", 1), ("valid_max_batches", 1)):
+            if getattr(self, name) is not None:
+                checks.append((name, getattr(self, name) >= minimum))
+        if self.clip_norm is not None:
+            checks.append(("clip_norm", self.clip_norm > 0))
+        for name, ok in checks:
+            if not ok:
+                raise ELMError(f"training setting '{name}' has an impossible value: {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, d, source=None):
+        """Settings from a parsed run config (or run.json); every type and range is checked here."""
+        where = f" ({source})" if source else ""
+        if not isinstance(d, dict):
+            raise ELMError(f"run settings{where} must be a JSON object / TOML table, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known, key=str)
+        if unknown:
+            raise ELMError(f"unknown training setting(s){where}: {', '.join(map(str, unknown))} "
+                           f"(known: {', '.join(sorted(known))})")
+        settings = cls(**d)
+        try:
+            settings.validate()
+        except ELMError as e:
+            raise ELMError(f"{e}{where}") from None
+        return settings
+
+
+def _check_setting_type(name, value, annotation):
+    """``value`` fits ``annotation`` (int, float, str, dict, or Optional of one); JSON's true is no integer."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if value is None:
+        if optional:
+            return
+        raise ELMError(f"training setting '{name}' may not be null")
+    if base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        wanted = "an integer"
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    elif base is str:
+        ok, wanted = isinstance(value, str) and "\0" not in value, "a string (without NUL characters)"
+    elif base is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        wanted = "a table of KEY = VALUE"
+    else:
+        return
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ELMError(f"training setting '{name}' must be {wanted}{' or null' if optional else ''}, "
+                       f"got {type(value).__name__} {shown}")
+
+
+def resolve_settings(overrides: dict, source=None) -> TrainSettings:
+    """The named task's default experiment (``TaskSpec.default_run``) with ``overrides`` on top.
+
+    ``overrides`` are a run file's settings updated with command-line flags; its
+    ``model`` and ``task_options`` are merged field by field into the default
+    run's, so ``--set num_memory=8`` keeps the default run's other model fields.
+    Bare ``elm train`` and ``elm train --task adding`` are therefore one experiment.
+    """
+    from elmcore.data.registry import default_run
+    base = default_run(overrides.get("task", DEFAULT_TASK), overrides.get("data_dir"))
+    merged = {**base, **overrides}
+    for key in ("model", "task_options"):
+        if isinstance(base.get(key), dict) and isinstance(overrides.get(key), dict):
+            merged[key] = {**base[key], **overrides[key]}
+    return TrainSettings.from_dict(merged, source=source)
+
+
+def carve_validation(task, fraction, seed):
+    """Move ``fraction`` of an in-memory task's training examples into a new "valid" split.
+
+    The held-out examples are drawn from ``default_rng([seed, 2])`` (the data order uses
+    ``[seed, epoch]``), so a resumed run holds out the same ones. Returns how many, or 0
+    when the task already has a validation split or keeps its examples out of memory.
+    """
+    if task.num_examples("valid") or not isinstance(task, ArrayTask) or "train" not in task.splits:
+        return 0
+    X, target = task.splits["train"]
+    n_valid = int(round(fraction * len(X)))
+    if n_valid < 1 or n_valid >= len(X):
+        return 0
+    order = np.random.default_rng([seed, 2]).permutation(len(X))
+    held, kept = np.sort(order[:n_valid]), np.sort(order[n_valid:])
+    task.splits = {**task.splits, "train": (X[kept], target[kept]), "valid": (X[held], target[held])}
+    return n_valid
+
+
+class Trainer:
+    """Runs (or resumes) one training run in ``settings.run_dir``.
+
+    ``progress``: "bar" (a tqdm bar on stderr), "lines" (a ``log`` line every
+    ``log_every`` batches), "none", or "auto"/True (a bar when stderr is a
+    terminal, lines otherwise, so a log file holds no carriage-return redraws);
+    False is "none". Epoch lines and the final lines go to ``log`` in every mode.
+    """
+
+    def __init__(self, settings: TrainSettings, task=None, progress="auto", log=print, log_every=None, inputs=()):
+        """``inputs``: files the caller read the settings from; the run may not write over them."""
+        settings.validate()
+        self.comm = communicator(settings.device)
+        progress, log = self.comm.output_on_root(progress, log)
+        if self.comm.size > 1:
+            log(f"data-parallel over {self.comm.describe()}: each takes its share of every batch")
+        self.settings = settings
+        if progress is True or progress == "auto":
+            progress = "bar" if _stderr_is_terminal() else "lines"
+        elif progress is False or progress is None:
+            progress = "none"
+        if progress not in ("bar", "lines", "none"):
+            raise ELMError(f"progress must be bar, lines, none or auto, got {progress!r}")
+        self.progress = progress
+        self.log_every = LOG_EVERY_BATCHES if log_every is None else log_every
+        if self.log_every < 1:
+            raise ELMError(f"log_every must be >= 1, got {self.log_every}")
+        self.log = log
+        self.inputs = [os.fspath(p) for p in inputs if p is not None]
+        if task is None:
+            from elmcore.data.registry import get_task
+            task = get_task(settings.task, data_dir=settings.data_dir, seed=settings.seed, **settings.task_options)
+        self.task = task
+        self.carved_valid = carve_validation(task, CARVED_VALID_FRACTION, settings.seed)
+        # Selection never uses the test split: its score would no longer estimate unseen data.
+        self.selection_split = "valid" if task.num_examples("valid") else "train"
+        # Without a --run-dir: runs/<task>-<time>, made unique when the directory is created.
+        self.run_dir = settings.run_dir or os.path.join(
+            "runs", f"{settings.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self._lock_file = None
+        self._created_dir = self._created_parent = self._activations_checked = False
+        self._last_checkpoint_step = None
+
+    # ---- the run directory: one trainer at a time ------------------------------
+    def _open_run_dir(self, must_exist):
+        """Create (unless resuming) and lock the run directory; clear what a killed writer left.
+
+        Only rank 0 touches the directory; the others learn its name, which rank 0 may have
+        made unique.
+        """
+        if self.comm.is_root:
+            self._open_run_dir_on_root(must_exist)
+        self.run_dir = self.comm.bcast(self.run_dir)
+
+    def _open_run_dir_on_root(self, must_exist):
+        if must_exist:
+            if not os.path.isdir(self.run_dir):
+                raise ELMError(f"cannot resume: {self.run_dir} is not a directory")
+        elif self.settings.run_dir is None:
+            parent = os.path.dirname(self.run_dir)
+            self._created_parent = bool(parent) and not os.path.exists(parent)
+            self.run_dir = _make_unique_dir(self.run_dir)
+            self._created_dir = True
+        else:
+            self._created_dir = not os.path.exists(self.run_dir)
+            try:
+                os.makedirs(self.run_dir, exist_ok=True)
+            except OSError as e:
+                raise ELMError(f"cannot create the run directory {self.run_dir}: "
+                               f"{describe_os_error(e)}") from None
+        for name in RUN_FILES:
+            refuse_inputs(os.path.join(self.run_dir, name), self.inputs)
+        self._lock_file = _lock_run_dir(self.run_dir)
+        for stale in remove_stale_temporaries(self.run_dir, RUN_FILES):
+            self.log(f"removed {stale}, left by an interrupted write")
+
+    def _close_run_dir(self, failed):
+        """Release the lock; after a failure before anything was recorded, remove the directory we made."""
+        if failed and self._created_dir and not os.path.exists(os.path.join(self.run_dir, LAST)) \
+                and not read_records(self._metrics_path())[0]:
+            for name in (RUN_FILE, METRICS, LOCK):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.run_dir, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.run_dir)  # only if nothing else was put there
+                if self._created_parent:
+                    os.rmdir(os.path.dirname(self.run_dir))
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # ---- setup -------------------------------------------------------------
+    def model_config(self):
+        d = {**self.task.model_defaults(), **self.settings.model}
+        for key in ("num_input", "num_output"):
+            if d[key] != getattr(self.task, key):
+                raise ELMError(f"model {key} = {d[key]!r} does not match task '{self.task.name}' "
+                               f"({getattr(self.task, key)})")
+        return ELMConfig.from_dict(d)
+
+    def batches_per_epoch(self):
+        n = math.ceil(self.task.num_examples("train") / self.settings.batch_size)
+        if self.settings.batches_per_epoch is not None:
+            n = min(n, self.settings.batches_per_epoch) if n else self.settings.batches_per_epoch
+        if n <= 0:
+            raise ELMError(f"task '{self.task.name}' has no training examples")
+        return n
+
+    def _new_state(self):
+        s = self.settings
+        cfg = self.model_config()
+        model = build_model(cfg, seed=s.seed, dtype=s.dtype, device=s.device)  # a bad config fails before any mkdir
+        self._open_run_dir(must_exist=False)
+        if os.path.exists(os.path.join(self.run_dir, LAST)):
+            raise ELMError(f"run directory {self.run_dir} already holds a run; use --resume {self.run_dir} "
+                           "or choose another --run-dir")
+        self.model = model
+        self.optimizer = self._make_optimizer()
+        self.position = {"step": 0, "epoch": 0, "batch": 0, "dropout_rng": None,
+                         "best_metric": None, "best_step": None, "first_loss": None,
+                         "epoch_loss_sum": 0.0, "epoch_examples": 0}
+        if self.comm.is_root:
+            atomic_write_text(os.path.join(self.run_dir, RUN_FILE),
+                              json.dumps(dataclasses.asdict(s), indent=2) + "\n")
+        self._truncate_metrics(0, 0)
+
+    def _make_optimizer(self):
+        s = self.settings
+        return Optimizer({k: self.model.params[k] for k in self.model.trainable_keys}, kind=s.optimizer,
+                         lr=s.lr, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
+
+    def _restore(self):
+        self._open_run_dir(must_exist=True)
+        path = os.path.join(self.run_dir, LAST)
+        loaded = load_file(path)
+        if loaded.kind != "elmcore-checkpoint":
+            raise ELMError(f"{path} is a model file, not a training checkpoint")
+        self.position = _checked_position(loaded.meta.get("position"), path)
+        self.model = loaded.build_model(dtype=self.settings.dtype, device=self.settings.device)
+        self.optimizer = self._make_optimizer()
+        try:
+            self.optimizer.load_state_dict(_checked_optim_state(loaded.optim_state, path))
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: optimizer state missing or damaged ({e})") from None
+        self._last_checkpoint_step = self.position["step"]
+        self._truncate_metrics(self.position["step"], self.position["epoch"])
+
+    @classmethod
+    def resume(cls, run_dir, progress="auto", log=print, task=None, log_every=None, **overrides):
+        run_dir = os.fspath(run_dir)
+        path = os.path.join(run_dir, RUN_FILE)
+        if not os.path.exists(os.path.join(run_dir, LAST)):
+            raise ELMError(f"cannot resume: no checkpoint {os.path.join(run_dir, LAST)}")
+        try:
+            settings = TrainSettings.from_dict(read_json(path, "run settings"), source=path)
+        except ELMError as e:
+            raise ELMError(f"cannot resume: {e}") from None
+        settings = dataclasses.replace(settings, run_dir=run_dir, **overrides)
+        trainer = cls(settings, task=task, progress=progress, log=log, log_every=log_every)
+        trainer._resuming = True
+        return trainer
+
+    # ---- metrics log ---------------------------------------------------------
+    def _metrics_path(self):
+        return os.path.join(self.run_dir, METRICS)
+
+    def _truncate_metrics(self, step, epoch):
+        """Drop records past the checkpoint we restart from, so the log tells one consistent story.
+
+        Damaged lines (torn by a kill, not UTF-8, not records) are dropped too.
+        """
+        if not self.comm.is_root:
+            return
+        path = self._metrics_path()
+        records, damaged = read_records(path)
+        if damaged:
+            self.log(f"{path}: dropped {damaged} damaged line(s)")
+        kept = [json.dumps(rec) + "\n" for rec in records
+                if (rec["type"] == "step" and rec["step"] <= step) or
+                (rec["type"] == "epoch" and rec["epoch"] < epoch) or
+                (rec["type"] == "diverged" and rec["step"] <= step)]
+        atomic_write_text(path, "".join(kept))
+
+    def _record(self, rec):
+        if not self.comm.is_root:
+            return
+        try:
+            with open(self._metrics_path(), "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise write_error(self._metrics_path(), e) from None
+
+    # ---- checkpoints -----------------------------------------------------------
+    def _meta(self):
+        return {"position": self.position, "step": self.position["step"], "epoch": self.position["epoch"],
+                "best_metric": self.position["best_metric"], "metric_name": self.task.metric,
+                "selection_split": self.selection_split, "task": self.task.name}
+
+    def _save_checkpoint(self):
+        if not self.comm.is_root:
+            return
+        save_checkpoint(os.path.join(self.run_dir, LAST), self.model.config, self.model.state_dict(),
+                        self.optimizer.state_dict(), self._meta(), dtype=self.settings.dtype)
+        self._last_checkpoint_step = self.position["step"]
+
+    # ---- the loop ---------------------------------------------------------------
+    def run(self):
+        failed = True
+        try:
+            summary = self._run()
+            failed = False
+            return summary
+        finally:
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()  # an error message then starts on a line of its own
+            self._close_run_dir(failed)
+
+    def _run(self):
+        s = self.settings
+        if getattr(self, "_resuming", False):
+            self._restore()
+        else:
+            self._new_state()
+        per_epoch = self.batches_per_epoch()
+        total_steps = per_epoch * s.epochs
+        self.log(f"run {self.run_dir}: task {self.task.name}, {self.model.config.version}, "
+                 f"{self.model.num_parameters} parameters, {s.epochs} epochs x {per_epoch} batches of "
+                 f"{s.batch_size} ({s.device}, {s.dtype})")
+        if self.carved_valid:
+            self.log(f"task {self.task.name} has no validation split: {self.carved_valid} training examples "
+                     f"(drawn from seed {s.seed}) are held out to select the model")
+        elif self.selection_split == "train":
+            self.log(f"warning: task {self.task.name} has no validation split; the model is selected on the "
+                     "TRAINING split, so its selection score is optimistic (give the data a validation split)")
+        start_time = time.perf_counter()
+        samples_seen = 0
+        last_valid = None
+        while self.position["epoch"] < s.epochs:
+            epoch = self.position["epoch"]
+            skip = self.position["batch"]
+            dropout_rng = np.random.default_rng([s.seed, epoch, 1])
+            if skip and self.position["dropout_rng"] is not None:
+                dropout_rng.bit_generator.state = self.position["dropout_rng"]
+            data_rng = np.random.default_rng([s.seed, epoch])
+            bar = self._bar = _progress(per_epoch, skip, f"epoch {epoch + 1}/{s.epochs}", self.progress == "bar")
+            # Sums over the epoch's batches so far: a resumed epoch goes on from the checkpoint's.
+            epoch_loss = float(self.position.get("epoch_loss_sum") or 0.0) if skip else 0.0
+            epoch_n = int(self.position.get("epoch_examples") or 0) if skip else 0
+            t_epoch = time.perf_counter()
+            for b, batch in enumerate(self.task.batches("train", s.batch_size, rng=data_rng, shuffle=True)):
+                if b >= per_epoch:
+                    break
+                if b < skip:
+                    continue
+                loss, norm, lr = self._train_step(batch, dropout_rng, total_steps)
+                n = len(batch.X)
+                samples_seen += n
+                epoch_loss += loss * n
+                epoch_n += n
+                self.position.update(step=self.position["step"] + 1, batch=b + 1,
+                                     dropout_rng=dropout_rng.bit_generator.state,
+                                     epoch_loss_sum=epoch_loss, epoch_examples=epoch_n)
+                if self.position.get("first_loss") is None:
+                    self.position["first_loss"] = loss
+                rate = samples_seen / max(time.perf_counter() - start_time, 1e-9)
+                self._record({"type": "step", "step": self.position["step"], "epoch": epoch, "batch": b,
+                              "loss": loss, "lr": lr, "grad_norm": norm, "samples_per_s": rate})
+                if bar is not None:
+                    bar.update(1)
+                    post = {"loss": f"{loss:.4g}", "samples/s": f"{rate:.0f}"}
+                    if last_valid is not None:
+                        post[f"{self.selection_split} {self.task.metric}"] = f"{last_valid:.4g}"
+                    bar.set_postfix(post)
+                elif self.progress == "lines" and (b + 1) % self.log_every == 0 and b + 1 < per_epoch:
+                    self.log(f"epoch {epoch + 1}/{s.epochs} batch {b + 1}/{per_epoch}: loss {loss:.4g}, "
+                             f"{rate:.0f} samples/s")
+                if self.position["step"] % s.checkpoint_every == 0:
+                    self._save_checkpoint()
+            if bar is not None:
+                bar.close()
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    valid = self._validate()
+            except NonFiniteOutputError:
+                self._diverged(f"the model's outputs on validation data are not finite after step "
+                               f"{self.position['step']}", step=self.position["step"])
+            last_valid = metric_value(self.task, valid)
+            improved = self._is_better(last_valid)
+            if improved:
+                self.position.update(best_metric=last_valid, best_step=self.position["step"])
+            if improved and self.comm.is_root:
+                save_model(os.path.join(self.run_dir, BEST), self.model.config, self.model.state_dict(),
+                           dtype=s.dtype)
+            seconds = time.perf_counter() - t_epoch
+            self._record({"type": "epoch", "epoch": epoch, "step": self.position["step"],
+                          "train_loss": epoch_loss / max(epoch_n, 1), "split": self.selection_split,
+                          "metric": self.task.metric, "metrics": valid, "best": improved, "seconds": seconds})
+            self.log(f"epoch {epoch + 1}/{s.epochs}: train loss {epoch_loss / max(epoch_n, 1):.4g}, "
+                     f"{self.selection_split} {self.task.metric} {last_valid:.4g}{' (best)' if improved else ''}"
+                     f" [{seconds:.1f} s]")
+            self.position.update(epoch=epoch + 1, batch=0, dropout_rng=None, epoch_loss_sum=0.0,
+                                 epoch_examples=0)
+            self._save_checkpoint()
+        return self._finish(time.perf_counter() - start_time, samples_seen)
+
+    def _train_step(self, batch, dropout_rng, total_steps):
+        s = self.settings
+        X = batch.X
+        if s.input_dropout > 0:
+            keep = dropout_rng.random(X.shape) >= s.input_dropout
+            X = X * keep / np.float32(1 - s.input_dropout)
+        X, target, weight = self.comm.shard_batch(X, batch.target)
+        if not self._activations_checked:
+            held_out = max(self.task.num_examples("valid"), self.task.num_examples("test"))
+            batch_size = max(len(X), min(s.eval_batch_size, held_out))
+            check_memory(self.model.config.activation_bytes(batch_size, X.shape[1], self.model.dtype.itemsize),
+                         f"training on batches of {batch_size} sequences of {X.shape[1]} steps")
+            self._activations_checked = True
+        lr = cosine_lr(self.position["step"], total_steps, s.lr, s.min_lr, s.warmup_steps)
+        step = self.position["step"] + 1
+        # Overflow is detected below by explicit finiteness checks, which name the step.
+        with np.errstate(over="ignore", invalid="ignore"):
+            try:
+                Y, cache = self.model.forward(X, return_cache=True)
+            except NonFiniteOutputError:
+                self._diverged(f"the model's outputs are not finite at step {step}")
+            target = self.model.xp.asarray(target)
+            loss, dY = self.task.loss_and_grad(Y, target, burn_in=s.burn_in)
+            # Reduced before any check, so that every rank judges the global batch's loss alike.
+            grads = self.model.backward(dY, cache)
+            loss, grads = self.comm.allreduce_gradients(grads, loss, weight)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                self._diverged(f"the loss is {loss} at step {step}", loss)
+            first = self.position.get("first_loss")
+            if first is not None and first > 0 and loss > DIVERGENCE_FACTOR * first:
+                self._diverged(f"the loss {loss:.3g} at step {step} exceeds {DIVERGENCE_FACTOR:g} times the "
+                               f"loss of the first step ({first:.3g}): training diverged", loss)
+            xp = self.model.xp
+            bad = [k for k, g in grads.items() if not bool(xp.all(xp.isfinite(g)))]
+            if bad:
+                self._diverged(f"the gradient of {bad[0]} is not finite at step {step}", loss)
+            norm = self.optimizer.step(grads, lr=lr)
+            # Never let a checkpoint hold an overflowed parameter.
+            bad = [k for k in self.model.trainable_keys if not bool(xp.all(xp.isfinite(self.model.params[k])))]
+            if bad:
+                self._diverged(f"the update of step {step} made {bad[0]} non-finite", loss)
+        return loss, norm, lr
+
+    def _diverged(self, what, loss=None, step=None):
+        """Record and raise the divergence of ``step`` (default: the step being taken)."""
+        last = os.path.join(self.run_dir, LAST)
+        if self._last_checkpoint_step is not None and os.path.exists(last):
+            good = "" if self._last_checkpoint_step == step else "good "  # at ``step``: the diverged parameters
+            where = f"the last {good}checkpoint is {last} (step {self._last_checkpoint_step})"
+        else:
+            where = "no checkpoint was written yet"
+        if os.path.exists(os.path.join(self.run_dir, BEST)):
+            where += f", the best model so far {os.path.join(self.run_dir, BEST)}"
+        self._record({"type": "diverged", "step": self.position["step"] + 1 if step is None else step,
+                      "epoch": self.position["epoch"],
+                      "loss": finite_or_none(loss), "message": what})
+        raise TrainingDiverged(f"training stopped: {what} (epoch {self.position['epoch'] + 1}); {where}. "
+                               "Try a lower --lr or --clip-norm.")
+
+    def _validate(self):
+        return self.task.validation_metrics(self.model, self.selection_split, self.settings.eval_batch_size,
+                                            self.settings.valid_max_batches, comm=self.comm)
+
+    def _is_better(self, value):
+        best = self.position["best_metric"]
+        if value is None or not math.isfinite(value):
+            return False
+        if best is None:
+            return True
+        return value > best if self.task.higher_is_better else value < best
+
+    def _finish(self, seconds, samples):
+        summary = {"run_dir": self.run_dir, "task": self.task.name, "steps": self.position["step"],
+                   "epochs": self.position["epoch"], "metric": self.task.metric,
+                   "selection_split": self.selection_split, "best_metric": self.position["best_metric"],
+                   "best_step": self.position["best_step"],
+                   "parameters": self.model.num_parameters, "seconds": seconds,
+                   "samples_per_s": samples / seconds if seconds > 0 else None,
+                   "settings": dataclasses.asdict(self.settings)}
+        if not self.comm.is_root:
+            return summary
+        best_path = os.path.join(self.run_dir, BEST)
+        if self.task.num_examples("test") and os.path.exists(best_path):
+            best = load_file(best_path).build_model(dtype=self.settings.dtype, device=self.settings.device)
+            summary["test"] = evaluate(best, self.task, "test", batch_size=self.settings.eval_batch_size)
+            self.log(f"test {self.task.metric} of the best model (selected on {self.selection_split}): "
+                     f"{summary['test'][self.task.metric]:.4g}")
+        atomic_write_text(os.path.join(self.run_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def _make_unique_dir(base):
+    """Create ``base``, or ``base-2``, ``base-3``, … if taken: mkdir is atomic, so two runs never share one."""
+    parent = os.path.dirname(base)
+    try:
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        for n in range(1, 10000):
+            candidate = base if n == 1 else f"{base}-{n}"
+            try:
+                os.mkdir(candidate)
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise ELMError(f"cannot create a run directory {base}: {describe_os_error(e)}") from None
+    raise ELMError(f"cannot create a run directory: {base}-2 … {base}-9999 all exist; pass --run-dir")
+
+
+def _lock_run_dir(run_dir):
+    """An exclusive lock on ``run_dir`` held as long as the returned file stays open."""
+    path = os.path.join(run_dir, LOCK)
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise ELMError(f"cannot lock the run directory {run_dir}: {describe_os_error(e)}") from None
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run unlocked
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise RunDirectoryBusy(f"run directory {run_dir} is in use by another trainer"
+                               f"{f' (process {holder})' if holder.isdigit() else ''}; wait for it to finish "
+                               "or choose another --run-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _checked_position(position, path):
+    """A checkpoint's loop position, every entry checked (a damaged one fails here, not mid-epoch)."""
+    if not isinstance(position, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata lacks the training position")
+
+    def bad(key, wanted):
+        return CheckpointError(f"{path}: training position '{key}' must be {wanted}, got {position.get(key)!r}")
+
+    def is_count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in ("step", "epoch", "batch"):
+        if not is_count(position.get(key)):
+            raise bad(key, "an integer >= 0")
+    for key, check, wanted in (("best_metric", is_number, "a finite number or null"),
+                               ("best_step", is_count, "an integer >= 0 or null"),
+                               ("first_loss", is_number, "a finite number or null"),
+                               ("epoch_loss_sum", is_number, "a finite number"),
+                               ("epoch_examples", is_count, "an integer >= 0")):
+        if position.get(key) is not None and not check(position[key]):
+            raise bad(key, wanted)
+    state = position.get("dropout_rng")
+    if state is not None:
+        try:
+            np.random.default_rng(0).bit_generator.state = state
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
+            raise bad("dropout_rng", "a NumPy PCG64 generator state") from None
+    return dict(position)
+
+
+def _checked_optim_state(state, path):
+    """The optimizer state with its step count checked and every array finite."""
+    t = state.get("t")
+    if t is None or t.shape != () or t.dtype.kind not in "iu" or int(t) < 0:
+        raise CheckpointError(f"{path}: optimizer step count 't' missing or not an integer >= 0")
+    for key, value in state.items():
+        if value.dtype.kind not in "fiu":
+            raise CheckpointError(f"{path}: optimizer state '{key}' is not numeric ({value.dtype})")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise CheckpointError(f"{path}: optimizer state '{key}' holds NaN or infinite values")
+    return state
+
+
+def _stderr_is_terminal():
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+def _progress(total, initial, desc, enabled):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)

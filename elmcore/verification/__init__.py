@@ -1,0 +1,1 @@
+"""The verification ladder as library code: oracle files, finite differences, release checkpoints."""
