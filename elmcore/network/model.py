@@ -125,22 +125,22 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
 
     # ---- kernel-layout weights -------------------------------------------------
     def layer_weights(self, layer):
-        cfg, xp, p, dt = self.config, self.xp, self.params, self.dtype
+        cfg, xp, params, dt = self.config, self.xp, self.params, self.dtype
         pre = NP.layer_prefix(layer)
         syn = self.synapses[layer]
-        w_s = p[pre + "w_s"].reshape(-1)
+        w_s = params[pre + "w_s"].reshape(-1)
         def contiguous(a):
             return xp.ascontiguousarray(a, dtype=dt)
 
-        mlp = [(contiguous(p[f"{pre}mlp.{l}.weight"].transpose(2, 1, 0)), contiguous(p[f"{pre}mlp.{l}.bias"].T))
-               for l in range(cfg.mlp_num_layers + 1)]
+        mlp = [(contiguous(params[f"{pre}mlp.{l}.weight"].transpose(2, 1, 0)),
+                contiguous(params[f"{pre}mlp.{l}.bias"].T)) for l in range(cfg.mlp_num_layers + 1)]
         # In the kernel layout [Dm,N]: the parameter is [N,Dm].
-        tau_m, kappa_m, kappa_lambda, c_m = memory_time_constants(p[pre + "_proto_tau_m"].T, cfg, xp)
-        kappa_b = decay(p[pre + "tau_b"].T, cfg.delta_t, xp)
+        tau_m, kappa_m, kappa_lambda, c_m = memory_time_constants(params[pre + "_proto_tau_m"].T, cfg, xp)
+        kappa_b = decay(params[pre + "tau_b"].T, cfg.delta_t, xp)
         return LayerWeights(contiguous(w_s[syn.entry_flat]), contiguous(w_s[syn.rec_flat]), contiguous(kappa_b),
                             mlp, contiguous(tau_m), contiguous(kappa_m), contiguous(kappa_lambda),
-                            contiguous(c_m), contiguous(p[pre + "w_o.weight"].T),
-                            contiguous(p[pre + "w_o.bias"]))
+                            contiguous(c_m), contiguous(params[pre + "w_o.weight"].T),
+                            contiguous(params[pre + "w_o.bias"]))
 
     # ---- buffers ----------------------------------------------------------------
     MAX_SPARE = 4  # per shape: the largest buffers of one step (Z, dZ, act share a shape)

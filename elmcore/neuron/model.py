@@ -94,16 +94,16 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
 
     def derived(self):
         """The parameter transforms every pass uses; τ_m's chain rule is in ``engine/time_constants.py``."""
-        cfg, xp, p = self.config, self.xp, self.params
-        w_s = xp.maximum(p["_proto_w_s"], 0)
-        kappa_in = decay(p[P.input_tau_key(cfg)], cfg.delta_t, xp)
+        cfg, xp, params = self.config, self.xp, self.params
+        w_s = xp.maximum(params["_proto_w_s"], 0)
+        kappa_in = decay(params[P.input_tau_key(cfg)], cfg.delta_t, xp)
         if cfg.is_v2:
             kappa_channel, spc = kappa_in, cfg.num_synapse_per_branch
         elif self._per_synapse_scan:
             kappa_channel, spc = kappa_in, 1
         else:
             kappa_channel, spc = kappa_in[::cfg.num_synapse_per_branch].copy(), cfg.num_synapse_per_branch
-        tau_m, kappa_m, kappa_lambda, c_m = memory_time_constants(p["_proto_tau_m"], cfg, xp)
+        tau_m, kappa_m, kappa_lambda, c_m = memory_time_constants(params["_proto_tau_m"], cfg, xp)
         entry_weight = w_s[self.routing.entry_syn] * self.routing.entry_mask
         dt = self.dtype
 
