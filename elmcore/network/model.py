@@ -33,12 +33,13 @@ class SynapseMap:
     """One layer's synapses split by what they read (fixed by ``synapse_source``).
 
     External synapses form a CSR over the layer's inputs, in the routing kernels' format:
-    entry e of input d feeds "virtual synapse" ``entry_syn[e]`` = (k·N + i)·spb + s mod spb,
-    so ``entry_syn // spb`` is the neuron-minor channel k·N + i of neuron i's branch k.
+    entry e of input d feeds "virtual synapse" ``entry_syn[e]`` = (k·N + i)·spb + j mod spb,
+    where j is the synapse of neuron i and k its branch, so ``entry_syn // spb`` is the
+    neuron-minor channel k·N + i.
     Recurrent synapses are entries (rec_i, rec_k, rec_src) grouped by target neuron
     (``rec_ptr``), and listed again by source neuron (``src_ptr``, ``src_entry``) for the
     backward gather.
-    ``*_flat`` give each entry's position i·k_c + s in w_s, to gather weights and scatter
+    ``*_flat`` give each entry's position i·k_c + j in w_s, to gather weights and scatter
     gradients.
     """
     indptr: np.ndarray
