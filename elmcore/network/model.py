@@ -5,8 +5,11 @@ over all B·T rows runs as one large operation per layer (the external-input par
 synaptic sums as a sparse routing, the readout as a GEMM, every weight gradient as a
 reduction over all rows), and one kernel call walks time forward for the coupled part
 (recurrent synapses reading o_{t−1}, the per-neuron MLPs, memory, outputs), one walks
-it back (``kernels/network_cpu.py``, ``kernels/network_cuda.py``). Every backward
-formula is derived in docs/gradients.md ("ELM Network") with the symbols used here.
+it back (``kernels/network_cpu.py``, ``kernels/network_cuda.py``). Each stage is a
+forward/backward pair of methods (a layer, the readout); the τ_m transform and its chain
+rule are ``engine/time_constants.py``. Every backward formula is derived in
+docs/gradients.md ("ELM Network") with the symbols of its table, which are the names
+used here.
 
 Inside the model every per-neuron array is neuron-minor (neurons on the last axis, see
 ``kernels/network_cpu.py``); parameters, gradients and traces keep the spec's layout.
@@ -21,7 +24,8 @@ from elmcore.network.config import NetworkConfig
 from elmcore.engine.memory import check_memory
 from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype
-from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE, TAU_FLOOR
+from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
+from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
 
 
 @dataclasses.dataclass
@@ -29,12 +33,13 @@ class SynapseMap:
     """One layer's synapses split by what they read (fixed by ``synapse_source``).
 
     External synapses form a CSR over the layer's inputs, in the routing kernels' format:
-    entry e of input d feeds "virtual synapse" ``entry_syn[e]`` = (k·N + i)·spb + s mod spb,
-    so ``entry_syn // spb`` is the neuron-minor channel k·N + i of neuron i's branch k.
+    entry e of input d feeds "virtual synapse" ``entry_syn[e]`` = (k·N + i)·spb + j mod spb,
+    where j is the synapse of neuron i and k its branch, so ``entry_syn // spb`` is the
+    neuron-minor channel k·N + i.
     Recurrent synapses are entries (rec_i, rec_k, rec_src) grouped by target neuron
     (``rec_ptr``), and listed again by source neuron (``src_ptr``, ``src_entry``) for the
     backward gather.
-    ``*_flat`` give each entry's position i·k_c + s in w_s, to gather weights and scatter
+    ``*_flat`` give each entry's position i·k_c + j in w_s, to gather weights and scatter
     gradients.
     """
     indptr: np.ndarray
@@ -121,29 +126,25 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
 
     # ---- kernel-layout weights -------------------------------------------------
     def layer_weights(self, layer):
-        cfg, xp, p, dt = self.config, self.xp, self.params, self.dtype
+        cfg, xp, params, dt = self.config, self.xp, self.params, self.dtype
         pre = NP.layer_prefix(layer)
         syn = self.synapses[layer]
-        w_s = p[pre + "w_s"].reshape(-1)
+        w_s = params[pre + "w_s"].reshape(-1)
         def contiguous(a):
             return xp.ascontiguousarray(a, dtype=dt)
 
-        mlp = [(contiguous(p[f"{pre}mlp.{j}.weight"].transpose(2, 1, 0)), contiguous(p[f"{pre}mlp.{j}.bias"].T))
-               for j in range(cfg.mlp_num_layers + 1)]
-        tau_max = cfg.effective_tau_max
-        sig = 1 / (1 + xp.exp(-p[pre + "_proto_tau_m"].T))
-        tau_m = (tau_max - cfg.memory_tau_min) * sig + cfg.memory_tau_min
-        tau_c = xp.maximum(tau_m, TAU_FLOOR)
-        kappa_m = xp.exp(-cfg.delta_t / tau_c)
-        kappa_lambda = xp.exp(-cfg.delta_t * cfg.lambda_value / tau_c)
-        kappa_b = xp.exp(-cfg.delta_t / xp.maximum(p[pre + "tau_b"].T, TAU_FLOOR))
+        mlp = [(contiguous(params[f"{pre}mlp.{l}.weight"].transpose(2, 1, 0)),
+                contiguous(params[f"{pre}mlp.{l}.bias"].T)) for l in range(cfg.mlp_num_layers + 1)]
+        # In the kernel layout [Dm,N]: the parameter is [N,Dm].
+        tau_m, kappa_m, kappa_lambda, c_m = memory_time_constants(params[pre + "_proto_tau_m"].T, cfg, xp)
+        kappa_b = decay(params[pre + "tau_b"].T, cfg.delta_t, xp)
         return LayerWeights(contiguous(w_s[syn.entry_flat]), contiguous(w_s[syn.rec_flat]), contiguous(kappa_b),
                             mlp, contiguous(tau_m), contiguous(kappa_m), contiguous(kappa_lambda),
-                            contiguous(1 - kappa_lambda), contiguous(p[pre + "w_o.weight"].T),
-                            contiguous(p[pre + "w_o.bias"]))
+                            contiguous(c_m), contiguous(params[pre + "w_o.weight"].T),
+                            contiguous(params[pre + "w_o.bias"]))
 
     # ---- buffers ----------------------------------------------------------------
-    MAX_SPARE = 4  # per shape: the largest buffers of one step (Z, dZ, A share a shape)
+    MAX_SPARE = 4  # per shape: the largest buffers of one step (Z, dZ, act share a shape)
 
     def _buffer(self, shape):
         """An uninitialised array of the model dtype, a recycled one when there is one."""
@@ -160,12 +161,12 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
 
     def _recycle_cache(self, cache):
         """Hand a forward cache's buffers back; the cache is emptied so that it cannot be read again."""
-        for c in cache.get("layers") or []:
-            self._recycle(c["A0"], c["Z"], c["DM"], c["M"], c["O"])
+        for layer_cache in cache.get("layers") or []:
+            self._recycle(layer_cache["A0"], layer_cache["Z"], layer_cache["DM"], layer_cache["M"], layer_cache["O"])
         cache.clear()
         cache["consumed"] = True
 
-    # ---- forward ------------------------------------------------------------
+    # ---- forward and backward: the stages in order, each a forward/backward pair below ----
     def init_state(self, batch_size=1):
         """Zero state for ``step`` / ``run``: per layer b (branches), m (memory), o (outputs), neuron-minor."""
         cfg, xp = self.config, self.xp
@@ -192,42 +193,154 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         return Y
 
     def _forward(self, X, state):
-        cfg, xp, k = self.config, self.xp, self.kernels
+        cfg, xp = self.config, self.xp
         B, T, _ = X.shape
-        N, nb, Dm, L, H = cfg.num_neurons, cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, cfg.hidden_size
         if state is None:
             state = self.init_state(B)
-        silu = cfg.mlp_activation == "silu"
         layers = []
         final = {"b": xp.empty_like(state["b"]), "m": xp.empty_like(state["m"]), "o": xp.empty_like(state["o"])}
         inp = X
         for layer in range(cfg.num_layers):
-            w = self.layer_weights(layer)
-            syn = self.synapses[layer]
-            E = self._buffer((B, T, nb * N))
-            k.route_forward(inp, syn.indptr, syn.entry_syn, w.entry_weight, cfg.num_synapse_per_branch, E)
-            W_in, c_in = w.mlp[0]
-            W_hid, c_hid, W_out, c_out = self._hidden_and_output(w)
-            A0 = self._buffer((B, T, nb + Dm, N))
-            Z = self._buffer((L, B, T, H, N))
-            DM = self._buffer((B, T, Dm, N))
-            M = self._buffer((B, T, Dm, N))
-            O = self._buffer((B, T, N))
-            m0, o0 = state["m"][layer], state["o"][layer]
-            k.network_forward(E.reshape(B, T, nb, N), w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src,
-                              w.rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out, w.kappa_m, w.c_m, w.w_o, w.c_o,
-                              state["b"][layer], m0, o0, silu, self.dtype.type(PHI_SCALE),
-                              self.dtype.type(PHI_SLOPE), A0, Z, DM, M, O, final["b"][layer])
-            final["m"][layer] = M[:, -1]
-            final["o"][layer] = O[:, -1]
-            self._recycle(E)
-            layers.append(dict(X=inp, A0=A0, Z=Z, DM=DM, M=M, O=O, m0=m0, o0=o0, weights=w))
-            inp = O
-        Wr, br = self.params["readout.weight"], self.params["readout.bias"]
-        Y = xp.empty((B * T, Wr.shape[0]), self.dtype)
-        k.rows_product(inp.reshape(B * T, N), xp.ascontiguousarray(Wr.T), br, Y)
-        Y = Y.reshape(B, T, -1)
+            layers.append(self._layer_forward(layer, inp, state, final))
+            inp = layers[-1]["O"]
+        Y = self._readout_forward(inp)
         return Y, dict(layers=layers, final_state=final, shape=(B, T))
+
+    def backward(self, dY, cache, input_grad=False):
+        """∂loss/∂θ for every trainable key, given dY = ∂loss/∂Y (B, T, num_output).
+
+        With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
+        """
+        cfg, xp = self.config, self.xp
+        if cache.get("consumed"):
+            raise ELMError("this forward cache was already used by backward (its buffers are reused): "
+                           "run forward again")
+        B, T = cache["shape"]
+        dY = xp.ascontiguousarray(xp.asarray(dY), dtype=self.dtype)
+        if dY.shape != (B, T, cfg.num_output):
+            raise ELMError(f"dY must have shape {(B, T, cfg.num_output)}, got {tuple(dY.shape)}")
+        layers = cache["layers"]
+        grads, dO = self._readout_backward(dY, layers[-1]["O"])
+        dX = None
+        for layer in range(cfg.num_layers - 1, -1, -1):
+            layer_grads, dX = self._layer_backward(layer, layers[layer], dO, layer > 0 or input_grad)
+            grads.update(layer_grads)
+            dO = dX
+        self._recycle_cache(cache)
+        keys = self.trainable_keys
+        out = {key: grads[key] for key in keys}
+        if input_grad:
+            out["X"] = dX
+        return out
+
+    # ---- one layer: routing, the time walk, the weight gradients ----------------------------
+    def _layer_forward(self, layer, X, state, final):
+        """One layer over all T steps from ``state``; returns its cache entry and writes its ``final`` state.
+
+        X [B,T,D] is the layer's input: the network's input, or the layer below's outputs O.
+        """
+        cfg, k = self.config, self.kernels
+        B, T, _ = X.shape
+        N, nb, Dm, L, H = cfg.num_neurons, cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, cfg.hidden_size
+        silu = cfg.mlp_activation == "silu"
+        w = self.layer_weights(layer)
+        syn = self.synapses[layer]
+        R = self._buffer((B, T, nb * N))
+        k.route_forward(X, syn.indptr, syn.entry_syn, w.entry_weight, cfg.num_synapse_per_branch, R)
+        W_in, c_in = w.mlp[0]
+        W_hid, c_hid, W_out, c_out = self._hidden_and_output(w)
+        A0 = self._buffer((B, T, nb + Dm, N))
+        Z = self._buffer((L, B, T, H, N))
+        DM = self._buffer((B, T, Dm, N))
+        M = self._buffer((B, T, Dm, N))
+        O = self._buffer((B, T, N))
+        m0, o0 = state["m"][layer], state["o"][layer]
+        k.network_forward(R.reshape(B, T, nb, N), w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src,
+                          w.rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out, w.kappa_m, w.c_m, w.w_o, w.c_o,
+                          state["b"][layer], m0, o0, silu, self.dtype.type(PHI_SCALE),
+                          self.dtype.type(PHI_SLOPE), A0, Z, DM, M, O, final["b"][layer])
+        final["m"][layer] = M[:, -1]
+        final["o"][layer] = O[:, -1]
+        self._recycle(R)
+        return dict(X=X, A0=A0, Z=Z, DM=DM, M=M, O=O, m0=m0, o0=o0, weights=w)
+
+    def _layer_backward(self, layer, layer_cache, dO, need_input_grad):
+        """One layer back over all T steps; returns (its gradients, dX or None).
+
+        dO [B,T,N]  ∂loss/∂o_t from outside the layer (the readout, or the layer above's dX).
+        dX [B,T,D]  ∂loss/∂(the layer's input), when ``need_input_grad``.
+        """
+        cfg, xp, k = self.config, self.xp, self.kernels
+        B, T, N = dO.shape
+        nb, Dm, L, H = cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, cfg.hidden_size
+        silu = cfg.mlp_activation == "silu"
+        w, syn = layer_cache["weights"], self.synapses[layer]
+        W_in, _ = w.mlp[0]
+        W_hid, _, W_out, _ = self._hidden_and_output(w)
+        GB = self._buffer((B, T, nb, N))
+        dZ = self._buffer((L, B, T, H, N))
+        dP = self._buffer((B, T, Dm, N))
+        GO = self._buffer((B, T, N))
+        act = self._buffer((L, B, T, H, N))
+        gk = xp.empty((B, Dm, N), self.dtype)
+        gc = xp.empty((B, Dm, N), self.dtype)
+        k.network_backward(dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w,
+                           syn.src_ptr, syn.src_entry, W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o,
+                           layer_cache["m0"], layer_cache["A0"], layer_cache["Z"], layer_cache["DM"],
+                           layer_cache["M"], silu, self.dtype.type(PHI_SCALE),
+                           self.dtype.type(PHI_SLOPE), GB, dZ, dP, GO, act, gk, gc)
+        grads = self._layer_weight_grads(layer, layer_cache, w, syn, GB, dZ, dP, GO, act, gk, gc)
+        dX = None
+        if need_input_grad:
+            X = layer_cache["X"]
+            dX = xp.empty(X.shape, self.dtype)
+            k.route_input_grad(GB.reshape(B, T, nb * N), syn.indptr, syn.entry_syn, w.entry_weight,
+                               cfg.num_synapse_per_branch, dX)
+        self._recycle(GB, dZ, dP, GO, act)
+        return grads, dX
+
+    def _layer_weight_grads(self, layer, layer_cache, w, syn, GB, dZ, dP, GO, act, gk, gc):
+        """Every weight gradient of one layer, each a reduction over all B·T rows."""
+        cfg, xp, k = self.config, self.xp, self.kernels
+        B, T, nb, N = GB.shape
+        BT, Dm, L, k_c = B * T, cfg.num_memory, cfg.mlp_num_layers, cfg.num_synapse
+        pre = NP.layer_prefix(layer)
+        grads = {}
+        # w_o: ∂o_t/∂w_o = m_t, ∂o_t/∂c_o = 1.
+        g_wo = xp.empty((Dm, 1, N), self.dtype)
+        g_co = xp.empty((1, N), self.dtype)
+        k.neuron_weight_grad(GO.reshape(BT, 1, N), layer_cache["M"].reshape(BT, Dm, N), g_wo, g_co)
+        grads[pre + "w_o.weight"] = xp.ascontiguousarray(g_wo[:, 0, :].T)
+        grads[pre + "w_o.bias"] = g_co[0]
+        # The MLP: layer l's weight gradient is Σ_rows (its output gradient) ⊗ (its input).
+        inputs = [layer_cache["A0"]] + [act[l] for l in range(L)]
+        outputs = [dZ[l] for l in range(L)] + [dP]
+        for l in range(L + 1):
+            a = inputs[l].reshape(BT, -1, N)
+            g = outputs[l].reshape(BT, -1, N)
+            gw = xp.empty((a.shape[1], g.shape[1], N), self.dtype)
+            g_bias = xp.empty((g.shape[1], N), self.dtype)
+            k.neuron_weight_grad(g, a, gw, g_bias)
+            grads[f"{pre}mlp.{l}.weight"] = xp.ascontiguousarray(gw.transpose(2, 1, 0))
+            grads[f"{pre}mlp.{l}.bias"] = xp.ascontiguousarray(g_bias.T)
+        # w_s: external synapses through the routing, recurrent ones against o_{t−1}.
+        g_ws = xp.zeros(N * k_c, self.dtype)
+        partial = xp.empty((B, N * k_c), self.dtype)
+        k.route_weight_grad(layer_cache["X"], syn.indptr, syn.entry_syn, xp.ones(syn.entry_syn.shape[0], self.dtype),
+                            cfg.num_synapse_per_branch, GB.reshape(B, T, nb * N), partial)
+        g_ws[syn.entry_flat] = partial.sum(0)[syn.entry_syn]
+        if syn.rec_i.shape[0]:
+            partial_rec = xp.empty((B, syn.rec_i.shape[0]), self.dtype)
+            k.recurrent_weight_grad(GB, layer_cache["O"], layer_cache["o0"], syn.rec_i, syn.rec_k, syn.rec_src,
+                                    partial_rec)
+            g_ws[syn.rec_flat] = partial_rec.sum(0)
+        grads[pre + "w_s"] = g_ws.reshape(N, k_c)
+        if cfg.learn_memory_tau:
+            # The kernel layout is [Dm,N]; the parameter is [N,Dm].
+            g_proto = memory_time_constants_backward(gk.sum(0), gc.sum(0), w.tau_m, w.kappa_m, w.kappa_lambda,
+                                                     self.params[pre + "_proto_tau_m"].T, cfg, xp)
+            grads[pre + "_proto_tau_m"] = xp.ascontiguousarray(g_proto.T, dtype=self.dtype)
+        return grads
 
     def _hidden_and_output(self, w):
         """Hidden-to-hidden weights stacked [Lh,H,H,N] and the output layer; placeholders where absent."""
@@ -239,114 +352,28 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         W_out, c_out = w.mlp[L] if L else (xp.zeros((H, 1, N), dt), xp.zeros((1, N), dt))
         return W_hid, c_hid, W_out, c_out
 
-    # ---- backward -----------------------------------------------------------
-    def backward(self, dY, cache, input_grad=False):
-        """∂loss/∂θ for every trainable key, given dY = ∂loss/∂Y (B, T, num_output).
+    # ---- the readout --------------------------------------------------------------------
+    def _readout_forward(self, O):
+        """Y = O W_yᵀ + b_y over all B·T rows, O [B,T,N] being the last layer's outputs."""
+        xp, k = self.xp, self.kernels
+        B, T, N = O.shape
+        Wy, by = self.params["readout.weight"], self.params["readout.bias"]
+        Y = xp.empty((B * T, Wy.shape[0]), self.dtype)
+        k.rows_product(O.reshape(B * T, N), xp.ascontiguousarray(Wy.T), by, Y)
+        return Y.reshape(B, T, -1)
 
-        With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
-        """
+    def _readout_backward(self, dY, O):
+        """The readout's gradients and dO = ∂loss/∂o_t of the last layer (B, T, N); returns (grads, dO)."""
         cfg, xp, k = self.config, self.xp, self.kernels
-        if cache.get("consumed"):
-            raise ELMError("this forward cache was already used by backward (its buffers are reused): "
-                           "run forward again")
-        B, T = cache["shape"]
-        R, N, nb, Dm, L, H = B * T, cfg.num_neurons, cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, \
-            cfg.hidden_size
-        dY = xp.ascontiguousarray(xp.asarray(dY), dtype=self.dtype)
-        if dY.shape != (B, T, cfg.num_output):
-            raise ELMError(f"dY must have shape {(B, T, cfg.num_output)}, got {tuple(dY.shape)}")
-        grads = {}
-        layers = cache["layers"]
-        dY2 = dY.reshape(R, -1)
-        grads["readout.weight"] = xp.empty((cfg.num_output, N), self.dtype)
-        k.rows_transposed_product(dY2, layers[-1]["O"].reshape(R, N), grads["readout.weight"])
+        B, T, N = O.shape
+        BT = B * T
+        dY2 = dY.reshape(BT, -1)
+        grads = {"readout.weight": xp.empty((cfg.num_output, N), self.dtype)}
+        k.rows_transposed_product(dY2, O.reshape(BT, N), grads["readout.weight"])
         grads["readout.bias"] = dY2.sum(0)
-        dO = xp.empty((R, N), self.dtype)
+        dO = xp.empty((BT, N), self.dtype)
         k.rows_product(dY2, self.params["readout.weight"], xp.zeros(N, self.dtype), dO)
-        dO = dO.reshape(B, T, N)
-        silu = cfg.mlp_activation == "silu"
-        dX = None
-        for layer in range(cfg.num_layers - 1, -1, -1):
-            c = layers[layer]
-            w, syn = c["weights"], self.synapses[layer]
-            W_in, _ = w.mlp[0]
-            W_hid, _, W_out, _ = self._hidden_and_output(w)
-            GB = self._buffer((B, T, nb, N))
-            dZ = self._buffer((L, B, T, H, N))
-            dP = self._buffer((B, T, Dm, N))
-            GO = self._buffer((B, T, N))
-            A = self._buffer((L, B, T, H, N))
-            gk = xp.empty((B, Dm, N), self.dtype)
-            gc = xp.empty((B, Dm, N), self.dtype)
-            k.network_backward(dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w,
-                               syn.src_ptr, syn.src_entry, W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o, c["m0"],
-                               c["A0"], c["Z"], c["DM"], c["M"], silu, self.dtype.type(PHI_SCALE),
-                               self.dtype.type(PHI_SLOPE), GB, dZ, dP, GO, A, gk, gc)
-            grads.update(self._layer_weight_grads(layer, c, w, syn, GB, dZ, dP, GO, A, gk, gc))
-            if layer > 0 or input_grad:
-                inp = c["X"]
-                dX = xp.empty(inp.shape, self.dtype)
-                k.route_input_grad(GB.reshape(B, T, nb * N), syn.indptr, syn.entry_syn, w.entry_weight,
-                                   cfg.num_synapse_per_branch, dX)
-                dO = dX
-            self._recycle(GB, dZ, dP, GO, A)
-        self._recycle_cache(cache)
-        keys = self.trainable_keys
-        out = {key: grads[key] for key in keys}
-        if input_grad:
-            out["X"] = dX
-        return out
-
-    def _layer_weight_grads(self, layer, c, w, syn, GB, dZ, dP, GO, A, gk, gc):
-        """Every weight gradient of one layer, each a reduction over all B·T rows."""
-        cfg, xp, k = self.config, self.xp, self.kernels
-        B, T, nb, N = GB.shape
-        R, Dm, L, k_c = B * T, cfg.num_memory, cfg.mlp_num_layers, cfg.num_synapse
-        pre = NP.layer_prefix(layer)
-        grads = {}
-        # w_o: ∂o_t/∂w_o = m_t, ∂o_t/∂c_o = 1.
-        g_wo = xp.empty((Dm, 1, N), self.dtype)
-        g_co = xp.empty((1, N), self.dtype)
-        k.neuron_weight_grad(GO.reshape(R, 1, N), c["M"].reshape(R, Dm, N), g_wo, g_co)
-        grads[pre + "w_o.weight"] = xp.ascontiguousarray(g_wo[:, 0, :].T)
-        grads[pre + "w_o.bias"] = g_co[0]
-        # The MLP: layer j's weight gradient is Σ_rows (its output gradient) ⊗ (its input).
-        inputs = [c["A0"]] + [A[l] for l in range(L)]
-        outputs = [dZ[l] for l in range(L)] + [dP]
-        for j in range(L + 1):
-            a = inputs[j].reshape(R, -1, N)
-            g = outputs[j].reshape(R, -1, N)
-            gw = xp.empty((a.shape[1], g.shape[1], N), self.dtype)
-            g_bias = xp.empty((g.shape[1], N), self.dtype)
-            k.neuron_weight_grad(g, a, gw, g_bias)
-            grads[f"{pre}mlp.{j}.weight"] = xp.ascontiguousarray(gw.transpose(2, 1, 0))
-            grads[f"{pre}mlp.{j}.bias"] = xp.ascontiguousarray(g_bias.T)
-        # w_s: external synapses through the routing, recurrent ones against o_{t−1}.
-        g_ws = xp.zeros(N * k_c, self.dtype)
-        partial = xp.empty((B, N * k_c), self.dtype)
-        k.route_weight_grad(c["X"], syn.indptr, syn.entry_syn, xp.ones(syn.entry_syn.shape[0], self.dtype),
-                            cfg.num_synapse_per_branch, GB.reshape(B, T, nb * N), partial)
-        g_ws[syn.entry_flat] = partial.sum(0)[syn.entry_syn]
-        if syn.rec_i.shape[0]:
-            partial_rec = xp.empty((B, syn.rec_i.shape[0]), self.dtype)
-            k.recurrent_weight_grad(GB, c["O"], c["o0"], syn.rec_i, syn.rec_k, syn.rec_src, partial_rec)
-            g_ws[syn.rec_flat] = partial_rec.sum(0)
-        grads[pre + "w_s"] = g_ws.reshape(N, k_c)
-        if cfg.learn_memory_tau:
-            grads[pre + "_proto_tau_m"] = self._tau_m_grad(layer, gk.sum(0), gc.sum(0), w)
-        return grads
-
-    def _tau_m_grad(self, layer, g_kappa, g_c, w):
-        """Chain Σ ∂loss/∂κ_m and Σ ∂loss/∂c_m (each [Dm,N]) down to _proto_tau_m [N,Dm]."""
-        cfg, xp = self.config, self.xp
-        tau = w.tau_m
-        live = (tau >= TAU_FLOOR).astype(self.dtype)  # as a clamp: no gradient below the floor
-        dkappa_dtau = w.kappa_m * cfg.delta_t / (tau * tau) * live
-        dc_dtau = -w.kappa_lambda * cfg.delta_t * cfg.lambda_value / (tau * tau) * live
-        g_tau = g_kappa * dkappa_dtau + g_c * dc_dtau
-        span = cfg.effective_tau_max - cfg.memory_tau_min
-        sig = 1 / (1 + xp.exp(-self.params[NP.layer_prefix(layer) + "_proto_tau_m"].T))
-        return xp.ascontiguousarray((g_tau * span * sig * (1 - sig)).T, dtype=self.dtype)
+        return grads, dO.reshape(B, T, N)
 
     # ---- traces and streaming -------------------------------------------------
     def traces(self, X):
@@ -355,9 +382,9 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         X = self.prepare_input(X)
         Y, cache = self._forward(X, None)
         out = {}
-        for layer, c in enumerate(cache["layers"]):
-            out[f"layers.{layer}.o"] = c["O"]
-            out[f"layers.{layer}.m"] = self.xp.ascontiguousarray(c["M"].transpose(0, 1, 3, 2))
+        for layer, layer_cache in enumerate(cache["layers"]):
+            out[f"layers.{layer}.o"] = layer_cache["O"]
+            out[f"layers.{layer}.m"] = self.xp.ascontiguousarray(layer_cache["M"].transpose(0, 1, 3, 2))
         return Y, out
 
     def run(self, X, state):

@@ -3,8 +3,11 @@
 The computation is cut as in docs/architecture.md: everything linear runs as one
 large operation over all B·T rows (routing, leaky scan, GEMMs), and only the
 MLP-and-memory recurrence walks time, inside one kernel call
-(``kernels.recur_forward`` / ``kernels.recur_backward``). Every backward
-formula is derived in ``docs/gradients.md`` with the symbols used here.
+(``kernels.recur_forward`` / ``kernels.recur_backward``). Each stage is a
+forward/backward pair of methods (input, recurrence, readout); the τ_m transform
+and its chain rule are ``engine/time_constants.py``. Every backward formula is
+derived in ``docs/gradients.md`` with the symbols of its table, which are the
+names used here.
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ from elmcore.neuron.config import ELMConfig
 from elmcore.engine.memory import check_memory
 from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype
+from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
 from elmcore.kernels import contract as kernel_contract
 
 @dataclasses.dataclass
@@ -89,27 +93,17 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         return bool(np.any(tau != tau[:, :1]))
 
     def derived(self):
-        cfg, xp, p = self.config, self.xp, self.params
-        w_s = xp.maximum(p["_proto_w_s"], 0)
-        tau_in = p[P.input_tau_key(cfg)]
-        kappa_in = xp.exp(-cfg.delta_t / xp.maximum(tau_in, P.TAU_FLOOR))
+        """The parameter transforms every pass uses; τ_m's chain rule is in ``engine/time_constants.py``."""
+        cfg, xp, params = self.config, self.xp, self.params
+        w_s = xp.maximum(params["_proto_w_s"], 0)
+        kappa_in = decay(params[P.input_tau_key(cfg)], cfg.delta_t, xp)
         if cfg.is_v2:
             kappa_channel, spc = kappa_in, cfg.num_synapse_per_branch
         elif self._per_synapse_scan:
             kappa_channel, spc = kappa_in, 1
         else:
             kappa_channel, spc = kappa_in[::cfg.num_synapse_per_branch].copy(), cfg.num_synapse_per_branch
-        tau_max = cfg.effective_tau_max
-        sig = 1 / (1 + xp.exp(-p["_proto_tau_m"]))
-        tau_m = (tau_max - cfg.memory_tau_min) * sig + cfg.memory_tau_min
-        tau_c = xp.maximum(tau_m, P.TAU_FLOOR)
-        kappa_m = xp.exp(-cfg.delta_t / tau_c)
-        if cfg.is_v2:
-            kappa_lambda = xp.exp(-cfg.delta_t * cfg.lambda_value / tau_c)
-            c_m = 1 - kappa_lambda
-        else:
-            kappa_lambda = None
-            c_m = cfg.lambda_value * (1 - kappa_m)
+        tau_m, kappa_m, kappa_lambda, c_m = memory_time_constants(params["_proto_tau_m"], cfg, xp)
         entry_weight = w_s[self.routing.entry_syn] * self.routing.entry_mask
         dt = self.dtype
 
@@ -122,7 +116,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         """[(W, c)] of the MLP, input layer first."""
         return [(self.params[wk], self.params[bk]) for wk, bk in P.mlp_layer_keys(self.config.mlp_num_layers)]
 
-    # ---- forward ------------------------------------------------------------
+    # ---- forward and backward: the stages in order, each a forward/backward pair below ----
     def forward(self, X, return_cache=False, state=None):
         """Outputs Y (B, T, num_output) for inputs X (B, T, num_input).
 
@@ -143,7 +137,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         return (Y, cache) if return_cache else Y
 
     def _forward(self, X, state=None):
-        cfg, xp, k = self.config, self.xp, self.backend.kernels
+        cfg, xp = self.config, self.xp
         d = self.derived()
         B, T, _ = X.shape
         C = d.kappa_channel.shape[0]
@@ -155,27 +149,32 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         # backward takes the layer's weight gradient as one GEMM over it.
         A0 = xp.empty((B, T, nb + Dm), self.dtype)
         Zb, final_u, input_cache = self._input_forward(X, d, u0, A0[:, :, :nb])
-
-        layers = self._layers()
-        W0m = layers[0][0][:, nb:]
-        L = cfg.mlp_num_layers
-        H = cfg.hidden_size
-        Wh = [w for w, _ in layers[1:L]]
-        WhT = xp.ascontiguousarray(xp.stack([w.T for w in Wh])) if Wh else xp.zeros((0, H, H), self.dtype)
-        ch = xp.stack([c for _, c in layers[1:L]]) if Wh else xp.zeros((0, H), self.dtype)
-        Wo, co = layers[-1]
-        WoT = xp.ascontiguousarray(Wo.T) if L else xp.zeros((1, 1), self.dtype)
-        M = xp.empty((B, T, Dm), self.dtype)
-        DM = xp.empty_like(M)
-        Z = xp.empty((L, B, T, H), self.dtype)
-        k.recur_forward(Zb, xp.ascontiguousarray(W0m.T), WhT, ch, WoT, co, d.kappa_m, d.c_m, m0,
-                        cfg.mlp_activation == "silu", self.dtype.type(P.PHI_SCALE),
-                        self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM, A0[:, :, nb:])
-        Wy, by = self.params["w_y.weight"], self.params["w_y.bias"]
-        Y = (M.reshape(B * T, -1) @ Wy.T + by).reshape(B, T, -1)
+        M, Z, DM = self._recurrence_forward(Zb, d, m0, A0)
+        Y = self._readout_forward(M)
         cache = dict(X=X, A0=A0, M=M, Z=Z, DM=DM, m0=m0, derived=d, **input_cache,
                      final_state=dict(u=final_u, m=M[:, -1].copy()))
         return Y, cache
+
+    def backward(self, dY, cache, input_grad=False):
+        """∂loss/∂θ for every trainable key, given dY = ∂loss/∂Y (B, T, num_output).
+
+        With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
+        """
+        cfg, xp = self.config, self.xp
+        X, d = cache["X"], cache["derived"]
+        B, T, _ = X.shape
+        dY = xp.ascontiguousarray(xp.asarray(dY), dtype=self.dtype)
+        if dY.shape != (B, T, cfg.num_output):
+            raise ELMError(f"dY must have shape {(B, T, cfg.num_output)}, got {tuple(dY.shape)}")
+        grads, dM = self._readout_backward(dY, cache["M"])
+        mlp_grads, dZ0, gk, gc = self._recurrence_backward(dM, cache)
+        grads.update(mlp_grads)
+        grads.update(self._input_backward(dZ0, cache, input_grad))
+        if cfg.learn_memory_tau:
+            grads["_proto_tau_m"] = memory_time_constants_backward(
+                gk.sum(0), gc.sum(0), d.tau_m, d.kappa_m, d.kappa_lambda, self.params["_proto_tau_m"], cfg,
+                xp).astype(self.dtype)
+        return {key: grads[key] for key in self.trainable_keys + (["X"] if input_grad else [])}
 
     # ---- the input stage: routing, branch scan, the first layer's branch columns ----
     #
@@ -186,6 +185,14 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
     # scan_κ(R @ W0bᵀ), so the products cost nnz(R)·W0 (see kernels/cpu.py). The
     # forward records its choice in the cache as "input_path"; the backward follows it.
     SPARSE_FIRST_LAYER_DENSITY = 0.25
+
+    def _use_sparse_first_layer(self, R, d):
+        if "sparse_first_layer" not in kernel_contract.capabilities(self.backend.kernels) or self._per_synapse_scan:
+            return False
+        kappa = d.kappa_channel
+        if not bool((kappa == kappa[0]).all()):
+            return False
+        return np.count_nonzero(R) < self.SPARSE_FIRST_LAYER_DENSITY * R.size
 
     def _input_forward(self, X, d, u0, U):
         """Route X, scan it into U and form the first layer's branch part; returns (Zb, u_T, cache entries).
@@ -207,30 +214,22 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         else:
             k.scan_forward(R, d.kappa_channel, u0, U)
         final_u = (R if self._per_synapse_scan else U)[:, -1].copy()
-        W0, c0 = self._layers()[0]
-        W0b = W0[:, :nb]
+        W_in, c_in = self._layers()[0]
+        W0b = W_in[:, :nb]
         if self._use_sparse_first_layer(R, d):
             # scan_κ(R) @ W0bᵀ = scan_κ(R @ W0bᵀ) for one shared κ.
-            Zb = xp.empty((B, T, W0.shape[0]), self.dtype)
+            Zb = xp.empty((B, T, W_in.shape[0]), self.dtype)
             k.sparse_rows_product(R, xp.ascontiguousarray(W0b.T), Zb)
-            k.scan_forward(Zb, xp.full(W0.shape[0], d.kappa_channel[0], self.dtype), u0 @ W0b.T, Zb)
-            Zb += c0
+            k.scan_forward(Zb, xp.full(W_in.shape[0], d.kappa_channel[0], self.dtype), u0 @ W0b.T, Zb)
+            Zb += c_in
             return Zb, final_u, dict(input_path="sparse", R=R)
-        Zb = (U.reshape(B * T, nb) @ W0b.T + c0).reshape(B, T, -1)
+        Zb = (U.reshape(B * T, nb) @ W0b.T + c_in).reshape(B, T, -1)
         return Zb, final_u, dict(input_path="dense")
-
-    def _use_sparse_first_layer(self, R, d):
-        if "sparse_first_layer" not in kernel_contract.capabilities(self.backend.kernels) or self._per_synapse_scan:
-            return False
-        kappa = d.kappa_channel
-        if not bool((kappa == kappa[0]).all()):
-            return False
-        return np.count_nonzero(R) < self.SPARSE_FIRST_LAYER_DENSITY * R.size
 
     def _input_backward(self, dZ0, cache, input_grad):
         """Gradients of the input stage: the first layer's weight and bias, _proto_w_s and, on request, X.
 
-        dZ0 [B·T,W0]  ∂loss/∂z_0 (∂loss/∂o when the MLP has no hidden layer).
+        dZ0 [B·T,W0]  ∂loss/∂z_0 (∂loss/∂p when the MLP has no hidden layer).
         Follows the path ``_input_forward`` recorded in ``cache["input_path"]``.
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
@@ -273,65 +272,84 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
             grads["X"] = dX
         return grads
 
-    # ---- backward -----------------------------------------------------------
-    def backward(self, dY, cache, input_grad=False):
-        """∂loss/∂θ for every trainable key, given dY = ∂loss/∂Y (B, T, num_output).
+    # ---- the recurrence: the MLP and the memory, the one stage that walks time -------------
+    def _recurrence_forward(self, Zb, d, m0, A0):
+        """Walk the MLP-and-memory recurrence over all T steps in one kernel call; returns M, Z, DM.
 
-        With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
+        Zb [B,T,W0]     the first layer's pre-activation without its memory columns.
+        A0 [B,T,nb+Dm]  the first layer's input buffer: its memory columns get κ_m ⊙ m_{t−1}.
+        M, DM [B,T,Dm]  m_t and Δm_t;  Z [L,B,T,H] the hidden pre-activations z_l.
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
-        X, M, Z, DM, m0, d = (cache[n] for n in ("X", "M", "Z", "DM", "m0", "derived"))
-        B, T, _ = X.shape
-        dY = xp.ascontiguousarray(xp.asarray(dY), dtype=self.dtype)
-        if dY.shape != (B, T, cfg.num_output):
-            raise ELMError(f"dY must have shape {(B, T, cfg.num_output)}, got {tuple(dY.shape)}")
-        BT, Dm, nb, L = B * T, cfg.num_memory, cfg.branches, cfg.mlp_num_layers
-        grads = {}
-        Wy = self.params["w_y.weight"]
-        dY2 = dY.reshape(BT, -1)
-        grads["w_y.weight"] = dY2.T @ M.reshape(BT, Dm)
-        grads["w_y.bias"] = dY2.sum(0)
-        dM = (dY2 @ Wy).reshape(B, T, Dm)
-
+        B, T, _ = Zb.shape
+        nb, Dm = cfg.branches, cfg.num_memory
         layers = self._layers()
         W0m = layers[0][0][:, nb:]
-        Wh = xp.stack([w for w, _ in layers[1:L]]) if L > 1 else xp.zeros((0, Z.shape[3], Z.shape[3]), self.dtype)
+        L = cfg.mlp_num_layers
+        H = cfg.hidden_size
+        Wh = [W for W, _ in layers[1:L]]
+        WhT = xp.ascontiguousarray(xp.stack([W.T for W in Wh])) if Wh else xp.zeros((0, H, H), self.dtype)
+        ch = xp.stack([c for _, c in layers[1:L]]) if Wh else xp.zeros((0, H), self.dtype)
+        Wo, co = layers[-1]
+        WoT = xp.ascontiguousarray(Wo.T) if L else xp.zeros((1, 1), self.dtype)
+        M = xp.empty((B, T, Dm), self.dtype)
+        DM = xp.empty_like(M)
+        Z = xp.empty((L, B, T, H), self.dtype)
+        k.recur_forward(Zb, xp.ascontiguousarray(W0m.T), WhT, ch, WoT, co, d.kappa_m, d.c_m, m0,
+                        cfg.mlp_activation == "silu", self.dtype.type(P.PHI_SCALE),
+                        self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM, A0[:, :, nb:])
+        return M, Z, DM
+
+    def _recurrence_backward(self, dM, cache):
+        """Back through the recurrence; returns (grads, dZ0, gk, gc).
+
+        grads   the weights and biases of the MLP's layers after the first.
+        dZ0     [B·T,W0] ∂loss/∂z_0 (∂loss/∂p when the MLP has no hidden layer), for the input stage.
+        gk, gc  [B,Dm] per batch row Σ_t ∂loss/∂κ_m (explicit uses) and Σ_t ∂loss/∂c_m.
+        """
+        cfg, xp, k = self.config, self.xp, self.backend.kernels
+        M, Z, DM, m0, d = (cache[n] for n in ("M", "Z", "DM", "m0", "derived"))
+        B, T, _ = M.shape
+        BT, Dm, nb, L = B * T, cfg.num_memory, cfg.branches, cfg.mlp_num_layers
+        layers = self._layers()
+        W0m = layers[0][0][:, nb:]
+        Wh = xp.stack([W for W, _ in layers[1:L]]) if L > 1 else xp.zeros((0, Z.shape[3], Z.shape[3]), self.dtype)
         Wo = layers[-1][0] if L else xp.zeros((1, 1), self.dtype)
         dZ = xp.empty_like(Z)
         act = xp.empty_like(Z)
-        dO = xp.empty_like(M)
+        dP = xp.empty_like(M)
         gk = xp.empty((B, Dm), self.dtype)
         gc = xp.empty((B, Dm), self.dtype)
         k.recur_backward(dM, xp.ascontiguousarray(W0m), xp.ascontiguousarray(Wh), xp.ascontiguousarray(Wo),
                          d.kappa_m, d.c_m, m0, M, Z, DM, cfg.mlp_activation == "silu",
                          self.dtype.type(P.PHI_SCALE), self.dtype.type(P.PHI_SLOPE), k.batch_tile(B),
-                         dZ, dO, gk, gc, act)
+                         dZ, dP, gk, gc, act)
 
-        # ∂loss/∂z_l of every MLP layer (the output layer's is ∂loss/∂o); the layers after
+        # ∂loss/∂z_l of every MLP layer (the output layer's is ∂loss/∂p); the layers after
         # the first take their weight gradients as one GEMM each over all B·T rows.
-        layer_grads = [dZ[l].reshape(BT, -1) for l in range(L)] + [dO.reshape(BT, Dm)]
+        layer_grads = [dZ[l].reshape(BT, -1) for l in range(L)] + [dP.reshape(BT, Dm)]
+        grads = {}
         for l, (wk, bk) in enumerate(P.mlp_layer_keys(L)[1:], start=1):
             grads[wk] = layer_grads[l].T @ act[l - 1].reshape(BT, -1)
             grads[bk] = layer_grads[l].sum(0)
-        grads.update(self._input_backward(layer_grads[0], cache, input_grad))
-        if cfg.learn_memory_tau:
-            grads["_proto_tau_m"] = self._tau_m_grad(gk.sum(0), gc.sum(0), d)
-        return {key: grads[key] for key in self.trainable_keys + (["X"] if input_grad else [])}
+        return grads, layer_grads[0], gk, gc
 
-    def _tau_m_grad(self, g_kappa, g_c, d):
-        """Chain ∂loss/∂κ_m and ∂loss/∂c_m down to _proto_tau_m (docs/gradients.md §5)."""
-        cfg, xp = self.config, self.xp
-        tau = d.tau_m
-        live = (tau >= P.TAU_FLOOR).astype(self.dtype)  # as torch.clamp(min=floor): no gradient below the floor
-        dkappa_dtau = d.kappa_m * cfg.delta_t / (tau * tau) * live
-        if cfg.is_v2:
-            dc_dtau = -d.kappa_lambda * cfg.delta_t * cfg.lambda_value / (tau * tau) * live
-            g_tau = g_kappa * dkappa_dtau + g_c * dc_dtau
-        else:
-            g_tau = (g_kappa - cfg.lambda_value * g_c) * dkappa_dtau
-        span = cfg.effective_tau_max - cfg.memory_tau_min
-        sig = 1 / (1 + xp.exp(-self.params["_proto_tau_m"]))
-        return (g_tau * span * sig * (1 - sig)).astype(self.dtype)
+    # ---- the readout --------------------------------------------------------------------
+    def _readout_forward(self, M):
+        """Y = M W_yᵀ + b_y, one GEMM over all B·T rows."""
+        B, T, _ = M.shape
+        Wy, by = self.params["w_y.weight"], self.params["w_y.bias"]
+        return (M.reshape(B * T, -1) @ Wy.T + by).reshape(B, T, -1)
+
+    def _readout_backward(self, dY, M):
+        """The readout's gradients and dM = ∂loss/∂m_t through y_t (B, T, Dm); returns (grads, dM)."""
+        B, T, Dm = M.shape
+        BT = B * T
+        Wy = self.params["w_y.weight"]
+        dY2 = dY.reshape(BT, -1)
+        grads = {"w_y.weight": dY2.T @ M.reshape(BT, Dm), "w_y.bias": dY2.sum(0)}
+        dM = (dY2 @ Wy).reshape(B, T, Dm)
+        return grads, dM
 
     # ---- traces and streaming -------------------------------------------------
     def traces(self, X):
@@ -350,7 +368,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         xp, k = self.xp, self.backend.kernels
         B, T, _ = X.shape
         S = self.config.num_synapse
-        kappa_s = xp.exp(-self.config.delta_t / xp.maximum(self.params["tau_s"], P.TAU_FLOOR)).astype(self.dtype)
+        kappa_s = decay(self.params["tau_s"], self.config.delta_t, xp).astype(self.dtype)
         R = xp.empty((B, T, S), self.dtype)
         k.route_forward(X, self.routing.indptr, self.routing.entry_syn, d.entry_weight, 1, R)
         k.scan_forward(R, kappa_s, xp.zeros((B, S), self.dtype), R)

@@ -16,7 +16,6 @@ from elmcore.errors import ELMError
 # The release's "custom tanh" φ(x) = PHI_SCALE · tanh(PHI_SLOPE · x).
 PHI_SCALE = 1.7159
 PHI_SLOPE = 2.0 / 3.0
-TAU_FLOOR = 1e-6  # κ = exp(−Δt / max(τ, TAU_FLOOR))
 
 
 def mlp_layer_keys(num_layers):
