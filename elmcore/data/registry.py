@@ -21,7 +21,7 @@ import os
 import typing
 from typing import Optional
 
-from elmcore.errors import DataError, ELMError
+from elmcore.errors import DataError, ELMError, did_you_mean
 from elmcore.data.base import OutputHead, Task
 from elmcore.data.walk import find_files
 
@@ -133,6 +133,8 @@ TASKS = {spec.name: spec for spec in (
           count_option="num_chars"),
 )}
 GENERATABLE = tuple(name for name, spec in TASKS.items() if spec.generator)
+# make_synthetic / generate_synthetic serve both in-memory tasks; these of their options mean nothing to one.
+NOT_OPTIONS_OF = {"adding": ("num_tokens",)}
 # What `elm train` trains when no task is named: the same experiment as `elm train --task adding`.
 DEFAULT_TASK = "adding"
 
@@ -223,8 +225,8 @@ def _call(function, what, *args, **options):
         accepted = list(params)[len(args):]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise ELMError(f"{what}: unknown option(s) {', '.join(unknown)}; accepted: "
-                           f"{', '.join(accepted)}")
+            raise ELMError(f"{what}: unknown option(s) {', '.join(unknown)}{did_you_mean(unknown[0], accepted)}; "
+                           f"accepted: {', '.join(accepted)}")
     for name, value in options.items():
         if name in params:
             check_option(what, name, value, params[name])
@@ -243,6 +245,16 @@ def _check_synthetic_size(name, function, options):
     channels = 2 if name == "adding" else option("num_tokens") + 1
     check_memory(option("n") * option("length") * channels * 4,
                  f"{name} with n={option('n')}, length={option('length')}")
+
+
+def _refuse_foreign_options(name, function, options):
+    """Options of a shared generator that task ``name`` does not have are refused, not silently ignored."""
+    foreign = sorted(set(options) & set(NOT_OPTIONS_OF.get(name, ())))
+    if foreign:
+        accepted = [p for p in list(inspect.signature(function).parameters)[1:]
+                    if p not in NOT_OPTIONS_OF[name] and p not in ("name", "seed", "progress")]
+        raise ELMError(f"{name}: unknown option(s) {', '.join(foreign)}; accepted: "
+                       f"{', '.join(accepted)}")
 
 
 def _matches(data_dir, pattern):
@@ -301,6 +313,7 @@ def get_task(name, data_dir=None, seed=0, **options) -> Task:
     if spec.in_memory:
         from elmcore.data.synthetic import load_synthetic, make_synthetic
         if data_dir is None:
+            _refuse_foreign_options(spec.name, make_synthetic, options)
             _check_synthetic_size(spec.name, make_synthetic, options)
             return _call(make_synthetic, spec.name, spec.name, seed=seed, **options)
         if options:
@@ -346,6 +359,7 @@ def generate(name, out_dir, n=None, seed=0, progress=False, **options):
     if "progress" in inspect.signature(generator).parameters:
         kwargs["progress"] = progress
     if spec.in_memory:
+        _refuse_foreign_options(spec.name, generator, options)
         _check_synthetic_size(spec.name, generator, kwargs)
     _call(generator, spec.name, out_dir, **kwargs)
     return out_dir
@@ -394,7 +408,7 @@ def task_options(name):
     spec = task_spec(name)
     if spec.in_memory:
         from elmcore.data.synthetic import make_synthetic
-        function, skip = make_synthetic, {"name", "seed"}
+        function, skip = make_synthetic, {"name", "seed", *NOT_OPTIONS_OF.get(spec.name, ())}
     else:
         function, skip = _load(spec.reader), {"data_dir", "path", "seed", *spec.reader_options}
     out = {}

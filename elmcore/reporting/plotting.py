@@ -26,7 +26,8 @@ def import_pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ELMError("plotting needs matplotlib: pip install 'elmcore[plot]' (or pip install matplotlib)") from None
+        from elmcore.engine.optional import install_command
+        raise ELMError(f"plotting needs matplotlib: {install_command('plot')} (or pip install matplotlib)") from None
     return plt
 
 
@@ -39,7 +40,8 @@ def read_metrics(run_dir):
 
     A last line torn by a kill is skipped; any other line that is not a JSON
     object with the fields a plot needs is an error naming the file and line.
-    Epoch records written before they named their split read as split "valid".
+    Epoch records written before they named their split read as split "valid"; epochs are
+    numbered from 1 whichever way the log counted them.
     """
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
@@ -78,7 +80,9 @@ def read_metrics(run_dir):
             epochs.append({**rec, "metrics": metrics, "split": rec.get("split", "valid")})
     if not steps:
         raise ELMError(f"{path} holds no training steps yet")
-    return steps, epochs
+    from elmcore.training.runlog import epochs_from_one
+    records = epochs_from_one(steps + epochs)  # a log written before counted epochs from 0
+    return records[:len(steps)], records[len(steps):]
 
 
 def _read_optional_json(path):
@@ -168,7 +172,7 @@ def plot_run(run_dir, output=None):
         ax_metric.set_xlabel("epoch")
     else:
         split = epochs[-1]["split"]
-        ep = [int(r["epoch"]) + 1 for r in epochs]
+        ep = [int(r["epoch"]) for r in epochs]
         val = [float(r["metrics"][metric]) for r in epochs]
         lower_better = metric in ERROR_METRICS
         ax_metric.plot(ep, val, "o-", color="C1", ms=4, label=f"{split} {metric}")
