@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -280,3 +281,117 @@ def test_install_hint_follows_how_elmcore_was_installed(monkeypatch):
     assert optional.install_command("plot") == f"pip install -e '{checkout}[plot]'"
     monkeypatch.setattr(optional.os.path, "isfile", lambda path: False)  # as from a wheel in site-packages
     assert optional.install_command("plot") == "pip install 'elmcore[plot]'"
+
+
+# ---- threads and compiling ------------------------------------------------------------------
+
+def test_thread_rule_gives_small_steps_one_thread():
+    from elmcore.training.threads import WORK_PER_THREAD, choose_threads
+    env = {}
+    assert choose_threads(WORK_PER_THREAD, 2, env)[0] == 1
+    assert choose_threads(2 * WORK_PER_THREAD - 1, 2, env)[0] == 1
+    assert choose_threads(2 * WORK_PER_THREAD, 2, env) == (2, "2 threads")
+    assert choose_threads(100 * WORK_PER_THREAD, 16, env)[0] == 16
+    assert choose_threads(5 * WORK_PER_THREAD, 16, env)[0] == 5
+    threads, why = choose_threads(1000, 2, env)
+    assert threads == 1 and why.startswith("1 of 2 threads: ")
+    assert choose_threads(1000, 2, {"NUMBA_NUM_THREADS": "2"}) == (2, "2 threads (NUMBA_NUM_THREADS)")
+
+
+def test_a_small_run_says_it_uses_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    import numba
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    before = numba.get_num_threads()
+    result = invoke("train", *TINY_ADDING, "--run-dir", tmp_path / "r", "--quiet")
+    assert result.exit_code == 0, result.output
+    available = numba.config.NUMBA_NUM_THREADS
+    expected = f"(cpu, 1 of {available} threads: " if available > 1 else "(cpu, 1 thread, float32)"
+    assert expected in result.output.splitlines()[0], result.output
+    assert numba.get_num_threads() == before
+
+
+def test_warm_up_says_compiling_only_when_it_takes_long(tmp_path, monkeypatch):
+    import importlib
+    import time as clock
+
+    from elmcore.training import warmup
+
+    class Slow:
+        xp = np
+
+        def forward(self, X, return_cache=False):
+            clock.sleep(0.3)
+            return (X, None) if return_cache else X
+
+        def backward(self, dY, cache):
+            return {}
+
+    said = []
+    warmup.warm_up(Slow(), np.zeros((1, 2, 1)), said.append, notice_after=0.05)
+    assert said[0] == warmup.NOTICE and said[1].startswith("kernels loaded from the disk cache")
+    said.clear()
+    warmup.warm_up(Slow(), np.zeros((1, 2, 1)), said.append, notice_after=10)
+    assert said == []
+    # A kernel Numba had to compile is counted (its cache, beside its fresh module, is empty).
+    (tmp_path / "probe_kernel.py").write_text("from numba import njit\n\n@njit(cache=True)\ndef twice(x):\n"
+                                              "    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe = importlib.import_module("probe_kernel")
+    monkeypatch.setitem(sys.modules, "elmcore.kernels._probe", probe)
+    before = warmup.compiled_kernels()
+    assert probe.twice(3) == 6
+    assert warmup.compiled_kernels() == before + 1
+
+
+def test_elm_warmup_names_both_families():
+    result = invoke("warmup")
+    assert result.exit_code == 0, result.output
+    assert "the default run's Branch-ELM (branch_elm_v2, float32)" in result.output
+    assert "an ELM Network (elm_network, float32)" in result.output and "warmup: done in" in result.output
+
+
+# ---- plots: a line to beat for every task, loss units ------------------------------------------
+
+def test_adding_run_records_the_mse_of_always_answering_the_mean(finished):
+    from elmcore.data.registry import get_task
+    epoch = _records(finished, "epoch")[-1]
+    task = get_task("adding", n=120, length=12, seed=3)
+    mean = task.splits["train"][1].astype(np.float64).mean(axis=0)
+    expected = float(np.mean((task.splits["valid"][1] - mean) ** 2))
+    assert epoch["reference"] == {"value": pytest.approx(expected), "label": "always answering the mean"}
+    assert epoch["loss_function"] == "mse_last"
+
+
+def test_plot_draws_the_reference_and_names_loss_units(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from elmcore.reporting import plotting
+    epochs = [{"epoch": 1, "metric": "bpc", "loss_function": "cross_entropy_all",
+               "reference": {"value": 3.52, "label": "unigram entropy"}}]
+    assert plotting._chance("bpc", tmp_path, epochs) == (3.52, "unigram entropy: 3.52")
+    assert plotting._loss_unit(epochs) == " (cross-entropy, nats per character)"
+    assert plotting._loss_unit([{"loss_function": "mse_last"}]) == " (MSE)"
+    assert plotting._chance("auc", tmp_path, [{}]) == (0.5, "chance (AUC 0.5)")  # logs without a reference
+    import matplotlib.axes
+    drawn, real_axhline = [], matplotlib.axes.Axes.axhline
+
+    def spy(self, y=0, *args, **kwargs):
+        drawn.append((y, kwargs.get("label")))
+        return real_axhline(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", spy)
+    rd = tmp_path / "run"
+    rd.mkdir()
+    lines = [{"type": "step", "step": s, "epoch": 1 + (s - 1) // 2, "loss": 2.5 - 0.1 * s} for s in range(1, 5)]
+    lines += [{"type": "epoch", "epoch": e, "step": 2 * e, "split": "valid", "metric": "bpc",
+               "metrics": {"bpc": 3.0 - 0.2 * e}, **epochs[0]} for e in (1, 2)]
+    (rd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert invoke("plot", rd).exit_code == 0
+    assert drawn == [(3.52, "unigram entropy: 3.52")]
+
+
+def test_text_reference_is_its_unigram_entropy(tmp_path):
+    from elmcore.data.registry import generate, get_task
+    generate("text", tmp_path, n=20000)
+    task = get_task("text", tmp_path, length=32)
+    reference = task.reference_level("valid")
+    assert reference["value"] == task.unigram_entropy("train") and "unigram entropy" in reference["label"]

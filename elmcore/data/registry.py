@@ -16,13 +16,14 @@ import dataclasses
 import glob
 import importlib
 import inspect
+import json
 import math
 import os
 import typing
 from typing import Optional
 
 from elmcore.errors import DataError, ELMError, did_you_mean
-from elmcore.data.base import OutputHead, Task
+from elmcore.data.base import MANIFEST, SPLITS, OutputHead, Task
 from elmcore.data.walk import find_files
 
 LRA_SOURCE = ("the LRA release tarball lra_release.gz from "
@@ -133,6 +134,8 @@ TASKS = {spec.name: spec for spec in (
           count_option="num_chars"),
 )}
 GENERATABLE = tuple(name for name, spec in TASKS.items() if spec.generator)
+# Pathfinder's image sizes, each a task of its own.
+PATHFINDER_SIZES = {32: "pathfinder", 64: "pathfinder64", 128: "pathx"}
 # make_synthetic / generate_synthetic serve both in-memory tasks; these of their options mean nothing to one.
 NOT_OPTIONS_OF = {"adding": ("num_tokens",)}
 # What `elm train` trains when no task is named: the same experiment as `elm train --task adding`.
@@ -225,8 +228,8 @@ def _call(function, what, *args, **options):
         accepted = list(params)[len(args):]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise ELMError(f"{what}: unknown option(s) {', '.join(unknown)}{did_you_mean(unknown[0], accepted)}; "
-                           f"accepted: {', '.join(accepted)}")
+            raise ELMError(f"{what}: unknown option(s) {', '.join(unknown)}{did_you_mean(unknown[0], accepted)} "
+                           f"(accepted: {', '.join(accepted)})")
     for name, value in options.items():
         if name in params:
             check_option(what, name, value, params[name])
@@ -253,8 +256,7 @@ def _refuse_foreign_options(name, function, options):
     if foreign:
         accepted = [p for p in list(inspect.signature(function).parameters)[1:]
                     if p not in NOT_OPTIONS_OF[name] and p not in ("name", "seed", "progress")]
-        raise ELMError(f"{name}: unknown option(s) {', '.join(foreign)}; accepted: "
-                       f"{', '.join(accepted)}")
+        raise ELMError(f"{name}: unknown option(s) {', '.join(foreign)} (accepted: {', '.join(accepted)})")
 
 
 def _matches(data_dir, pattern):
@@ -362,7 +364,36 @@ def generate(name, out_dir, n=None, seed=0, progress=False, **options):
         _refuse_foreign_options(spec.name, generator, options)
         _check_synthetic_size(spec.name, generator, kwargs)
     _call(generator, spec.name, out_dir, **kwargs)
+    write_manifest(spec, out_dir, n, seed, options)
     return out_dir
+
+
+def write_manifest(spec, out_dir, n, seed, options):
+    """``out_dir/elmcore_data.json``: the task, how it was generated and, where its reader reads it with
+    the default options, what the reader counts in each split."""
+    from elmcore.storage.fileio import atomic_write_text
+    name = spec.name
+    if name in PATHFINDER_SIZES.values() and "size" in options:  # each image size is a task of its own
+        name = PATHFINDER_SIZES.get(options["size"], name)
+    manifest = {"task": name, "generated_by": f"elm data generate {spec.name}", "seed": seed,
+                spec.count_option: n, "options": options}
+    try:
+        task = get_task(name, out_dir, seed=seed)
+        manifest["counts"] = {split: {"count": task.num_examples(split), "unit": task.count_unit(split)}
+                              for split in SPLITS}
+    except ELMError as e:  # e.g. a corpus shorter than the default window: the reader says so when used
+        manifest["counts"] = f"not read with the default options: {e}"
+    atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(data_dir):
+    """The manifest ``elm data generate`` left in ``data_dir``, or None (absent, unreadable or not one)."""
+    try:
+        with open(os.path.join(os.fspath(data_dir), MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("task") in TASKS else None
 
 
 def detect_task(data_dir):
@@ -371,6 +402,9 @@ def detect_task(data_dir):
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} does not exist (name the task with --task to be "
                         f"told where to get its data)")
+    manifest = read_manifest(data_dir)
+    if manifest is not None:
+        return manifest["task"]
     for name in ("listops", "shd", "adding", "delayed-recall", "scifar", "enwik8"):
         if all(_matches(data_dir, p) for p in TASKS[name].files):
             return name
@@ -380,8 +414,7 @@ def detect_task(data_dir):
     except DataError:
         dataset = None
     if dataset is not None:
-        size = image_resolution(dataset)
-        return {32: "pathfinder", 64: "pathfinder64", 128: "pathx"}.get(size, "pathfinder")
+        return PATHFINDER_SIZES.get(image_resolution(dataset), "pathfinder")
     if _matches(data_dir, TASKS["neuronio"].files[0]):
         return "neuronio"
     looked = "; ".join(f"{n}: {', '.join(s.files)}" for n, s in TASKS.items()

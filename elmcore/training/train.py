@@ -66,6 +66,7 @@ from elmcore.storage.fileio import (atomic_write_text, describe_os_error, read_j
 from elmcore.engine.factory import build_model
 from elmcore.training.optim import Optimizer, cosine_lr
 from elmcore.training.runlog import epochs_from_one, finite_or_none, read_records
+from elmcore.training.warmup import warm_up
 
 RUN_FILE = "run.json"
 LAST = "last.npz"
@@ -591,7 +592,33 @@ class Trainer:
         finally:
             if getattr(self, "_bar", None) is not None:
                 self._bar.close()  # an error message then starts on a line of its own
+            if getattr(self, "_threads_before", None) is not None:
+                import numba
+                numba.set_num_threads(self._threads_before)
             self._close_run_dir(failed)
+
+    def _first_batch(self):
+        """The first training batch in file order (its shape and dtype are every batch's), or None."""
+        batches = self.task.batches("train", self.settings.batch_size)
+        try:
+            return next(iter(batches), None)
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()  # stops any prefetching worker of a streaming task
+
+    def _choose_threads(self, batch):
+        """Set the Numba threads for this run's step size on the CPU (``elmcore.training.threads``); say how many."""
+        if self.model.xp is not np or batch is None:
+            return self.settings.device
+        import numba
+
+        from elmcore.training.threads import choose_threads
+        work = min(len(batch.X), self.settings.batch_size) * batch.X.shape[1] * self.model.num_parameters
+        threads, why = choose_threads(work, numba.config.NUMBA_NUM_THREADS)
+        if threads != numba.get_num_threads():
+            self._threads_before = numba.get_num_threads()
+            numba.set_num_threads(threads)
+        return f"{self.settings.device}, {why}"
 
     def _run(self):
         s = self.settings
@@ -601,15 +628,20 @@ class Trainer:
             self._new_state()
         per_epoch = self.batches_per_epoch()
         total_steps = per_epoch * s.epochs
+        first = self._first_batch()
         self.log(f"run {self.run_dir}: task {self.task.name}, {self.model.config.version}, "
                  f"{self.model.num_parameters} parameters, {s.epochs} epochs x {per_epoch} batches of "
-                 f"{s.batch_size} ({s.device}, {s.dtype})")
+                 f"{s.batch_size} ({self._choose_threads(first)}, {s.dtype})")
+        if first is not None:  # compile before the clock starts (a notice if that takes a while)
+            X = first.X[:2, :8]
+            warm_up(self.model, X.astype(np.float32) if s.input_dropout > 0 else X, self.log)
         if self.carved_valid:
             self.log(f"task {self.task.name} has no validation split: {self.carved_valid} training examples "
                      f"(drawn from seed {s.seed}) are held out to select the model")
         elif self.selection_split == "train":
             self.log(f"warning: task {self.task.name} has no validation split; the model is selected on the "
                      "TRAINING split, so its selection score is optimistic (give the data a validation split)")
+        reference = self.task.reference_level(self.selection_split) if self.comm.is_root else None
         start_time = time.perf_counter()
         samples_seen = 0
         last_valid = None
@@ -672,7 +704,8 @@ class Trainer:
             seconds = time.perf_counter() - t_epoch
             self._record({"type": "epoch", "epoch": epoch + 1, "step": self.position["step"],
                           "train_loss": epoch_loss / max(epoch_n, 1), "split": self.selection_split,
-                          "metric": self.task.metric, "metrics": valid, "best": improved, "seconds": seconds})
+                          "metric": self.task.metric, "metrics": valid, "best": improved, "seconds": seconds,
+                          "loss_function": self.task.loss, **({"reference": reference} if reference else {})})
             self.log(f"epoch {epoch + 1}/{s.epochs}: train loss {epoch_loss / max(epoch_n, 1):.4g}, "
                      f"{self.selection_split} {self.task.metric} {last_valid:.4g}{' (best)' if improved else ''}"
                      f" [{seconds:.1f} s]")
