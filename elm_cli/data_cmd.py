@@ -27,8 +27,8 @@ def _default_counts():
     return "; ".join(f"{', '.join(names)}: {n}" for n, names in counts.items())
 
 
-@data.command(help=f"""Write an offline data set of TASK ({', '.join(GENERATABLE)}) into --out; read it
-    back with `elm data info DIR`.""")
+@data.command(help=f"""Write an offline data set of TASK ({', '.join(GENERATABLE)}) into --out, with a
+    manifest elmcore_data.json (task, options, counts) from which `elm data info DIR` knows the task.""")
 @click.argument("task", type=TaskChoice(GENERATABLE))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory to write into (created if needed).")
