@@ -57,6 +57,9 @@ class ELMGroup(click.Group):
             raise _user_error(e) from None
         except RecursionError:
             raise UserError("an input is nested too deeply to read") from None
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT (not Click's "Aborted!", 1)
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
         except OSError as e:
             # The file system refused something (disk full, read-only, vanished path): the user's to fix.
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""

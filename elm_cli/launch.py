@@ -11,20 +11,33 @@ need the process environment before the libraries read it:
   ``elm train`` and ``elm sweep`` run in a child process of a thin parent: the
   parent holds no MPI state, sees how its child ended, and says which rank died
   and how to resume. The child inherits every descriptor (the launcher's
-  connection) and dies with its parent.
+  connection) and dies with its parent; it tells the parent its run directory
+  through a pipe, so that the parent's messages name it.
+* One Ctrl-C must end every rank. A rank that is waiting in a collective for a
+  rank that already stopped never returns to Python, where the interrupt would
+  be seen: the parent gives its child a few seconds after the first SIGINT, then
+  kills it. Every rank then ends with exit code 130, and rank 0 names the
+  command that resumes the run.
 
 This module imports nothing heavy: the CLI itself is imported only afterwards.
 """
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 
 SUPERVISED = "ELMCORE_RANK_SUPERVISED"
 WATCHED_COMMANDS = ("train", "sweep")
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# The pipe a rank writes its run directory to; the same name as elmcore.training.distributed.RUN_DIR_FD
+# (not imported: this module must not import NumPy before the thread variables are set).
+RUN_DIR_FD = "ELMCORE_RUN_DIR_FD"
+# Seconds a rank has, after Ctrl-C, to stop by itself before its parent kills it.
+INTERRUPT_GRACE_S = 5.0
 
 # (rank, world size, ranks on this node) as each launcher names them.
 LAUNCHER_VARIABLES = (
@@ -74,14 +87,30 @@ def set_thread_defaults(local_ranks, environ=os.environ):
         environ.setdefault(name, threads)
 
 
-def death_message(rank, size, pid, signum, argv):
+def resume_command(size, run_dir):
+    return f"mpiexec -n {size} elm train --resume {shlex.quote(run_dir) if run_dir else 'RUN_DIR'}"
+
+
+def argv_run_dir(argv):
+    """The run directory named on an ``elm train`` command line (--resume or --run-dir), or None."""
+    found = None
+    for i, arg in enumerate(argv):
+        for flag in ("--resume", "--run-dir"):
+            if arg == flag and i + 1 < len(argv):
+                found = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                found = arg[len(flag) + 1:]
+    return found
+
+
+def death_message(rank, size, pid, signum, argv, run_dir=None):
     """The line a rank's parent prints when the rank was killed by a signal."""
     try:
         name = signal.Signals(signum).name
     except ValueError:
         name = f"signal {signum}"
     command = argv[1] if len(argv) > 1 else "elm"
-    how = (f"continue with `mpiexec -n {size} elm train --resume RUN_DIR` (the last checkpoint, "
+    how = (f"continue with `{resume_command(size, run_dir or argv_run_dir(argv))}` (the last checkpoint, "
            "last.npz, is always whole)" if command == "train" else
            "run the same `elm sweep` again: finished points are kept, interrupted ones resume")
     return (f"error: rank {rank} of {size} (pid {pid} on {socket.gethostname()}) was killed by {name}; "
@@ -98,26 +127,78 @@ def _die_with_parent():
         pass
 
 
+def _read_announced(reader):
+    """The last run directory the child wrote to the pipe, or None."""
+    if reader is None:
+        return None
+    os.set_blocking(reader, False)
+    data = b""
+    try:
+        while chunk := os.read(reader, 65536):
+            data += chunk
+    except OSError:  # nothing (more) to read
+        pass
+    os.close(reader)
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines[-1] if lines else None
+
+
+def _kill_if_running(child):
+    if child.poll() is None:
+        child.kill()
+
+
 def supervise(rank, size, argv):
     """Run ``argv`` as a child rank; return the exit code to end with."""
     env = dict(os.environ, **{SUPERVISED: "1"})
+    command = argv[1] if len(argv) > 1 else ""
+    reader = writer = None
+    if command == "train":
+        reader, writer = os.pipe()
+        os.set_inheritable(writer, True)
+        env[RUN_DIR_FD] = str(writer)
     # Every rank of `elm train` reaches the same end; rank 0 alone reports it (errors still show).
-    quiet = rank != 0 and len(argv) > 1 and argv[1] == "train"
+    quiet = rank != 0 and command == "train"
     child = subprocess.Popen([sys.executable, "-m", "elm_cli.launch", *argv[1:]], env=env, close_fds=False,
                              stdout=subprocess.DEVNULL if quiet else None,
                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    if writer is not None:
+        os.close(writer)
+    interrupted = []
 
     def forward(signum, frame):
+        if signum == signal.SIGINT:
+            if interrupted:
+                return  # the child is stopping already (and may have had this Ctrl-C from the terminal too)
+            interrupted.append(signum)
+            timer = threading.Timer(INTERRUPT_GRACE_S, _kill_if_running, (child,))
+            timer.daemon = True
+            timer.start()
         child.send_signal(signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, forward)
     code = child.wait()
+    run_dir = _read_announced(reader) or argv_run_dir(argv)
+    if interrupted and code < 0:
+        if rank == 0 and command == "train":  # the child could not say it: it was stuck, and killed
+            where = (f"continue with: {resume_command(size, run_dir)} (from its last checkpoint, last.npz)"
+                     if run_dir else "no run directory was made yet: nothing to resume")
+            sys.stderr.write(f"interrupted; {where}\n")
+            sys.stderr.flush()
+        return 130
     if code < 0:
-        sys.stderr.write(death_message(rank, size, child.pid, -code, argv) + "\n")
+        sys.stderr.write(death_message(rank, size, child.pid, -code, argv, run_dir) + "\n")
         sys.stderr.flush()
         return 128 - code
     return code
+
+
+def _interrupt_once(signum, frame):
+    """A rank's first Ctrl-C interrupts it; any more (the terminal's and the parent's) must not
+    interrupt it again while it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main():
@@ -128,6 +209,8 @@ def main():
         watched = len(sys.argv) > 1 and sys.argv[1] in WATCHED_COMMANDS
         if watched and os.environ.get(SUPERVISED) != "1":
             sys.exit(supervise(rank, size, sys.argv))
+        if watched:
+            signal.signal(signal.SIGINT, _interrupt_once)
     from elm_cli.main import main as cli_main
     cli_main()
 

@@ -24,7 +24,8 @@ DEFAULT_GRADCHECK_CONFIG = {
 @click.group(cls=ELMGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="elmcore")
 def cli():
-    """Train, evaluate and check ELM neurons and Branch-ELMs (Spieler et al., ICLR 2024).
+    """Train, evaluate and check ELM neurons, Branch-ELMs (Spieler et al., ICLR 2024) and ELM Networks
+    (recurrent layers of Branch-ELM neurons: --set version=elm_network).
 
     `elm tasks` lists the tasks, `elm info --fields` the model fields. Shell completion
     (bash): eval "$(_ELM_COMPLETE=bash_source elm)"; zsh: zsh_source; fish: fish_source.
@@ -50,6 +51,9 @@ def verify(oracle, dtype, device):
     from elmcore.verification.oracle import TOLERANCE, load_oracle, verify_case
     case = load_oracle(oracle)
     tol = TOLERANCE[dtype]
+    click.echo(f"verify {oracle}: {case.config.version} ({case.config.num_input} inputs, {case.config.num_output} "
+               f"outputs), B={case.X.shape[0]}, T={case.X.shape[1]}, {dtype} on {device}; tolerance {tol:g} on "
+               "max|got - ref| / max|ref|")
     results = verify_case(case, dtype=dtype, device=device)
     width = max(len(n) for n, _ in results)
     for name, err in results:
@@ -97,11 +101,42 @@ def tasks(name):
         click.echo(line)
 
 
+# ---- warmup -------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+def warmup(dtype):
+    """Compile the CPU kernels ahead of a first run: those of bare `elm train` (a Branch-ELM on the adding
+    problem) and of an ELM Network. They are cached on disk; `elm train` compiles what it needs anyway."""
+    import time
+
+    from elmcore.data.registry import get_task
+    from elmcore.engine.factory import build_model
+    from elmcore.neuron.config import ELMConfig
+    from elmcore.training.train import resolve_settings
+    from elmcore.training.warmup import warm_up
+    default = resolve_settings({})
+    task = get_task(default.task, n=10, length=8)
+    X = next(iter(task.batches("train", 2))).X
+    models = (("the default run's Branch-ELM", {**task.model_defaults(), **default.model}),
+              ("an ELM Network", {**task.model_defaults(), "version": "elm_network", "num_neurons": 4}))
+    start = time.perf_counter()
+    for name, fields in models:
+        model = build_model(ELMConfig.from_dict(fields), seed=0, dtype=dtype)
+        click.echo(f"{name} ({model.config.version}, {dtype}): compiling kernels (cached ones load in seconds) …")
+        seconds, compiled = warm_up(model, X, log=lambda message: None)
+        click.echo(f"  {compiled} kernel versions compiled in {seconds:.1f} s" if compiled else
+                   f"  already compiled: loaded from the disk cache in {seconds:.1f} s")
+    click.echo(f"warmup: done in {time.perf_counter() - start:.1f} s; the kernels are cached on disk for later runs")
+
+
 # ---- gradcheck ----------------------------------------------------------------------
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Model config JSON (default: a small 2-layer SiLU Branch-ELM with neuronio routing).")
+@click.option("--config", "config_path", type=click.Path(),
+              help="The model to check: a model config JSON, a model or checkpoint .npz, a run directory or its "
+                   "run.json, whose configuration is checked with parameters drawn from --seed (default: a small "
+                   "elm_v1 with 2 SiLU hidden layers, neuronio routing, learned tau_m).")
 @click.option("--version", "version", type=click.Choice(["elm_v1", "branch_elm_v2", "elm_network"]), default=None,
               help="Override the config's version (elm_network without --config: a small 2-layer network).")
 @click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1))
@@ -119,7 +154,7 @@ def gradcheck(config_path, version, batch, steps, eps, entries, seed, tolerance)
     if version == "elm_network" and not config_path:
         cfg = ELMConfig.from_dict(DEFAULT_NETWORK_CONFIG)
     else:
-        cfg = ELMConfig.load(config_path) if config_path else ELMConfig.from_dict(DEFAULT_GRADCHECK_CONFIG)
+        cfg = _model_config(config_path) if config_path else ELMConfig.from_dict(DEFAULT_GRADCHECK_CONFIG)
     if version and version != cfg.version:
         if cfg.is_network or version == "elm_network":
             raise UserError(f"--version {version} cannot convert a {cfg.version} config")
@@ -139,6 +174,26 @@ def gradcheck(config_path, version, batch, steps, eps, entries, seed, tolerance)
     click.echo(f"gradcheck: {len(rows) - bad}/{len(rows)} tensors within {tolerance:g} "
                f"(worst {worst.relative:.1e}: {worst.name})")
     sys.exit(0 if bad == 0 else 1)
+
+
+def _model_config(path):
+    """The model config in ``path``: a config JSON, a model or checkpoint file, a run directory or its run.json."""
+    from elmcore.neuron.config import ELMConfig
+    from elmcore.storage.fileio import read_json
+    from elmcore.training.checkpoint import load_file
+    run_dir = path if os.path.isdir(path) else None
+    if run_dir is None and not path.endswith(".npz"):
+        settings = read_json(path, "config file")
+        if not (isinstance(settings, dict) and "task" in settings):
+            return ELMConfig.from_dict(settings)
+        run_dir = os.path.dirname(os.path.abspath(path))  # a run.json: the run's model file says the rest
+    if run_dir is not None:
+        found = [os.path.join(run_dir, f) for f in ("best.npz", "last.npz") if os.path.exists(os.path.join(run_dir, f))]
+        if not found:
+            raise ELMError(f"{path}: a run's model config is in its best.npz or last.npz, and {run_dir} has "
+                           "neither yet (give a model config JSON instead)")
+        path = found[0]
+    return load_file(path).config
 
 
 def _switch_version(cfg, version):
@@ -202,13 +257,16 @@ def _section(settings, key, source):
 
 
 def _setting_default(name):
-    """TrainSettings' default of ``name``, shown in --help (a task's default run may override it)."""
+    """TrainSettings' default of ``name``, shown in --help, after the tasks whose default run sets another."""
     import dataclasses
 
+    from elmcore.data.registry import TASKS
     from elmcore.training.train import TrainSettings
     field = {f.name: f for f in dataclasses.fields(TrainSettings)}[name]
-    value = field.default
-    return "none" if value is None else str(value)
+    value = "none" if field.default is None else str(field.default)
+    by_task = [f"{task} {spec.default_run[name]:g}" if isinstance(spec.default_run[name], float) else
+               f"{task} {spec.default_run[name]}" for task, spec in TASKS.items() if name in spec.default_run]
+    return f"task default: {', '.join(by_task)}; else {value}" if by_task else value
 
 
 def _setting(*decls, name, **kw):
@@ -232,7 +290,11 @@ def _setting(*decls, name, **kw):
 @click.option("--run-dir", type=click.Path(file_okay=False), show_default="runs/TASK-DATE-TIME",
               help="Where to write checkpoints and logs.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the run in this directory from its last checkpoint.")
+              help="Continue the run in this directory from its last checkpoint (a finished run: says so, "
+                   "exit 0).")
+@click.option("--extend", is_flag=True,
+              help="With --resume and --epochs N: train a finished run on to N epochs, on a new cosine cycle "
+                   "of the learning rate from its lr (recorded in run.json as lr_restarts).")
 @_setting("--epochs", name="epochs", type=click.IntRange(min=1))
 @_setting("--batch-size", name="batch_size", type=click.IntRange(min=1))
 @_setting("--batches-per-epoch", name="batches_per_epoch", type=click.IntRange(min=1),
@@ -261,16 +323,17 @@ def _setting(*decls, name, **kw):
                    "instead of a progress bar.")
 @click.option("--quiet", is_flag=True, help="No progress bar or progress lines; the epoch lines and final lines stay.")
 @click.pass_context
-def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, legacy_burn_in, log_every, quiet,
-          **flags):
+def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, extend, legacy_burn_in, log_every,
+          quiet, **flags):
     """Train an ELM on a task; with no options, a Branch-ELM on the adding problem (no download).
 
     Every task has a default experiment (`elm tasks` lists them): bare `elm train` is
     `elm train --task adding`. A run file (--config) and then flags override it; the
     defaults shown are those of settings neither sets. On a terminal a progress bar
-    shows each epoch; in a log file, one line every --log-every batches.
+    shows each epoch; in a log file, one line every --log-every batches. The console lines
+    are kept in RUN_DIR/train.log. Ctrl-C stops the run (exit 130) and prints how to resume it.
     """
-    from elmcore.training.train import Trainer, resolve_settings
+    from elmcore.training.train import RunFinished, Trainer, resolve_settings
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     given = {k: v for k, v in flags.items()
              if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
@@ -279,12 +342,19 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, lega
             raise UserError("--burn-in is the old name of --loss-skip-steps: give one of them")
         given["burn_in"] = legacy_burn_in
     progress = False if quiet else "auto"
+    if extend and not resume_dir:
+        raise UserError("--extend continues a finished run: give it with --resume RUN_DIR and --epochs N")
     if resume_dir:
         extra = set(given) - {"epochs", "device"}
         if extra or run_config or model_config or model_sets or task_sets:
-            raise UserError("--resume continues a run with its saved settings; only --epochs and --device "
-                            "may change")
-        trainer = Trainer.resume(resume_dir, progress=progress, log=log, log_every=log_every, **given)
+            raise UserError("--resume continues a run with its saved settings; only --device may change "
+                            "(and --epochs, with --extend)")
+        try:
+            trainer = Trainer.resume(resume_dir, progress=progress, log=log, log_every=log_every, extend=extend,
+                                     **given)
+        except RunFinished as e:
+            click.echo(str(e))
+            return
     else:
         source = run_config or "command line"
         settings = _load_run_file(run_config) if run_config else {}
@@ -299,17 +369,27 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, lega
                                         **parse_assignments(task_sets, "--task-option", TASK_RESERVED)}
         trainer = Trainer(resolve_settings(settings, source=source), progress=progress, log=log,
                           log_every=log_every, inputs=[run_config, model_config, *_data_files(settings)])
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except KeyboardInterrupt:  # the trainer said where its last checkpoint is
+        if trainer.comm.size > 1:
+            # Not through MPI_Finalize at exit: it can wait for ranks still in a collective.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        raise SystemExit(130) from None
     best, metric, split = summary["best_metric"], summary["metric"], summary["selection_split"]
     test = summary.get("test", {}).get(metric)
     best_path = os.path.join(summary["run_dir"], "best.npz")
     kept = (f"model: {best_path}" if os.path.exists(best_path) else
             f"no model improved on the {split} split, so no best.npz; last checkpoint: "
             f"{os.path.join(summary['run_dir'], 'last.npz')}")
-    click.echo(f"done: {summary['steps']} steps in {summary['seconds']:.1f} s, best {split} "
-               f"{metric} {best if best is None else format(best, '.4g')}"
-               + ("" if test is None else f", test {metric} {test:.4g}")
-               + f"; {kept}")
+    done = (f"done: {summary['steps']} steps in {summary['seconds']:.1f} s, best {split} "
+            f"{metric} {best if best is None else format(best, '.4g')}"
+            + ("" if test is None else f", test {metric} {test:.4g}")
+            + f"; {kept}")
+    click.echo(done)
+    trainer.append_to_log(done)
 
 
 # ---- eval / predict / convert / plot ---------------------------------------------------------
@@ -430,7 +510,7 @@ def eval_cmd(model_path, task, data_dir, task_sets, seed, split, checkpoint, bat
               help="; ".join(["raw: the model's outputs"] + [f"{h.name}: {h.summary}" for h in output_heads().values()])
               + ".")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, show_default="as stored")
 @device_option
 def predict(model_path, input_path, output_path, head, batch_size, dtype, device):
     """Apply a model to an input array exactly as given (no sign flips, no scaling)."""

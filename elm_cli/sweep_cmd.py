@@ -1,5 +1,9 @@
 """``elm sweep``: train a grid, a list or a parameter-budget family of runs under one directory."""
 
+import os
+import shlex
+import sys
+
 import click
 
 
@@ -21,7 +25,8 @@ def sweep(sweep_file, jobs, sweep_dir, dry_run):
       [budget]      budgets, tolerance, num_neurons, num_memory, num_synapse_per_branch
                     (ELM Network shapes within the tolerance of each parameter budget)
     Fields: training settings (lr, seed, ...), model fields (num_memory or model.num_memory),
-    task_options.NAME. Running it again skips finished points and resumes interrupted ones.
+    task_options.NAME. Running it again skips finished points and resumes interrupted ones
+    (Ctrl-C stops it with exit code 130).
     """
     from elm_cli.main import _load_run_file
     from elmcore.training.sweep import expand_points, run_sweep, sweep_directory
@@ -33,7 +38,18 @@ def sweep(sweep_file, jobs, sweep_dir, dry_run):
             click.echo(f"{p.name}: {p.overrides}")
         click.echo(f"{len(points)} points in {directory}")
         return
-    rows = run_sweep(points, directory, jobs=jobs, log=lambda m: click.echo(m, err=True))
+    try:
+        rows = run_sweep(points, directory, jobs=jobs, log=lambda m: click.echo(m, err=True))
+    except KeyboardInterrupt:
+        from elmcore.training.distributed import communicator
+        comm = communicator()
+        if comm.is_root:
+            click.echo(f"sweep interrupted; to go on, run `elm sweep {shlex.quote(sweep_file)}` again: finished "
+                       "points are kept, interrupted ones resume from their last checkpoint", err=True)
+        if comm.size > 1:  # not through MPI_Finalize, which can wait for ranks still in a collective
+            sys.stderr.flush()
+            os._exit(130)
+        raise SystemExit(130) from None
     if rows is None:  # an MPI rank other than 0
         return
     done = sum(r["status"] == "done" for r in rows)

@@ -11,6 +11,17 @@ class ELMError(ValueError):
     """A problem with user input: config, data, file or option."""
 
 
+def did_you_mean(word, choices):
+    """``"; did you mean NAME?"`` for the choice closest to ``word`` (difflib), or ``""`` when none is close.
+
+    ``choices``: names, or {name: a note to add after the name}.
+    """
+    import difflib
+    notes = choices if isinstance(choices, dict) else dict.fromkeys(choices, "")
+    close = difflib.get_close_matches(str(word), [str(name) for name in notes], n=1)
+    return f"; did you mean {close[0]}{notes[close[0]]}?" if close else ""
+
+
 class ConfigError(ELMError):
     """An impossible or malformed model configuration; names the field."""
 

@@ -90,7 +90,12 @@ def test_info_fields_lists_every_model_config_field():
 
 def test_help_shows_defaults():
     train = invoke("train", "--help").output
-    assert re.search(r"--epochs.*\n?.*default: \(?10", train)
+    # Bare `elm train` runs the adding task's default run: its 20 epochs, not TrainSettings' 10, are shown too.
+    flat = " ".join(train.split())
+    assert "--epochs INTEGER RANGE [default: (task default: adding 20; else 10)" in flat
+    lr_help = flat.split("--lr FLOAT")[1].split("--min-lr FLOAT")[0]
+    assert "[default: (task default: adding 0.005; else 0.001)]" in lr_help
+    assert re.search(r"--dtype.*default: \(as stored\)", invoke("predict", "--help").output)
     assert "--loss-skip-steps" in train and "--burn-in" not in train
     evaluate = invoke("eval", "--help").output
     assert "--window-burn-in-ms" in evaluate and "default: test" in evaluate

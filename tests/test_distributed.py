@@ -12,9 +12,10 @@ import types
 import numpy as np
 import pytest
 
-from elm_cli.launch import death_message, launcher_ranks, threads_per_rank
+from elm_cli.launch import _read_announced, argv_run_dir, death_message, launcher_ranks, threads_per_rank
 from elmcore.neuron.config import ELMConfig
-from elmcore.training.distributed import Communicator, flatten_into, launcher_size, nccl_dtype, unflatten
+from elmcore.training.distributed import (RUN_DIR_FD, Communicator, announce_run_dir, flatten_into, launcher_size,
+                                          nccl_dtype, unflatten)
 from elmcore.errors import ELMError
 from elmcore.data.neuronio import neuronio_loss
 from elmcore.training.losses import LOSS_FUNCTIONS
@@ -150,7 +151,22 @@ def test_threads_per_rank_share_the_node_or_keep_a_binding():
 
 def test_death_message_names_rank_signal_and_the_way_back():
     msg = death_message(1, 2, 4242, signal.SIGKILL, ["elm", "train", "--run-dir", "r"])
-    assert msg.startswith("error: rank 1 of 2 (pid 4242") and "SIGKILL" in msg and "--resume" in msg
+    assert msg.startswith("error: rank 1 of 2 (pid 4242") and "SIGKILL" in msg and "--resume r`" in msg
+    # A default run directory is known only to the rank, which tells its parent through a pipe.
+    from elm_cli import launch
+    assert launch.RUN_DIR_FD == RUN_DIR_FD  # one name, spelt twice (launch may not import NumPy)
+    reader, writer = os.pipe()
+    os.environ[RUN_DIR_FD] = str(writer)
+    try:
+        announce_run_dir("runs/adding-1")
+    finally:
+        del os.environ[RUN_DIR_FD]
+        os.close(writer)
+    announced = _read_announced(reader)
+    assert announced == os.path.abspath("runs/adding-1")
+    msg = death_message(0, 2, 1, signal.SIGTERM, ["elm", "train"], announced)
+    assert f"mpiexec -n 2 elm train --resume {announced}`" in msg and "RUN_DIR" not in msg
+    assert argv_run_dir(["elm", "train", "--resume=a b"]) == "a b"
 
 
 # ---- real runs under mpiexec ----------------------------------------------------------------------
@@ -247,6 +263,7 @@ def test_a_killed_rank_is_named_and_resume_matches_an_uninterrupted_run(tmp_path
     assert killed, "rank 1's training process was not found before the run ended"
     assert proc.returncode != 0
     assert f"rank 1 of 2 (pid {killed}" in err and "SIGKILL" in err, err
+    assert f"elm train --resume {cut}`" in err and "RUN_DIR" not in err
     assert not os.path.exists(os.path.join(cut, "summary.json"))
     resumed = _train(["--resume", cut, "--quiet"], ranks=2)
     assert resumed.returncode == 0, resumed.stderr
@@ -254,3 +271,29 @@ def test_a_killed_rank_is_named_and_resume_matches_an_uninterrupted_run(tmp_path
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.slow
+@needs_mpiexec
+def test_one_ctrl_c_ends_every_rank_with_the_resume_line(tmp_path):
+    """Ctrl-C at a terminal sends SIGINT to the whole foreground process group: mpiexec and every rank."""
+    args = TINY + ["--epochs", "200", "--checkpoint-every", "3", "--task-option", "length=40"]
+    rd = str(tmp_path / "cut")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2"] + ELM_COMMAND + ["train", *args, "--run-dir", rd],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, env=_env(), start_new_session=True)
+    metrics, deadline = os.path.join(rd, "metrics.jsonl"), time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and open(metrics).read().count('"type": "step"') >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.time()
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 30
+    assert proc.returncode != 0, err
+    assert f"elm train --resume {rd}" in err, err
+    assert "RUN_DIR" not in err and "Traceback" not in err
+    assert _worker_pid(rd, 0) is None and _worker_pid(rd, 1) is None  # no rank left behind
+    assert not os.path.exists(os.path.join(rd, ".lock"))

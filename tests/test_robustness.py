@@ -361,7 +361,7 @@ def _run_config(files, name, content):
 CLI_CASES = {
     "info .npy": (lambda f: ["info", f / "X.npy"], ["single .npy array"]),
     "verify .npy": (lambda f: ["verify", f / "X.npy"], ["single .npy array"]),
-    "verify a model": (lambda f: ["verify", f / "model.npz"], ["lacks the array"]),
+    "verify a model": (lambda f: ["verify", f / "model.npz"], ["is a model file, not an oracle file"]),
     "predict .npy model": (lambda f: ["predict", f / "X.npy", "--input", f / "X.npy", "--output", f / "o.npy"],
                            ["single .npy array"]),
     "info text": (lambda f: ["info", f / "plain.txt"], ["not a zip archive"]),
@@ -518,7 +518,7 @@ def test_resume_from_a_damaged_run_directory_is_one_error(finished_run, tmp_path
     rd = _copy_run(finished_run, tmp_path)
     spoil, words = RESUME_DAMAGE[damage]
     spoil(rd)
-    assert_refused(invoke("train", "--resume", rd, "--epochs", "3", "--quiet"), words)
+    assert_refused(invoke("train", "--resume", rd, "--extend", "--epochs", "3", "--quiet"), words)
 
 
 def test_resume_skips_damaged_metrics_lines_that_plot_names(finished_run, tmp_path):
@@ -528,10 +528,10 @@ def test_resume_skips_damaged_metrics_lines_that_plot_names(finished_run, tmp_pa
     pytest.importorskip("matplotlib")
     # elm plot names the damage (a figure silently missing records would mislead); resume drops it.
     assert_refused(invoke("plot", rd), "metrics.jsonl line")
-    result = invoke("train", "--resume", rd, "--epochs", "3", "--quiet")
+    result = invoke("train", "--resume", rd, "--extend", "--epochs", "3", "--quiet")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [0, 1, 2]
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2, 3]  # counted from 1, as on the console
     result = invoke("plot", rd)
     assert result.exit_code == 0, result.output
 
@@ -608,7 +608,7 @@ def test_stale_temporaries_of_a_killed_run_are_removed_on_resume(finished_run, t
     rd = _copy_run(finished_run, tmp_path)
     (rd / ".last.npz.k1ll3d.tmp").write_bytes(b"torn")
     (rd / ".metrics.jsonl.x.tmp").write_bytes(b"torn")
-    result = invoke("train", "--resume", rd, "--epochs", "3", "--quiet")
+    result = invoke("train", "--resume", rd, "--extend", "--epochs", "3", "--quiet")
     assert result.exit_code == 0, result.output
     assert leftovers(rd) == []
 

@@ -1,6 +1,7 @@
 """Tasks own their special cases (loss, evaluation, output heads) and optional packages stay optional."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from elmcore.training.checkpoint import save_model
 from elmcore.data import registry
 from elmcore.data.base import ArrayTask, OutputHead
 from elmcore.errors import ELMError
-from elmcore.engine.optional import MissingDependency
+from elmcore.engine.optional import MissingDependency, install_command
 from elmcore.training.predict import head_names, predict_array
 from elmcore.training.train import Trainer, TrainSettings
 
@@ -133,7 +134,7 @@ def test_predict_heads_are_declared_by_the_registry(monkeypatch):
 def test_missing_h5py_names_the_extra(monkeypatch, tmp_path):
     from elmcore.data.shd import read_shd_h5
     monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py now raises ImportError
-    with pytest.raises(MissingDependency, match=r"SHD.*pip install 'elmcore\[shd\]'"):
+    with pytest.raises(MissingDependency, match=r"SHD.*" + re.escape(install_command("shd"))):
         read_shd_h5(tmp_path / "shd_train.h5")
 
 
@@ -141,7 +142,7 @@ def test_missing_pillow_names_the_extra(monkeypatch, tmp_path):
     from elmcore.data.pathfinder import load_grey_png
     monkeypatch.setitem(sys.modules, "PIL", None)
     monkeypatch.delitem(sys.modules, "PIL.Image", raising=False)
-    with pytest.raises(MissingDependency, match=r"Pathfinder.*pip install 'elmcore\[images\]'"):
+    with pytest.raises(MissingDependency, match=r"Pathfinder.*" + re.escape(install_command("images"))):
         load_grey_png(tmp_path / "x.png", 32)
 
 
@@ -158,4 +159,6 @@ def test_elm_without_an_optional_package_prints_one_error_line(tmp_path, blocked
                             capture_output=True, text=True, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and f"pip install 'elmcore[{extra}]'" in lines[0]
+    assert lines[0].startswith("error: ") and install_command(extra) in lines[0]
+    # This copy runs from its checkout: the command installs the extra into that checkout.
+    assert install_command(extra).startswith("pip install -e ") and f"[{extra}]'" in install_command(extra)

@@ -25,6 +25,8 @@ from elmcore.errors import ELMError
 # names it (NeuronIO: "neuronio", target (B, T, 2): spike 0/1 and prepared soma).
 LOSSES = ("cross_entropy_last", "cross_entropy_all", "mse", "mse_last")
 SPLITS = ("train", "valid", "test")
+# What `elm data generate` writes beside a data set: its task, options and counts (``elm data info`` reads it).
+MANIFEST = "elmcore_data.json"
 
 
 @dataclasses.dataclass
@@ -113,6 +115,19 @@ class Task:
         """
         return None
 
+    def reference_level(self, split) -> Optional[dict]:
+        """A score on ``split`` that learning must beat, ``{"value", "label"}`` for ``elm plot``, or None.
+
+        Accuracy and AUC have theirs from the model (1 / classes, 0.5); a task whose metric has
+        another names it (the adding problem's MSE of always answering the mean, a text's
+        unigram entropy).
+        """
+        return None
+
+    def count_unit(self, split) -> str:
+        """What :meth:`num_examples` counts in ``split``, for ``elm data info`` (e.g. "windows of 256 bytes")."""
+        return "examples"
+
     def describe(self) -> dict:
         """Counts, lengths and class balance for ``elm data info``."""
         return {"task": self.name, "num_input": self.num_input, "num_output": self.num_output,
@@ -148,3 +163,11 @@ class ArrayTask(Task):
 
     def model_defaults(self):
         return {**super().model_defaults(), **self._defaults}
+
+    def reference_level(self, split):
+        """For an MSE metric: the MSE on ``split`` of always answering the mean training target."""
+        if self.metric != "mse" or not self.num_examples(split) or not self.num_examples("train"):
+            return None
+        train, target = np.asarray(self.splits["train"][1], np.float64), np.asarray(self.splits[split][1], np.float64)
+        mean = train.mean(axis=tuple(range(train.ndim - 1))) if train.ndim > 1 else train.mean()
+        return {"value": float(np.mean((target - mean) ** 2)), "label": "always answering the mean"}

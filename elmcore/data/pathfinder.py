@@ -172,6 +172,10 @@ class PathfinderTask(EncodedSequenceTask):
     Images are decoded batch by batch, so memory holds only the file list.
     """
 
+    # What the labels mean (``elm data info --preview`` says it).
+    label_names = {0: "not connected", 1: "connected"}
+    label_meaning = "label 1: the two dots lie on one contour (connected); label 0: on two different contours"
+
     def __init__(self, data_dir, resolution=32, levels: Optional[int] = None, subdir=None,
                  valid_fraction=0.1, test_fraction=0.1, seed=0, skip_missing=False, task=None):
         super().__init__()

@@ -16,13 +16,14 @@ import dataclasses
 import glob
 import importlib
 import inspect
+import json
 import math
 import os
 import typing
 from typing import Optional
 
-from elmcore.errors import DataError, ELMError
-from elmcore.data.base import OutputHead, Task
+from elmcore.errors import DataError, ELMError, did_you_mean
+from elmcore.data.base import MANIFEST, SPLITS, OutputHead, Task
 from elmcore.data.walk import find_files
 
 LRA_SOURCE = ("the LRA release tarball lra_release.gz from "
@@ -133,6 +134,10 @@ TASKS = {spec.name: spec for spec in (
           count_option="num_chars"),
 )}
 GENERATABLE = tuple(name for name, spec in TASKS.items() if spec.generator)
+# Pathfinder's image sizes, each a task of its own.
+PATHFINDER_SIZES = {32: "pathfinder", 64: "pathfinder64", 128: "pathx"}
+# make_synthetic / generate_synthetic serve both in-memory tasks; these of their options mean nothing to one.
+NOT_OPTIONS_OF = {"adding": ("num_tokens",)}
 # What `elm train` trains when no task is named: the same experiment as `elm train --task adding`.
 DEFAULT_TASK = "adding"
 
@@ -223,8 +228,8 @@ def _call(function, what, *args, **options):
         accepted = list(params)[len(args):]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise ELMError(f"{what}: unknown option(s) {', '.join(unknown)}; accepted: "
-                           f"{', '.join(accepted)}")
+            raise ELMError(f"{what}: unknown option(s) {', '.join(unknown)}{did_you_mean(unknown[0], accepted)} "
+                           f"(accepted: {', '.join(accepted)})")
     for name, value in options.items():
         if name in params:
             check_option(what, name, value, params[name])
@@ -243,6 +248,15 @@ def _check_synthetic_size(name, function, options):
     channels = 2 if name == "adding" else option("num_tokens") + 1
     check_memory(option("n") * option("length") * channels * 4,
                  f"{name} with n={option('n')}, length={option('length')}")
+
+
+def _refuse_foreign_options(name, function, options):
+    """Options of a shared generator that task ``name`` does not have are refused, not silently ignored."""
+    foreign = sorted(set(options) & set(NOT_OPTIONS_OF.get(name, ())))
+    if foreign:
+        accepted = [p for p in list(inspect.signature(function).parameters)[1:]
+                    if p not in NOT_OPTIONS_OF[name] and p not in ("name", "seed", "progress")]
+        raise ELMError(f"{name}: unknown option(s) {', '.join(foreign)} (accepted: {', '.join(accepted)})")
 
 
 def _matches(data_dir, pattern):
@@ -301,6 +315,7 @@ def get_task(name, data_dir=None, seed=0, **options) -> Task:
     if spec.in_memory:
         from elmcore.data.synthetic import load_synthetic, make_synthetic
         if data_dir is None:
+            _refuse_foreign_options(spec.name, make_synthetic, options)
             _check_synthetic_size(spec.name, make_synthetic, options)
             return _call(make_synthetic, spec.name, spec.name, seed=seed, **options)
         if options:
@@ -346,9 +361,39 @@ def generate(name, out_dir, n=None, seed=0, progress=False, **options):
     if "progress" in inspect.signature(generator).parameters:
         kwargs["progress"] = progress
     if spec.in_memory:
+        _refuse_foreign_options(spec.name, generator, options)
         _check_synthetic_size(spec.name, generator, kwargs)
     _call(generator, spec.name, out_dir, **kwargs)
+    write_manifest(spec, out_dir, n, seed, options)
     return out_dir
+
+
+def write_manifest(spec, out_dir, n, seed, options):
+    """``out_dir/elmcore_data.json``: the task, how it was generated and, where its reader reads it with
+    the default options, what the reader counts in each split."""
+    from elmcore.storage.fileio import atomic_write_text
+    name = spec.name
+    if name in PATHFINDER_SIZES.values() and "size" in options:  # each image size is a task of its own
+        name = PATHFINDER_SIZES.get(options["size"], name)
+    manifest = {"task": name, "generated_by": f"elm data generate {spec.name}", "seed": seed,
+                spec.count_option: n, "options": options}
+    try:
+        task = get_task(name, out_dir, seed=seed)
+        manifest["counts"] = {split: {"count": task.num_examples(split), "unit": task.count_unit(split)}
+                              for split in SPLITS}
+    except ELMError as e:  # e.g. a corpus shorter than the default window: the reader says so when used
+        manifest["counts"] = f"not read with the default options: {e}"
+    atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(data_dir):
+    """The manifest ``elm data generate`` left in ``data_dir``, or None (absent, unreadable or not one)."""
+    try:
+        with open(os.path.join(os.fspath(data_dir), MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("task") in TASKS else None
 
 
 def detect_task(data_dir):
@@ -357,6 +402,9 @@ def detect_task(data_dir):
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} does not exist (name the task with --task to be "
                         f"told where to get its data)")
+    manifest = read_manifest(data_dir)
+    if manifest is not None:
+        return manifest["task"]
     for name in ("listops", "shd", "adding", "delayed-recall", "scifar", "enwik8"):
         if all(_matches(data_dir, p) for p in TASKS[name].files):
             return name
@@ -366,8 +414,7 @@ def detect_task(data_dir):
     except DataError:
         dataset = None
     if dataset is not None:
-        size = image_resolution(dataset)
-        return {32: "pathfinder", 64: "pathfinder64", 128: "pathx"}.get(size, "pathfinder")
+        return PATHFINDER_SIZES.get(image_resolution(dataset), "pathfinder")
     if _matches(data_dir, TASKS["neuronio"].files[0]):
         return "neuronio"
     looked = "; ".join(f"{n}: {', '.join(s.files)}" for n, s in TASKS.items()
@@ -394,7 +441,7 @@ def task_options(name):
     spec = task_spec(name)
     if spec.in_memory:
         from elmcore.data.synthetic import make_synthetic
-        function, skip = make_synthetic, {"name", "seed"}
+        function, skip = make_synthetic, {"name", "seed", *NOT_OPTIONS_OF.get(spec.name, ())}
     else:
         function, skip = _load(spec.reader), {"data_dir", "path", "seed", *spec.reader_options}
     out = {}

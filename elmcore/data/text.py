@@ -41,7 +41,7 @@ import numpy as np
 
 from elmcore.errors import DataError, ELMError
 from elmcore.storage.fileio import atomic_output
-from elmcore.data.base import SPLITS, Batch, Task
+from elmcore.data.base import MANIFEST, SPLITS, Batch, Task
 
 ENWIK8_NAME = "enwik8"
 ENWIK8_SIZE = 100_000_000
@@ -189,6 +189,9 @@ class ByteLMTask(Task):
         n = self.split_bytes(split)
         return (n - 1) // self.length if n > self.length else 0
 
+    def count_unit(self, split):
+        return f"windows of {self.length} bytes"
+
     # ---- batches ---------------------------------------------------------------------------
     def window_starts(self, split, rng: Optional[np.random.Generator] = None, shuffle=False):
         """Absolute start offsets of one epoch's windows of ``split``."""
@@ -225,6 +228,49 @@ class ByteLMTask(Task):
             yield Batch(self.encode(tok[:, :-1]), tok[:, 1:])
 
     # ---- information -------------------------------------------------------------------------
+    def symbol_label(self, token):
+        """How a token shows in a figure: its character, or a name for whitespace and bytes that print no glyph."""
+        byte = int(self.symbols[token])
+        names = {32: "space", 10: "\\n", 9: "\\t", 13: "\\r"}
+        if byte in names:
+            return names[byte]
+        return chr(byte) if 33 <= byte < 127 else f"0x{byte:02x}"
+
+    def preview_figure(self, plt, split, steps=96):
+        """The first ``steps`` characters of one window: each step's one-hot input as a mark on its character's
+        row (rows labelled with the characters), the text itself above, the next character the target."""
+        from matplotlib.ticker import FixedLocator
+
+        from elmcore.reporting.plotting import first_example
+        x, target = first_example(self, split)
+        tokens = x.argmax(axis=1)[:steps]
+        shown = np.unique(tokens)
+        row = {int(t): r for r, t in enumerate(shown)}  # only the characters that occur, in vocabulary order
+        fig, (ax_text, ax) = plt.subplots(2, 1, figsize=(11, 2.2 + 0.16 * len(shown)),
+                                          gridspec_kw={"height_ratios": [1, 4 + 0.1 * len(shown)]})
+        ax.scatter(np.arange(len(tokens)), [row[int(t)] for t in tokens], marker="s", s=14, color="black")
+        ax.yaxis.set_major_locator(FixedLocator(range(len(shown))))
+        ax.set_yticklabels([self.symbol_label(t) for t in shown], fontsize=7, family="monospace")
+        ax.set_ylim(-0.5, len(shown) - 0.5)
+        ax.set_xlim(-0.5, len(tokens) - 0.5)
+        ax.grid(axis="y", alpha=0.2)
+        ax.set_xlabel("step (the target at each step is the next character)")
+        ax.set_ylabel("character (one-hot input)")
+        text = "".join(chr(int(self.symbols[t])) if 32 <= int(self.symbols[t]) < 127 else "·" for t in tokens)
+        ax_text.axis("off")
+        ax_text.text(0, 0.5, repr(text), family="monospace", fontsize=8, va="center", wrap=True)
+        following = self.symbol_label(int(target[len(tokens) - 1]))
+        fig.suptitle(f"{self.name} ({split}, window 0): its first {len(tokens)} of {self.length} characters "
+                     f"({len(shown)} of the {self.num_input} in the vocabulary); the next one: {following}",
+                     fontsize=10)
+        return fig
+
+    def reference_level(self, split):
+        if self.metric != "bpc":
+            return None
+        return {"value": self.unigram_entropy("train"),
+                "label": "unigram entropy (no context: the training split's character frequencies)"}
+
     def unigram_entropy(self, split="train"):
         """Entropy (bits per character) of ``split``'s byte distribution: the bits per character
         of the best model that ignores context, i.e. the chance level to beat."""
@@ -269,7 +315,7 @@ def _single_file(data_dir, what, candidates=None):
         raise DataError(f"{what}: none of {', '.join(candidates)} found in {path}. "
                         f"Get it from {ENWIK8_SOURCE}")
     files = sorted(f for f in os.listdir(path)
-                   if not f.startswith(".") and os.path.isfile(os.path.join(path, f)))
+                   if not f.startswith(".") and f != MANIFEST and os.path.isfile(os.path.join(path, f)))
     if len(files) != 1:
         listed = f" ({', '.join(files[:5])}{', …' if len(files) > 5 else ''})" if files else ""
         raise DataError(f"{what}: {path} must hold exactly one file (or pass the file itself), found "

@@ -6,6 +6,8 @@ the pip command, not an ImportError.
 """
 
 import importlib
+import os
+import shlex
 
 from elmcore.errors import ELMError
 
@@ -14,6 +16,15 @@ OPTIONAL = {
     "h5py": ("h5py", "shd", "the SHD and SHD-Adding tasks (HDF5 files)"),
     "PIL": ("Pillow", "images", "the Pathfinder / Path-X tasks (PNG images)"),
 }
+
+
+def install_command(extra):
+    """The pip command that adds elmcore's ``extra`` the way this copy was installed: from its checkout
+    (``pip install -e '<checkout>[extra]'``) when it runs from one, else from the package index."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.isfile(os.path.join(checkout, "pyproject.toml")):
+        return f"pip install -e {shlex.quote(f'{checkout}[{extra}]')}"
+    return f"pip install 'elmcore[{extra}]'"
 
 
 class MissingDependency(ELMError):
@@ -28,4 +39,4 @@ def require(module):
         return importlib.import_module(module)
     except ImportError:
         raise MissingDependency(f"{needed_by} need the optional package {distribution}: "
-                                f"pip install 'elmcore[{extra}]'") from None
+                                f"{install_command(extra)}") from None

@@ -5,7 +5,7 @@ import json
 import math
 from typing import Optional
 
-from elmcore.errors import ConfigError, ELMError
+from elmcore.errors import ConfigError, ELMError, did_you_mean
 from elmcore.engine.fields import (ACTIVATIONS, NETWORK_VERSION, SINGLE_NEURON_ONLY_FIELDS, TAU_INIT_MARGIN,
                                    V2_MIN_TAU_SPAN, require_int, require_positive_float)
 from elmcore.engine.memory import check_memory
@@ -188,7 +188,7 @@ class NetworkConfig:
         for key in d:
             if key not in known:
                 hint = " (a single-neuron field; networks have no routing, w_s is learned per synapse)" \
-                    if key in SINGLE_NEURON_ONLY_FIELDS else ""
+                    if key in SINGLE_NEURON_ONLY_FIELDS else did_you_mean(key, known)
                 raise ConfigError(key, f"unknown field for version {NETWORK_VERSION}{hint}")
         for key in ("num_input", "num_output"):
             if key not in d:

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Optional
 
-from elmcore.errors import ConfigError, ELMError
+from elmcore.errors import ConfigError, ELMError, did_you_mean
 from elmcore.engine.fields import (ACTIVATIONS, NETWORK_VERSION, TAU_INIT_MARGIN, V2_MIN_TAU_SPAN, require_int,
                                    require_positive_float)
 from elmcore.engine.memory import ARRAY_OVERHEAD_BYTES, check_memory
@@ -186,7 +186,9 @@ class ELMConfig:
         wrong_tau = "tau_s_value" if ver == "branch_elm_v2" else "tau_b_value"
         for key in d:
             if key not in known:
-                raise ConfigError(key, "unknown field")
+                from elmcore.network.config import NetworkConfig
+                others = {f.name: f" (a field of version {NETWORK_VERSION})" for f in dataclasses.fields(NetworkConfig)}
+                raise ConfigError(key, "unknown field" + did_you_mean(key, {**others, **dict.fromkeys(known, "")}))
             if key == wrong_tau:
                 raise ConfigError(key, f"not a field of version {ver} (use "
                                        f"{'tau_b_value' if wrong_tau == 'tau_s_value' else 'tau_s_value'})")

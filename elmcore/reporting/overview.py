@@ -71,7 +71,8 @@ def describe_run(run_dir):
              + (f", data {settings['data_dir']}" if settings.get("data_dir") else "")
              + f", seed {settings.get('seed')}"]
     skip = {"task", "task_options", "model", "data_dir", "seed", "run_dir"}
-    lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k not in skip))
+    lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()
+                                          if k not in skip and not (k == "lr_restarts" and not v)))
     summary_file = os.path.join(run_dir, "summary.json")
     if os.path.exists(summary_file):
         summary = _read_json(summary_file, "run summary")

@@ -26,7 +26,8 @@ def import_pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ELMError("plotting needs matplotlib: pip install 'elmcore[plot]' (or pip install matplotlib)") from None
+        from elmcore.engine.optional import install_command
+        raise ELMError(f"plotting needs matplotlib: {install_command('plot')} (or pip install matplotlib)") from None
     return plt
 
 
@@ -39,7 +40,8 @@ def read_metrics(run_dir):
 
     A last line torn by a kill is skipped; any other line that is not a JSON
     object with the fields a plot needs is an error naming the file and line.
-    Epoch records written before they named their split read as split "valid".
+    Epoch records written before they named their split read as split "valid"; epochs are
+    numbered from 1 whichever way the log counted them.
     """
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
@@ -78,7 +80,9 @@ def read_metrics(run_dir):
             epochs.append({**rec, "metrics": metrics, "split": rec.get("split", "valid")})
     if not steps:
         raise ELMError(f"{path} holds no training steps yet")
-    return steps, epochs
+    from elmcore.training.runlog import epochs_from_one
+    records = epochs_from_one(steps + epochs)  # a log written before counted epochs from 0
+    return records[:len(steps)], records[len(steps):]
 
 
 def _read_optional_json(path):
@@ -101,8 +105,13 @@ def _epoch_metric(epochs, summary):
     return None
 
 
-def _chance(metric, run_dir):
-    """Chance level of an accuracy (1 / classes, from the run's model) or an AUC (0.5)."""
+def _chance(metric, run_dir, epochs=()):
+    """(level, label) to beat: the task's reference level as the run recorded it (the adding problem's MSE of
+    always answering the mean, a text's unigram entropy), else the chance level of an accuracy (1 / classes,
+    from the run's model) or an AUC (0.5)."""
+    reference = epochs[-1].get("reference") if epochs else None
+    if isinstance(reference, dict) and _number(reference.get("value")):
+        return float(reference["value"]), f"{reference.get('label', 'reference')}: {reference['value']:.4g}"
     if metric == "auc":
         return 0.5, "chance (AUC 0.5)"
     if metric == "accuracy":
@@ -115,6 +124,18 @@ def _chance(metric, run_dir):
             if classes >= 2:
                 return 1.0 / classes, f"chance (1/{classes})"
     return None
+
+
+def _loss_unit(epochs):
+    """What the training loss is measured in, from the run's record of its loss function."""
+    name = epochs[-1].get("loss_function") if epochs else None
+    if not isinstance(name, str):
+        return ""
+    if name.startswith("cross_entropy"):
+        return " (cross-entropy, nats" + (" per character)" if epochs[-1].get("metric") == "bpc" else ")")
+    if name.startswith("mse"):
+        return " (MSE)"
+    return f" ({name})"
 
 
 def _log_axis(ax, values):
@@ -153,7 +174,7 @@ def plot_run(run_dir, output=None):
     if smooth is not None:
         ax_loss.plot(x[width - 1:], smooth, lw=1.6, color="C0", label=f"running mean ({width} steps)")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("training loss")
+    ax_loss.set_ylabel(f"training loss{_loss_unit(epochs)}")
     if min(loss) > 0 and max(loss) > 10 * min(loss):  # a log axis only once the loss spans a decade
         _log_axis(ax_loss, loss)
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -168,7 +189,7 @@ def plot_run(run_dir, output=None):
         ax_metric.set_xlabel("epoch")
     else:
         split = epochs[-1]["split"]
-        ep = [int(r["epoch"]) + 1 for r in epochs]
+        ep = [int(r["epoch"]) for r in epochs]
         val = [float(r["metrics"][metric]) for r in epochs]
         lower_better = metric in ERROR_METRICS
         ax_metric.plot(ep, val, "o-", color="C1", ms=4, label=f"{split} {metric}")
@@ -180,15 +201,16 @@ def plot_run(run_dir, output=None):
         if isinstance(test, dict) and _number(test.get(metric)):
             ax_metric.plot([ep[best_i]], [test[metric]], marker="D", ms=7, color="C2", ls="none",
                            label=f"test of the selected model: {test[metric]:.4g}", zorder=5)
-        chance = _chance(metric, run_dir)
+        chance = _chance(metric, run_dir, epochs)
         if chance is not None:
             ax_metric.axhline(chance[0], color="0.4", ls="--", lw=1, label=chance[1])
         if lower_better and min(val) > 0:
             _log_axis(ax_metric, val + ([test[metric]] if isinstance(test, dict) and _number(test.get(metric))
-                                        else []))
+                                        else []) + ([chance[0]] if chance and chance[0] > 0 else []))
         if metric in ("accuracy", "auc"):
             ax_metric.set_ylim(min(min(val), chance[0] if chance else 1) - 0.05, 1.01)
-        ax_metric.set_ylabel(f"{split} {metric}" + (" (lower is better)" if lower_better else ""))
+        ax_metric.set_ylabel(f"{split} {'bits per character' if metric == 'bpc' else metric}"
+                             + (" (lower is better)" if lower_better else ""))
         ax_metric.set_xlabel("epoch")
         ax_metric.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_metric.grid(alpha=0.3, which="both")
@@ -250,12 +272,15 @@ def _preview_images(plt, task, split, max_images):
     for ax in axes.ravel():
         ax.axis("off")
     shown = None
+    names = getattr(task, "label_names", {})
     for ax, image, label in zip(axes.ravel(), pixels, labels):
         shown = ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(f"label {label}", fontsize=8)
+        ax.set_title(f"label {label}" + (f" ({names[int(label)]})" if int(label) in names else ""), fontsize=8)
     if shown is not None and pixels.ndim == 3:
         fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label="pixel value")
-    fig.suptitle(f"{task.name} ({split}, first {count} images, as stored before encoding)")
+    meaning = getattr(task, "label_meaning", None)
+    fig.suptitle(f"{task.name} ({split}, first {count} images, as stored before encoding)"
+                 + (f"\n{meaning}" if meaning else ""))
     return fig
 
 

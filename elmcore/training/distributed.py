@@ -28,11 +28,14 @@ import os
 
 import numpy as np
 
+from elmcore.engine.optional import install_command
 from elmcore.errors import ELMError
 
 # Environment variables an MPI launcher sets for the world size: Hydra (MPICH, Intel MPI),
 # Open MPI, MVAPICH, SLURM's srun. A plain single process sets none of them.
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+# A pipe to the rank's supervising parent (``elm_cli.launch``), which names the run directory in its messages.
+RUN_DIR_FD = "ELMCORE_RUN_DIR_FD"
 
 
 class Communicator:
@@ -234,7 +237,7 @@ def communicator(device="cpu"):
             from mpi4py import MPI
         except ImportError as e:
             raise ELMError(f"started by an MPI launcher with {launcher_size()} ranks, but mpi4py cannot be "
-                           f"imported ({e}); install it with `pip install 'elmcore[mpi]'`") from None
+                           f"imported ({e}); install it with `{install_command('mpi')}`") from None
         world = MPI.COMM_WORLD
         if world.Get_size() == 1:
             raise ELMError(f"the launcher announced {launcher_size()} ranks but MPI sees 1: mpi4py is built "
@@ -253,6 +256,16 @@ def _uses_real_gpu():
         return False  # for device "cuda", get_backend says why when the model is built
     from elmcore.kernels.cuda import SIMULATOR
     return not SIMULATOR
+
+
+def announce_run_dir(run_dir):
+    """Tell a rank's supervising parent, if there is one, the run directory this rank trains in."""
+    fd = os.environ.get(RUN_DIR_FD, "")
+    if not fd.isdigit():
+        return
+    with contextlib.suppress(OSError):  # no parent listening, or a full pipe: the parent falls back to argv
+        os.set_blocking(int(fd), False)
+        os.write(int(fd), (os.path.abspath(run_dir) + "\n").encode())
 
 
 @contextlib.contextmanager

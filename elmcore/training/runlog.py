@@ -1,7 +1,8 @@
 """Reading a run's ``metrics.jsonl`` whatever a kill, a full disk or a hand edit left in it.
 
 The trainer appends one JSON object per line: ``{"type": "step", "step", "epoch",
-"loss", ...}``, ``{"type": "epoch", "epoch", "step", "split", "metric", "metrics": {...}, ...}`` and,
+"loss", ...}``, ``{"type": "epoch", "epoch", "step", "split", "metric", "metrics": {...}, ...}`` (epochs
+numbered from 1; see :func:`epochs_from_one` for older logs) and,
 when training stops on divergence, ``{"type": "diverged", ...}``. A line that
 is not UTF-8, not JSON, not an object, or lacks its type's fields (a line torn
 by SIGKILL, say) is skipped and counted, never fatal: the log is a record of
@@ -77,6 +78,18 @@ def read_records(path):
         else:
             records.append(record)
     return records, damaged
+
+
+def epochs_from_one(records):
+    """``records`` with their epochs numbered from 1, as the console counts them.
+
+    Logs written before numbered epochs from 0. Such a log names epoch 0 (its first
+    steps are in it), which a log numbered from 1 never does: its records are shifted.
+    """
+    if not any(record.get("epoch") == 0 for record in records):
+        return records
+    return [{**record, "epoch": record["epoch"] + 1} if _is_count(record.get("epoch")) else record
+            for record in records]
 
 
 def finite_or_none(value):

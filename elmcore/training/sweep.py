@@ -30,10 +30,9 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 from elmcore.network.config import network_parameter_count
-from elmcore.errors import ELMError
+from elmcore.errors import ELMError, did_you_mean
 from elmcore.storage.fileio import atomic_output, atomic_write_text
 
 POINT_FILE = "point.json"
@@ -97,7 +96,9 @@ def _field_path(key):
         return (key,)
     if key in {f.name for f in dataclasses.fields(ELMConfig)} or key in NETWORK_FIELDS:
         return "model", key
-    raise ELMError(f"sweep field '{key}' is neither a training setting nor a model field "
+    names = {f.name for f in dataclasses.fields(TrainSettings)} | {f.name for f in dataclasses.fields(ELMConfig)}
+    raise ELMError(f"sweep field '{key}' is neither a training setting nor a model field"
+                   f"{did_you_mean(key, names | set(NETWORK_FIELDS))} "
                    "(write model.NAME or task_options.NAME to be explicit)")
 
 
@@ -123,8 +124,9 @@ def expand_points(spec):
     """The list of :class:`Point` of a parsed sweep file (``dict``)."""
     unknown = sorted(set(spec) - {"base", "grid", "points", "budget", "sweep_dir"})
     if unknown:
-        raise ELMError(f"unknown sweep section(s): {', '.join(unknown)} (known: base, grid, points, budget, "
-                       "sweep_dir)")
+        raise ELMError(f"unknown sweep section(s): {', '.join(unknown)}"
+                       f"{did_you_mean(unknown[0], ('base', 'grid', 'points', 'budget', 'sweep_dir'))} "
+                       "(known: base, grid, points, budget, sweep_dir)")
     base = spec.get("base", {})
     if not isinstance(base, dict):
         raise ELMError("sweep [base] must be a table of run settings")
@@ -224,25 +226,23 @@ def point_state(point_dir):
 
 
 def train_point(point_dir):
-    """Train (or resume) one point in this process, logging to its ``train.log``."""
+    """Train (or resume) one point in this process; the trainer logs to the point's ``train.log``."""
     from elmcore.training import distributed as distributed
     from elmcore.training.train import Trainer, TrainSettings
     if point_state(point_dir) == "done":
         return
-    with open(os.path.join(point_dir, LOG), "a") as log_file:
-        def log(message):
-            log_file.write(message + "\n")
-            log_file.flush()
-        log(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: training in process {os.getpid()}")
-        with distributed.alone():
-            if point_state(point_dir) == "interrupted":
-                log("resuming from last.npz")
-                trainer = Trainer.resume(point_dir, progress=False, log=log)
-            else:
-                with open(os.path.join(point_dir, POINT_FILE)) as f:
-                    settings = dict(json.load(f)["settings"], run_dir=point_dir)
-                trainer = Trainer(TrainSettings.from_dict(settings), progress=False, log=log)
-            trainer.run()
+
+    def log(message):  # the trainer itself keeps every line in train.log
+        pass
+
+    with distributed.alone():
+        if point_state(point_dir) == "interrupted":
+            trainer = Trainer.resume(point_dir, progress=False, log=log)
+        else:
+            with open(os.path.join(point_dir, POINT_FILE)) as f:
+                settings = dict(json.load(f)["settings"], run_dir=point_dir)
+            trainer = Trainer(TrainSettings.from_dict(settings), progress=False, log=log)
+        trainer.run()
 
 
 def _train_in_process(point_dir, log):
@@ -405,7 +405,8 @@ def plot_sweep(rows, fields, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ELMError("plotting needs matplotlib: pip install 'elmcore[plot]'") from None
+        from elmcore.engine.optional import install_command
+        raise ELMError(f"plotting needs matplotlib: {install_command('plot')}") from None
     done = [r for r in rows if r["status"] == "done" and r.get("best_valid") is not None
             and math.isfinite(r["best_valid"]) and r.get("parameters")]
     if not done:
@@ -440,11 +441,14 @@ def _worker():
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
-    for line in sys.stdin:
-        point_dir = line.rstrip("\n")
-        ok = _train_in_process(point_dir, log)
-        answers.write(f"{'ok' if ok else 'failed'} {point_dir}\n")
-        answers.flush()
+    try:
+        for line in sys.stdin:
+            point_dir = line.rstrip("\n")
+            ok = _train_in_process(point_dir, log)
+            answers.write(f"{'ok' if ok else 'failed'} {point_dir}\n")
+            answers.flush()
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too: the sweep's own process says what to do
+        return 130
     return 0
 
 

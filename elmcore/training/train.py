@@ -5,8 +5,11 @@ A run directory holds:
   last.npz        the latest checkpoint (parameters, optimiser, RNG state, position)
   best.npz        the model with the best validation metric so far
   metrics.jsonl   one JSON record per step ("step") and per epoch ("epoch"); an epoch record
-                  names the split its metrics were measured on ("split": "valid")
+                  names the split its metrics were measured on ("split": "valid"). Epochs are
+                  numbered from 1, as on the console (logs written before numbered them from 0:
+                  ``runlog.epochs_from_one`` reads both)
   summary.json    final figures, written when the run ends
+  train.log       the run's console lines (appended to by every resume)
 
 The model is selected on the task's validation split. A task without one gets one
 carved from its training examples when they are in memory (deterministic from the
@@ -20,7 +23,8 @@ batches, skips those already trained on, and ends bit-identical (on the CPU) to 
 run that was never interrupted.
 
 One trainer at a time: a run holds an exclusive lock on ``RUN/.lock`` while it
-runs, and a second trainer on the same directory is refused. Default run
+runs, and a second trainer on the same directory is refused; the file is removed
+when the run ends. Default run
 directories are created exclusively, so runs started in the same second get
 different names.
 
@@ -41,6 +45,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import typing
@@ -53,14 +58,15 @@ from elmcore.neuron.config import ELMConfig
 from elmcore.engine.memory import check_memory
 from elmcore.data.base import ArrayTask
 from elmcore.data.registry import DEFAULT_TASK
-from elmcore.training.distributed import communicator
-from elmcore.errors import CheckpointError, ELMError, NonFiniteOutputError
+from elmcore.training.distributed import announce_run_dir, communicator
+from elmcore.errors import CheckpointError, ELMError, NonFiniteOutputError, did_you_mean
 from elmcore.training.evaluate import evaluate, metric_value
 from elmcore.storage.fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
                                     remove_stale_temporaries, write_error)
 from elmcore.engine.factory import build_model
 from elmcore.training.optim import Optimizer, cosine_lr
-from elmcore.training.runlog import finite_or_none, read_records
+from elmcore.training.runlog import epochs_from_one, finite_or_none, read_records
+from elmcore.training.warmup import warm_up
 
 RUN_FILE = "run.json"
 LAST = "last.npz"
@@ -68,6 +74,7 @@ BEST = "best.npz"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LOCK = ".lock"
+TRAIN_LOG = "train.log"
 RUN_FILES = (RUN_FILE, LAST, BEST, METRICS, SUMMARY)
 
 # Stop when the loss exceeds this many times the loss of the run's first step (see the module docstring).
@@ -85,6 +92,10 @@ class TrainingDiverged(ELMError):
 
 class RunDirectoryBusy(ELMError):
     """Another trainer holds this run directory's lock."""
+
+
+class RunFinished(ELMError):
+    """``--resume`` of a run that has trained all its epochs: there is nothing to continue."""
 
 
 # Settings whose values are names from a fixed list.
@@ -105,6 +116,8 @@ class TrainSettings:
     lr: float = 1e-3
     min_lr: float = 0.0
     warmup_steps: int = 0
+    # Epochs after which a new cosine cycle starts from lr (what `elm train --resume RUN --extend` records).
+    lr_restarts: list = dataclasses.field(default_factory=list)
     weight_decay: float = 0.0
     clip_norm: Optional[float] = 1.0
     input_dropout: float = 0.0
@@ -139,6 +152,8 @@ class TrainSettings:
                 checks.append((name, getattr(self, name) >= minimum))
         if self.clip_norm is not None:
             checks.append(("clip_norm", self.clip_norm > 0))
+        bounds = [0, *self.lr_restarts, self.epochs]
+        checks.append(("lr_restarts", all(a < b for a, b in zip(bounds, bounds[1:]))))
         for name, ok in checks:
             if not ok:
                 raise ELMError(f"training setting '{name}' has an impossible value: {getattr(self, name)!r}")
@@ -152,8 +167,8 @@ class TrainSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ELMError(f"unknown training setting(s){where}: {', '.join(map(str, unknown))} "
-                           f"(known: {', '.join(sorted(known))})")
+            raise ELMError(f"unknown training setting(s){where}: {', '.join(map(str, unknown))}"
+                           f"{did_you_mean(unknown[0], known)} (known: {', '.join(sorted(known))})")
         settings = cls(**d)
         try:
             settings.validate()
@@ -182,6 +197,9 @@ def _check_setting_type(name, value, annotation):
     elif base is dict:
         ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
         wanted = "a table of KEY = VALUE"
+    elif base is list:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        wanted = "a list of integers"
     else:
         return
     if not ok:
@@ -205,6 +223,24 @@ def resolve_settings(overrides: dict, source=None) -> TrainSettings:
         if isinstance(base.get(key), dict) and isinstance(overrides.get(key), dict):
             merged[key] = {**base[key], **overrides[key]}
     return TrainSettings.from_dict(merged, source=source)
+
+
+def scheduled_lr(settings, step, per_epoch):
+    """The learning rate of ``step`` (0-based): a cosine cycle from ``lr`` (after the warm-up) down to
+    ``min_lr`` over the run's epochs, and, for each epoch E of ``lr_restarts``, a new cycle from ``lr``
+    (no warm-up) over the epochs from E up to the next restart or the end."""
+    bounds = [0, *settings.lr_restarts, settings.epochs]
+    for start, stop in zip(bounds, bounds[1:]):
+        if step < stop * per_epoch or stop == settings.epochs:
+            return cosine_lr(step - start * per_epoch, (stop - start) * per_epoch, settings.lr, settings.min_lr,
+                             settings.warmup_steps if start == 0 else 0)
+
+
+def describe_extension(settings, from_epoch):
+    """What ``--extend`` does to the learning rate, in words (printed and kept in train.log)."""
+    return (f"a new cosine cycle of the learning rate from {settings.lr:g} (the run's lr) down to "
+            f"{settings.min_lr:g} (its min_lr) over epochs {from_epoch + 1}-{settings.epochs}, the optimiser "
+            f"state kept; run.json records it as lr_restarts {settings.lr_restarts}")
 
 
 def carve_validation(task, fraction, seed):
@@ -240,8 +276,10 @@ class Trainer:
         settings.validate()
         self.comm = communicator(settings.device)
         progress, log = self.comm.output_on_root(progress, log)
+        # Console lines go to train.log too, once the run directory is open (those before it wait).
+        self._console, self._log_file, self._pending_lines = log, None, []
         if self.comm.size > 1:
-            log(f"data-parallel over {self.comm.describe()}: each takes its share of every batch")
+            self._log(f"data-parallel over {self.comm.describe()}: each takes its share of every batch")
         self.settings = settings
         if progress is True or progress == "auto":
             progress = "bar" if _stderr_is_terminal() else "lines"
@@ -253,7 +291,7 @@ class Trainer:
         self.log_every = LOG_EVERY_BATCHES if log_every is None else log_every
         if self.log_every < 1:
             raise ELMError(f"log_every must be >= 1, got {self.log_every}")
-        self.log = log
+        self.log = self._log
         self.inputs = [os.fspath(p) for p in inputs if p is not None]
         if task is None:
             from elmcore.data.registry import get_task
@@ -268,6 +306,44 @@ class Trainer:
         self._lock_file = None
         self._created_dir = self._created_parent = self._activations_checked = False
         self._last_checkpoint_step = None
+        self._extended_from = None  # the epochs a finished run had, when --extend continues it
+
+    def _log(self, message):
+        """A console line, kept in the run directory's train.log as well."""
+        self._console(message)
+        if self._log_file is not None:
+            try:
+                self._log_file.write(message + "\n")
+                self._log_file.flush()
+            except OSError as e:
+                raise write_error(self._log_file.name, e) from None
+        elif self._pending_lines is not None:
+            self._pending_lines.append(message)
+
+    def append_to_log(self, message):
+        """Add a line the caller printed (``elm train``'s final line) to the run's train.log."""
+        if self.comm.is_root and os.path.isdir(self.run_dir):
+            try:
+                with open(os.path.join(self.run_dir, TRAIN_LOG), "a", encoding="utf-8") as f:
+                    f.write(message + "\n")
+            except OSError as e:
+                raise write_error(os.path.join(self.run_dir, TRAIN_LOG), e) from None
+
+    def resume_command(self):
+        """The command that continues this run, as the user would type it."""
+        launcher = f"mpiexec -n {self.comm.size} " if self.comm.size > 1 else ""
+        return f"{launcher}elm train --resume {shlex.quote(self.run_dir)}"
+
+    def interrupted_message(self):
+        """What to say when the run is interrupted (Ctrl-C): the last checkpoint and how to go on."""
+        last = os.path.join(self.run_dir, LAST)
+        if self._last_checkpoint_step is None or not os.path.exists(last):
+            return ("interrupted before the first checkpoint (one is written every "
+                    f"{self.settings.checkpoint_every} steps and after each epoch): nothing to resume, "
+                    "start the run again")
+        position = getattr(self, "position", {})
+        return (f"interrupted at step {position.get('step')}; the last checkpoint is {last} (step "
+                f"{self._last_checkpoint_step}). Continue with: {self.resume_command()}")
 
     # ---- the run directory: one trainer at a time ------------------------------
     def _open_run_dir(self, must_exist):
@@ -279,6 +355,7 @@ class Trainer:
         if self.comm.is_root:
             self._open_run_dir_on_root(must_exist)
         self.run_dir = self.comm.bcast(self.run_dir)
+        announce_run_dir(self.run_dir)
 
     def _open_run_dir_on_root(self, must_exist):
         if must_exist:
@@ -296,17 +373,31 @@ class Trainer:
             except OSError as e:
                 raise ELMError(f"cannot create the run directory {self.run_dir}: "
                                f"{describe_os_error(e)}") from None
-        for name in RUN_FILES:
+        for name in RUN_FILES + (TRAIN_LOG,):
             refuse_inputs(os.path.join(self.run_dir, name), self.inputs)
         self._lock_file = _lock_run_dir(self.run_dir)
+        path = os.path.join(self.run_dir, TRAIN_LOG)
+        try:
+            self._log_file = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(path, e) from None
+        pending, self._pending_lines = self._pending_lines, None
+        self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: training in process {os.getpid()}\n"
+                             + "".join(line + "\n" for line in pending or ()))
         for stale in remove_stale_temporaries(self.run_dir, RUN_FILES):
             self.log(f"removed {stale}, left by an interrupted write")
 
     def _close_run_dir(self, failed):
-        """Release the lock; after a failure before anything was recorded, remove the directory we made."""
+        """Release the lock (its file goes); after a failure before anything was recorded, remove the
+        directory we made."""
+        if self._log_file is not None:
+            with contextlib.suppress(OSError):
+                self._log_file.close()
+            self._log_file = None
+        self._pending_lines = None
         if failed and self._created_dir and not os.path.exists(os.path.join(self.run_dir, LAST)) \
                 and not read_records(self._metrics_path())[0]:
-            for name in (RUN_FILE, METRICS, LOCK):
+            for name in (RUN_FILE, METRICS, TRAIN_LOG, LOCK):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.run_dir, name))
             with contextlib.suppress(OSError):
@@ -314,6 +405,8 @@ class Trainer:
                 if self._created_parent:
                     os.rmdir(os.path.dirname(self.run_dir))
         if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.run_dir, LOCK))  # while still holding it (see _lock_run_dir)
             self._lock_file.close()
             self._lock_file = None
 
@@ -348,9 +441,20 @@ class Trainer:
                          "best_metric": None, "best_step": None, "first_loss": None,
                          "epoch_loss_sum": 0.0, "epoch_examples": 0}
         if self.comm.is_root:
-            atomic_write_text(os.path.join(self.run_dir, RUN_FILE),
-                              json.dumps(dataclasses.asdict(s), indent=2) + "\n")
+            self._write_run_file()
         self._truncate_metrics(0, 0)
+
+    def recorded_settings(self):
+        """The settings as run.json and summary.json keep them: paths absolute, so that the run
+        directory works from any working directory."""
+        d = dataclasses.asdict(self.settings)
+        d["run_dir"] = os.path.abspath(self.run_dir)
+        if d["data_dir"] is not None:
+            d["data_dir"] = os.path.abspath(d["data_dir"])
+        return d
+
+    def _write_run_file(self):
+        atomic_write_text(os.path.join(self.run_dir, RUN_FILE), json.dumps(self.recorded_settings(), indent=2) + "\n")
 
     def _make_optimizer(self):
         s = self.settings
@@ -372,20 +476,64 @@ class Trainer:
             raise CheckpointError(f"{path}: optimizer state missing or damaged ({e})") from None
         self._last_checkpoint_step = self.position["step"]
         self._truncate_metrics(self.position["step"], self.position["epoch"])
+        self.log(f"resuming from last.npz: step {self.position['step']}, {self.position['epoch']} of "
+                 f"{self.settings.epochs} epochs done")
+        if self._extended_from is not None:
+            if self.comm.is_root:
+                self._write_run_file()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.run_dir, SUMMARY))  # written anew when the extension ends
+            self.log(f"extending the finished run from {self._extended_from} to {self.settings.epochs} epochs: "
+                     + describe_extension(self.settings, self._extended_from))
 
     @classmethod
-    def resume(cls, run_dir, progress="auto", log=print, task=None, log_every=None, **overrides):
+    def resume(cls, run_dir, progress="auto", log=print, task=None, log_every=None, extend=False, **overrides):
+        """A trainer that continues ``run_dir`` from its last checkpoint with its saved settings.
+
+        ``overrides`` may change ``device``; ``epochs`` only with ``extend``, which continues a
+        finished run for more epochs on a new cosine cycle of the learning rate (``lr_restarts``).
+        A finished run without ``extend`` raises :class:`RunFinished`.
+        """
         run_dir = os.fspath(run_dir)
         path = os.path.join(run_dir, RUN_FILE)
-        if not os.path.exists(os.path.join(run_dir, LAST)):
-            raise ELMError(f"cannot resume: no checkpoint {os.path.join(run_dir, LAST)}")
+        last = os.path.join(run_dir, LAST)
+        if not os.path.exists(last):
+            raise ELMError(f"cannot resume: no checkpoint {last}")
         try:
             settings = TrainSettings.from_dict(read_json(path, "run settings"), source=path)
         except ELMError as e:
             raise ELMError(f"cannot resume: {e}") from None
+        done = _checked_position(load_file(last).meta.get("position"), last)["epoch"]
+        finished = done >= settings.epochs
+        epochs = overrides.pop("epochs", None)
+        quoted = shlex.quote(run_dir)
+        if extend:
+            if epochs is None or epochs <= settings.epochs:
+                raise ELMError(f"--extend needs --epochs N, the new total, above the run's {settings.epochs} "
+                               f"epochs (e.g. elm train --resume {quoted} --extend --epochs {settings.epochs + 10})")
+            if not finished:
+                raise ELMError(f"run {run_dir} has not finished ({done} of {settings.epochs} epochs): "
+                               f"resume it first (elm train --resume {quoted}), then --extend it")
+            extended_from = settings.epochs
+            settings = dataclasses.replace(settings, epochs=epochs,
+                                           lr_restarts=[*settings.lr_restarts, settings.epochs])
+        elif epochs is not None and epochs != settings.epochs:
+            how = (f"to train it for more epochs, continue it on a new learning-rate cycle: elm train --resume "
+                   f"{quoted} --extend --epochs {max(epochs, settings.epochs + 1)}")
+            if finished:
+                raise ELMError(f"run {run_dir} is finished ({settings.epochs} epochs); --epochs {epochs} would "
+                               f"restart its learning-rate schedule mid-way. {how[0].upper()}{how[1:]}")
+            raise ELMError(f"--epochs cannot change while resuming run {run_dir} ({done} of {settings.epochs} "
+                           "epochs done): it would change the learning-rate schedule mid-run. Resume it as it "
+                           "is; once finished, --extend it")
+        elif finished and os.path.exists(os.path.join(run_dir, SUMMARY)):
+            raise RunFinished(f"run {run_dir} is finished ({settings.epochs} of {settings.epochs} epochs): nothing "
+                              f"to resume. To train it for more epochs: elm train --resume {quoted} --extend "
+                              f"--epochs {settings.epochs + 10}")
         settings = dataclasses.replace(settings, run_dir=run_dir, **overrides)
         trainer = cls(settings, task=task, progress=progress, log=log, log_every=log_every)
         trainer._resuming = True
+        trainer._extended_from = extended_from if extend else None
         return trainer
 
     # ---- metrics log ---------------------------------------------------------
@@ -403,9 +551,9 @@ class Trainer:
         records, damaged = read_records(path)
         if damaged:
             self.log(f"{path}: dropped {damaged} damaged line(s)")
-        kept = [json.dumps(rec) + "\n" for rec in records
+        kept = [json.dumps(rec) + "\n" for rec in epochs_from_one(records)
                 if (rec["type"] == "step" and rec["step"] <= step) or
-                (rec["type"] == "epoch" and rec["epoch"] < epoch) or
+                (rec["type"] == "epoch" and rec["epoch"] <= epoch) or
                 (rec["type"] == "diverged" and rec["step"] <= step)]
         atomic_write_text(path, "".join(kept))
 
@@ -438,10 +586,39 @@ class Trainer:
             summary = self._run()
             failed = False
             return summary
+        except KeyboardInterrupt:
+            self.log(self.interrupted_message())
+            raise
         finally:
             if getattr(self, "_bar", None) is not None:
                 self._bar.close()  # an error message then starts on a line of its own
+            if getattr(self, "_threads_before", None) is not None:
+                import numba
+                numba.set_num_threads(self._threads_before)
             self._close_run_dir(failed)
+
+    def _first_batch(self):
+        """The first training batch in file order (its shape and dtype are every batch's), or None."""
+        batches = self.task.batches("train", self.settings.batch_size)
+        try:
+            return next(iter(batches), None)
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()  # stops any prefetching worker of a streaming task
+
+    def _choose_threads(self, batch):
+        """Set the Numba threads for this run's step size on the CPU (``elmcore.training.threads``); say how many."""
+        if self.model.xp is not np or batch is None:
+            return self.settings.device
+        import numba
+
+        from elmcore.training.threads import choose_threads
+        work = min(len(batch.X), self.settings.batch_size) * batch.X.shape[1] * self.model.num_parameters
+        threads, why = choose_threads(work, numba.config.NUMBA_NUM_THREADS)
+        if threads != numba.get_num_threads():
+            self._threads_before = numba.get_num_threads()
+            numba.set_num_threads(threads)
+        return f"{self.settings.device}, {why}"
 
     def _run(self):
         s = self.settings
@@ -451,15 +628,20 @@ class Trainer:
             self._new_state()
         per_epoch = self.batches_per_epoch()
         total_steps = per_epoch * s.epochs
+        first = self._first_batch()
         self.log(f"run {self.run_dir}: task {self.task.name}, {self.model.config.version}, "
                  f"{self.model.num_parameters} parameters, {s.epochs} epochs x {per_epoch} batches of "
-                 f"{s.batch_size} ({s.device}, {s.dtype})")
+                 f"{s.batch_size} ({self._choose_threads(first)}, {s.dtype})")
+        if first is not None:  # compile before the clock starts (a notice if that takes a while)
+            X = first.X[:2, :8]
+            warm_up(self.model, X.astype(np.float32) if s.input_dropout > 0 else X, self.log)
         if self.carved_valid:
             self.log(f"task {self.task.name} has no validation split: {self.carved_valid} training examples "
                      f"(drawn from seed {s.seed}) are held out to select the model")
         elif self.selection_split == "train":
             self.log(f"warning: task {self.task.name} has no validation split; the model is selected on the "
                      "TRAINING split, so its selection score is optimistic (give the data a validation split)")
+        reference = self.task.reference_level(self.selection_split) if self.comm.is_root else None
         start_time = time.perf_counter()
         samples_seen = 0
         last_valid = None
@@ -491,7 +673,7 @@ class Trainer:
                 if self.position.get("first_loss") is None:
                     self.position["first_loss"] = loss
                 rate = samples_seen / max(time.perf_counter() - start_time, 1e-9)
-                self._record({"type": "step", "step": self.position["step"], "epoch": epoch, "batch": b,
+                self._record({"type": "step", "step": self.position["step"], "epoch": epoch + 1, "batch": b,
                               "loss": loss, "lr": lr, "grad_norm": norm, "samples_per_s": rate})
                 if bar is not None:
                     bar.update(1)
@@ -520,9 +702,10 @@ class Trainer:
                 save_model(os.path.join(self.run_dir, BEST), self.model.config, self.model.state_dict(),
                            dtype=s.dtype)
             seconds = time.perf_counter() - t_epoch
-            self._record({"type": "epoch", "epoch": epoch, "step": self.position["step"],
+            self._record({"type": "epoch", "epoch": epoch + 1, "step": self.position["step"],
                           "train_loss": epoch_loss / max(epoch_n, 1), "split": self.selection_split,
-                          "metric": self.task.metric, "metrics": valid, "best": improved, "seconds": seconds})
+                          "metric": self.task.metric, "metrics": valid, "best": improved, "seconds": seconds,
+                          "loss_function": self.task.loss, **({"reference": reference} if reference else {})})
             self.log(f"epoch {epoch + 1}/{s.epochs}: train loss {epoch_loss / max(epoch_n, 1):.4g}, "
                      f"{self.selection_split} {self.task.metric} {last_valid:.4g}{' (best)' if improved else ''}"
                      f" [{seconds:.1f} s]")
@@ -544,7 +727,7 @@ class Trainer:
             check_memory(self.model.config.activation_bytes(batch_size, X.shape[1], self.model.dtype.itemsize),
                          f"training on batches of {batch_size} sequences of {X.shape[1]} steps")
             self._activations_checked = True
-        lr = cosine_lr(self.position["step"], total_steps, s.lr, s.min_lr, s.warmup_steps)
+        lr = scheduled_lr(s, self.position["step"], total_steps // s.epochs)
         step = self.position["step"] + 1
         # Overflow is detected below by explicit finiteness checks, which name the step.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -586,7 +769,7 @@ class Trainer:
         if os.path.exists(os.path.join(self.run_dir, BEST)):
             where += f", the best model so far {os.path.join(self.run_dir, BEST)}"
         self._record({"type": "diverged", "step": self.position["step"] + 1 if step is None else step,
-                      "epoch": self.position["epoch"],
+                      "epoch": self.position["epoch"] + 1,
                       "loss": finite_or_none(loss), "message": what})
         raise TrainingDiverged(f"training stopped: {what} (epoch {self.position['epoch'] + 1}); {where}. "
                                "Try a lower --lr or --clip-norm.")
@@ -610,7 +793,7 @@ class Trainer:
                    "best_step": self.position["best_step"],
                    "parameters": self.model.num_parameters, "seconds": seconds,
                    "samples_per_s": samples / seconds if seconds > 0 else None,
-                   "settings": dataclasses.asdict(self.settings)}
+                   "settings": self.recorded_settings()}
         if not self.comm.is_root:
             return summary
         best_path = os.path.join(self.run_dir, BEST)
@@ -661,6 +844,13 @@ def _lock_run_dir(run_dir):
         raise RunDirectoryBusy(f"run directory {run_dir} is in use by another trainer"
                                f"{f' (process {holder})' if holder.isdigit() else ''}; wait for it to finish "
                                "or choose another --run-dir") from None
+    try:
+        same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        same = False
+    if not same:  # the trainer that held it removed the file while we opened it: lock the one there now
+        handle.close()
+        return _lock_run_dir(run_dir)
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))

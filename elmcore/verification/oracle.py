@@ -30,6 +30,9 @@ def load_oracle(path):
     """Read an oracle ``.npz`` without pickle; every problem becomes one ELMError naming the file."""
     path = os.fspath(path)
     data = read_npz(path, "an oracle file")
+    if "format" in data and "X" not in data:
+        raise ELMError(f"{path} is a model file, not an oracle file: an oracle file holds a model with its inputs, "
+                       "outputs and gradients (tests/data/golden/); `elm info` describes a model file")
     for key in ("config", "version", "X", "G", "Y", "loss"):
         if key not in data:
             raise ELMError(f"{path}: oracle file lacks the array '{key}'")

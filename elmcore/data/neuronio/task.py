@@ -215,10 +215,16 @@ class NeuronIOTask(Task):
                             input_to_synapse_routing="neuronio_routing")
         return defaults
 
+    def count_unit(self, split):
+        if split == "train":
+            return f"windows of {self.window} ms drawn at random per epoch"
+        return f"windows of {self.window} ms (every non-overlapping window of every simulation)"
+
     def describe(self):
         return {**super().describe(), "window_ms": self.window, "burn_in_ms": self.burn_in,
                 "simulation_ms": self.duration_ms, "simulations_per_file": self.sims_per_file,
-                **{f"files_{s}": len(self.files[s]) for s in SPLITS}}
+                **{f"files_{s}": len(self.files[s]) for s in SPLITS},
+                **{f"simulations_{s}": len(self.files[s]) * self.sims_per_file for s in SPLITS}}
 
     # ---- plans: which windows, in which order --------------------------------
     def _train_plan(self, rng, batch_size):
@@ -284,13 +290,34 @@ class NeuronIOTask(Task):
         """The release's protocol on the split's first file: full files cost minutes per epoch."""
         return self.evaluate(model, split, batch_size, max_files=1)
 
+    def _window_with_spikes(self, split, max_windows=256):
+        """(x, target, index) of the first of ``split``'s windows whose output spikes, among the first
+        ``max_windows``; the first window (index None) when none does."""
+        import numpy as np
+        batches = self.batches(split, 16)
+        first, seen = None, 0
+        try:
+            for batch in batches:
+                spiking = np.nonzero((np.asarray(batch.target)[:, :, 0] > 0.5).any(axis=1))[0]
+                if len(spiking):
+                    k = int(spiking[0])
+                    return np.asarray(batch.X[k]), np.asarray(batch.target[k]), seen + k
+                if first is None:
+                    first = (np.asarray(batch.X[0]), np.asarray(batch.target[0]), None)
+                seen += len(batch.X)
+                if seen >= max_windows:
+                    break
+        finally:
+            batches.close()  # stops the prefetching worker
+        return first
+
     def preview_figure(self, plt, split):
-        """Excitatory and inhibitory input spikes, the soma trace and the output spikes of one window, in ms."""
+        """Excitatory and inhibitory input spikes, the soma trace and the output spikes of one window (the
+        first in which the neuron spikes), in ms."""
         import numpy as np
 
-        from elmcore.reporting.plotting import first_example
         from elmcore.data.neuronio.soma import SOMA_BIAS_MV, SOMA_CAP_MV, SOMA_SCALE
-        x, target = first_example(self, split)
+        x, target, index = self._window_with_spikes(split)
         t_ms = np.arange(len(x))
         fig, (ax_in, ax_soma) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True,
                                              gridspec_kw={"height_ratios": [3, 2]})
@@ -312,7 +339,9 @@ class NeuronIOTask(Task):
         ax_soma.set_ylabel("soma (mV)")
         ax_soma.set_xlabel("time (ms)")
         ax_soma.legend(loc="upper right", fontsize=8)
-        fig.suptitle(f"neuronio ({split}, first window): {len(x)} ms, {len(spikes)} output spikes")
+        which = ("first window; none of the first 256 has an output spike" if index is None else
+                 "first window" if index == 0 else f"window {index}, the first with an output spike")
+        fig.suptitle(f"neuronio ({split}, {which}): {len(x)} ms, {len(spikes)} output spikes")
         return fig
 
     # ---- batches --------------------------------------------------------------
