@@ -226,7 +226,8 @@ def _engine_state(model, state):
         host = {"u": state["b"], "m": state["m"]}
     else:  # one scan channel per synapse, or per branch where τ_s is uniform inside it (then only the sum matters)
         host = {"u": state["s"] if model._per_synapse_scan else _branch_sums(cfg, state["s"]), "m": state["m"]}
-    return {k: xp.asarray(v, dtype=model.dtype) for k, v in host.items()}
+    # contiguous, as ``run`` hands a state to the kernels
+    return {k: xp.ascontiguousarray(xp.asarray(v, dtype=model.dtype)) for k, v in host.items()}
 
 
 def _engine_run(cfg, params, X, G, device, state=None):
