@@ -391,7 +391,7 @@ def test_simulator_runs_the_cuda_checks():
 # ---- (4) the checks can fail --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,module", [("v2_random_routing", reference_neuron),
-                                         ("net_two_layers", reference_network)])
+                                         ("net_two_layers", reference_network)], ids=["neuron", "network"])
 def test_a_wrong_formula_in_the_reference_is_caught(name, module, monkeypatch):
     """φ' off by 1e-3: the outputs still match the oracle, the gradients do not, nor the finite differences."""
     case = load_oracle(next(p for p in ORACLES if os.path.basename(p) == f"{name}.npz"))
