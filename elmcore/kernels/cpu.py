@@ -470,12 +470,16 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
             for r in range(n):
                 b = b0 + r
                 for i in range(Dm):
+                    # (a) g = dM + carry
                     g[r, i] = dM[b, t, i] + carry[r, i]
+                    # (b) gc += g ⊙ Δm
                     dm = DM[b, t, i]
                     gc[r, i] += g[r, i] * dm
+                    # (c) do = g ⊙ c_m ⊙ φ'(o),  φ'(o) = s·k·(1 − (Δm/s)²)
                     q = dm / phi_scale
                     do[r, i] = g[r, i] * c_m[i] * dphi_scale * (1 - q * q)
                 dO_out[b, t] = do[r]
+            # (d) da = W_oᵀ do; for l = L−1 … 0: dz_l = da ⊙ act'(z_l), da = W_lᵀ dz_l   (L = 0: dz0 = do)
             if L == 0:
                 dz0[:] = do
             else:
@@ -499,11 +503,13 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
                         da[:] = 0
                         _accumulate_product(dz, Wh[l - 1], da)
                 dz0[:] = dz
+            # (e) r = W0mᵀ dz0
             r_m[:] = 0
             _accumulate_product(dz0, W0m, r_m)
             for r in range(n):
                 b = b0 + r
                 for i in range(Dm):
+                    # (f) total = g + r;  gk += total ⊙ m_{t−1};  carry = κ_m ⊙ total
                     m_prev = M[b, t - 1, i] if t > 0 else m0[b, i]
                     total = g[r, i] + r_m[r, i]
                     gk[r, i] += total * m_prev

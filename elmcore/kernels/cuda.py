@@ -524,15 +524,19 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
             do_at = row + p * Dm
             if active:
                 for i in range(lane, Dm, nlanes):
+                    # (a) g = dM + carry
                     g = dM[b, t, i] + smem[carry_at + i]
                     smem[g_at + i] = g
+                    # (b) gc += g ⊙ Δm
                     dm = DM[b, t, i]
                     smem[gc_at + i] += g * dm
+                    # (c) do = g ⊙ c_m ⊙ φ'(o),  φ'(o) = s·k·(1 − (Δm/s)²)
                     q = dm / phi_scale
                     do = g * c_m[i] * dphi_scale * (ONE - q * q)
                     dO_out[b, t, i] = do
                     smem[do_at + i] = do
             cuda.syncthreads()
+            # (d) da = W_oᵀ do; for l = L−1 … 0: dz_l = da ⊙ act'(z_l), da = W_lᵀ dz_l   (L = 0: dz0 = do)
             if L > 0:
                 dst = dz0 + ((L - 1) % 2) * H
                 if active:
@@ -562,8 +566,10 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
             if active:
                 for i in range(lane, Dm, nlanes):
                     acc = ZERO
+                    # (e) r = W0mᵀ dz0   (acc)
                     for j in range(W0):
                         acc += smem[dz_first + j] * W[j * Dm + i]
+                    # (f) total = g + r;  gk += total ⊙ m_{t−1};  carry = κ_m ⊙ total
                     total = smem[g_at + i] + acc
                     m_prev = M[b, t - 1, i] if t > 0 else m0[b, i]
                     smem[gk_at + i] += total * m_prev

@@ -337,9 +337,11 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
         for t in range(T - 1, -1, -1):
             for r in range(n):
                 bb = first + r
+                # (a) go = dO + carry_o
                 go = GO_out[bb, t]
                 for i in range(N):
                     go[i] = dO[bb, t, i] + carry_oT[i, r]
+                # (b) g = w_o ⊙ go + carry_m;  gc += g ⊙ Δm;  dp = g ⊙ c_m ⊙ φ'(p)
                 dm_t = DM[bb, t]
                 gc = gc_out[bb]
                 for j in range(Dm):
@@ -351,6 +353,7 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                         q = dm / phi_scale
                         dpre[r, j, i] = gji * c_m[j, i] * dphi_scale * (1 - q * q)
                 _copy(dpre[r], dP_out[bb, t])
+            # (c) da = W_Lᵀ dp; for l = L−1 … 0: dz_l = da ⊙ act'(z_l), da = W_lᵀ dz_l;  da_0 = W_0ᵀ dz_0
             if L == 0:
                 _dense_transposed_rows(dpre, W_in, da0, n)
             else:
@@ -377,6 +380,7 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                 _dense_transposed_rows(dz, W_in, da0, n)
             for r in range(n):
                 bb = first + r
+                # (d) total = g + r, r = da_0[nb:];  gk += total ⊙ m_{t−1};  carry_m = κ_m ⊙ total
                 # Memory: m_{t−1} reaches the loss through κ_m ⊙ m_{t−1} in both m_t and a_0.
                 gk = gkappa_out[bb]
                 m_prev = M[bb, t - 1] if t > 0 else m0[bb]
@@ -385,6 +389,7 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                         total = g[r, j, i] + da0[r, nb + j, i]
                         gk[j, i] += total * m_prev[j, i]
                         carry_m[r, j, i] = kappa_m[j, i] * total
+                # (e) g_b(t) = da_0[:nb] + κ_b ⊙ g_b(t+1)
                 gb = GB_out[bb, t]
                 for k in range(nb):
                     for i in range(N):
@@ -393,6 +398,7 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                 for k in range(nb):
                     for i in range(N):
                         gbT[k * N + i, r] = carry_b[r, k, i]
+            # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e]
             # The recurrent synapses of step t read o_{t−1}: their gradient joins ∂loss/∂o_{t−1}.
             for j in range(N):
                 for r in range(n):

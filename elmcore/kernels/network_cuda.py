@@ -139,8 +139,11 @@ def _kernels(np_dtype):
                     dP_out[bb, T - 1, j, i] = ZERO  # the memory carry into the last step
             for t in range(T - 1, -1, -1):
                 for i in range(tid, N, nthreads):
+                    # (a) go = dO + carry_o (GO_out[bb, t] was completed by step t + 1's pass (f))
                     go = GO_out[bb, t, i]
                     # dP_out[bb, t] holds the memory carry from step t + 1 until pass C below.
+                    # (b) dp = (w_o ⊙ go + carry_m) ⊙ c_m ⊙ φ'(p)   (pre_phi_grad)
+                    # (c) dz_l = (W_{l+1}ᵀ dz_{l+1}) ⊙ act'(z_l)
                     if L > 0:
                         for h in range(H):
                             dZ_out[L - 1, bb, t, h, i] = ZERO
@@ -161,6 +164,7 @@ def _kernels(np_dtype):
                                     d = dZ_out[l, bb, t, o, i]
                                     for h in range(H):
                                         dZ_out[l - 1, bb, t, h, i] += W_hid[l - 1, h, o, i] * d
+                    # (c) da_0 = W_0ᵀ dz_0, branch rows;  (e) g_b(t) = da_0[:nb] + κ_b ⊙ g_b(t+1)
                     # Pass A: the branch rows of ∂a_0, into g_b.
                     for k in range(nb):
                         acc = ZERO
@@ -173,6 +177,8 @@ def _kernels(np_dtype):
                             acc += W_in[k, o, i] * d
                         carry = GB_out[bb, t + 1, k, i] if t < T - 1 else ZERO
                         GB_out[bb, t, k, i] = acc + kappa_b[k, i] * carry
+                    # (b) g = w_o ⊙ go + carry_m,  gc += g ⊙ Δm
+                    # (d) total = g + da_0[nb:],  gk += total ⊙ m_{t−1},  carry_m = κ_m ⊙ total
                     # Pass B: the memory rows; the carry for step t − 1 goes to dP_out[bb, t − 1].
                     for j in range(Dm):
                         acc = ZERO
@@ -190,10 +196,12 @@ def _kernels(np_dtype):
                         gkappa_out[bb, j, i] += total * m_prev
                         if t > 0:
                             dP_out[bb, t - 1, j, i] = kappa_m[j, i] * total
+                    # (b) dp = g ⊙ c_m ⊙ φ'(p)
                     # Pass C: ∂loss/∂pre replaces the carry.
                     for j in range(Dm):
                         dP_out[bb, t, j, i] = pre_phi_grad(w_o[j, i] * go + dP_out[bb, t, j, i], DM[bb, t, j, i],
                                                            c_m[j, i], phi_scale, dphi_scale)
+                # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e], then (a) of step t − 1
                 # g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources.
                 cuda.syncthreads()
                 if t > 0:

@@ -201,7 +201,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         Zb  [B,T,W0]  W0b u_t + c_0: the first layer's pre-activation without its memory columns.
         u_T [B,C]     the scan channels after the last step (the streaming state).
         cache entries: "input_path" ("dense" or "sparse") and, on the sparse path, "R", the
-        routed input [B,T,C] its backward multiplies by.
+        routed input [B,T,C] its backward multiplies by, and "u0", the scan's starting state.
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
         B, T, _ = X.shape
@@ -222,7 +222,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
             k.sparse_rows_product(R, xp.ascontiguousarray(W0b.T), Zb)
             k.scan_forward(Zb, xp.full(W_in.shape[0], d.kappa_channel[0], self.dtype), u0 @ W0b.T, Zb)
             Zb += c_in
-            return Zb, final_u, dict(input_path="sparse", R=R)
+            return Zb, final_u, dict(input_path="sparse", R=R, u0=u0)
         Zb = (U.reshape(B * T, nb) @ W0b.T + c_in).reshape(B, T, -1)
         return Zb, final_u, dict(input_path="dense")
 
@@ -258,7 +258,9 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
             k.scan_backward(G, xp.full(G.shape[2], d.kappa_channel[0], self.dtype), G)
             partial_w = xp.empty((min(B, k.batch_chunks()), nb, G.shape[2]), self.dtype)
             k.sparse_rows_weight_grad(cache["R"], G, partial_w)
-            grads[wk] = xp.concatenate([partial_w.sum(0).T, dZ0.T @ A0[:, :, nb:].reshape(BT, Dm)], axis=1)
+            # U_t also holds κ^{t+1}·u0, a stream's starting state: Σ_t κ^{t+1} dZ0_tᵀ u0 = κ·G_0ᵀ u0.
+            dW0b = partial_w.sum(0).T + d.kappa_channel[0] * (G[:, 0].T @ cache["u0"])
+            grads[wk] = xp.concatenate([dW0b, dZ0.T @ A0[:, :, nb:].reshape(BT, Dm)], axis=1)
             k.route_weight_grad_projected(X, routing.indptr, routing.entry_syn, routing.entry_mask,
                                           d.syn_per_channel, G, xp.ascontiguousarray(W0b.T), partial)
             if input_grad:
