@@ -117,6 +117,7 @@ def probe(tmp_path, compile=False, **env_changes):
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_numba_caches_into_the_directory_of_these_kernel_sources(tmp_path):
     expected = tmp_path / "xdg" / "elmcore" / f"numba-{numba_cache.cache_key()}"
     seen = probe(tmp_path, compile=True)
@@ -126,6 +127,7 @@ def test_numba_caches_into_the_directory_of_these_kernel_sources(tmp_path):
     assert list(Path(seen["probe"]).glob("probe_module.increment-*.nbi"))
 
 
+@pytest.mark.slow
 def test_the_users_numba_cache_dir_wins(tmp_path):
     mine = tmp_path / "mine"
     seen = probe(tmp_path, NUMBA_CACHE_DIR=str(mine))
@@ -134,12 +136,14 @@ def test_the_users_numba_cache_dir_wins(tmp_path):
     assert not (tmp_path / "xdg").exists()
 
 
+@pytest.mark.slow
 def test_a_choice_inherited_from_a_parent_process_is_recomputed(tmp_path):
     inherited = str(tmp_path / "xdg" / "elmcore" / "numba-0000000000000000")
     seen = probe(tmp_path, NUMBA_CACHE_DIR=inherited, **{numba_cache.OWN_CHOICE_VARIABLE: inherited})
     assert seen["config"] == str(tmp_path / "xdg" / "elmcore" / f"numba-{numba_cache.cache_key()}")
 
 
+@pytest.mark.slow
 def test_an_unwritable_cache_home_falls_back_to_a_private_temp_folder(tmp_path):
     (tmp_path / "xdg-is-a-file").write_text("")
     seen = probe(tmp_path, XDG_CACHE_HOME=str(tmp_path / "xdg-is-a-file"))
