@@ -18,6 +18,13 @@ if _tune_threads:
 if _tune_threads:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+# Numba's disk cache checks only the file that defines a kernel, not the modules it
+# inlines; a cache directory per version of the kernel sources makes stale machine code
+# impossible (see numba_cache.py). Must happen before the kernels below are defined.
+from elmcore import numba_cache
+
+numba_cache.configure()
+
 from elmcore.neuron.config import ELMConfig
 from elmcore.network.config import NetworkConfig
 from elmcore.errors import ConfigError, DataError, ELMError

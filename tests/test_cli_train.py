@@ -23,6 +23,7 @@ def invoke(*args):
     return result
 
 
+@pytest.mark.slow
 def test_train_eval_plot(tmp_path):
     rd = tmp_path / "run"
     result = invoke("train", *SMALL, "--epochs", "8", "--lr", "1e-2", "--run-dir", rd)
@@ -87,6 +88,7 @@ def _train_cmd(rd, extra=()):
             "--checkpoint-every", "7", "--input-dropout", "0.2", "--run-dir", str(rd), "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     full = tmp_path / "full"
     subprocess.run(_train_cmd(full), check=True, capture_output=True, timeout=600)

@@ -208,6 +208,7 @@ def test_neuronio_default_file_count_gives_three_splits(tmp_path):
 
 # ---- logs that read well in a file ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_piped_training_log_has_lines_not_a_bar(tmp_path):
     cmd = [sys.executable, "-m", "elm_cli.main", "train", *TINY_ADDING, "--log-every", "2",
            "--run-dir", str(tmp_path / "piped")]

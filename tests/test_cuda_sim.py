@@ -33,6 +33,9 @@ from elmcore.engine.cuda_backend import cuda_problem
 from elmcore.verification.oracle import load_oracle, relative_error, verify_case
 from helpers import GOLDEN_DIR, random_config
 
+# Every CUDA check here waits for one child pytest under the simulator (20-25 s warm on 2 busy cores).
+pytestmark = pytest.mark.slow
+
 SIM_ENV = "NUMBA_ENABLE_CUDASIM"
 IN_SIMULATOR = os.environ.get(SIM_ENV) == "1"
 # Set by bench/gpu_check.sh: on a lent GPU machine a silent fall-back to the simulator would hide a broken GPU.

@@ -122,6 +122,7 @@ def test_cli_generate_and_info_listops(tmp_path):
     assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cli_pathfinder_preview_grid(tmp_path):
     result = run(["generate", "pathfinder", "--out", str(tmp_path), "--n", "10", "--path-length", "6",
                   "--distractors", "2", "--dash-spacing", "1.5", "-O", "clearance=3.5"])
@@ -175,6 +176,7 @@ def test_cli_registered_under_elm(tmp_path):
     assert result.exit_code == 0 and "seq_len: 12" in result.stdout and "num_output: 3" in result.stdout
 
 
+@pytest.mark.slow
 def test_cli_neuronio_surrogate_generate_info_and_raster(tmp_path):
     result = run(["generate", "neuronio", "--out", str(tmp_path), "--n", "3", "--sims-per-file", "2",
                   "--duration-ms", "300"])

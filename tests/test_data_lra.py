@@ -317,6 +317,7 @@ def test_pathfinder_hand_built_cases_known_by_construction(tmp_path):
 
 # ---- Pathfinder generator -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pathfinder_generator_layout_balance_determinism(tmp_path):
     out_a = pf.generate_pathfinder(tmp_path / "a", n=24, seed=5, per_folder=10)
     pf.generate_pathfinder(tmp_path / "b", n=24, seed=5, per_folder=10)

@@ -138,6 +138,7 @@ NEURONIO_CASES = {
         neuronio_bytes(spikes=dict.fromkeys(range(3), list(range(10)) * 30_000)), "repeated by reference"),
 }
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NEURONIO_CASES))
 def test_hostile_neuronio_pickles_are_refused_by_elm_data_info(tmp_path, name):
     data, fragment = NEURONIO_CASES[name]
@@ -146,6 +147,7 @@ def test_hostile_neuronio_pickles_are_refused_by_elm_data_info(tmp_path, name):
     assert_refused(result, "x_sim__0.p", *([fragment] if fragment else []))
 
 
+@pytest.mark.slow
 def test_folder_link_loops_are_walked_once(tmp_path):
     from elmcore.data.neuronio import write_neuronio_file
     data = tmp_path / "data"
@@ -203,6 +205,7 @@ def convert(tmp_path, pt):
     return run_elm("convert", pt, "--config", tmp_path / "model_config.json", "-o", tmp_path / "out.npz")
 
 
+@pytest.mark.slow
 def test_stride_zero_tensor_of_huge_size_is_refused_before_copying(tmp_path):
     # 4 stored bytes viewed as 2**30 floats: 4 GB on copying.
     state = {"w": Tensor(Storage("0", "FloatStorage", 1), 0, (1 << 15, 1 << 15), (0, 0))}
@@ -210,6 +213,7 @@ def test_stride_zero_tensor_of_huge_size_is_refused_before_copying(tmp_path):
     assert_refused(convert(tmp_path, pt), "holds only 1 float32 elements")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(0, 2 ** 64), (2 ** 64,), (0, 2 ** 63, 2 ** 63)])
 def test_tensor_sizes_beyond_int64_are_refused(tmp_path, size):
     state = {"w": Tensor(Storage("0", "FloatStorage", 1), 0, size, (1,) * len(size))}
@@ -231,6 +235,7 @@ def deflated_checkpoint(path, pickle_bytes):
     return path
 
 
+@pytest.mark.slow
 def test_zip_bomb_data_pkl_is_refused_by_its_declared_sizes(tmp_path):
     # 64 MiB of a one-byte opcode: a pickle that inflates from about 64 KB.
     big = deflated_checkpoint(tmp_path / "big.pt", b"\x80\x02" + b"N" * (64 << 20) + b".")
@@ -292,12 +297,14 @@ def test_ordered_dict_state_cannot_shadow_its_methods(tmp_path):
         load_torch_state_dict(write_checkpoint(tmp_path / "b.pt", bad, storages))
 
 
+@pytest.mark.slow
 def test_ordered_dict_with_a_bad_state_through_elm_convert(tmp_path):
     items, storages = _one_tensor()
     pt = write_checkpoint(tmp_path / "c.pt", OrderedDictWithState(items, "not a state"), storages)
     assert_refused(convert(tmp_path, pt), "OrderedDict has the state str")
 
 
+@pytest.mark.slow
 def test_memo_bomb_in_data_pkl_through_elm_convert(tmp_path):
     pt = write_checkpoint(tmp_path / "m.pt", b"\x80\x02Nr\x00\x00\x00\x10.")
     assert_refused(convert(tmp_path, pt), "memo slot 268435456")

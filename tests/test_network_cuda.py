@@ -21,6 +21,9 @@ from elmcore.neuron.config import ELMConfig
 from elmcore.engine.cuda_backend import cuda_problem
 from elmcore.verification.oracle import load_oracle, verify_case
 
+# Without a GPU these checks run in a child pytest under the CUDA simulator (about 30 s warm on 2 busy cores).
+pytestmark = pytest.mark.slow
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN_NETWORK_DIR = os.path.join(HERE, "data", "golden_network")
 SIM_ENV = "NUMBA_ENABLE_CUDASIM"

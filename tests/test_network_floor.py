@@ -20,6 +20,7 @@ def floor():
     return module
 
 
+@pytest.mark.slow
 def test_batch_lanes_probe_computes_each_neurons_product(floor):
     rng = np.random.default_rng(0)
     J, K_out, lanes, stride = 3, 2, 5, 7
@@ -32,6 +33,7 @@ def test_batch_lanes_probe_computes_each_neurons_product(floor):
     np.testing.assert_allclose(out, c[0][:, None] + W[0].T @ a, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_shared_weight_probe_accumulates_each_neurons_product(floor):
     rng = np.random.default_rng(1)
     A = rng.normal(size=(2, 4, 3))
@@ -42,6 +44,7 @@ def test_shared_weight_probe_accumulates_each_neurons_product(floor):
     np.testing.assert_allclose(out, np.einsum("nrj,njo->nro", A0, W), rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probe", ["_numba_loops", "_elmcore"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_neuron_vector_probes_compute_each_neurons_product(floor, probe, dtype):

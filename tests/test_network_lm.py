@@ -17,6 +17,9 @@ from elmcore.training.evaluate import evaluate_batches
 from elmcore.training.losses import cross_entropy_all
 from elmcore.training.optim import Optimizer
 
+# Trains a network on a generated corpus: 3-5 s a test.
+pytestmark = pytest.mark.slow
+
 NETWORK = dict(version="elm_network", num_neurons=16, num_memory=4, num_branch=4, num_synapse_per_branch=4,
                recurrent_fraction=0.5, memory_tau_max=50.0)
 LENGTH, BATCH, STEPS, LR = 32, 16, 150, 1e-2

@@ -10,6 +10,9 @@ from elmcore.training.checkpoint import save_model
 from elmcore.data.neuronio import load_teacher
 from elmcore.data.registry import generate
 
+# Generates surrogate NeuronIO files and trains on them: 5-15 s a test.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def surrogate(tmp_path_factory):

@@ -736,6 +736,7 @@ def test_any_task_options_give_a_task_or_an_elm_error(name, options):
     assert task.num_examples("train") >= 1 and task.num_input >= 2
 
 
+@pytest.mark.slow
 def test_two_trainer_processes_on_one_run_directory(tmp_path):
     import signal
     import subprocess
