@@ -18,6 +18,7 @@ import importlib
 import inspect
 import math
 import os
+import sys
 import typing
 from typing import Optional
 
@@ -164,6 +165,8 @@ def _load(target):
 # that name. Integer options are otherwise >= 0; these counts and sizes must be >= 1.
 POSITIVE_OPTIONS = frozenset({"n", "n_files", "length", "num_tokens", "window", "bin_size", "sims_per_file",
                               "duration_ms", "size", "levels", "per_folder"})
+# Counts and sizes beyond a 64-bit integer describe no data set.
+MAX_OPTION_INT = 2 ** 63 - 1
 # Shares of the examples held out: [0, 1).
 FRACTION_OPTIONS = frozenset({"valid_fraction", "test_fraction"})
 
@@ -201,11 +204,14 @@ def check_option(what, name, value, parameter):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ELMError(f"{what}: option {name} must be an integer, got {value!r:.60}")
         minimum = 1 if name in POSITIVE_OPTIONS else 0
-        if value < minimum:
-            raise ELMError(f"{what}: option {name} must be >= {minimum}, got {value}")
+        if not minimum <= value <= MAX_OPTION_INT:
+            shown = value if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+            raise ELMError(f"{what}: option {name} must be an integer in [{minimum}, {MAX_OPTION_INT}], "
+                           f"got {shown}")
         return
     if kind is float or (untyped and isinstance(value, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > sys.float_info.max \
+                or not math.isfinite(value):
             raise ELMError(f"{what}: option {name} must be a finite number, got {value!r:.60}")
         if name in FRACTION_OPTIONS and not 0 <= value < 1:
             raise ELMError(f"{what}: option {name} must be in [0, 1), got {value}")
