@@ -302,12 +302,13 @@ class Trainer:
             self.run_dir = _make_unique_dir(self.run_dir)
             self._created_dir = True
         else:
-            self._created_dir = not os.path.exists(self.run_dir)
+            existed = os.path.exists(self.run_dir)
             try:
                 os.makedirs(self.run_dir, exist_ok=True)
             except OSError as e:
                 raise ELMError(f"cannot create the run directory {self.run_dir}: "
                                f"{describe_os_error(e)}") from None
+            self._created_dir = not existed
         for name in (*RUN_FILES, LOCK):
             refuse_inputs(os.path.join(self.run_dir, name), self.inputs)
         self._lock_file = _lock_run_dir(self.run_dir)
@@ -321,7 +322,7 @@ class Trainer:
     def _close_run_dir(self, failed):
         """Release the lock; after a failure before anything was recorded, remove the directory we made."""
         if failed and self._created_dir and not os.path.exists(os.path.join(self.run_dir, LAST)) \
-                and not read_records(self._metrics_path())[0]:
+                and not self._holds_records():
             for name in (RUN_FILE, METRICS, LOCK):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.run_dir, name))
@@ -332,6 +333,12 @@ class Trainer:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+    def _holds_records(self):
+        try:
+            return bool(read_records(self._metrics_path())[0])
+        except ELMError:  # unreadable: keep the directory, the error that brought us here is the one to show
+            return True
 
     # ---- setup -------------------------------------------------------------
     def model_config(self):
