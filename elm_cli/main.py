@@ -198,8 +198,9 @@ def _setting(*decls, name, **kw):
 @cli.command()
 @click.option("--task", type=TaskChoice(), default=None, show_default="adding",
               help="Task to train on (all of them: `elm tasks`).")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Where the task's data files are (adding / delayed-recall: generated in memory without one).")
+@click.option("--data-dir", type=click.Path(),
+              help="Where the task's data files are (adding / delayed-recall: generated in memory without one); "
+                   "for a task that reads one file (text, enwik8, adding, delayed-recall), the file itself.")
 @click.option("--config", "run_config", type=click.Path(dir_okay=False),
               help="Run settings from JSON or TOML; flags given here override it.")
 @click.option("--model-config", type=click.Path(dir_okay=False), help="ELM config JSON for the model.")
@@ -331,7 +332,8 @@ def _eval_target(model_path, checkpoint):
 @click.option("--task", type=TaskChoice(), default=None, show_default="the run's task",
               help="Task to evaluate on. A run directory (or a model file inside one) brings its own task, "
                    "data directory, task options and seed; --task naming another task drops them.")
-@click.option("--data-dir", type=click.Path(file_okay=False), show_default="the run's")
+@click.option("--data-dir", type=click.Path(), show_default="the run's",
+              help="The task's data directory (or, for a task that reads one file, that file).")
 @click.option("--task-option", "task_sets", multiple=True, metavar="KEY=VALUE",
               help="Task option, on top of the run's own.")
 @click.option("--seed", type=int, default=None, show_default="the run's, else 0",

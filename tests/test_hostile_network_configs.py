@@ -2,6 +2,7 @@
 naming the field at fault, exit 2, no warning printed, and refused before anything large is built."""
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -112,3 +113,22 @@ def test_an_input_beyond_float32_is_named_not_warned_about(tmp_path):
     line = assert_refused(invoke("predict", path, "--input", x, "--output", tmp_path / "y.npy"), "1e+300")
     assert "step 1" in line and "float32" in line
     assert not (tmp_path / "y.npy").exists()
+
+
+# ---- oracle files whose expected values are not numbers --------------------------------------------
+
+@pytest.mark.parametrize("oracle", ["golden/v1_basic.npz", "golden_network/net_basic.npz"])
+@pytest.mark.parametrize("entry,value", [("Y", np.nan), ("G", np.inf), ("loss", -np.inf), ("grad", np.nan),
+                                         ("trace", np.inf)])
+def test_an_oracle_with_non_finite_expected_values_is_an_error(tmp_path, oracle, entry, value):
+    from helpers import HERE
+    with zipfile.ZipFile(os.path.join(HERE, "data", oracle)) as z:
+        arrays = {name[:-4]: np.lib.format.read_array(z.open(name)) for name in z.namelist()}
+    key = entry if entry in arrays else sorted(k for k in arrays if k.startswith(entry + "/") and arrays[k].size)[0]
+    damaged = np.array(arrays[key], dtype=np.float64)
+    damaged.reshape(-1)[-1] = value
+    arrays[key] = damaged
+    path = tmp_path / "oracle.npz"
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    assert_refused(invoke("verify", path), f"'{key}'", "oracle.npz")

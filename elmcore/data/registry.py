@@ -163,8 +163,8 @@ def _load(target):
 
 # Ranges of task options, checked here once for every reader and generator that takes an option of
 # that name. Integer options are otherwise >= 0; these counts and sizes must be >= 1.
-POSITIVE_OPTIONS = frozenset({"n", "n_files", "length", "num_tokens", "window", "bin_size", "sims_per_file",
-                              "duration_ms", "size", "levels", "per_folder"})
+POSITIVE_OPTIONS = frozenset({"n", "n_files", "num_chars", "length", "num_tokens", "window", "bin_size",
+                              "sims_per_file", "duration_ms", "size", "levels", "per_folder"})
 # Counts and sizes beyond a 64-bit integer describe no data set.
 MAX_OPTION_INT = 2 ** 63 - 1
 # Shares of the examples held out: [0, 1).
@@ -284,6 +284,9 @@ def check_data_dir(spec, data_dir):
     data_dir = os.fspath(data_dir)
     if spec.own_search and os.path.exists(data_dir):
         return
+    if os.path.isfile(data_dir):
+        raise DataError(f"{spec.name}: {data_dir} is a file; the task reads a directory holding "
+                        f"{', '.join(spec.files)}")
     if not os.path.isdir(data_dir):
         raise DataError(f"{spec.name}: data directory {data_dir} does not exist (it should hold "
                         f"{', '.join(spec.files)}). Get the data from {spec.source}")
@@ -340,8 +343,9 @@ def generate(name, out_dir, n=None, seed=0, progress=False, **options):
         raise ELMError(f"task '{spec.name}' cannot be generated (generatable: {', '.join(GENERATABLE)}); "
                        f"get its data from {spec.source}")
     n = spec.default_n if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ELMError(f"n must be a positive integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_OPTION_INT:
+        raise ELMError(f"n must be an integer in [1, {MAX_OPTION_INT}], got "
+                       f"{n if not isinstance(n, int) or n.bit_length() <= 128 else 'a huge integer'}")
     for field, value in spec.generator_options.items():
         if field in options and options[field] != value:
             hint = f"; use task 'pathfinder' with {field}={options[field]}" if field == "size" else ""
