@@ -303,7 +303,7 @@ def _read_run_settings(run_dir):
     path = os.path.join(run_dir, RUN_FILE)
     if not os.path.lexists(path):
         raise ELMError(f"{run_dir} is not a run directory (no run.json)")
-    settings = read_json(path, "run settings")
+    settings = read_json(path, "run settings", regular_only=True)
     if not isinstance(settings, dict) or not isinstance(settings.get("task"), str) \
             or not isinstance(settings.get("task_options", {}), dict):
         raise ELMError(f"{path} is not a run settings file (no task / task_options)")

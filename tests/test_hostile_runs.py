@@ -2,6 +2,7 @@
 `elm train --resume` and `elm predict` answer with one `error:` line and exit 2, and change no file."""
 
 import json
+import os
 import shutil
 import zipfile
 
@@ -191,3 +192,18 @@ def test_resume_refuses_an_impossible_saved_position(run, position, fragment):
     before = snapshot(run)
     assert_refused(invoke("train", "--resume", run, "--epochs", "2"), fragment)
     assert_unchanged(before, run)
+
+
+@pytest.mark.parametrize("name,command", [("summary.json", "info"), ("run.json", "info"), ("run.json", "eval"),
+                                          ("metrics.jsonl", "resume"), ("run.json", "resume"),
+                                          ("summary.json", "plot"), ("run.json", "plot")])
+def test_a_run_file_that_is_a_fifo_is_answered_at_once(run, tmp_path, name, command):
+    os.unlink(run / name)
+    os.mkfifo(run / name)
+    args = {"info": ["info", run], "eval": ["eval", run], "resume": ["train", "--resume", run],
+            "plot": ["plot", run, "-o", tmp_path / "c.png"]}[command]
+    result = invoke(*args, seconds=30)
+    if command == "plot":  # the plot goes on without the optional summary and settings
+        assert result.exit_code == 0, result.output
+    else:
+        assert_refused(result, name)

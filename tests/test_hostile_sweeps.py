@@ -177,3 +177,45 @@ def test_a_budget_table_of_400_million_candidates_is_refused_at_once(tmp_path):
               "num_synapse_per_branch": list(range(1, 401))}
     sweep_file = write_sweep(tmp_path / "s.json", {"base": NETWORK_BASE, "budget": budget})
     assert_refused(invoke("sweep", sweep_file, "--dry-run", seconds=20), "400,000,000")
+
+
+@pytest.mark.parametrize("section", ["model", "task_options"])
+def test_a_base_section_that_is_not_a_table_is_refused(tmp_path, section):
+    field = "num_memory" if section == "model" else "task_options.length"
+    spec = {"base": {**BASE, section: "x"}, "grid": {field: [2, 3]}}
+    assert_refused(invoke("sweep", write_sweep(tmp_path / "s.json", spec), "--dry-run"), section)
+
+
+def test_a_point_directory_that_is_a_file_is_named(tmp_path):
+    spec = {"base": BASE, "sweep_dir": str(tmp_path / "sw")}
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "p000").write_text("in the way")
+    before = snapshot(tmp_path / "sw")
+    assert_refused(invoke("sweep", write_sweep(tmp_path / "s.json", spec)), str(tmp_path / "sw" / "p000"))
+    assert_unchanged(before, tmp_path / "sw")
+
+
+def test_an_interrupted_point_with_a_damaged_checkpoint_is_refused_before_training(tmp_path):
+    spec = {"base": BASE, "sweep_dir": str(tmp_path / "sw"), "grid": {"seed": [0, 1]}}
+    sweep_file = write_sweep(tmp_path / "s.json", spec)
+    dirs = point_dirs(expand_points(spec), spec["sweep_dir"])
+    with open(os.path.join(dirs[1], "last.npz"), "wb") as f:
+        f.write(b"PK\x03\x04 torn")
+    before = snapshot(tmp_path / "sw")
+    assert_refused(invoke("sweep", sweep_file), os.path.join(dirs[1], "last.npz"))
+    assert_unchanged(before, tmp_path / "sw")
+    assert not os.path.exists(os.path.join(dirs[0], "run.json"))  # no point trained
+
+
+def test_a_point_summary_that_is_a_fifo_is_refused_at_once(tmp_path):
+    sweep_file, point_dir = _finished_sweep(tmp_path)
+    os.unlink(os.path.join(point_dir, "summary.json"))
+    os.mkfifo(os.path.join(point_dir, "summary.json"))
+    assert_refused(invoke("sweep", sweep_file, seconds=20), "summary.json")
+
+
+def test_many_budgets_times_the_candidates_are_counted_too(tmp_path):
+    budget = {"budgets": list(range(1000, 1000 + 10 ** 4)), "num_neurons": list(range(1, 101)),
+              "num_memory": list(range(1, 11)), "num_synapse_per_branch": list(range(1, 11))}
+    sweep_file = write_sweep(tmp_path / "s.json", {"base": NETWORK_BASE, "budget": budget})
+    assert_refused(invoke("sweep", sweep_file, "--dry-run", seconds=20), "10000 budgets")

@@ -4,6 +4,7 @@ corpora, options and generator sizes are refused with one `error:` line, at once
 import os
 import zipfile
 
+import numpy as np
 import pytest
 
 from elmcore.data.text import generate_text
@@ -102,3 +103,21 @@ def test_a_text_generator_size_that_cannot_be_built_is_refused_at_once(tmp_path,
     out = tmp_path / "out"
     assert_refused(invoke("data", "generate", "text", "--out", out, *args, seconds=20), fragment)
     assert not (out / "corpus.txt").exists()
+
+
+# ---- the other one-file data sets: values a float32 model cannot hold ---------------------------
+
+@pytest.mark.parametrize("entry", ["train/X", "train/target"])
+def test_a_synthetic_file_with_values_beyond_float32_is_named_not_warned_about(tmp_path, entry):
+    from elmcore.data.synthetic import make_synthetic
+    path = make_synthetic("adding", n=20, length=4).save(tmp_path / "adding.npz")
+    with zipfile.ZipFile(path) as z:
+        arrays = {name[:-4]: np.lib.format.read_array(z.open(name)) for name in z.namelist()}
+    arrays[entry] = arrays[entry].astype(np.float64)
+    arrays[entry].reshape(-1)[0] = 1e300
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    before = snapshot(path)
+    assert_refused(invoke("train", "--task", "adding", "--data-dir", path, "--run-dir", tmp_path / "r", "--quiet"),
+                   "adding.npz", entry)
+    assert_unchanged(before, path)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from elm_cli.main import cli
 from elmcore.storage import fileio as fileio
 from elmcore.training.checkpoint import load_file, save_model
-from elmcore.neuron import config as config_module
+from elmcore.engine import memory as memory_module
 from elmcore.neuron.config import ELMConfig
 from elmcore.engine.memory import check_memory
 from elmcore.data.registry import get_task
@@ -253,7 +253,7 @@ def test_models_too_large_for_the_machine_are_refused_with_their_size(field, val
                                           ("mlp_hidden_size", 10 ** 6)])
 def test_networks_too_large_for_the_machine_are_refused_with_their_size(field, value, monkeypatch):
     # A 1 GiB machine: network sizes stop at 2**31 parameters, which a large machine could hold.
-    monkeypatch.setattr(config_module, "memory_limit_bytes", lambda: 2 ** 30)
+    monkeypatch.setattr(memory_module, "memory_limit_bytes", lambda: 2 ** 30)
     with pytest.raises(ELMError, match=r"a network of 1 x 8 neurons.*would need at least [\d.]+ [GT]iB"):
         ELMConfig.from_dict({"num_input": 4, "num_output": 1, "version": "elm_network", field: value})
     ELMConfig.from_dict({"num_input": 4, "num_output": 1, "version": "elm_network"})  # a small one fits

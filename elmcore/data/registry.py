@@ -204,10 +204,11 @@ def check_option(what, name, value, parameter):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ELMError(f"{what}: option {name} must be an integer, got {value!r:.60}")
         minimum = 1 if name in POSITIVE_OPTIONS else 0
-        if not minimum <= value <= MAX_OPTION_INT:
+        if value < minimum:
+            raise ELMError(f"{what}: option {name} must be >= {minimum}, got {value}")
+        if value > MAX_OPTION_INT:
             shown = value if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
-            raise ELMError(f"{what}: option {name} must be an integer in [{minimum}, {MAX_OPTION_INT}], "
-                           f"got {shown}")
+            raise ELMError(f"{what}: option {name} must be <= {MAX_OPTION_INT}, got {shown}")
         return
     if kind is float or (untyped and isinstance(value, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > sys.float_info.max \

@@ -24,6 +24,13 @@ MAX_SIZE = 2 ** 62
 MAX_MLP_LAYERS = 1000
 
 
+def require_mlp_depth(layers):
+    """After the memory check (which names every size): a depth the memory allows may still be no model."""
+    if layers > MAX_MLP_LAYERS:
+        raise ConfigError("mlp_num_layers", f"must be <= {MAX_MLP_LAYERS:,} (each hidden layer is a tensor and a "
+                                            f"step of its own at every time step), got {layers:,}")
+
+
 def shown(value):
     """``repr(value)`` cut to a line's worth (an integer of thousands of digits included)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:

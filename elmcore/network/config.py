@@ -5,9 +5,9 @@ import json
 from typing import Optional
 
 from elmcore.errors import ConfigError, ELMError
-from elmcore.engine.fields import (ACTIVATIONS, MAX_MLP_LAYERS, NETWORK_VERSION, SINGLE_NEURON_ONLY_FIELDS,
+from elmcore.engine.fields import (ACTIVATIONS, NETWORK_VERSION, SINGLE_NEURON_ONLY_FIELDS,
                                    TAU_INIT_MARGIN, V2_MIN_TAU_SPAN, is_finite_number, require_int,
-                                   require_positive_float, require_tau_margin, shown)
+                                   require_mlp_depth, require_positive_float, require_tau_margin, shown)
 from elmcore.engine.memory import check_memory
 
 
@@ -133,7 +133,7 @@ class NetworkConfig:
         for name in ("num_input", "num_output", "num_neurons", "num_layers", "num_memory", "num_branch",
                      "num_synapse_per_branch"):
             require_int(name, getattr(self, name), minimum=1)
-        require_int("mlp_num_layers", self.mlp_num_layers, minimum=0, maximum=MAX_MLP_LAYERS)
+        require_int("mlp_num_layers", self.mlp_num_layers, minimum=0)
         if self.mlp_hidden_size is not None:
             require_int("mlp_hidden_size", self.mlp_hidden_size, minimum=1)
         for name in ("lambda_value", "tau_b_value", "memory_tau_min", "memory_tau_max", "delta_t"):
@@ -178,6 +178,7 @@ class NetworkConfig:
                                                self.learn_memory_tau, d["num_layers"])
             field = min(_USUAL_SIZES, key=parameters)
             raise ConfigError(field, f"{getattr(self, field):,}: {e}") from None
+        require_mlp_depth(self.mlp_num_layers)
 
     # ---- size ------------------------------------------------------------
     def parameter_count(self):

@@ -11,8 +11,9 @@ import math
 from typing import Optional
 
 from elmcore.errors import ConfigError, ELMError
-from elmcore.engine.fields import (ACTIVATIONS, MAX_MLP_LAYERS, NETWORK_VERSION, TAU_INIT_MARGIN, V2_MIN_TAU_SPAN,
-                                   is_finite_number, require_int, require_positive_float, require_tau_margin, shown)
+from elmcore.engine.fields import (ACTIVATIONS, NETWORK_VERSION, TAU_INIT_MARGIN, V2_MIN_TAU_SPAN,
+                                   is_finite_number, require_int, require_mlp_depth, require_positive_float,
+                                   require_tau_margin, shown)
 from elmcore.engine.memory import ARRAY_OVERHEAD_BYTES, check_memory
 from elmcore.storage.fileio import parse_json, read_json
 
@@ -86,7 +87,7 @@ class ELMConfig:
                                          f"got {self.version!r}")
         for name in ("num_input", "num_output", "num_memory", "num_synapse_per_branch"):
             require_int(name, getattr(self, name), minimum=1)
-        require_int("mlp_num_layers", self.mlp_num_layers, minimum=0, maximum=MAX_MLP_LAYERS)
+        require_int("mlp_num_layers", self.mlp_num_layers, minimum=0)
         for name in ("mlp_hidden_size", "num_branch"):
             if getattr(self, name) is not None:
                 require_int(name, getattr(self, name), minimum=1)
@@ -130,6 +131,7 @@ class ELMConfig:
                            "num_synapse_per_branch") if getattr(self, name) is not None)
         check_memory(self.training_bytes(),
                      f"a model with {sizes} ({self.parameter_count():.3g} parameters, trained in float64)")
+        require_mlp_depth(self.mlp_num_layers)
 
     # ---- size ------------------------------------------------------------
     def parameter_count(self):

@@ -40,9 +40,9 @@ def describe_fields():
     return lines
 
 
-def _read_json(path, what):
+def _read_json(path, what, regular_only=True):
     from elmcore.storage.fileio import read_json
-    value = read_json(path, what)
+    value = read_json(path, what, regular_only=True)
     if not isinstance(value, dict):
         raise ELMError(f"{path} is not a JSON object")
     return value

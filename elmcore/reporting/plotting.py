@@ -86,10 +86,10 @@ def read_metrics(run_dir):
 
 def _read_optional_json(path):
     """A JSON object from ``path``, or None when the file is absent or unreadable (plots go without it)."""
+    from elmcore.storage.fileio import read_json
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError):
+        value = read_json(path, regular_only=True)
+    except ELMError:
         return None
     return value if isinstance(value, dict) else None
 

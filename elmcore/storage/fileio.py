@@ -252,11 +252,20 @@ def too_long_number(error):
 MAX_JSON_BYTES = 64 * 2 ** 20
 
 
-def _read_settings_text(path, what):
-    """The text of a small UTF-8 settings file; every way it cannot be read is an ELMError naming it."""
+def _read_settings_text(path, what, regular_only=False):
+    """The text of a small UTF-8 settings file; every way it cannot be read is an ELMError naming it.
+
+    ``regular_only``: refuse anything but a regular file (a FIFO would wait for a writer forever);
+    for the files of a run or sweep directory, which elmcore writes itself.
+    """
     path = os.fspath(path)
     if "\0" in path:
         raise ELMError(f"{what} {path!r}: not a file name")
+    if regular_only:
+        with contextlib.suppress(OSError):
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+                raise ELMError(f"{what} {path} is not a regular file")
     try:
         with open(path, "r", encoding="utf-8") as f:
             text = f.read(MAX_JSON_BYTES + 1)
@@ -273,9 +282,9 @@ def _read_settings_text(path, what):
     return path, text
 
 
-def read_json(path, what="file"):
+def read_json(path, what="file", regular_only=False):
     """Parse the JSON file ``path``; missing, unreadable, oversized, non-UTF-8 or malformed files raise an ELMError."""
-    path, text = _read_settings_text(path, what)
+    path, text = _read_settings_text(path, what, regular_only)
     return parse_json(text, path)
 
 

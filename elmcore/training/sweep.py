@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+from elmcore.engine.fields import shown
 from elmcore.network.config import network_parameter_count
 from elmcore.errors import ELMError
 from elmcore.storage.fileio import atomic_output, atomic_write_text, describe_os_error, read_json, refuse_inputs
@@ -67,7 +68,7 @@ def budget_shapes(budgets, tolerance, num_output, num_neurons, num_memory, num_s
     """
     budgets = _budget_list(budgets)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
-        raise ELMError(f"sweep [budget] tolerance must be a number in [0, 1), got {_shown(tolerance)}")
+        raise ELMError(f"sweep [budget] tolerance must be a number in [0, 1), got {shown(tolerance)}")
     _check_count("num_output", num_output, 1)
     lists = {name: _candidate_list(name, values) for name, values in
              (("num_neurons", num_neurons), ("num_memory", num_memory), ("num_branch", num_branch),
@@ -75,12 +76,12 @@ def budget_shapes(budgets, tolerance, num_output, num_neurons, num_memory, num_s
     for name, value in fixed.items():
         if name == "learn_memory_tau":
             if not isinstance(value, bool):
-                raise ELMError(f"budget mode: model.learn_memory_tau must be true or false, got {_shown(value)}")
+                raise ELMError(f"budget mode: model.learn_memory_tau must be true or false, got {shown(value)}")
         elif not (name == "mlp_hidden_size" and value is None):
             _check_count(f"model.{name}", value, 0 if name == "mlp_num_layers" else 1)
-    candidates = math.prod(len(v) for v in lists.values())
+    candidates = len(budgets) * math.prod(len(v) for v in lists.values())
     if candidates > MAX_BUDGET_CANDIDATES:
-        sizes = " x ".join(f"{len(v)} {k}" for k, v in lists.items())
+        sizes = " x ".join([f"{len(budgets)} budgets"] + [f"{len(v)} {k}" for k, v in lists.items()])
         raise ELMError(f"sweep [budget] asks to count {candidates:,} candidate shapes ({sizes}); at most "
                        f"{MAX_BUDGET_CANDIDATES:,}: shorten the candidate lists")
     out = []
@@ -95,11 +96,6 @@ def budget_shapes(budgets, tolerance, num_output, num_neurons, num_memory, num_s
     return out
 
 
-def _shown(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -107,16 +103,16 @@ def _is_int(value):
 def _check_count(name, value, minimum):
     if not _is_int(value) or not minimum <= value <= MAX_CANDIDATE:
         raise ELMError(f"budget mode: {name} must be an integer in [{minimum}, {MAX_CANDIDATE:,}], "
-                       f"got {_shown(value)}")
+                       f"got {shown(value)}")
 
 
 def _budget_list(budgets):
     if not isinstance(budgets, (list, tuple)) or not budgets:
-        raise ELMError(f"sweep [budget] budgets must be a non-empty list of parameter counts, got {_shown(budgets)}")
+        raise ELMError(f"sweep [budget] budgets must be a non-empty list of parameter counts, got {shown(budgets)}")
     for budget in budgets:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= MAX_BUDGET:
             raise ELMError(f"sweep [budget] budgets: a parameter budget must be a number in (0, {MAX_BUDGET:.0e}], "
-                           f"got {_shown(budget)}")
+                           f"got {shown(budget)}")
     return list(budgets)
 
 
@@ -124,7 +120,7 @@ def _candidate_list(name, values):
     if not isinstance(values, (list, tuple)) or not values or \
             not all(_is_int(v) and 1 <= v <= MAX_CANDIDATE for v in values):
         raise ELMError(f"sweep [budget] {name} must be a non-empty list of integers in [1, {MAX_CANDIDATE:,}], "
-                       f"got {_shown(values)}")
+                       f"got {shown(values)}")
     return list(values)
 
 
@@ -162,7 +158,11 @@ def _apply(base, overrides):
         if len(path) == 1:
             settings[key] = value
         else:
-            settings.setdefault(path[0], {})[path[1]] = value
+            section = settings.setdefault(path[0], {})
+            if not isinstance(section, dict):
+                raise ELMError(f"sweep [base] {path[0]} must be a table of fields (the sweep sets {key}), "
+                               f"got {shown(section)}")
+            section[path[1]] = value
     return settings
 
 
@@ -222,7 +222,7 @@ def _budget_points(budget, base):
                        "num_synapse_per_branch)") from None
     model = base.get("model", {})
     if not isinstance(model, dict):
-        raise ELMError(f"sweep [base] model must be a table of model fields, got {_shown(model)}")
+        raise ELMError(f"sweep [base] model must be a table of model fields, got {shown(model)}")
     lists["num_branch"] = options.pop("num_branch", [model.get("num_branch", 4)])
     if "num_output" not in model:
         raise ELMError("budget mode needs model.num_output in [base] (the readout counts K·(N+1))")
@@ -240,7 +240,7 @@ def _budget_points(budget, base):
 def _check_sweep_dir(value, what):
     if not isinstance(value, str) or not value or "\0" in value:
         raise ELMError(f"{what} must be a directory name (a non-empty string without NUL characters), "
-                       f"got {_shown(value)}")
+                       f"got {shown(value)}")
 
 
 def sweep_directory(spec, path):
@@ -290,18 +290,19 @@ def point_dirs(points, sweep_dir, inputs=()):
     for p, d in zip(points, dirs):
         path = os.path.join(d, POINT_FILE)
         if os.path.lexists(path):
-            old = read_json(path, "sweep point file")
+            old = read_json(path, "sweep point file", regular_only=True)
             if not isinstance(old, dict) or old.get("settings") != json.loads(json.dumps(p.settings)):
                 raise ELMError(f"{d} holds another point than the sweep file now makes ({path} differs); "
                                "give the sweep another sweep_dir or remove the old one")
             if point_state(d) == "done":
                 read_point_summary(d)
-    try:
-        os.makedirs(sweep_dir, exist_ok=True)
-        for d in dirs:
+            elif point_state(d) == "interrupted":
+                _check_checkpoint(d)
+    for d in [sweep_dir] + dirs:
+        try:
             os.makedirs(d, exist_ok=True)
-    except OSError as e:
-        raise ELMError(f"cannot create the sweep directory {sweep_dir}: {describe_os_error(e)}") from None
+        except OSError as e:
+            raise ELMError(f"cannot create the sweep directory {d}: {describe_os_error(e)}") from None
     for p, d in zip(points, dirs):
         path = os.path.join(d, POINT_FILE)
         if not os.path.lexists(path):
@@ -325,6 +326,16 @@ def read_point_summary(point_dir):
         raise ELMError(f"{e} (remove it to retrain the point)") from None
 
 
+def _check_checkpoint(point_dir):
+    """An interrupted point's last.npz is readable, so its resume cannot fail the sweep halfway."""
+    from elmcore.training.checkpoint import load_file
+    path = os.path.join(point_dir, "last.npz")
+    try:
+        load_file(path)
+    except ELMError as e:
+        raise ELMError(f"{e} (remove {path} to restart the point)") from None
+
+
 def train_point(point_dir):
     """Train (or resume) one point in this process, logging to its ``train.log``."""
     from elmcore.training import distributed as distributed
@@ -341,7 +352,7 @@ def train_point(point_dir):
                 log("resuming from last.npz")
                 trainer = Trainer.resume(point_dir, progress=False, log=log)
             else:
-                record = read_json(os.path.join(point_dir, POINT_FILE), "sweep point file")
+                record = read_json(os.path.join(point_dir, POINT_FILE), "sweep point file", regular_only=True)
                 if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
                     raise ELMError(f"{os.path.join(point_dir, POINT_FILE)}: not a sweep point file (no settings)")
                 settings = dict(record["settings"], run_dir=point_dir)
@@ -355,8 +366,13 @@ def _train_in_process(point_dir, log):
         return True
     except Exception as e:  # one broken point must not end a long sweep; the log keeps the reason
         import traceback
-        with open(os.path.join(point_dir, LOG), "a") as f:
-            f.write(f"error: {e}\n" if isinstance(e, ELMError) else traceback.format_exc())
+        try:
+            with open(os.path.join(point_dir, LOG), "a") as f:
+                f.write(f"error: {e}\n" if isinstance(e, ELMError) else traceback.format_exc())
+        except OSError as log_error:  # the log itself cannot be written: say so here instead
+            log(f"point {os.path.basename(point_dir)} failed: {e} (and its log cannot be written: "
+                f"{describe_os_error(log_error)})")
+            return False
         log(f"point {os.path.basename(point_dir)} failed: {e} (see {os.path.join(point_dir, LOG)})")
         return False
 

@@ -59,6 +59,7 @@ from elmcore.training.evaluate import evaluate, metric_value
 from elmcore.storage.fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
                                     remove_stale_temporaries, write_error)
 from elmcore.engine.factory import build_model
+from elmcore.engine.fields import shown
 from elmcore.training.optim import Optimizer, cosine_lr
 from elmcore.training.runlog import finite_or_none, read_records
 
@@ -188,9 +189,8 @@ def _check_setting_type(name, value, annotation):
     else:
         return
     if not ok:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         raise ELMError(f"training setting '{name}' must be {wanted}{' or null' if optional else ''}, "
-                       f"got {type(value).__name__} {shown}")
+                       f"got {type(value).__name__} {shown(value)}")
 
 
 def resolve_settings(overrides: dict, source=None) -> TrainSettings:
@@ -411,7 +411,7 @@ class Trainer:
         if not os.path.exists(os.path.join(run_dir, LAST)):
             raise ELMError(f"cannot resume: no checkpoint {os.path.join(run_dir, LAST)}")
         try:
-            settings = TrainSettings.from_dict(read_json(path, "run settings"), source=path)
+            settings = TrainSettings.from_dict(read_json(path, "run settings", regular_only=True), source=path)
         except ELMError as e:
             raise ELMError(f"cannot resume: {e}") from None
         settings = dataclasses.replace(settings, run_dir=run_dir, **overrides)
@@ -660,7 +660,7 @@ class Trainer:
 def read_summary(run_dir):
     """A finished run's summary.json, every field its readers use checked; a damaged one is an ELMError naming it."""
     path = os.path.join(os.fspath(run_dir), SUMMARY)
-    summary = read_json(path, "run summary")
+    summary = read_json(path, "run summary", regular_only=True)
 
     def damaged(what):
         return ELMError(f"{path}: {what}; the run summary is damaged")
@@ -674,24 +674,19 @@ def read_summary(run_dir):
     if not isinstance(summary, dict):
         raise damaged(f"a JSON object expected, got {type(summary).__name__}")
     if not isinstance(summary.get("metric"), str):
-        raise damaged(f"'metric' must be a metric name, got {_shown(summary.get('metric'))}")
+        raise damaged(f"'metric' must be a metric name, got {shown(summary.get('metric'))}")
     checks = [(("steps", "epochs", "best_step", "parameters"), is_count, "an integer >= 0"),
               (("best_metric", "seconds", "samples_per_s"), is_finite, "a finite number"),
               (("selection_split", "run_dir", "task"), lambda v: isinstance(v, str), "a string")]
     for keys, ok, wanted in checks:
         for key in keys:
             if summary.get(key) is not None and not ok(summary[key]):
-                raise damaged(f"'{key}' must be {wanted} or null, got {_shown(summary[key])}")
+                raise damaged(f"'{key}' must be {wanted} or null, got {shown(summary[key])}")
     test = summary.get("test")
     if test is not None and (not isinstance(test, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in test.values())):
-        raise damaged(f"'test' must map metric names to numbers, got {_shown(test)}")
+        raise damaged(f"'test' must map metric names to numbers, got {shown(test)}")
     return summary
-
-
-def _shown(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _make_unique_dir(base):
