@@ -121,3 +121,10 @@ def test_a_synthetic_file_with_values_beyond_float32_is_named_not_warned_about(t
     assert_refused(invoke("train", "--task", "adding", "--data-dir", path, "--run-dir", tmp_path / "r", "--quiet"),
                    "adding.npz", entry)
     assert_unchanged(before, path)
+
+
+def test_a_preview_onto_the_corpus_of_a_text_directory_is_refused(corpus):
+    before = snapshot(corpus)
+    assert_refused(invoke("data", "info", os.path.dirname(corpus), "--task", "text", "--option", "length=4",
+                          "--preview", corpus), "corpus.txt")
+    assert_unchanged(before, corpus)

@@ -19,7 +19,8 @@ from elmcore.engine.optional import MissingDependency
 from elmcore.training.predict import head_names, predict_array
 from elmcore.training.train import Trainer, TrainSettings
 
-GENERIC_MODULES = ("train.py", "evaluate.py", "predict.py", "losses.py", "plotting.py")
+GENERIC_MODULES = ("training/train.py", "training/evaluate.py", "training/predict.py", "training/losses.py",
+                   "reporting/plotting.py")
 
 
 @pytest.mark.parametrize("module", GENERIC_MODULES)

@@ -270,8 +270,12 @@ def data_files(name, data_dir):
     data_dir = os.fspath(data_dir)
     if os.path.isfile(data_dir):
         return [data_dir]
+    spec = task_spec(name)
+    if spec.name == "text" and os.path.isdir(data_dir):  # the reader takes the one file the directory holds
+        return [os.path.join(data_dir, f) for f in sorted(os.listdir(data_dir))
+                if not f.startswith(".") and os.path.isfile(os.path.join(data_dir, f))]
     found = []
-    for pattern in task_spec(name).files:
+    for pattern in spec.files:
         for alternative in pattern.split("|"):
             found += glob.glob(os.path.join(glob.escape(data_dir), alternative), recursive=True)
     return found
