@@ -10,11 +10,30 @@ from elmcore.storage.fileio import describe_os_error
 
 
 class UserError(click.ClickException):
-    """A problem with the user's input: one line ``error: …`` on stderr, exit code 2 (as click's usage errors)."""
+    """A problem with the user's input: one line ``error: …`` on stderr, exit code 2 (as click's usage errors).
+
+    In a job of several MPI ranks the line is printed once and the job ends with it:
+    ``silent`` when another rank reports the same error, ``collective`` when every rank
+    raised it (so none is left waiting and no abort is needed).
+    """
     exit_code = 2
 
+    def __init__(self, message, silent=False, collective=False):
+        super().__init__(message)
+        self.silent, self.collective = silent, collective
+
     def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True)
+        from elmcore.training.distributed import end_job_after
+        if self.silent:
+            return
+        end_job_after(lambda: click.echo(f"error: {self.format_message()}", err=True), self.exit_code,
+                      self.collective)
+
+    @classmethod
+    def of(cls, error, message=None):
+        """The UserError for ``error`` (an ELMError or another exception), keeping what MPI jobs need to know."""
+        return cls(str(error) if message is None else message, silent=getattr(error, "silent", False),
+                   collective=getattr(error, "collective", False))
 
 
 def _user_error(e: click.ClickException) -> UserError:
@@ -46,24 +65,24 @@ class ELMGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ELMError as e:
-            raise UserError(str(e)) from None
-        except MemoryError:
-            raise UserError("out of memory: reduce the batch size or sequence length") from None
+            raise UserError.of(e) from None
+        except MemoryError as e:
+            raise UserError.of(e, "out of memory: reduce the batch size or sequence length") from None
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.ClickException as e:
             if isinstance(e, UserError):
                 raise
             raise _user_error(e) from None
-        except RecursionError:
-            raise UserError("an input is nested too deeply to read") from None
+        except RecursionError as e:
+            raise UserError.of(e, "an input is nested too deeply to read") from None
         except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT (not Click's "Aborted!", 1)
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None
         except OSError as e:
             # The file system refused something (disk full, read-only, vanished path): the user's to fix.
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-            raise UserError(f"{where}{describe_os_error(e)}") from None
+            raise UserError.of(e, f"{where}{describe_os_error(e)}") from None
 
 
 class FiniteFloat(click.ParamType):

@@ -212,26 +212,8 @@ TASK_RESERVED = ("name", "data_dir", "seed")
 
 def _load_run_file(path):
     """The run settings in a JSON or TOML file, as a dict (types are checked by TrainSettings)."""
-    from elmcore.storage.fileio import describe_os_error, read_json
-    if not path.endswith(".toml"):
-        data = read_json(path, "run config")
-    else:
-        try:
-            import tomllib
-        except ImportError:  # Python < 3.11
-            try:
-                import tomli as tomllib
-            except ImportError:
-                raise ELMError("reading TOML needs Python 3.11+ or the 'tomli' package") from None
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ELMError(f"run config not found: {path}") from None
-        except OSError as e:
-            raise ELMError(f"cannot read run config {path}: {describe_os_error(e)}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ELMError(f"{path}: cannot parse run config ({e or 'nested too deeply'})") from None
+    from elmcore.storage.fileio import read_json, read_toml
+    data = read_toml(path, "run config") if path.endswith(".toml") else read_json(path, "run config")
     if not isinstance(data, dict):
         raise ELMError(f"{path}: a run config must be a JSON object or TOML table of settings, "
                        f"got {type(data).__name__}")
@@ -240,11 +222,8 @@ def _load_run_file(path):
 
 def _data_files(settings):
     """The data files a run will read (``data_files`` of its task), or none where the task is not known yet."""
-    from elmcore.data.registry import data_files
-    try:
-        return data_files(settings.get("task"), settings.get("data_dir"))
-    except (ELMError, TypeError):
-        return []  # an unknown task or a data_dir of the wrong type: the settings check reports it
+    from elmcore.training.train import data_inputs
+    return data_inputs(settings.get("task"), settings.get("data_dir"))
 
 
 def _section(settings, key, source):
@@ -277,8 +256,9 @@ def _setting(*decls, name, **kw):
 @cli.command()
 @click.option("--task", type=TaskChoice(), default=None, show_default="adding",
               help="Task to train on (all of them: `elm tasks`).")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Where the task's data files are (adding / delayed-recall: generated in memory without one).")
+@click.option("--data-dir", type=click.Path(),
+              help="Where the task's data files are (adding / delayed-recall: generated in memory without one); "
+                   "for a task that reads one file (text, enwik8, adding, delayed-recall), the file itself.")
 @click.option("--config", "run_config", type=click.Path(dir_okay=False),
               help="Run settings from JSON or TOML; flags given here override it.")
 @click.option("--model-config", type=click.Path(dir_okay=False), help="ELM config JSON for the model.")
@@ -395,32 +375,36 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, exte
 # ---- eval / predict / convert / plot ---------------------------------------------------------
 
 def _read_run_settings(run_dir):
-    """The settings a run was trained with (its run.json), as a dict."""
-    path = os.path.join(run_dir, "run.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            settings = json.load(f)
-    except FileNotFoundError:
-        raise ELMError(f"{run_dir} is not a run directory (no run.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ELMError(f"cannot read {path}: {e}") from None
+    """The settings a run was trained with (its run.json), as a dict, every field checked."""
+    import dataclasses
+
+    from elmcore.storage.fileio import read_json
+    from elmcore.training.train import RUN_FILE, TrainSettings
+    path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.lexists(path):
+        raise ELMError(f"{run_dir} is not a run directory (no run.json)")
+    settings = read_json(path, "run settings", regular_only=True)
     if not isinstance(settings, dict) or not isinstance(settings.get("task"), str) \
             or not isinstance(settings.get("task_options", {}), dict):
         raise ELMError(f"{path} is not a run settings file (no task / task_options)")
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    TrainSettings.from_dict({k: v for k, v in settings.items() if k in known}, source=path)
     return settings
 
 
 def _eval_target(model_path, checkpoint):
-    """(model file, the run's settings or None): a run directory gives its best.npz (or last.npz)
-    and run.json; a model file inside a run directory gives that directory's run.json."""
+    """(model file, the run's settings or None, the run directory or None): a run directory gives its
+    best.npz (or last.npz) and run.json; a model file inside a run directory gives that directory's run.json."""
     if os.path.isdir(model_path):
         run = _read_run_settings(model_path)
         path = os.path.join(model_path, f"{checkpoint}.npz")
         if not os.path.exists(path):
             raise ELMError(f"run directory {model_path} has no {checkpoint}.npz yet")
-        return path, run
-    beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), "run.json")
-    return model_path, (_read_run_settings(os.path.dirname(beside)) if os.path.exists(beside) else None)
+        return path, run, model_path
+    run_dir = os.path.dirname(os.path.abspath(model_path))
+    if os.path.exists(os.path.join(run_dir, "run.json")):
+        return model_path, _read_run_settings(run_dir), run_dir
+    return model_path, None, None
 
 
 @cli.command(name="eval")
@@ -428,7 +412,8 @@ def _eval_target(model_path, checkpoint):
 @click.option("--task", type=TaskChoice(), default=None, show_default="the run's task",
               help="Task to evaluate on. A run directory (or a model file inside one) brings its own task, "
                    "data directory, task options and seed; --task naming another task drops them.")
-@click.option("--data-dir", type=click.Path(file_okay=False), show_default="the run's")
+@click.option("--data-dir", type=click.Path(), show_default="the run's",
+              help="The task's data directory (or, for a task that reads one file, that file).")
 @click.option("--task-option", "task_sets", multiple=True, metavar="KEY=VALUE",
               help="Task option, on top of the run's own.")
 @click.option("--seed", type=int, default=None, show_default="the run's, else 0",
@@ -460,7 +445,7 @@ def eval_cmd(model_path, task, data_dir, task_sets, seed, split, checkpoint, bat
     from elmcore.data.registry import data_files, get_task, task_spec
     from elmcore.training.evaluate import evaluate
     from elmcore.training.train import CARVED_VALID_FRACTION, carve_validation
-    model_path, run = _eval_target(model_path, checkpoint)
+    model_path, run, run_dir = _eval_target(model_path, checkpoint)
     task_options = parse_assignments(task_sets, "--task-option", TASK_RESERVED)
     if run is not None and (task is None or task_spec(task).name == task_spec(run["task"]).name):
         task = run["task"]
@@ -471,6 +456,10 @@ def eval_cmd(model_path, task, data_dir, task_sets, seed, split, checkpoint, bat
     elif task is None:
         raise UserError(f"{model_path} is not in a run directory: name its task with --task")
     seed = 0 if seed is None else seed
+    read = [model_path, *data_files(task, data_dir), *_run_files(run_dir)]
+    if json_out:
+        from elmcore.storage.fileio import refuse_inputs
+        refuse_inputs(json_out, read)  # before the evaluation, which may take long
     model = load_model(model_path, dtype=dtype, device=device)
     t = get_task(task, data_dir=data_dir, seed=seed, **task_options)
     if run is not None:
@@ -498,7 +487,13 @@ def eval_cmd(model_path, task, data_dir, task_sets, seed, split, checkpoint, bat
         atomic_write_text(json_out, json.dumps({"model": model_path, "task": t.name, "task_options": task_options,
                                                 "seed": seed, "data_dir": data_dir, "split": split,
                                                 "metrics": metrics}, indent=2) + "\n",
-                          inputs=[model_path, *data_files(t.name, data_dir)])
+                          inputs=read)
+
+
+def _run_files(run_dir):
+    """The files of a run directory (what a command that read the run must not write over)."""
+    from elmcore.training.train import RUN_FILES
+    return [] if run_dir is None else [os.path.join(run_dir, name) for name in RUN_FILES]
 
 
 @cli.command()

@@ -29,17 +29,19 @@ def sweep(sweep_file, jobs, sweep_dir, dry_run):
     (Ctrl-C stops it with exit code 130).
     """
     from elm_cli.main import _load_run_file
-    from elmcore.training.sweep import expand_points, run_sweep, sweep_directory
+    from elmcore.training.sweep import check_outputs, expand_points, run_sweep, sweep_directory
     spec = _load_run_file(sweep_file)
     points = expand_points(spec)
     directory = sweep_dir or sweep_directory(spec, sweep_file)
     if dry_run:
+        check_outputs(points, directory, inputs=[sweep_file])
         for p in points:
             click.echo(f"{p.name}: {p.overrides}")
         click.echo(f"{len(points)} points in {directory}")
         return
     try:
-        rows = run_sweep(points, directory, jobs=jobs, log=lambda m: click.echo(m, err=True))
+        rows = run_sweep(points, directory, jobs=jobs, log=lambda m: click.echo(m, err=True),
+                         inputs=[sweep_file])
     except KeyboardInterrupt:
         from elmcore.training.distributed import communicator
         comm = communicator()

@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import typing
 from typing import Optional
 
@@ -167,8 +168,10 @@ def _load(target):
 
 # Ranges of task options, checked here once for every reader and generator that takes an option of
 # that name. Integer options are otherwise >= 0; these counts and sizes must be >= 1.
-POSITIVE_OPTIONS = frozenset({"n", "n_files", "length", "num_tokens", "window", "bin_size", "sims_per_file",
-                              "duration_ms", "size", "levels", "per_folder"})
+POSITIVE_OPTIONS = frozenset({"n", "n_files", "num_chars", "length", "num_tokens", "window", "bin_size",
+                              "sims_per_file", "duration_ms", "size", "levels", "per_folder"})
+# Counts and sizes beyond a 64-bit integer describe no data set.
+MAX_OPTION_INT = 2 ** 63 - 1
 # Shares of the examples held out: [0, 1).
 FRACTION_OPTIONS = frozenset({"valid_fraction", "test_fraction"})
 
@@ -208,9 +211,13 @@ def check_option(what, name, value, parameter):
         minimum = 1 if name in POSITIVE_OPTIONS else 0
         if value < minimum:
             raise ELMError(f"{what}: option {name} must be >= {minimum}, got {value}")
+        if value > MAX_OPTION_INT:
+            shown = value if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+            raise ELMError(f"{what}: option {name} must be <= {MAX_OPTION_INT}, got {shown}")
         return
     if kind is float or (untyped and isinstance(value, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > sys.float_info.max \
+                or not math.isfinite(value):
             raise ELMError(f"{what}: option {name} must be a finite number, got {value!r:.60}")
         if name in FRACTION_OPTIONS and not 0 <= value < 1:
             raise ELMError(f"{what}: option {name} must be in [0, 1), got {value}")
@@ -277,8 +284,12 @@ def data_files(name, data_dir):
     data_dir = os.fspath(data_dir)
     if os.path.isfile(data_dir):
         return [data_dir]
+    spec = task_spec(name)
+    if spec.name == "text" and os.path.isdir(data_dir):  # the reader takes the one file the directory holds
+        return [os.path.join(data_dir, f) for f in sorted(os.listdir(data_dir))
+                if not f.startswith(".") and os.path.isfile(os.path.join(data_dir, f))]
     found = []
-    for pattern in task_spec(name).files:
+    for pattern in spec.files:
         for alternative in pattern.split("|"):
             found += glob.glob(os.path.join(glob.escape(data_dir), alternative), recursive=True)
     return found
@@ -292,6 +303,9 @@ def check_data_dir(spec, data_dir):
     data_dir = os.fspath(data_dir)
     if spec.own_search and os.path.exists(data_dir):
         return
+    if os.path.isfile(data_dir):
+        raise DataError(f"{spec.name}: {data_dir} is a file; the task reads a directory holding "
+                        f"{', '.join(spec.files)}")
     if not os.path.isdir(data_dir):
         raise DataError(f"{spec.name}: data directory {data_dir} does not exist (it should hold "
                         f"{', '.join(spec.files)}). Get the data from {spec.source}")
@@ -349,8 +363,9 @@ def generate(name, out_dir, n=None, seed=0, progress=False, **options):
         raise ELMError(f"task '{spec.name}' cannot be generated (generatable: {', '.join(GENERATABLE)}); "
                        f"get its data from {spec.source}")
     n = spec.default_n if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ELMError(f"n must be a positive integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_OPTION_INT:
+        raise ELMError(f"n must be an integer in [1, {MAX_OPTION_INT}], got "
+                       f"{n if not isinstance(n, int) or n.bit_length() <= 128 else 'a huge integer'}")
     for field, value in spec.generator_options.items():
         if field in options and options[field] != value:
             hint = f"; use task 'pathfinder' with {field}={options[field]}" if field == "size" else ""

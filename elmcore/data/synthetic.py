@@ -122,6 +122,18 @@ def generate_synthetic(out_dir, name, n=1000, seed=0, length=DEFAULT_LENGTH, num
     return task.save(os.path.join(os.fspath(out_dir), f"{name}.npz"))
 
 
+def _as_float32(array, where):
+    """``array`` as float32; NaN, infinity or a value beyond float32's range (which the cast would make
+    infinite, with only a NumPy warning to tell) is a DataError naming ``where``."""
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise DataError(f"{where} must hold real numbers, got {array.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = array.astype(np.float32, copy=False)
+    if not np.isfinite(cast).all():
+        raise DataError(f"{where} holds NaN, infinite values or values beyond float32's range (±3.4e38)")
+    return cast
+
+
 def load_synthetic(path, expected=None):
     """Read a task written by :meth:`SyntheticTask.save`, checking every array.
 
@@ -154,23 +166,20 @@ def load_synthetic(path, expected=None):
         where = f"{path}: {split}/X"
         if X.ndim != 3 or X.shape[2] != width or not np.issubdtype(X.dtype, np.floating):
             raise DataError(f"{where} must be a float array (N, T, {width}), got {X.dtype} {X.shape}")
-        if not np.isfinite(X).all():
-            raise DataError(f"{where} holds NaN or infinite values")
+        X = _as_float32(X, where)
         want = (len(X), 1) if name == "adding" else (len(X),)
         if target is None or target.shape != want:
             raise DataError(f"{path}: {split}/target must have shape {want}, got "
                             f"{None if target is None else target.shape}")
         if name == "adding":
-            if not np.isfinite(target).all():
-                raise DataError(f"{path}: {split}/target holds NaN or infinite values")
-            target = target.astype(np.float32)
+            target = _as_float32(target, f"{path}: {split}/target")
         else:
             if not np.issubdtype(target.dtype, np.integer) or target.min(initial=0) < 0 or \
                     target.max(initial=0) >= meta["num_tokens"]:
                 raise DataError(f"{path}: {split}/target must be integer classes in "
                                 f"[0, {meta['num_tokens']})")
             target = target.astype(np.int64)
-        splits[split] = (X.astype(np.float32, copy=False), target)
+        splits[split] = (X, target)
     if "train" not in splits:
         raise DataError(f"{path}: no 'train/X' array")
     lengths = {X.shape[1] for X, _ in splits.values()}

@@ -55,6 +55,10 @@ DEFAULT_LENGTH = 256
 MAX_ZIP_MEMBER_BYTES = 1 << 30
 _COUNT_CHUNK = 1 << 22  # bytes per chunk when counting (bincount works on intp copies)
 GENERATED_NAME = "corpus.txt"
+# The generator's vocabulary: its transition matrix and set-up loops grow with the square of it.
+MAX_WORDS = 4096
+# Memory the generator holds per character while it builds a text (measured: about 13).
+BYTES_PER_GENERATED_CHAR = 16
 
 
 # ---- reading bytes -------------------------------------------------------------------------
@@ -418,8 +422,15 @@ class WordMarkovSource:
 
 def generate_text(out_dir, num_chars=100_000, seed=0, num_words=24, branching=3):
     """Write ``out_dir/corpus.txt`` (``num_chars`` ASCII characters) from a :class:`WordMarkovSource`."""
+    from elmcore.engine.memory import check_memory
     if isinstance(num_chars, bool) or not isinstance(num_chars, (int, np.integer)) or num_chars < 1:
         raise DataError(f"num_chars must be a positive integer, got {num_chars!r}")
+    for name, value, low, high in (("num_words", num_words, 2, MAX_WORDS), ("branching", branching, 1, MAX_WORDS)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+            shown = value if not isinstance(value, int) or value.bit_length() < 128 else "a huge integer"
+            raise DataError(f"text option {name} must be an integer in [{low}, {high}], got {shown!r}")
+    # The text is built in memory: a word object per few characters, then the joined and encoded copies.
+    check_memory(BYTES_PER_GENERATED_CHAR * int(num_chars), f"generating a text of {int(num_chars):,} characters")
     source = WordMarkovSource(seed=seed, num_words=num_words, branching=branching)
     text = source.sample(int(num_chars), np.random.default_rng([seed, 1]))
     path = os.path.join(os.fspath(out_dir), GENERATED_NAME)

@@ -40,7 +40,10 @@ def memory_limit_bytes():
 def format_bytes(n):
     for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if n >= size:
-            return f"{n / size:.3g} {unit}"
+            try:
+                return f"{n / size:.3g} {unit}"
+            except OverflowError:  # a Python int past the float range
+                return f"more than 2^{int(n).bit_length() - 1} bytes"
     return f"{int(n)} bytes"
 
 

@@ -43,7 +43,21 @@ class InputChecks:
             X = X.view(self.xp.uint8)
         if X.dtype.itemsize == 1:
             return self.xp.ascontiguousarray(X)
+        if X.dtype.kind == "f" and X.dtype.itemsize > self.dtype.itemsize:
+            self._check_input_range(X)
         return self.xp.ascontiguousarray(X, dtype=self.dtype)
+
+    def _check_input_range(self, X):
+        """A finite input the model's dtype cannot hold would become inf in the cast (with only a
+        NumPy warning to tell): name it instead."""
+        xp = self.xp
+        limit = float(np.finfo(self.dtype).max)
+        with np.errstate(invalid="ignore"):
+            beyond = xp.isfinite(X) & (xp.abs(X) > limit)
+        if bool(xp.any(beyond)):
+            b, t, i = (int(v) for v in self.backend.to_host(xp.argwhere(beyond)[0]))
+            raise DataError(f"input value {float(X[b, t, i]):g} (batch {b}, step {t}, input {i}) is beyond the "
+                            f"range of {self.dtype.name} (±{limit:.3g}); use dtype float64 or rescale the input")
 
     def _check_output(self, Y, X):
         """NaNs in X reach Y (routing multiplies them in); find their source only when they do."""

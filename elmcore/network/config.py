@@ -2,17 +2,23 @@
 
 import dataclasses
 import json
-import math
 from typing import Optional
 
 from elmcore.errors import ConfigError, ELMError, did_you_mean
-from elmcore.engine.fields import (ACTIVATIONS, NETWORK_VERSION, SINGLE_NEURON_ONLY_FIELDS, TAU_INIT_MARGIN,
-                                   V2_MIN_TAU_SPAN, require_int, require_positive_float)
+from elmcore.engine.fields import (ACTIVATIONS, NETWORK_VERSION, SINGLE_NEURON_ONLY_FIELDS,
+                                   TAU_INIT_MARGIN, V2_MIN_TAU_SPAN, is_finite_number, require_int,
+                                   require_mlp_depth, require_positive_float, require_tau_margin, shown)
 from elmcore.engine.memory import check_memory
 
 
-# A config whose parameters or per-step state would need more elements than this is
-# a typo (num_neurons=1e9), not an experiment: refuse it before allocating anything.
+def mlp_parameter_count(fan_in, hidden, layers, fan_out):
+    """Weights and biases of an MLP fan_in -> ``layers`` hidden layers of width ``hidden`` -> fan_out,
+    in closed form (no per-layer list, so a config with absurdly many layers is counted at once)."""
+    if layers == 0:
+        return fan_in * fan_out + fan_out
+    return fan_in * hidden + hidden + (layers - 1) * (hidden * hidden + hidden) + hidden * fan_out + fan_out
+
+
 def network_parameter_count(num_output, num_neurons, num_memory, num_branch, num_synapse_per_branch,
                             mlp_num_layers=1, mlp_hidden_size=None, learn_memory_tau=False, num_layers=1):
     """Trainable parameters of an ELM Network (docs/spec.md §7.2).
@@ -25,13 +31,31 @@ def network_parameter_count(num_output, num_neurons, num_memory, num_branch, num
     """
     d_m, n_b, N = num_memory, num_branch, num_neurons
     h = mlp_hidden_size or 2 * d_m
-    widths = [n_b + d_m] + [h] * mlp_num_layers + [d_m]
-    mlp = sum(w_in * w_out + w_out for w_in, w_out in zip(widths[:-1], widths[1:]))
+    mlp = mlp_parameter_count(n_b + d_m, h, mlp_num_layers, d_m)
     per_neuron = n_b * num_synapse_per_branch + mlp + (d_m + 1) + (d_m if learn_memory_tau else 0)
     return num_layers * N * per_neuron + num_output * (N + 1)
 
 
+# A config whose parameters or per-step state would need more elements than this is
+# a typo (num_neurons=1e9), not an experiment: refuse it before allocating anything.
 MAX_NETWORK_ELEMENTS = 1 << 31
+# Each size field's usual value: a field reset to it shows how much of a network's size it causes.
+_USUAL_SIZES = {"num_neurons": 8, "num_layers": 1, "num_memory": 10, "mlp_num_layers": 1, "mlp_hidden_size": 20,
+                "num_branch": 4, "num_synapse_per_branch": 4, "num_input": 1, "num_output": 1}
+
+
+def _size_counts(sizes):
+    """(elements, the size fields they multiply) of what a network of ``sizes`` allocates per layer stack:
+    synapse weights, synapse sources, the readout, and every neuron's parameters."""
+    N, L, d_m, n_b = sizes["num_neurons"], sizes["num_layers"], sizes["num_memory"], sizes["num_branch"]
+    k_c = n_b * sizes["num_synapse_per_branch"]
+    h = sizes["mlp_hidden_size"] or 2 * d_m
+    per_neuron = k_c + mlp_parameter_count(n_b + d_m, h, sizes["mlp_num_layers"], d_m) + 2 * d_m + 1 + n_b
+    return [(N * k_c * L, ("num_neurons", "num_layers", "num_branch", "num_synapse_per_branch")),
+            (max(sizes["num_input"], N) * N * n_b, ("num_input", "num_neurons", "num_branch")),
+            (sizes["num_output"] * (N + 1), ("num_output", "num_neurons")),
+            (N * per_neuron * L, ("num_neurons", "num_layers", "mlp_num_layers", "mlp_hidden_size", "num_memory",
+                                  "num_branch", "num_synapse_per_branch"))]
 
 
 @dataclasses.dataclass
@@ -115,9 +139,8 @@ class NetworkConfig:
         for name in ("lambda_value", "tau_b_value", "memory_tau_min", "memory_tau_max", "delta_t"):
             require_positive_float(name, getattr(self, name))
         rho = self.recurrent_fraction
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) \
-                or not 0 <= rho <= 1:
-            raise ConfigError("recurrent_fraction", f"must be a number in [0, 1], got {rho!r}")
+        if not is_finite_number(rho) or not 0 <= rho <= 1:
+            raise ConfigError("recurrent_fraction", f"must be a number in [0, 1], got {shown(rho)}")
         if not isinstance(self.learn_memory_tau, bool):
             raise ConfigError("learn_memory_tau", f"must be true or false, got {self.learn_memory_tau!r}")
         if self.mlp_activation not in ACTIVATIONS:
@@ -127,28 +150,35 @@ class NetworkConfig:
             raise ConfigError("memory_tau_max",
                               f"must exceed memory_tau_min by more than {2 * TAU_INIT_MARGIN:g} "
                               "(the initialisation margin)")
+        require_tau_margin(self.memory_tau_min, self.effective_tau_max)
         self._check_sizes()
 
     def _check_sizes(self):
-        """Name the field that makes the network absurdly large (Python ints: no overflow)."""
-        N, h, d_m = self.num_neurons, self.hidden_size, self.num_memory
-        widths = [self.mlp_input_size] + [h] * self.mlp_num_layers + [d_m]
-        per_neuron = self.num_synapse + sum((widths[j] + 1) * widths[j + 1] for j in range(len(widths) - 1))
-        per_neuron += 2 * d_m + 1 + self.num_branch
-        synapse_field = "num_synapse_per_branch" if self.num_synapse_per_branch >= self.num_branch else "num_branch"
-        memory_field = "mlp_hidden_size" if h > d_m else "num_memory"
-        sizes = [(synapse_field, N * self.num_synapse * self.num_layers),
-                 ("num_input" if self.num_input > N else "num_neurons", max(self.num_input, N) * N * self.num_branch),
-                 ("num_output", self.num_output * (N + 1)),
-                 (memory_field, per_neuron),
-                 ("num_neurons", N * per_neuron * self.num_layers)]
-        for field, elements in sizes:
+        """Name the field that makes the network absurdly large (Python ints: no overflow).
+
+        Each count of :func:`_size_counts` multiplies some of the size fields; when one
+        exceeds the limit, the field to blame is the one whose usual value would shrink
+        that count the most.
+        """
+        sizes = {name: getattr(self, name) for name in _USUAL_SIZES}
+        for index, (elements, fields) in enumerate(_size_counts(sizes)):
             if elements > MAX_NETWORK_ELEMENTS:
-                raise ConfigError(field, f"the network would need {elements:,} parameters "
-                                         f"(more than {MAX_NETWORK_ELEMENTS:,}); check the sizes")
-        check_memory(self.training_bytes(),
-                     f"a network of {self.num_layers} x {N} neurons (d_m {d_m}, k_c {self.num_synapse}, "
-                     f"{self.parameter_count():.3g} parameters, trained in float64)")
+                field = min(fields, key=lambda f: _size_counts({**sizes, f: _USUAL_SIZES[f]})[index][0])
+                raise ConfigError(field, f"{getattr(self, field):,} makes the network need {elements:,} "
+                                         f"parameters (more than {MAX_NETWORK_ELEMENTS:,}); check the sizes")
+        try:
+            check_memory(self.training_bytes(),
+                         f"a network of {self.num_layers} x {self.num_neurons} neurons (d_m {self.num_memory}, "
+                         f"k_c {self.num_synapse}, {self.parameter_count():.3g} parameters, trained in float64)")
+        except ELMError as e:
+            def parameters(f):  # with field f at its usual value
+                d = {**sizes, f: _USUAL_SIZES[f]}
+                return network_parameter_count(d["num_output"], d["num_neurons"], d["num_memory"], d["num_branch"],
+                                               d["num_synapse_per_branch"], d["mlp_num_layers"], d["mlp_hidden_size"],
+                                               self.learn_memory_tau, d["num_layers"])
+            field = min(_USUAL_SIZES, key=parameters)
+            raise ConfigError(field, f"{getattr(self, field):,}: {e}") from None
+        require_mlp_depth(self.mlp_num_layers)
 
     # ---- size ------------------------------------------------------------
     def parameter_count(self):

@@ -11,8 +11,9 @@ import math
 from typing import Optional
 
 from elmcore.errors import ConfigError, ELMError, did_you_mean
-from elmcore.engine.fields import (ACTIVATIONS, NETWORK_VERSION, TAU_INIT_MARGIN, V2_MIN_TAU_SPAN, require_int,
-                                   require_positive_float)
+from elmcore.engine.fields import (ACTIVATIONS, NETWORK_VERSION, TAU_INIT_MARGIN, V2_MIN_TAU_SPAN,
+                                   is_finite_number, require_int, require_mlp_depth, require_positive_float,
+                                   require_tau_margin, shown)
 from elmcore.engine.memory import ARRAY_OVERHEAD_BYTES, check_memory
 from elmcore.storage.fileio import parse_json, read_json
 
@@ -93,9 +94,8 @@ class ELMConfig:
         for name in ("lambda_value", "tau_s_value", "tau_b_value", "memory_tau_min",
                      "memory_tau_max", "delta_t"):
             require_positive_float(name, getattr(self, name))
-        v = self.w_s_value
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError("w_s_value", f"must be a finite number, got {v!r}")
+        if not is_finite_number(self.w_s_value):
+            raise ConfigError("w_s_value", f"must be a finite number, got {shown(self.w_s_value)}")
         if not isinstance(self.learn_memory_tau, bool):
             raise ConfigError("learn_memory_tau", f"must be true or false, got {self.learn_memory_tau!r}")
         if self.mlp_activation not in ACTIVATIONS:
@@ -125,11 +125,13 @@ class ELMConfig:
             raise ConfigError("memory_tau_max",
                               f"must exceed memory_tau_min by more than {2 * TAU_INIT_MARGIN:g} "
                               "(the release's initialisation margin)")
+        require_tau_margin(self.memory_tau_min, self.effective_tau_max)
         sizes = ", ".join(f"{name}={getattr(self, name)}" for name in
                           ("num_input", "num_memory", "mlp_num_layers", "mlp_hidden_size", "num_branch",
                            "num_synapse_per_branch") if getattr(self, name) is not None)
         check_memory(self.training_bytes(),
                      f"a model with {sizes} ({self.parameter_count():.3g} parameters, trained in float64)")
+        require_mlp_depth(self.mlp_num_layers)
 
     # ---- size ------------------------------------------------------------
     def parameter_count(self):

@@ -40,12 +40,9 @@ def describe_fields():
     return lines
 
 
-def _read_json(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ELMError(f"cannot read {what} {path}: {e}") from None
+def _read_json(path, what, regular_only=True):
+    from elmcore.storage.fileio import read_json
+    value = read_json(path, what, regular_only=True)
     if not isinstance(value, dict):
         raise ELMError(f"{path} is not a JSON object")
     return value
@@ -75,11 +72,12 @@ def describe_run(run_dir):
                                           if k not in skip and not (k == "lr_restarts" and not v)))
     summary_file = os.path.join(run_dir, "summary.json")
     if os.path.exists(summary_file):
-        summary = _read_json(summary_file, "run summary")
-        split = summary.get("selection_split", "valid")
-        best = summary.get("best_metric", summary.get("best_valid_metric"))
+        from elmcore.training.train import read_summary
+        summary = read_summary(run_dir)
+        split = summary.get("selection_split") or "valid"
+        best = summary.get("best_metric")
         lines.append(f"finished: {summary.get('steps')} steps, {summary.get('epochs')} epochs, "
-                     f"{summary.get('seconds', 0):.1f} s")
+                     f"{summary.get('seconds') or 0:.1f} s")
         best = format(best, ".4g") if isinstance(best, float) else best
         lines.append(f"model selected on the {split} split: best {summary.get('metric')} {best} "
                      f"at step {summary.get('best_step')}")

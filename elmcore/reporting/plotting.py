@@ -67,6 +67,9 @@ def read_metrics(run_dir):
             if number == len(raw_lines):
                 continue  # the last line, torn by a kill
             raise ELMError(f"{where} is not JSON: the log is damaged") from None
+        except (ValueError, RecursionError):  # an integer of thousands of digits, or absurd nesting
+            raise ELMError(f"{where} holds no readable record (a number too long or nesting too deep): "
+                           "the log is damaged") from None
         if not isinstance(rec, dict):
             raise ELMError(f"{where} is not a JSON object: the log is damaged")
         if rec.get("type") == "step":
@@ -87,10 +90,10 @@ def read_metrics(run_dir):
 
 def _read_optional_json(path):
     """A JSON object from ``path``, or None when the file is absent or unreadable (plots go without it)."""
+    from elmcore.storage.fileio import read_json
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError):
+        value = read_json(path, regular_only=True)
+    except ELMError:
         return None
     return value if isinstance(value, dict) else None
 
@@ -159,6 +162,17 @@ def plot_run(run_dir, output=None):
     """Write the learning curves of ``run_dir`` to ``output`` (default ``run_dir/curves.png``)."""
     steps, epochs = read_metrics(run_dir)
     plt = import_pyplot()
+    import warnings
+
+    import numpy as np
+    # Values near the float range (a loss of 1e308) overflow inside matplotlib's scaling: the
+    # curve is still drawn, and those internal warnings are not the user's to read.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _plot_run(plt, run_dir, steps, epochs, output)
+
+
+def _plot_run(plt, run_dir, steps, epochs, output):
     from matplotlib.ticker import MaxNLocator
     summary = _read_optional_json(os.path.join(run_dir, "summary.json"))
     settings = _read_optional_json(os.path.join(run_dir, "run.json"))

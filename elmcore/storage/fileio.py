@@ -236,17 +236,36 @@ def parse_json(text, source):
         raise ELMError(f"{source}: not valid JSON ({e})") from None
     except RecursionError:
         raise ELMError(f"{source}: JSON nested too deeply to read") from None
+    except ValueError as e:  # an integer past Python's digit limit for int(str)
+        raise ELMError(f"{source}: not readable JSON ({too_long_number(e)})") from None
+
+
+def too_long_number(error):
+    """Words for the ValueError a parser raises on an integer of thousands of digits (else its own text)."""
+    text = str(error)
+    if "digits" in text and "limit" in text:
+        return "it holds an integer of thousands of digits; no setting takes one"
+    return text
 
 
 # JSON files elmcore reads are configs and run settings: a few KiB. The cap stops /dev/zero and the like.
 MAX_JSON_BYTES = 64 * 2 ** 20
 
 
-def read_json(path, what="file"):
-    """Parse the JSON file ``path``; missing, unreadable, oversized, non-UTF-8 or malformed files raise an ELMError."""
+def _read_settings_text(path, what, regular_only=False):
+    """The text of a small UTF-8 settings file; every way it cannot be read is an ELMError naming it.
+
+    ``regular_only``: refuse anything but a regular file (a FIFO would wait for a writer forever);
+    for the files of a run or sweep directory, which elmcore writes itself.
+    """
     path = os.fspath(path)
     if "\0" in path:
         raise ELMError(f"{what} {path!r}: not a file name")
+    if regular_only:
+        with contextlib.suppress(OSError):
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+                raise ELMError(f"{what} {path} is not a regular file")
     try:
         with open(path, "r", encoding="utf-8") as f:
             text = f.read(MAX_JSON_BYTES + 1)
@@ -260,7 +279,31 @@ def read_json(path, what="file"):
         raise ELMError(f"{what} {path} is not UTF-8 text") from None
     except OSError as e:
         raise ELMError(f"cannot read {what} {path}: {describe_os_error(e)}") from None
+    return path, text
+
+
+def read_json(path, what="file", regular_only=False):
+    """Parse the JSON file ``path``; missing, unreadable, oversized, non-UTF-8 or malformed files raise an ELMError."""
+    path, text = _read_settings_text(path, what, regular_only)
     return parse_json(text, path)
+
+
+def read_toml(path, what="file"):
+    """Parse the TOML file ``path``, with :func:`read_json`'s checks."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ELMError("reading TOML needs Python 3.11+ or the 'tomli' package") from None
+    path, text = _read_settings_text(path, what)
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise ELMError(f"{path}: cannot parse {what} (nested too deeply)") from None
+    except ValueError as e:  # TOMLDecodeError, or an integer past Python's digit limit
+        raise ELMError(f"{path}: cannot parse {what} ({too_long_number(e)})") from None
 
 
 _NPY_MAGIC = b"\x93NUMPY"

@@ -84,6 +84,15 @@ class Communicator:
         """Rank 0's ``obj`` on every rank."""
         return obj
 
+    def on_root(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)`` run on rank 0 alone; its result on every rank.
+
+        When it fails, every rank raises: rank 0 its own error, the others a silent
+        :class:`ReportedByRoot`, so the job ends at once with rank 0's one line instead
+        of leaving the other ranks waiting in their next collective.
+        """
+        return function(*args, **kwargs)
+
     def output_on_root(self, progress, log):
         """The progress flag and log function a rank should use: rank 0's own, silence elsewhere."""
         if self.is_root:
@@ -93,6 +102,20 @@ class Communicator:
 
 def _silent(message):
     pass
+
+
+class ReportedByRoot(ELMError):
+    """What a rank other than 0 raises when rank 0 failed at something only it does; rank 0 reports it."""
+    silent = True
+
+
+def mark_collective(error):
+    """Note on ``error`` that every rank knows of it, so ending the job needs no abort."""
+    try:
+        error.collective = True
+    except AttributeError:  # an exception type that takes no attributes
+        pass
+    return error
 
 
 def flatten_into(buffer, grads, keys):
@@ -145,6 +168,19 @@ class MPICommunicator(Communicator):
         buffer[end] = loss
         buffer *= buffer.dtype.type(weight)
         return keys, buffer
+
+    def on_root(self, function, *args, **kwargs):
+        outcome = None
+        if self.is_root:
+            try:
+                outcome = ("ok", function(*args, **kwargs))
+            except Exception as e:
+                self.world.bcast(("error", str(e)), root=0)
+                raise mark_collective(e)
+        outcome = self.world.bcast(outcome, root=0)
+        if outcome[0] == "error":
+            raise mark_collective(ReportedByRoot(outcome[1]))
+        return outcome[1]
 
     def allreduce_gradients(self, grads, loss, weight):
         keys, buffer = self._pack(grads, loss, weight, np)
@@ -244,6 +280,7 @@ def communicator(device="cpu"):
                            "for a different MPI than the mpiexec that started this job; use the mpiexec "
                            "of the MPI that mpi4py loads (`python -m mpi4py --mpi-library`)")
         _world = world
+        _end_the_job_on_uncaught_errors()
     if device in ("cuda", "auto") and _uses_real_gpu():
         return NCCLCommunicator(_world)
     return MPICommunicator(_world)
@@ -266,6 +303,57 @@ def announce_run_dir(run_dir):
     with contextlib.suppress(OSError):  # no parent listening, or a full pipe: the parent falls back to argv
         os.set_blocking(int(fd), False)
         os.write(int(fd), (os.path.abspath(run_dir) + "\n").encode())
+
+
+# ---- ending a job when one rank fails -----------------------------------------------------------
+
+# A rank other than 0 that fails waits this long before it reports and aborts: when rank 0 fails
+# too (most errors reach every rank alike), rank 0's abort ends the job first, so it reports once.
+REPORT_GRACE_S = 2.0
+
+
+def in_parallel_job():
+    """Whether this process is one of several MPI ranks (the world was set up by :func:`communicator`)."""
+    return _world is not None and not _alone and _world.Get_size() > 1
+
+
+def end_job_after(report, code=2, collective=False):
+    """Call ``report()`` (which prints the one error line); then, in a job of several ranks, end every rank.
+
+    One rank's error would leave the others waiting forever in their next collective, so
+    the job is aborted, unless the error is ``collective`` (every rank raised it and exits).
+    MPI's own abort banner is held back: the error line is the whole message.
+    """
+    if not in_parallel_job() or collective:
+        report()
+        return
+    import sys
+    import time
+    if _world.Get_rank() != 0:
+        time.sleep(REPORT_GRACE_S)
+    report()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    _world.Abort(code)
+
+
+def _end_the_job_on_uncaught_errors():
+    """A traceback on one rank ends the whole job (exit 1), instead of leaving the others waiting."""
+    import sys
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, (KeyboardInterrupt, SystemExit)):
+            previous(kind, value, tb)
+            return
+        end_job_after(lambda: previous(kind, value, tb), code=1)
+
+    sys.excepthook = hook
 
 
 @contextlib.contextmanager

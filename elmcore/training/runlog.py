@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import stat
 
 from elmcore.errors import ELMError
 from elmcore.storage.fileio import describe_os_error
@@ -60,6 +61,9 @@ def parse_record(line):
 def read_records(path):
     """(records in file order, number of damaged lines skipped); an absent file holds none."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+            # Reading /dev/zero would never end, and opening a FIFO waits for a writer.
+            raise ELMError(f"{path} is not a regular file, expected the run's metrics log")
         with open(path, "rb") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:

@@ -31,9 +31,10 @@ import os
 import subprocess
 import sys
 
+from elmcore.engine.fields import shown
 from elmcore.network.config import network_parameter_count
 from elmcore.errors import ELMError, did_you_mean
-from elmcore.storage.fileio import atomic_output, atomic_write_text
+from elmcore.storage.fileio import atomic_output, atomic_write_text, describe_os_error, read_json, refuse_inputs
 
 POINT_FILE = "point.json"
 SUMMARY_CSV = "summary.csv"
@@ -44,6 +45,12 @@ NETWORK_FIELDS = ("num_neurons", "num_layers", "recurrent_fraction")
 BUDGET_FIELDS = ("num_neurons", "num_memory", "num_synapse_per_branch", "num_branch")
 # Override keys that only label a point (its column in summary.csv), not run settings.
 LABELS = ("budget",)
+MAX_POINTS = 10000
+# Shapes a [budget] table may ask to count: each is a few microseconds of arithmetic.
+MAX_BUDGET_CANDIDATES = 10 ** 6
+# Candidate sizes and budgets past these describe no network elmcore could build.
+MAX_CANDIDATE = 1 << 31
+MAX_BUDGET = 1e15
 
 
 # ---- the budget mode: pure parameter arithmetic ----------------------------------------------------
@@ -55,24 +62,65 @@ def budget_shapes(budgets, tolerance, num_output, num_neurons, num_memory, num_s
     Returns dicts with the four fields plus ``budget`` and ``parameters``, ordered by
     budget, then parameter count. A shape near two budgets appears under each.
     ``fixed`` passes the other count inputs (mlp_num_layers, mlp_hidden_size,
-    learn_memory_tau, num_layers).
+    learn_memory_tau, num_layers). Every input is checked, and the candidates are
+    counted, before any shape is looked at.
     """
-    if not budgets:
-        raise ELMError("budget mode needs a non-empty list of budgets")
-    if not 0 <= tolerance < 1:
-        raise ELMError(f"budget tolerance must lie in [0, 1), got {tolerance}")
+    budgets = _budget_list(budgets)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise ELMError(f"sweep [budget] tolerance must be a number in [0, 1), got {shown(tolerance)}")
+    _check_count("num_output", num_output, 1)
+    lists = {name: _candidate_list(name, values) for name, values in
+             (("num_neurons", num_neurons), ("num_memory", num_memory), ("num_branch", num_branch),
+              ("num_synapse_per_branch", num_synapse_per_branch))}
+    for name, value in fixed.items():
+        if name == "learn_memory_tau":
+            if not isinstance(value, bool):
+                raise ELMError(f"budget mode: model.learn_memory_tau must be true or false, got {shown(value)}")
+        elif not (name == "mlp_hidden_size" and value is None):
+            _check_count(f"model.{name}", value, 0 if name == "mlp_num_layers" else 1)
+    candidates = len(budgets) * math.prod(len(v) for v in lists.values())
+    if candidates > MAX_BUDGET_CANDIDATES:
+        sizes = " x ".join([f"{len(budgets)} budgets"] + [f"{len(v)} {k}" for k, v in lists.items()])
+        raise ELMError(f"sweep [budget] asks to count {candidates:,} candidate shapes ({sizes}); at most "
+                       f"{MAX_BUDGET_CANDIDATES:,}: shorten the candidate lists")
     out = []
     for budget in budgets:
-        if not budget > 0:
-            raise ELMError(f"a parameter budget must be > 0, got {budget}")
         found = []
-        for N, d_m, n_b, spb in itertools.product(num_neurons, num_memory, num_branch, num_synapse_per_branch):
+        for N, d_m, n_b, spb in itertools.product(*lists.values()):
             p = network_parameter_count(num_output, N, d_m, n_b, spb, **fixed)
             if abs(p - budget) <= tolerance * budget:
                 found.append({"budget": budget, "num_neurons": N, "num_memory": d_m, "num_branch": n_b,
                               "num_synapse_per_branch": spb, "parameters": p})
         out += sorted(found, key=lambda s: (s["parameters"], s["num_neurons"], s["num_memory"]))
     return out
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_count(name, value, minimum):
+    if not _is_int(value) or not minimum <= value <= MAX_CANDIDATE:
+        raise ELMError(f"budget mode: {name} must be an integer in [{minimum}, {MAX_CANDIDATE:,}], "
+                       f"got {shown(value)}")
+
+
+def _budget_list(budgets):
+    if not isinstance(budgets, (list, tuple)) or not budgets:
+        raise ELMError(f"sweep [budget] budgets must be a non-empty list of parameter counts, got {shown(budgets)}")
+    for budget in budgets:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= MAX_BUDGET:
+            raise ELMError(f"sweep [budget] budgets: a parameter budget must be a number in (0, {MAX_BUDGET:.0e}], "
+                           f"got {shown(budget)}")
+    return list(budgets)
+
+
+def _candidate_list(name, values):
+    if not isinstance(values, (list, tuple)) or not values or \
+            not all(_is_int(v) and 1 <= v <= MAX_CANDIDATE for v in values):
+        raise ELMError(f"sweep [budget] {name} must be a non-empty list of integers in [1, {MAX_CANDIDATE:,}], "
+                       f"got {shown(values)}")
+    return list(values)
 
 
 # ---- reading a sweep file --------------------------------------------------------------------------
@@ -111,7 +159,11 @@ def _apply(base, overrides):
         if len(path) == 1:
             settings[key] = value
         else:
-            settings.setdefault(path[0], {})[path[1]] = value
+            section = settings.setdefault(path[0], {})
+            if not isinstance(section, dict):
+                raise ELMError(f"sweep [base] {path[0]} must be a table of fields (the sweep sets {key}), "
+                               f"got {shown(section)}")
+            section[path[1]] = value
     return settings
 
 
@@ -130,6 +182,8 @@ def expand_points(spec):
     base = spec.get("base", {})
     if not isinstance(base, dict):
         raise ELMError("sweep [base] must be a table of run settings")
+    if "sweep_dir" in spec:
+        _check_sweep_dir(spec["sweep_dir"], "sweep_dir")
     if "points" in spec and "budget" in spec:
         raise ELMError("a sweep takes [[points]] or [budget], not both (a [grid] combines with either)")
     firsts = [{}]
@@ -142,10 +196,11 @@ def expand_points(spec):
     grid = spec.get("grid", {})
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise ELMError("sweep [grid] must map each field to a non-empty list of values")
+    count = len(firsts) * math.prod(len(v) for v in grid.values())
+    if count > MAX_POINTS:
+        raise ELMError(f"the sweep has {count:,} points; split it (at most {MAX_POINTS:,})")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
     all_overrides = [{**first, **combo} for first in firsts for combo in combos]
-    if len(all_overrides) > 10000:
-        raise ELMError(f"the sweep has {len(all_overrides)} points; split it (at most 10000)")
     # Directory names show only what differs between points (a budget sweep's version does not).
     varying = [k for k in dict.fromkeys(k for o in all_overrides for k in o)
                if len({json.dumps(o.get(k), sort_keys=True) for o in all_overrides}) > 1]
@@ -167,8 +222,10 @@ def _budget_points(budget, base):
     except KeyError as e:
         raise ELMError(f"sweep [budget] needs {e.args[0]} (and budgets, num_neurons, num_memory, "
                        "num_synapse_per_branch)") from None
-    lists["num_branch"] = options.pop("num_branch", [base.get("model", {}).get("num_branch", 4)])
     model = base.get("model", {})
+    if not isinstance(model, dict):
+        raise ELMError(f"sweep [base] model must be a table of model fields, got {shown(model)}")
+    lists["num_branch"] = options.pop("num_branch", [model.get("num_branch", 4)])
     if "num_output" not in model:
         raise ELMError("budget mode needs model.num_output in [base] (the readout counts K·(N+1))")
     fixed = {k: model[k] for k in ("mlp_num_layers", "mlp_hidden_size", "learn_memory_tau", "num_layers")
@@ -182,40 +239,77 @@ def _budget_points(budget, base):
             for s in shapes]
 
 
+def _check_sweep_dir(value, what):
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ELMError(f"{what} must be a directory name (a non-empty string without NUL characters), "
+                       f"got {shown(value)}")
+
+
 def sweep_directory(spec, path):
     """Where the sweep's points go: ``sweep_dir`` of the file, else ``sweeps/<file name>``."""
-    return spec.get("sweep_dir") or os.path.join("sweeps", os.path.splitext(os.path.basename(path))[0])
+    directory = spec.get("sweep_dir") or os.path.join("sweeps", os.path.splitext(os.path.basename(path))[0])
+    _check_sweep_dir(directory, "sweep_dir")
+    return directory
 
 
 # ---- running the points ------------------------------------------------------------------------------
 
-def point_dirs(points, sweep_dir):
-    """Create the point directories (or check they hold the same points as before); their paths."""
+def sweep_outputs(points, sweep_dir):
+    """Every file a sweep (and its points' training) may write."""
+    from elmcore.training.train import LOCK, RUN_FILES
+    yield os.path.join(sweep_dir, SUMMARY_CSV)
+    yield os.path.join(sweep_dir, PLOT)
+    for p in points:
+        for name in (POINT_FILE, LOG, LOCK, *RUN_FILES):
+            yield os.path.join(sweep_dir, p.name, name)
+
+
+def check_outputs(points, sweep_dir, inputs=()):
+    """Refuse a sweep that would write over one of ``inputs`` (the sweep file) or a data file a point reads."""
+    from elmcore.training.train import data_inputs
+    read = list(inputs)
+    for p in points:
+        read += [f for f in data_inputs(p.settings.get("task"), p.settings.get("data_dir")) if f not in read]
+    for output in sweep_outputs(points, sweep_dir):
+        refuse_inputs(output, read)
+
+
+def point_dirs(points, sweep_dir, inputs=()):
+    """Create the point directories (or check they hold the same points as before); their paths.
+
+    Checked before anything is written: every point's settings, that no file the sweep
+    writes is one of ``inputs`` or of the points' data files, and that the points
+    already there are the sweep's own and their finished summaries are readable.
+    """
     from elmcore.training.train import TrainSettings
     for p in points:  # an impossible setting fails the sweep before any point trains
         try:
             TrainSettings.from_dict(dict(p.settings)).validate()
         except ELMError as e:
             raise ELMError(f"sweep point {p.name}: {e}") from None
-    os.makedirs(sweep_dir, exist_ok=True)
-    dirs = []
-    for p in points:
-        d = os.path.join(sweep_dir, p.name)
-        record = {"name": p.name, "overrides": p.overrides, "settings": p.settings}
+    check_outputs(points, sweep_dir, inputs)
+    dirs = [os.path.join(sweep_dir, p.name) for p in points]
+    for p, d in zip(points, dirs):
         path = os.path.join(d, POINT_FILE)
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    old = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise ELMError(f"{path} is unreadable ({e}); remove the point directory to retrain it") from None
-            if old.get("settings") != json.loads(json.dumps(p.settings)):
-                raise ELMError(f"{d} holds another point than the sweep file now makes (the file changed); "
+        if os.path.lexists(path):
+            old = read_json(path, "sweep point file", regular_only=True)
+            if not isinstance(old, dict) or old.get("settings") != json.loads(json.dumps(p.settings)):
+                raise ELMError(f"{d} holds another point than the sweep file now makes ({path} differs); "
                                "give the sweep another sweep_dir or remove the old one")
-        else:
+            if point_state(d) == "done":
+                read_point_summary(d)
+            elif point_state(d) == "interrupted":
+                _check_checkpoint(d)
+    for d in [sweep_dir] + dirs:
+        try:
             os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise ELMError(f"cannot create the sweep directory {d}: {describe_os_error(e)}") from None
+    for p, d in zip(points, dirs):
+        path = os.path.join(d, POINT_FILE)
+        if not os.path.lexists(path):
+            record = {"name": p.name, "overrides": p.overrides, "settings": p.settings}
             atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-        dirs.append(d)
     return dirs
 
 
@@ -223,6 +317,25 @@ def point_state(point_dir):
     if os.path.exists(os.path.join(point_dir, "summary.json")):
         return "done"
     return "interrupted" if os.path.exists(os.path.join(point_dir, "last.npz")) else "new"
+
+
+def read_point_summary(point_dir):
+    """A finished point's summary.json, checked (:func:`elmcore.training.train.read_summary`)."""
+    from elmcore.training.train import read_summary
+    try:
+        return read_summary(point_dir)
+    except ELMError as e:
+        raise ELMError(f"{e} (remove it to retrain the point)") from None
+
+
+def _check_checkpoint(point_dir):
+    """An interrupted point's last.npz is readable, so its resume cannot fail the sweep halfway."""
+    from elmcore.training.checkpoint import load_file
+    path = os.path.join(point_dir, "last.npz")
+    try:
+        load_file(path)
+    except ELMError as e:
+        raise ELMError(f"{e} (remove {path} to restart the point)") from None
 
 
 def train_point(point_dir):
@@ -239,8 +352,10 @@ def train_point(point_dir):
         if point_state(point_dir) == "interrupted":
             trainer = Trainer.resume(point_dir, progress=False, log=log)
         else:
-            with open(os.path.join(point_dir, POINT_FILE)) as f:
-                settings = dict(json.load(f)["settings"], run_dir=point_dir)
+            record = read_json(os.path.join(point_dir, POINT_FILE), "sweep point file", regular_only=True)
+            if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+                raise ELMError(f"{os.path.join(point_dir, POINT_FILE)}: not a sweep point file (no settings)")
+            settings = dict(record["settings"], run_dir=point_dir)
             trainer = Trainer(TrainSettings.from_dict(settings), progress=False, log=log)
         trainer.run()
 
@@ -251,8 +366,13 @@ def _train_in_process(point_dir, log):
         return True
     except Exception as e:  # one broken point must not end a long sweep; the log keeps the reason
         import traceback
-        with open(os.path.join(point_dir, LOG), "a") as f:
-            f.write(f"error: {e}\n" if isinstance(e, ELMError) else traceback.format_exc())
+        try:
+            with open(os.path.join(point_dir, LOG), "a") as f:
+                f.write(f"error: {e}\n" if isinstance(e, ELMError) else traceback.format_exc())
+        except OSError as log_error:  # the log itself cannot be written: say so here instead
+            log(f"point {os.path.basename(point_dir)} failed: {e} (and its log cannot be written: "
+                f"{describe_os_error(log_error)})")
+            return False
         log(f"point {os.path.basename(point_dir)} failed: {e} (see {os.path.join(point_dir, LOG)})")
         return False
 
@@ -322,9 +442,10 @@ def _train_in_processes(todo, jobs, log):
                 worker.wait()
 
 
-def run_sweep(points, sweep_dir, jobs=1, log=print):
+def run_sweep(points, sweep_dir, jobs=1, log=print, inputs=()):
     """Train every unfinished point; write summary.csv and sweep.png; return the summary rows.
 
+    ``inputs``: the files the sweep was read from; nothing the sweep writes may be one of them.
     Under an MPI launcher with K > 1 ranks, rank r trains points r, r+K, … and
     rank 0 writes the summary once all ranks are through.
     """
@@ -332,7 +453,7 @@ def run_sweep(points, sweep_dir, jobs=1, log=print):
     comm = communicator()
     if comm.size > 1 and jobs > 1:
         raise ELMError("use either mpiexec (points over ranks) or --jobs (local processes), not both")
-    dirs = comm.bcast(point_dirs(points, sweep_dir) if comm.is_root else None)
+    dirs = comm.on_root(point_dirs, points, sweep_dir, inputs)
     if comm.size > 1:
         log = _prefixed(log, f"rank {comm.rank}: ")
     todo = [d for i, d in enumerate(dirs) if i % comm.size == comm.rank and point_state(d) != "done"]
@@ -350,10 +471,10 @@ def run_sweep(points, sweep_dir, jobs=1, log=print):
     if not comm.is_root:
         return None
     rows = summarize(points, dirs)
-    write_summary(rows, os.path.join(sweep_dir, SUMMARY_CSV))
+    write_summary(rows, os.path.join(sweep_dir, SUMMARY_CSV), inputs=inputs)
     try:
         plot_sweep(rows, list(dict.fromkeys(k for p in points for k in p.overrides)),
-                   os.path.join(sweep_dir, PLOT))
+                   os.path.join(sweep_dir, PLOT), inputs=inputs)
     except ELMError as e:
         log(f"no {PLOT}: {e}")
     return rows
@@ -370,10 +491,8 @@ def summarize(points, dirs):
     for p, d in zip(points, dirs):
         row = {"point": p.name, "status": "missing"}
         row.update(p.overrides)
-        summary_path = os.path.join(d, "summary.json")
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                s = json.load(f)
+        if point_state(d) == "done":
+            s = read_point_summary(d)
             metric = s.get("metric")
             row.update(status="done", parameters=s.get("parameters"), metric=metric,
                        selection_split=s.get("selection_split"), best_valid=s.get("best_metric"),
@@ -385,7 +504,7 @@ def summarize(points, dirs):
     return rows
 
 
-def write_summary(rows, path):
+def write_summary(rows, path, inputs=()):
     fields = list(dict.fromkeys(["point", "status"] + [k for r in rows for k in r if k != "run_dir"]
                                 + ["parameters", "metric", "selection_split", "best_valid", "test", "seconds",
                                    "run_dir"]))
@@ -394,10 +513,10 @@ def write_summary(rows, path):
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    atomic_write_text(path, text.getvalue())
+    atomic_write_text(path, text.getvalue(), inputs=inputs)
 
 
-def plot_sweep(rows, fields, path):
+def plot_sweep(rows, fields, path, inputs=()):
     """Validation metric against trainable parameters (log x): every point, and per swept field a line
     through the points that differ from the first finished point in that field alone."""
     try:
@@ -412,24 +531,26 @@ def plot_sweep(rows, fields, path):
     if not done:
         raise ELMError("no finished point has a validation metric to plot")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.scatter([r["parameters"] for r in done], [r["best_valid"] for r in done], color="0.75", s=18,
-               zorder=1, label="all points")
-    ref = done[0]
-    for field in fields:
-        line = sorted((r for r in done if all(r.get(k) == ref.get(k) for k in fields if k != field)),
-                      key=lambda r: r["parameters"])
-        if len({r.get(field) for r in line}) >= 2:
-            ax.plot([r["parameters"] for r in line], [r["best_valid"] for r in line], "o-", zorder=2,
-                    label=f"{field.rpartition('.')[2]} ({', '.join(_slug(r[field]) for r in line)})")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"best validation {done[0].get('metric')}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        ax.scatter([r["parameters"] for r in done], [r["best_valid"] for r in done], color="0.75", s=18,
+                   zorder=1, label="all points")
+        ref = done[0]
+        for field in fields:
+            line = sorted((r for r in done if all(r.get(k) == ref.get(k) for k in fields if k != field)),
+                          key=lambda r: r["parameters"])
+            if len({json.dumps(r.get(field), sort_keys=True) for r in line}) >= 2:
+                ax.plot([r["parameters"] for r in line], [r["best_valid"] for r in line], "o-", zorder=2,
+                        label=f"{field.rpartition('.')[2]} ({', '.join(_slug(r[field]) for r in line)})")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"best validation {done[0].get('metric')}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        with atomic_output(path, inputs=inputs) as tmp:
+            with open(tmp, "wb") as f:
+                fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -64,6 +64,7 @@ from elmcore.training.evaluate import evaluate, metric_value
 from elmcore.storage.fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
                                     remove_stale_temporaries, write_error)
 from elmcore.engine.factory import build_model
+from elmcore.engine.fields import shown
 from elmcore.training.optim import Optimizer, cosine_lr
 from elmcore.training.runlog import epochs_from_one, finite_or_none, read_records
 from elmcore.training.warmup import warm_up
@@ -98,6 +99,8 @@ class RunFinished(ELMError):
     """``--resume`` of a run that has trained all its epochs: there is nothing to continue."""
 
 
+# Integer settings are counts, sizes and seeds: beyond a 64-bit integer none has a meaning.
+MAX_SETTING_INT = 2 ** 63 - 1
 # Settings whose values are names from a fixed list.
 SETTING_CHOICES = {"optimizer": ("adam", "adamw", "adamax"), "dtype": ("float32", "float64"),
                    "device": ("cpu", "cuda", "auto")}
@@ -187,10 +190,11 @@ def _check_setting_type(name, value, annotation):
             return
         raise ELMError(f"training setting '{name}' may not be null")
     if base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        wanted = "an integer"
+        ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_SETTING_INT
+        wanted = f"an integer of at most {MAX_SETTING_INT}"
     elif base is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        # A Python int past the float range must not reach math.isfinite (which would overflow).
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
         wanted = "a finite number"
     elif base is str:
         ok, wanted = isinstance(value, str) and "\0" not in value, "a string (without NUL characters)"
@@ -203,9 +207,8 @@ def _check_setting_type(name, value, annotation):
     else:
         return
     if not ok:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         raise ELMError(f"training setting '{name}' must be {wanted}{' or null' if optional else ''}, "
-                       f"got {type(value).__name__} {shown}")
+                       f"got {type(value).__name__} {shown(value)}")
 
 
 def resolve_settings(overrides: dict, source=None) -> TrainSettings:
@@ -241,6 +244,16 @@ def describe_extension(settings, from_epoch):
     return (f"a new cosine cycle of the learning rate from {settings.lr:g} (the run's lr) down to "
             f"{settings.min_lr:g} (its min_lr) over epochs {from_epoch + 1}-{settings.epochs}, the optimiser "
             f"state kept; run.json records it as lr_restarts {settings.lr_restarts}")
+
+
+def data_inputs(task, data_dir):
+    """The data files a run of ``task`` on ``data_dir`` reads (none where either is not valid yet:
+    the settings check reports that), so that nothing the run writes lands on them."""
+    from elmcore.data.registry import data_files
+    try:
+        return data_files(DEFAULT_TASK if task is None else task, data_dir)
+    except (ELMError, TypeError, ValueError, OSError):
+        return []
 
 
 def carve_validation(task, fraction, seed):
@@ -297,6 +310,7 @@ class Trainer:
             from elmcore.data.registry import get_task
             task = get_task(settings.task, data_dir=settings.data_dir, seed=settings.seed, **settings.task_options)
         self.task = task
+        self.inputs += [f for f in data_inputs(settings.task, settings.data_dir) if f not in self.inputs]
         self.carved_valid = carve_validation(task, CARVED_VALID_FRACTION, settings.seed)
         # Selection never uses the test split: its score would no longer estimate unseen data.
         self.selection_split = "valid" if task.num_examples("valid") else "train"
@@ -352,9 +366,7 @@ class Trainer:
         Only rank 0 touches the directory; the others learn its name, which rank 0 may have
         made unique.
         """
-        if self.comm.is_root:
-            self._open_run_dir_on_root(must_exist)
-        self.run_dir = self.comm.bcast(self.run_dir)
+        self.run_dir = self.comm.on_root(self._open_run_dir_on_root, must_exist)
         announce_run_dir(self.run_dir)
 
     def _open_run_dir_on_root(self, must_exist):
@@ -367,15 +379,19 @@ class Trainer:
             self.run_dir = _make_unique_dir(self.run_dir)
             self._created_dir = True
         else:
-            self._created_dir = not os.path.exists(self.run_dir)
+            existed = os.path.exists(self.run_dir)
             try:
                 os.makedirs(self.run_dir, exist_ok=True)
             except OSError as e:
                 raise ELMError(f"cannot create the run directory {self.run_dir}: "
                                f"{describe_os_error(e)}") from None
-        for name in RUN_FILES + (TRAIN_LOG,):
+            self._created_dir = not existed
+        for name in (*RUN_FILES, LOCK, TRAIN_LOG):
             refuse_inputs(os.path.join(self.run_dir, name), self.inputs)
         self._lock_file = _lock_run_dir(self.run_dir)
+        if not must_exist and os.path.exists(os.path.join(self.run_dir, LAST)):
+            raise ELMError(f"run directory {self.run_dir} already holds a run; use --resume {self.run_dir} "
+                           "or choose another --run-dir")
         path = os.path.join(self.run_dir, TRAIN_LOG)
         try:
             self._log_file = open(path, "a", encoding="utf-8")
@@ -386,6 +402,7 @@ class Trainer:
                              + "".join(line + "\n" for line in pending or ()))
         for stale in remove_stale_temporaries(self.run_dir, RUN_FILES):
             self.log(f"removed {stale}, left by an interrupted write")
+        return self.run_dir
 
     def _close_run_dir(self, failed):
         """Release the lock (its file goes); after a failure before anything was recorded, remove the
@@ -396,7 +413,7 @@ class Trainer:
             self._log_file = None
         self._pending_lines = None
         if failed and self._created_dir and not os.path.exists(os.path.join(self.run_dir, LAST)) \
-                and not read_records(self._metrics_path())[0]:
+                and not self._holds_records():
             for name in (RUN_FILE, METRICS, TRAIN_LOG, LOCK):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.run_dir, name))
@@ -409,6 +426,12 @@ class Trainer:
                 os.unlink(os.path.join(self.run_dir, LOCK))  # while still holding it (see _lock_run_dir)
             self._lock_file.close()
             self._lock_file = None
+
+    def _holds_records(self):
+        try:
+            return bool(read_records(self._metrics_path())[0])
+        except ELMError:  # unreadable: keep the directory, the error that brought us here is the one to show
+            return True
 
     # ---- setup -------------------------------------------------------------
     def model_config(self):
@@ -432,16 +455,12 @@ class Trainer:
         cfg = self.model_config()
         model = build_model(cfg, seed=s.seed, dtype=s.dtype, device=s.device)  # a bad config fails before any mkdir
         self._open_run_dir(must_exist=False)
-        if os.path.exists(os.path.join(self.run_dir, LAST)):
-            raise ELMError(f"run directory {self.run_dir} already holds a run; use --resume {self.run_dir} "
-                           "or choose another --run-dir")
         self.model = model
         self.optimizer = self._make_optimizer()
         self.position = {"step": 0, "epoch": 0, "batch": 0, "dropout_rng": None,
                          "best_metric": None, "best_step": None, "first_loss": None,
                          "epoch_loss_sum": 0.0, "epoch_examples": 0}
-        if self.comm.is_root:
-            self._write_run_file()
+        self.comm.on_root(self._write_run_file)
         self._truncate_metrics(0, 0)
 
     def recorded_settings(self):
@@ -452,6 +471,11 @@ class Trainer:
         if d["data_dir"] is not None:
             d["data_dir"] = os.path.abspath(d["data_dir"])
         return d
+
+    def _restart_run_files(self):
+        self._write_run_file()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.run_dir, SUMMARY))  # written anew when the extension ends
 
     def _write_run_file(self):
         atomic_write_text(os.path.join(self.run_dir, RUN_FILE), json.dumps(self.recorded_settings(), indent=2) + "\n")
@@ -468,6 +492,15 @@ class Trainer:
         if loaded.kind != "elmcore-checkpoint":
             raise ELMError(f"{path} is a model file, not a training checkpoint")
         self.position = _checked_position(loaded.meta.get("position"), path)
+        _check_position_fits(self.position, self.batches_per_epoch(), self.settings.batch_size, path)
+        expected = self.model_config().to_dict()
+        stored = loaded.config.to_dict()
+        if stored != expected:
+            differ = sorted(set(stored) ^ set(expected) | {k for k in stored if stored[k] != expected.get(k)})
+            raise CheckpointError(
+                f"{path} holds a {loaded.config.version} model that is not the model of {self.run_dir}/{RUN_FILE} "
+                f"({expected.get('version')}); they differ in {', '.join(differ)}. Resume only a run's own "
+                "checkpoint")
         self.model = loaded.build_model(dtype=self.settings.dtype, device=self.settings.device)
         self.optimizer = self._make_optimizer()
         try:
@@ -475,14 +508,11 @@ class Trainer:
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: optimizer state missing or damaged ({e})") from None
         self._last_checkpoint_step = self.position["step"]
-        self._truncate_metrics(self.position["step"], self.position["epoch"])
+        self.comm.on_root(self._truncate_metrics, self.position["step"], self.position["epoch"])
         self.log(f"resuming from last.npz: step {self.position['step']}, {self.position['epoch']} of "
                  f"{self.settings.epochs} epochs done")
         if self._extended_from is not None:
-            if self.comm.is_root:
-                self._write_run_file()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.run_dir, SUMMARY))  # written anew when the extension ends
+            self.comm.on_root(self._restart_run_files)
             self.log(f"extending the finished run from {self._extended_from} to {self.settings.epochs} epochs: "
                      + describe_extension(self.settings, self._extended_from))
 
@@ -500,7 +530,7 @@ class Trainer:
         if not os.path.exists(last):
             raise ELMError(f"cannot resume: no checkpoint {last}")
         try:
-            settings = TrainSettings.from_dict(read_json(path, "run settings"), source=path)
+            settings = TrainSettings.from_dict(read_json(path, "run settings", regular_only=True), source=path)
         except ELMError as e:
             raise ELMError(f"cannot resume: {e}") from None
         done = _checked_position(load_file(last).meta.get("position"), last)["epoch"]
@@ -573,11 +603,10 @@ class Trainer:
                 "selection_split": self.selection_split, "task": self.task.name}
 
     def _save_checkpoint(self):
-        if not self.comm.is_root:
-            return
-        save_checkpoint(os.path.join(self.run_dir, LAST), self.model.config, self.model.state_dict(),
-                        self.optimizer.state_dict(), self._meta(), dtype=self.settings.dtype)
-        self._last_checkpoint_step = self.position["step"]
+        if self.comm.is_root:
+            save_checkpoint(os.path.join(self.run_dir, LAST), self.model.config, self.model.state_dict(),
+                            self.optimizer.state_dict(), self._meta(), dtype=self.settings.dtype)
+        self._last_checkpoint_step = self.position["step"]  # on every rank: they report divergence alike
 
     # ---- the loop ---------------------------------------------------------------
     def run(self):
@@ -759,14 +788,18 @@ class Trainer:
         return loss, norm, lr
 
     def _diverged(self, what, loss=None, step=None):
-        """Record and raise the divergence of ``step`` (default: the step being taken)."""
+        """Record and raise the divergence of ``step`` (default: the step being taken).
+
+        The message is built from what every rank of a data-parallel run holds alike (the steps
+        checkpointed, the best step), never from the file system, so every rank reports the same.
+        """
         last = os.path.join(self.run_dir, LAST)
-        if self._last_checkpoint_step is not None and os.path.exists(last):
+        if self._last_checkpoint_step is not None:
             good = "" if self._last_checkpoint_step == step else "good "  # at ``step``: the diverged parameters
             where = f"the last {good}checkpoint is {last} (step {self._last_checkpoint_step})"
         else:
             where = "no checkpoint was written yet"
-        if os.path.exists(os.path.join(self.run_dir, BEST)):
+        if self.position.get("best_step") is not None:
             where += f", the best model so far {os.path.join(self.run_dir, BEST)}"
         self._record({"type": "diverged", "step": self.position["step"] + 1 if step is None else step,
                       "epoch": self.position["epoch"] + 1,
@@ -804,6 +837,38 @@ class Trainer:
                      f"{summary['test'][self.task.metric]:.4g}")
         atomic_write_text(os.path.join(self.run_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def read_summary(run_dir):
+    """A finished run's summary.json, every field its readers use checked; a damaged one is an ELMError naming it."""
+    path = os.path.join(os.fspath(run_dir), SUMMARY)
+    summary = read_json(path, "run summary", regular_only=True)
+
+    def damaged(what):
+        return ELMError(f"{path}: {what}; the run summary is damaged")
+
+    def is_count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SETTING_INT
+
+    def is_finite(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
+
+    if not isinstance(summary, dict):
+        raise damaged(f"a JSON object expected, got {type(summary).__name__}")
+    if not isinstance(summary.get("metric"), str):
+        raise damaged(f"'metric' must be a metric name, got {shown(summary.get('metric'))}")
+    checks = [(("steps", "epochs", "best_step", "parameters"), is_count, "an integer >= 0"),
+              (("best_metric", "seconds", "samples_per_s"), is_finite, "a finite number"),
+              (("selection_split", "run_dir", "task"), lambda v: isinstance(v, str), "a string")]
+    for keys, ok, wanted in checks:
+        for key in keys:
+            if summary.get(key) is not None and not ok(summary[key]):
+                raise damaged(f"'{key}' must be {wanted} or null, got {shown(summary[key])}")
+    test = summary.get("test")
+    if test is not None and (not isinstance(test, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in test.values())):
+        raise damaged(f"'test' must map metric names to numbers, got {shown(test)}")
+    return summary
 
 
 def _make_unique_dir(base):
@@ -867,10 +932,10 @@ def _checked_position(position, path):
         return CheckpointError(f"{path}: training position '{key}' must be {wanted}, got {position.get(key)!r}")
 
     def is_count(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SETTING_INT
 
     def is_number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
 
     for key in ("step", "epoch", "batch"):
         if not is_count(position.get(key)):
@@ -889,6 +954,24 @@ def _checked_position(position, path):
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
             raise bad("dropout_rng", "a NumPy PCG64 generator state") from None
     return dict(position)
+
+
+def _check_position_fits(position, per_epoch, batch_size, path):
+    """The saved position is one this run can reach: an epoch has at most ``per_epoch`` batches of at most
+    ``batch_size`` examples, so batch <= step <= epoch·per_epoch + batch, and the best step is one taken."""
+    step, epoch, batch = position["step"], position["epoch"], position["batch"]
+    problems = []
+    if batch > per_epoch:
+        problems.append(f"batch {batch} of an epoch of {per_epoch} batches")
+    elif not batch <= step <= epoch * per_epoch + batch:
+        problems.append(f"step {step} at batch {batch} of epoch {epoch} (epochs of {per_epoch} batches)")
+    if position.get("best_step") is not None and position["best_step"] > step:
+        problems.append(f"best_step {position['best_step']} after step {step}")
+    if (position.get("epoch_examples") or 0) > batch * batch_size:
+        problems.append(f"epoch_examples {position['epoch_examples']} in {batch} batches of {batch_size}")
+    if problems:
+        raise CheckpointError(f"{path}: its training position does not fit this run ({'; '.join(problems)}): "
+                              "the checkpoint is damaged, or the run's data changed since it was written")
 
 
 def _checked_optim_state(state, path):

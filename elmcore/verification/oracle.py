@@ -53,6 +53,9 @@ def load_oracle(path):
             [(f"grad/{k}", v) for k, v in grads.items()] + [(f"trace/{k}", v) for k, v in traces.items()]:
         if array.dtype.kind not in "fiu":
             raise ELMError(f"{path}: oracle entry '{key}' must be numeric, got {array.dtype}")
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            # An expected value that is not a number checks nothing: the file is damaged, not the engine.
+            raise ELMError(f"{path}: oracle entry '{key}' holds NaN or infinite values (a damaged oracle file)")
     X, G, Y = data["X"], data["G"], data["Y"]
     if X.ndim != 3 or X.shape[2] != config.num_input:
         raise ELMError(f"{path}: X must have shape (batch, time, {config.num_input}), got {X.shape}")

@@ -1,0 +1,113 @@
+"""A failure on any rank of an `mpiexec -n 2` job ends the whole job within seconds, with one `error:` line.
+
+Before, rank 0 failing alone (its run directory under a file, or in /proc) left rank 1
+waiting forever in the next collective; a diverging run printed two contradicting messages.
+"""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_distributed import ELM_COMMAND, MPIEXEC, _env, needs_mpiexec
+
+TINY = ["--task", "adding", "--task-option", "n=40", "--task-option", "length=6", "--set", "num_memory=3",
+        "--batch-size", "8", "--quiet", "--epochs", "1"]
+# Seconds within which a failed job must end: imports and MPI start-up, not a hang.
+PROMPT_S = 120
+
+
+def mpirun(args, ranks=2, timeout=PROMPT_S):
+    started = time.monotonic()
+    result = subprocess.run([MPIEXEC, "-n", str(ranks), *args], capture_output=True, text=True, env=_env(),
+                            timeout=timeout, stdin=subprocess.DEVNULL)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.lower().startswith("error")]
+
+
+def assert_one_error(result, *fragments, code=2):
+    """Exit ``code``, one `error:` line holding the fragments (the run's log lines may precede it),
+    and nothing from MPI itself (its abort banner) or Python (a traceback)."""
+    lines = error_lines(result)
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for noise in ("Traceback", "Abort(", "BAD TERMINATION", "killed by"):
+        assert noise not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.slow
+@needs_mpiexec
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_rank_0_failing_alone_to_create_the_run_directory_ends_the_job(tmp_path, where):
+    if where == "under_a_file":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("not a directory")
+        run_dir = str(blocker / "run")
+    else:
+        run_dir = f"/proc/elmcore-test-{time.time_ns()}/run"
+    result = mpirun(ELM_COMMAND + ["train", *TINY, "--run-dir", run_dir])
+    assert_one_error(result, "run directory", run_dir)
+
+
+@pytest.mark.slow
+@needs_mpiexec
+def test_rank_0_failing_alone_to_lock_the_run_directory_ends_the_job(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".lock").mkdir(parents=True)  # a lock file that cannot be opened for writing
+    result = mpirun(ELM_COMMAND + ["train", *TINY, "--run-dir", str(run_dir)])
+    assert_one_error(result, "lock", str(run_dir))
+
+
+@pytest.mark.slow
+@needs_mpiexec
+def test_a_sweep_whose_directory_rank_0_cannot_create_ends_the_job(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    sweep = tmp_path / "s.json"
+    sweep.write_text(json.dumps({"sweep_dir": str(blocker / "sw"), "grid": {"seed": [0, 1]},
+                                 "base": {"task": "adding", "task_options": {"n": 40, "length": 6}, "epochs": 1}}))
+    result = mpirun(ELM_COMMAND + ["sweep", str(sweep)])
+    assert_one_error(result, str(blocker / "sw"))
+
+
+@pytest.mark.slow
+@needs_mpiexec
+def test_every_rank_of_a_diverging_run_reports_the_same(tmp_path):
+    run_dir = tmp_path / "run"
+    result = mpirun(ELM_COMMAND + ["train", *TINY, "--epochs", "3", "--lr", "1e3", "--checkpoint-every", "1",
+                                   "--run-dir", str(run_dir)])
+    assert_one_error(result, "training stopped")
+    assert "checkpoint" in error_lines(result)[0]
+
+
+_ONE_RANK_FAILS = """
+import sys
+from elm_cli.common import UserError
+from elmcore.training.distributed import communicator
+comm = communicator()
+if comm.rank == 1:
+    {failure}
+comm.allgather(None)  # rank 0 waits here for a rank that never comes
+print("rank", comm.rank, "went on")
+"""
+
+
+@pytest.mark.slow
+@needs_mpiexec
+@pytest.mark.parametrize("failure,code,fragment", [
+    ("UserError('rank 1 cannot read its shard').show(); sys.exit(2)", 2, "error: rank 1 cannot read its shard"),
+    ("raise RuntimeError('a bug on rank 1')", 1, "RuntimeError: a bug on rank 1"),
+])
+def test_a_rank_other_than_0_failing_alone_ends_the_job(failure, code, fragment):
+    result = mpirun([sys.executable, "-c", _ONE_RANK_FAILS.format(failure=failure)])
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    assert fragment in result.stderr and "went on" not in result.stdout
+    assert result.seconds < PROMPT_S / 2
