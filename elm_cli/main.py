@@ -583,8 +583,8 @@ def plot(run_dir, output):
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which model of a run.")
 @click.option("--batch-size", default=8, type=click.IntRange(min=1),
               help="Sequences in the batch (the reference keeps their whole walk in float64).")
-@click.option("--out", "prefix", default=None, show_default="RUN_DIR/gradflow, or MODEL's name + .gradflow",
-              help="Writes PREFIX.png and PREFIX.csv.")
+@click.option("--out", "prefix", metavar="PREFIX", default=None,
+              show_default="RUN_DIR/gradflow, or MODEL's name + .gradflow", help="Writes PREFIX.png and PREFIX.csv.")
 def gradflow(model_path, task, data_dir, task_sets, seed, split, checkpoint, batch_size, prefix):
     """Plot how the task's loss gradient flows back through time: the norm over a batch of the adjoint
     dL/dm_t of every memory unit (ordered by tau_m) at every step (and of dL/do_t per neuron in a network),
