@@ -407,6 +407,34 @@ def _eval_target(model_path, checkpoint):
     return model_path, None, None
 
 
+def _eval_settings(model_path, run, task, data_dir, task_sets, seed):
+    """(task, data_dir, task options, seed) a model is evaluated on: a run's own, unless --task names another."""
+    from elmcore.data.registry import task_spec
+    task_options = parse_assignments(task_sets, "--task-option", TASK_RESERVED)
+    if run is not None and (task is None or task_spec(task).name == task_spec(run["task"]).name):
+        task = run["task"]
+        data_dir = run.get("data_dir") if data_dir is None else data_dir
+        if not (task_spec(task).in_memory and data_dir is not None):  # a read data set has its own sizes
+            task_options = {**run["task_options"], **task_options}
+        seed = run.get("seed", 0) if seed is None else seed
+    elif task is None:
+        raise UserError(f"{model_path} is not in a run directory: name its task with --task")
+    return task, data_dir, task_options, 0 if seed is None else seed
+
+
+def _eval_task(model, run, task, data_dir, task_options, seed):
+    """The task object of ``_eval_settings``, with the run's own splits, checked against the model's sizes."""
+    from elmcore.data.registry import get_task
+    from elmcore.training.train import CARVED_VALID_FRACTION, carve_validation
+    t = get_task(task, data_dir=data_dir, seed=seed, **task_options)
+    if run is not None:
+        carve_validation(t, CARVED_VALID_FRACTION, seed)  # the run's own splits, if it had to carve one
+    if (t.num_input, t.num_output) != (model.config.num_input, model.config.num_output):
+        raise UserError(f"model has {model.config.num_input} inputs / {model.config.num_output} outputs, "
+                        f"task '{task}' needs {t.num_input} / {t.num_output}")
+    return t
+
+
 @cli.command(name="eval")
 @click.argument("model_path", metavar="MODEL|RUN_DIR", type=click.Path())
 @click.option("--task", type=TaskChoice(), default=None, show_default="the run's task",
@@ -442,31 +470,16 @@ def eval_cmd(model_path, task, data_dir, task_sets, seed, split, checkpoint, bat
     was trained with.
     """
     from elmcore.training.checkpoint import load_model
-    from elmcore.data.registry import data_files, get_task, task_spec
+    from elmcore.data.registry import data_files
     from elmcore.training.evaluate import evaluate
-    from elmcore.training.train import CARVED_VALID_FRACTION, carve_validation
     model_path, run, run_dir = _eval_target(model_path, checkpoint)
-    task_options = parse_assignments(task_sets, "--task-option", TASK_RESERVED)
-    if run is not None and (task is None or task_spec(task).name == task_spec(run["task"]).name):
-        task = run["task"]
-        data_dir = run.get("data_dir") if data_dir is None else data_dir
-        if not (task_spec(task).in_memory and data_dir is not None):  # a read data set has its own sizes
-            task_options = {**run["task_options"], **task_options}
-        seed = run.get("seed", 0) if seed is None else seed
-    elif task is None:
-        raise UserError(f"{model_path} is not in a run directory: name its task with --task")
-    seed = 0 if seed is None else seed
+    task, data_dir, task_options, seed = _eval_settings(model_path, run, task, data_dir, task_sets, seed)
     read = [model_path, *data_files(task, data_dir), *_run_files(run_dir)]
     if json_out:
         from elmcore.storage.fileio import refuse_inputs
         refuse_inputs(json_out, read)  # before the evaluation, which may take long
     model = load_model(model_path, dtype=dtype, device=device)
-    t = get_task(task, data_dir=data_dir, seed=seed, **task_options)
-    if run is not None:
-        carve_validation(t, CARVED_VALID_FRACTION, seed)  # the run's own splits, if it had to carve one
-    if (t.num_input, t.num_output) != (model.config.num_input, model.config.num_output):
-        raise UserError(f"model has {model.config.num_input} inputs / {model.config.num_output} outputs, "
-                        f"task '{task}' needs {t.num_input} / {t.num_output}")
+    t = _eval_task(model, run, task, data_dir, task_options, seed)
     described = ", ".join(f"{k}={v}" for k, v in task_options.items())
     click.echo(f"model: {model_path}")
     click.echo(f"task: {t.name}{f' ({described})' if described else ''}, seed {seed}"
@@ -549,6 +562,54 @@ def plot(run_dir, output):
     from elmcore.reporting.plotting import plot_run
     path = plot_run(run_dir, output)
     click.echo(f"wrote {path}")
+
+
+# ---- gradflow ----------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("model_path", metavar="RUN_DIR|MODEL", type=click.Path())
+@click.option("--task", type=TaskChoice(), default=None, show_default="the run's task",
+              help="Task whose data and loss to use; a run directory brings its own (as in `elm eval`).")
+@click.option("--data-dir", type=click.Path(file_okay=False), show_default="the run's")
+@click.option("--task-option", "task_sets", multiple=True, metavar="KEY=VALUE",
+              help="Task option, on top of the run's.")
+@click.option("--seed", type=int, default=None, show_default="the run's, else 0", help="Seed of the task's data.")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which model of a run.")
+@click.option("--batch-size", default=8, type=click.IntRange(min=1),
+              help="Sequences in the batch (the reference keeps their whole walk in float64).")
+@click.option("--out", "prefix", metavar="PREFIX", default=None,
+              show_default="RUN_DIR/gradflow, or MODEL's name + .gradflow", help="Writes PREFIX.png and PREFIX.csv.")
+def gradflow(model_path, task, data_dir, task_sets, seed, split, checkpoint, batch_size, prefix):
+    """Plot how the task's loss gradient flows back through time: the norm over a batch of the adjoint
+    dL/dm_t of every memory unit (ordered by tau_m) at every step (and of dL/do_t per neuron in a network),
+    from the plain NumPy reference walk. Writes a heat map, the decay with distance from the loss step,
+    and the numbers as CSV (adjoint, t, unit, tau_m, norm)."""
+    from elmcore.data.registry import data_files
+    from elmcore.reporting.gradflow import gradient_flow, write_gradient_flow
+    from elmcore.training.checkpoint import load_model
+    model_path, run, run_dir = _eval_target(model_path, checkpoint)
+    task, data_dir, task_options, seed = _eval_settings(model_path, run, task, data_dir, task_sets, seed)
+    model = load_model(model_path, dtype="float64")
+    t = _eval_task(model, run, task, data_dir, task_options, seed)
+    batch = next(iter(t.batches(split, batch_size)), None)
+    if batch is None:
+        raise UserError(f"task '{t.name}' has no {split} examples")
+    burn_in = (run or {}).get("burn_in", 0)
+    flow = gradient_flow(model, batch.X, target=batch.target,
+                         loss_fn=lambda Y, target: t.loss_and_grad(Y, target, burn_in=burn_in))
+    if prefix is None:
+        prefix = (os.path.join(run_dir, "gradflow") if run_dir is not None
+                  else os.path.splitext(model_path)[0] + ".gradflow")
+    inputs = [model_path, *data_files(t.name, data_dir), *_run_files(run_dir)]
+    title = f"{os.path.basename(model_path)} on {t.name} {split}: loss {flow.loss:.4g}, batch {flow.batch}"
+    png, csv_path = write_gradient_flow(flow, prefix, inputs=inputs, title=f"{title}, {flow.steps} steps")
+    for field in flow.fields:
+        distance, norms = flow.decay(field)
+        far = norms[-1] / norms[0] if norms[0] > 0 else float("nan")
+        click.echo(f"{field.label}: norm {norms[0]:.3g} at the loss step (t = {flow.last_loss_step}), "
+                   f"{far:.3g} of it {distance[-1]} steps back")
+    click.echo(f"wrote {png} and {csv_path}")
 
 
 cli.add_command(data)

@@ -7,7 +7,8 @@ no gradient passes the floor of max(τ, 1e-6).
 
 import numpy as np
 
-from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE, TAU_FLOOR
+from elmcore.engine.time_constants import TAU_FLOOR
+from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
 
 
 def sigmoid(x):
