@@ -246,6 +246,10 @@ def describe_extension(settings, from_epoch):
             f"state kept; run.json records it as lr_restarts {settings.lr_restarts}")
 
 
+def _quiet(message):
+    pass
+
+
 def data_inputs(task, data_dir):
     """The data files a run of ``task`` on ``data_dir`` reads (none where either is not valid yet:
     the settings check reports that), so that nothing the run writes lands on them."""
@@ -485,14 +489,14 @@ class Trainer:
         return Optimizer({k: self.model.params[k] for k in self.model.trainable_keys}, kind=s.optimizer,
                          lr=s.lr, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
 
-    def _restore(self):
-        self._open_run_dir(must_exist=True)
-        path = os.path.join(self.run_dir, LAST)
+    def _checked_checkpoint(self, path):
+        """The training checkpoint at ``path``, refused unless it is this run's: its kind, a position the
+        run can reach, and the model of run.json."""
         loaded = load_file(path)
         if loaded.kind != "elmcore-checkpoint":
             raise ELMError(f"{path} is a model file, not a training checkpoint")
-        self.position = _checked_position(loaded.meta.get("position"), path)
-        _check_position_fits(self.position, self.batches_per_epoch(), self.settings.batch_size, path)
+        position = _checked_position(loaded.meta.get("position"), path)
+        _check_position_fits(position, self.batches_per_epoch(), self.settings.batch_size, path)
         expected = self.model_config().to_dict()
         stored = loaded.config.to_dict()
         if stored != expected:
@@ -501,6 +505,13 @@ class Trainer:
                 f"{path} holds a {loaded.config.version} model that is not the model of {self.run_dir}/{RUN_FILE} "
                 f"({expected.get('version')}); they differ in {', '.join(differ)}. Resume only a run's own "
                 "checkpoint")
+        return loaded
+
+    def _restore(self):
+        path = os.path.join(self.run_dir, LAST)
+        loaded = self._checked_checkpoint(path)  # before the directory is opened: a refusal changes nothing
+        self._open_run_dir(must_exist=True)
+        self.position = _checked_position(loaded.meta.get("position"), path)
         self.model = loaded.build_model(dtype=self.settings.dtype, device=self.settings.device)
         self.optimizer = self._make_optimizer()
         try:
@@ -533,6 +544,11 @@ class Trainer:
             settings = TrainSettings.from_dict(read_json(path, "run settings", regular_only=True), source=path)
         except ELMError as e:
             raise ELMError(f"cannot resume: {e}") from None
+        # Before anything else, a finished run's answer included: settings whose data is one of the
+        # run's own files are refused whatever the run's state, not only when a write would hit them.
+        reads = data_inputs(settings.task, settings.data_dir)
+        for name in (*RUN_FILES, LOCK, TRAIN_LOG):
+            refuse_inputs(os.path.join(run_dir, name), reads)
         done = _checked_position(load_file(last).meta.get("position"), last)["epoch"]
         finished = done >= settings.epochs
         epochs = overrides.pop("epochs", None)
@@ -557,6 +573,11 @@ class Trainer:
                            "epochs done): it would change the learning-rate schedule mid-run. Resume it as it "
                            "is; once finished, --extend it")
         elif finished and os.path.exists(os.path.join(run_dir, SUMMARY)):
+            # Checked as a resume would check it: damaged settings or another model's checkpoint are
+            # errors, whether or not there is anything left to train.
+            cls(dataclasses.replace(settings, run_dir=run_dir, **overrides), task=task, progress=False,
+                log=_quiet)._checked_checkpoint(last)
+            read_records(os.path.join(run_dir, METRICS))
             raise RunFinished(f"run {run_dir} is finished ({settings.epochs} of {settings.epochs} epochs): nothing "
                               f"to resume. To train it for more epochs: elm train --resume {quoted} --extend "
                               f"--epochs {settings.epochs + 10}")
