@@ -36,6 +36,7 @@ ARCH = (9, 0)
 SIM_ENV = "NUMBA_ENABLE_CUDASIM"
 # Tiny sample shapes: only the argument types matter for code generation.
 B, T, D, C, S, Dm, H, L = 2, 3, 5, 4, 6, 3, 4, 2
+ACT = 1  # an activation code: every code compiles into the same kernel, branching at run time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +82,21 @@ def _scan_samples(dt):
 
 def _recurrence_samples(dt):
     f, x = _f(dt), dt.type(1)
-    return dict(recur_forward=(f(B, T, H), f(99), f(Dm), f(Dm), f(B, Dm), True, x, x, L, H, 1, 2, 3, 4,
+    return dict(recur_forward=(f(B, T, H), f(99), f(Dm), f(Dm), f(B, Dm), ACT, x, x, L, H, 1, 2, 3, 4,
                                f(B, T, Dm), f(L, B, T, H), f(B, T, Dm)),
                 recur_backward=(f(B, T, Dm), f(99), f(Dm), f(Dm), f(B, Dm), f(B, T, Dm), f(L, B, T, H),
-                                f(B, T, Dm), True, x, x, L, H, 1, 2, f(L, B, T, H), f(B, T, Dm), f(B, Dm),
+                                f(B, T, Dm), ACT, x, x, L, H, 1, 2, f(L, B, T, H), f(B, T, Dm), f(B, Dm),
                                 f(B, Dm)))
 
 
 # The network's sample shapes: nb branches, N neurons, R recurrent entries, I0 = nb + Dm first-layer inputs.
 NB, N, R = 2, 3, 4
 I0 = NB + Dm
+
+
+def _activation_samples(dt):
+    f = _f(dt)
+    return dict(activate_kernel=(f(L * B * T * H), ACT, f(L * B * T * H)))
 
 
 def _network_samples(dt):
@@ -100,12 +106,12 @@ def _network_samples(dt):
     return dict(
         network_forward=(f(B, T, NB, N), f(NB, N), *entries, mlp_shapes[0], f(H, N), mlp_shapes[1],
                          f(L - 1, H, N), mlp_shapes[2], f(Dm, N), f(Dm, N), f(Dm, N), f(Dm, N), f(N),
-                         f(B, NB, N), f(B, Dm, N), f(B, N), True, x, x, L, H,
+                         f(B, NB, N), f(B, Dm, N), f(B, N), ACT, x, x, L, H,
                          f(B, T, I0, N), f(L, B, T, H, N), f(B, T, Dm, N), f(B, T, Dm, N), f(B, T, N),
                          f(B, NB, N)),
         network_backward=(f(B, T, N), f(NB, N), *entries, _i(N + 1), _i(R), *mlp_shapes, f(Dm, N), f(Dm, N),
                           f(Dm, N), f(B, Dm, N), f(B, T, I0, N), f(L, B, T, H, N), f(B, T, Dm, N),
-                          f(B, T, Dm, N), True, x, x, L, H, f(B, T, NB, N), f(L, B, T, H, N), f(B, T, Dm, N),
+                          f(B, T, Dm, N), ACT, x, x, L, H, f(B, T, NB, N), f(L, B, T, H, N), f(B, T, Dm, N),
                           f(B, T, N), f(L, B, T, H, N), f(B, Dm, N), f(B, Dm, N)),
         neuron_weight_grad=(f(B * T, H, N), f(B * T, I0, N), f(I0, H, N), f(H, N)),
         recurrent_weight_grad=(f(B, T, NB, N), f(B, T, N), f(B, N), _i(R), _i(R), _i(R), f(B, R)))
@@ -128,6 +134,9 @@ def kernel_table():
     def recurrence(dt, in_shared):
         return K._recurrence_kernels(dt.type, in_shared)
 
+    def activation(dt, _):
+        return K._activation_kernels(dt.type)
+
     def network(dt, _):
         return NK.kernel_set(dt)
 
@@ -142,6 +151,7 @@ def kernel_table():
               recurrence=True),
         entry("recur_backward", recurrence, _recurrence_samples, K._MAX_RECURRENCE_THREADS, (True, False),
               recurrence=True),
+        entry("activate_kernel", activation, _activation_samples),
         entry("network_forward", network, _network_samples, NK._NEURON_THREADS, recurrence=True),
         entry("network_backward", network, _network_samples, NK._NEURON_THREADS, recurrence=True),
         entry("neuron_weight_grad", network, _network_samples, NK._FLAT_THREADS),

@@ -25,11 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
+    from elmcore.kernels.pointwise import ACTIVATIONS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-memory", type=int, default=100, help="d_m (default: the official model's 100)")
     ap.add_argument("--hidden", type=int, default=200, help="MLP hidden width h (default 2·d_m = 200)")
     ap.add_argument("--layers", type=int, default=1, choices=range(0, 5), help="hidden layers L")
-    ap.add_argument("--activation", default="silu", choices=["relu", "silu"])
+    ap.add_argument("--activation", default="silu", choices=ACTIVATIONS)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=500, help="time steps T")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -66,6 +67,7 @@ def measure(args):
 
     from elmcore.neuron import params as P
     from elmcore.kernels import cuda as K
+    from elmcore.kernels.pointwise import activation_code
     import cupy
 
     dt = np.dtype(args.dtype)
@@ -88,7 +90,7 @@ def measure(args):
     plan_box = []
 
     def recurrence():
-        plan_box[:] = [K.recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, args.activation == "silu",
+        plan_box[:] = [K.recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation_code(args.activation),
                                        dt.type(P.PHI_SCALE), dt.type(P.PHI_SLOPE), K.batch_tile(B), M, Z, DM, KM)]
 
     recurrence_ms = _time_ms(cupy, recurrence, args.repeats)

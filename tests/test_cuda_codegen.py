@@ -93,7 +93,7 @@ def test_every_kernel_compiles_for_hopper(report):
     assert report["arch"] == "sm_90" and report["uncovered"] == []
     compiled = {(r["kernel"], r["dtype"], r["weights"]) for r in report["rows"]}
     for kernel in ("zero_2d", "route_forward", "route_weight_grad", "route_input_grad", "scan_forward",
-                   "scan_backward"):
+                   "scan_backward", "activate_kernel"):
         assert {(kernel, dt, "-") for dt in ("float32", "float64")} <= compiled
     for kernel in ("recur_forward", "recur_backward"):
         assert {(kernel, dt, w) for dt in ("float32", "float64") for w in ("shared", "global")} <= compiled

@@ -24,10 +24,10 @@ REQUIRED = {
     "route_input_grad": ("dA", "indptr", "entry_syn", "entry_weight", "syn_per_channel", "dX_out"),
     "scan_forward": ("A", "kappa", "u0", "U_out"),
     "scan_backward": ("dU", "kappa", "dA_out"),
-    "recur_forward": ("Zb", "W0mT", "WhT", "ch", "WoT", "co", "kappa_m", "c_m", "m0", "silu", "phi_scale",
-                      "phi_slope", "tile", "M_out", "Z_out", "DM_out", "KM_out"),
-    "recur_backward": ("dM", "W0m", "Wh", "Wo", "kappa_m", "c_m", "m0", "M", "Z", "DM", "silu", "phi_scale",
-                       "phi_slope", "tile", "dZ_out", "dO_out", "gkappa_out", "gc_out", "act_out"),
+    "recur_forward": ("Zb", "W0mT", "WhT", "ch", "WoT", "co", "kappa_m", "c_m", "m0", "activation",
+                      "phi_scale", "phi_slope", "tile", "M_out", "Z_out", "DM_out", "KM_out"),
+    "recur_backward": ("dM", "W0m", "Wh", "Wo", "kappa_m", "c_m", "m0", "M", "Z", "DM", "activation",
+                       "phi_scale", "phi_slope", "tile", "dZ_out", "dO_out", "gkappa_out", "gc_out", "act_out"),
     "batch_tile": ("B",),
 }
 

@@ -40,7 +40,7 @@ packed (backward)   [P]           W0m [W0,Dm] | Wh [Lh,H,H] | Wo [Dm,H] at 0, o_
 L, H                int           hidden layers and width, passed explicitly because
                                   Z / dZ are [1,1,1,1] placeholders when L = 0 (a
                                   zero-size array cannot cross the array interface)
-silu                bool          activation: SiLU, else ReLU
+activation          int           the MLP activation's code (``pointwise.ACTIVATION_CODES``)
 phi_scale, _slope   model dtype   φ(x) = phi_scale · tanh(phi_slope · x)
 dynamic shared      see kernels   [staged weights] + R rows of per-row state
 ==================  ============  =================================================
@@ -85,7 +85,6 @@ are imported with ``sync=False``, so no launch blocks the host.
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import Optional
 
@@ -93,6 +92,7 @@ import numpy as np
 from numba import cuda
 
 from ..errors import ELMError
+from . import pointwise as pw
 
 # Optional parts of the kernel contract (kernels/contract.py): the sparse first
 # layer is a CPU trick (it trades dense GEMMs for event loops); cuBLAS is faster.
@@ -381,24 +381,16 @@ def scan_backward(dU, kappa, dA_out):
 # ---- the MLP-and-memory recurrence ---------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _activation_functions(np_dtype):
-    """activate(z, silu) and its derivative activation_slope(z, silu), as device functions."""
-    _, ZERO, ONE = _constants(np_dtype)
+def _activation_kernels(np_dtype):
+    """The elementwise pass act_out = act(Z) after recur_backward, for one float type."""
+    activate = pw.cuda_functions(np_dtype).activate
 
-    @cuda.jit(device=True)
-    def activate(z, silu):
-        if silu:
-            return z / (ONE + math.exp(-z))
-        return z if z > ZERO else ZERO
+    @cuda.jit
+    def activate_kernel(Z, activation, act_out):
+        for k in range(cuda.grid(1), Z.shape[0], cuda.gridsize(1)):
+            act_out[k] = activate(Z[k], activation)
 
-    @cuda.jit(device=True)
-    def activation_slope(z, silu):
-        if silu:
-            s = ONE / (ONE + math.exp(-z))
-            return s * (ONE + z * (ONE - s))
-        return ONE if z > ZERO else ZERO
-
-    return activate, activation_slope
+    return dict(activate_kernel=activate_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -423,12 +415,14 @@ def _weight_staging(weights_in_shared):
 @functools.lru_cache(maxsize=None)
 def _recurrence_kernels(np_dtype, weights_in_shared):
     """recur_forward and recur_backward for one float type and weight placement."""
-    nb_dtype, ZERO, ONE = _constants(np_dtype)
-    activate, activation_slope = _activation_functions(np_dtype)
+    nb_dtype, ZERO, _ = _constants(np_dtype)
+    pointwise = pw.cuda_functions(np_dtype)
+    activate, activation_slope, phi, phi_backward = (pointwise.activate, pointwise.activation_slope,
+                                                     pointwise.phi, pointwise.phi_backward)
     stage_weights = _weight_staging(weights_in_shared)
 
     @cuda.jit
-    def recur_forward(Zb, packed, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
+    def recur_forward(Zb, packed, kappa_m, c_m, m0, activation, phi_scale, phi_slope,
                       L, H, o_wh, o_wo, o_ch, o_co, M_out, Z_out, DM_out):
         # Shared layout: [packed weights (if staged)] then per row r, at
         # base + r·(2·Dm + 2·H): κ_m⊙m ping-pong [2,Dm], activations ping-pong [2,H].
@@ -459,7 +453,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                         for i in range(Dm):
                             acc += smem[km_now + i] * W[i * W0 + j]
                         Z_out[0, b, t, j] = acc
-                        smem[act0 + j] = activate(acc, silu)
+                        smem[act0 + j] = activate(acc, activation)
                 cuda.syncthreads()
                 for l in range(1, L):
                     src = act0 + ((l - 1) % 2) * H
@@ -471,7 +465,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                             for i in range(H):
                                 acc += smem[src + i] * W[w_l + i * H + j]
                             Z_out[l, b, t, j] = acc
-                            smem[dst + j] = activate(acc, silu)
+                            smem[dst + j] = activate(acc, activation)
                     cuda.syncthreads()
             if active:
                 for j in range(lane, Dm, nlanes):
@@ -484,7 +478,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                         o = Zb[b, t, j]
                         for i in range(Dm):
                             o += smem[km_now + i] * W[i * W0 + j]
-                    dm = phi_scale * math.tanh(phi_slope * o)
+                    dm = phi(o, phi_scale, phi_slope)
                     DM_out[b, t, j] = dm
                     m = smem[km_now + j] + c_m[j] * dm
                     M_out[b, t, j] = m
@@ -493,7 +487,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
             p = 1 - p
 
     @cuda.jit(**_RECUR_BACKWARD_JIT)
-    def recur_backward(dM, packed, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope,
+    def recur_backward(dM, packed, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope,
                        L, H, o_wh, o_wo, dZ_out, dO_out, gkappa_out, gc_out):
         # Shared layout per row r, at base + r·(6·Dm + 2·H): ∂o ping-pong [2,Dm],
         # g [Dm], carry [Dm], Σ∂κ [Dm], Σ∂c [Dm], ∂z ping-pong [2,H].
@@ -512,7 +506,6 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
         gk_at = row + 4 * Dm
         gc_at = row + 5 * Dm
         dz0 = row + 6 * Dm
-        dphi_scale = phi_scale * phi_slope
         if active:
             for i in range(lane, Dm, nlanes):
                 smem[carry_at + i] = ZERO
@@ -528,8 +521,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                     smem[g_at + i] = g
                     dm = DM[b, t, i]
                     smem[gc_at + i] += g * dm
-                    q = dm / phi_scale
-                    do = g * c_m[i] * dphi_scale * (ONE - q * q)
+                    do = phi_backward(g * c_m[i], dm, phi_scale, phi_slope)
                     dO_out[b, t, i] = do
                     smem[do_at + i] = do
             cuda.syncthreads()
@@ -540,7 +532,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                         acc = ZERO
                         for j in range(Dm):
                             acc += smem[do_at + j] * W[o_wo + j * H + i]
-                        dz = acc * activation_slope(Z[L - 1, b, t, i], silu)
+                        dz = acc * activation_slope(Z[L - 1, b, t, i], activation)
                         dZ_out[L - 1, b, t, i] = dz
                         smem[dst + i] = dz
                 cuda.syncthreads()
@@ -553,7 +545,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                             acc = ZERO
                             for j in range(H):
                                 acc += smem[src + j] * W[w_l + j * H + i]
-                            dz = acc * activation_slope(Z[l - 1, b, t, i], silu)
+                            dz = acc * activation_slope(Z[l - 1, b, t, i], activation)
                             dZ_out[l - 1, b, t, i] = dz
                             smem[dst + i] = dz
                     cuda.syncthreads()
@@ -717,7 +709,7 @@ def _placeholder(xp, dtype):
     return xp.zeros((1, 1, 1, 1), dtype)
 
 
-def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
+def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_scale, phi_slope,
                   tile, M_out, Z_out, DM_out, KM_out):
     """See ``kernels.cpu.recur_forward`` (same arguments, same outputs).
 
@@ -743,14 +735,14 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
     packed = _packed(xp, dt, parts)
     row_floats = 2 * Dm + (2 * H if L else 0)
     plan = _launch_recurrence("recur_forward", B, tile, max(W0, Dm), row_floats, (
-        Zb, packed, kappa_m, c_m, m0, bool(silu), dt.type(phi_scale), dt.type(phi_slope),
+        Zb, packed, kappa_m, c_m, m0, int(activation), dt.type(phi_scale), dt.type(phi_slope),
         L, H, o_wh, o_wo, o_ch, o_co, M_out, Z_out if L else _placeholder(xp, dt), DM_out))
     KM_out[:, 0] = kappa_m * m0
     KM_out[:, 1:] = kappa_m * M_out[:, :-1]
     return plan
 
 
-def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope, tile,
+def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope, tile,
                    dZ_out, dO_out, gkappa_out, gc_out, act_out):
     """See ``kernels.cpu.recur_backward`` (same arguments, same outputs).
 
@@ -759,9 +751,9 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     M, Z, DM, m0, kappa_m, c_m: exactly what recur_forward was given / wrote.
     tile             batch rows per thread block; any value >= 1 is correct.
     dZ_out [L,B,T,H], dO_out [B,T,Dm], gkappa_out, gc_out [B,Dm]: overwritten.
-    act_out [L,B,T,H]  act(Z), written by one elementwise pass of the array module after
-                     the launch (on the GPU that pass is bandwidth-bound and cheap; the
-                     recurrence kernel keeps its registers for the time loop).
+    act_out [L,B,T,H]  act(Z), written by one elementwise kernel after the launch (on the
+                     GPU that pass is bandwidth-bound and cheap; the recurrence kernel keeps
+                     its registers for the time loop).
     """
     xp, dt = _xp(dM), dM.dtype
     B, T, Dm = dM.shape
@@ -775,12 +767,10 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     row_floats = 6 * Dm + (2 * H if L else 0)
     placeholder = _placeholder(xp, dt)
     plan = _launch_recurrence("recur_backward", B, tile, max(W0, Dm), row_floats, (
-        dM, packed, kappa_m, c_m, m0, M, Z if L else placeholder, DM, bool(silu),
+        dM, packed, kappa_m, c_m, m0, M, Z if L else placeholder, DM, int(activation),
         dt.type(phi_scale), dt.type(phi_slope), L, H, o_wh, o_wo,
         dZ_out if L else placeholder, dO_out, gkappa_out, gc_out))
     if L:
-        if silu:
-            xp.multiply(Z, 1 / (1 + xp.exp(-Z)), out=act_out)
-        else:
-            xp.maximum(Z, 0, out=act_out)
+        kernel = _activation_kernels(_float_type(dt))["activate_kernel"]
+        _launch(kernel, *_flat_shape(Z.size), 0, Z.reshape(-1), int(activation), act_out.reshape(-1))
     return plan

@@ -28,13 +28,13 @@ Streams: launched on CuPy's current stream with ``sync=False`` arrays (see cuda.
 """
 
 import functools
-import math
 
 import numpy as np
 from numba import cuda
 
 from ..errors import ELMError
-from .cuda import SIMULATOR, _activation_functions, _device_arg, _stream
+from . import pointwise as pw
+from .cuda import SIMULATOR, _device_arg, _stream
 from .cuda import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 
 # The simulator runs every CUDA thread as a Python thread: few threads keep it fast.
@@ -47,19 +47,13 @@ _MAX_BLOCKS = 2 if SIMULATOR else 65535
 def _kernels(np_dtype):
     """Kernels specialised for one float dtype (constants typed so float32 stays float32)."""
     ZERO = np_dtype(0)
-    ONE = np_dtype(1)
-    activate, activation_slope = _activation_functions(np_dtype)  # the single neuron's, as the MLPs are
-
-    @cuda.jit(device=True, inline=True)
-    def pre_phi_grad(g, dm, c_m, phi_scale, dphi_scale):
-        """∂loss/∂(pre-φ value) from g = ∂loss/∂m_t: m_t gains c_m·Δm, Δm = s·tanh(k·x), and
-        ∂Δm/∂x = s·k·(1 − (Δm/s)²) with dphi_scale = s·k."""
-        q = dm / phi_scale
-        return g * c_m * dphi_scale * (ONE - q * q)
+    pointwise = pw.cuda_functions(np_dtype)
+    activate, activation_slope, phi, phi_backward = (pointwise.activate, pointwise.activation_slope,
+                                                     pointwise.phi, pointwise.phi_backward)
 
     @cuda.jit
     def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out,
-                        c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope, L, H,
+                        c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, L, H,
                         A0_out, Z_out, DM_out, M_out, O_out, b_out):
         B, T, nb, N = E.shape
         Dm = kappa_m.shape[0]
@@ -96,19 +90,19 @@ def _kernels(np_dtype):
                         for o in range(H):
                             Z_out[l, bb, t, o, i] = c_hid[l - 1, o, i]
                         for j in range(H):
-                            a = activate(Z_out[l - 1, bb, t, j, i], silu)
+                            a = activate(Z_out[l - 1, bb, t, j, i], activation)
                             for o in range(H):
                                 Z_out[l, bb, t, o, i] += W_hid[l - 1, j, o, i] * a
                     if L > 0:
                         for o in range(Dm):
                             DM_out[bb, t, o, i] = c_out[o, i]
                         for j in range(H):
-                            a = activate(Z_out[L - 1, bb, t, j, i], silu)
+                            a = activate(Z_out[L - 1, bb, t, j, i], activation)
                             for o in range(Dm):
                                 DM_out[bb, t, o, i] += W_out[j, o, i] * a
                     out = c_o[i]
                     for j in range(Dm):
-                        dm = phi_scale * math.tanh(phi_slope * DM_out[bb, t, j, i])
+                        dm = phi(DM_out[bb, t, j, i], phi_scale, phi_slope)
                         DM_out[bb, t, j, i] = dm
                         m = A0_out[bb, t, nb + j, i] + c_m[j, i] * dm
                         M_out[bb, t, j, i] = m
@@ -122,14 +116,13 @@ def _kernels(np_dtype):
 
     @cuda.jit
     def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid,
-                         W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope, L, H,
+                         W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, L, H,
                          GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
         B, T, nb, N = GB_out.shape
         Dm = kappa_m.shape[0]
         W0 = W_in.shape[1]
         tid = cuda.threadIdx.x
         nthreads = cuda.blockDim.x
-        dphi_scale = phi_scale * phi_slope
         for bb in range(cuda.blockIdx.x, B, cuda.gridDim.x):
             for i in range(tid, N, nthreads):
                 GO_out[bb, T - 1, i] = dO[bb, T - 1, i]
@@ -145,15 +138,15 @@ def _kernels(np_dtype):
                         for h in range(H):
                             dZ_out[L - 1, bb, t, h, i] = ZERO
                         for o in range(Dm):
-                            dp = pre_phi_grad(w_o[o, i] * go + dP_out[bb, t, o, i], DM[bb, t, o, i], c_m[o, i],
-                                              phi_scale, dphi_scale)
+                            dp = phi_backward((w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i], DM[bb, t, o, i],
+                                              phi_scale, phi_slope)
                             for h in range(H):
                                 dZ_out[L - 1, bb, t, h, i] += W_out[h, o, i] * dp
                         for l in range(L - 1, -1, -1):
                             for h in range(H):
                                 z = Z[l, bb, t, h, i]
-                                dZ_out[l, bb, t, h, i] *= activation_slope(z, silu)
-                                act_out[l, bb, t, h, i] = activate(z, silu)
+                                dZ_out[l, bb, t, h, i] *= activation_slope(z, activation)
+                                act_out[l, bb, t, h, i] = activate(z, activation)
                             if l > 0:
                                 for h in range(H):
                                     dZ_out[l - 1, bb, t, h, i] = ZERO
@@ -166,8 +159,8 @@ def _kernels(np_dtype):
                         acc = ZERO
                         for o in range(W0):
                             if L == 0:
-                                d = pre_phi_grad(w_o[o, i] * go + dP_out[bb, t, o, i], DM[bb, t, o, i], c_m[o, i],
-                                                 phi_scale, dphi_scale)
+                                d = phi_backward((w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i],
+                                                 DM[bb, t, o, i], phi_scale, phi_slope)
                             else:
                                 d = dZ_out[0, bb, t, o, i]
                             acc += W_in[k, o, i] * d
@@ -178,8 +171,8 @@ def _kernels(np_dtype):
                         acc = ZERO
                         for o in range(W0):
                             if L == 0:
-                                d = pre_phi_grad(w_o[o, i] * go + dP_out[bb, t, o, i], DM[bb, t, o, i], c_m[o, i],
-                                                 phi_scale, dphi_scale)
+                                d = phi_backward((w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i],
+                                                 DM[bb, t, o, i], phi_scale, phi_slope)
                             else:
                                 d = dZ_out[0, bb, t, o, i]
                             acc += W_in[nb + j, o, i] * d
@@ -192,8 +185,8 @@ def _kernels(np_dtype):
                             dP_out[bb, t - 1, j, i] = kappa_m[j, i] * total
                     # Pass C: ∂loss/∂pre replaces the carry.
                     for j in range(Dm):
-                        dP_out[bb, t, j, i] = pre_phi_grad(w_o[j, i] * go + dP_out[bb, t, j, i], DM[bb, t, j, i],
-                                                           c_m[j, i], phi_scale, dphi_scale)
+                        dP_out[bb, t, j, i] = phi_backward((w_o[j, i] * go + dP_out[bb, t, j, i]) * c_m[j, i],
+                                                           DM[bb, t, j, i], phi_scale, phi_slope)
                 # g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources.
                 cuda.syncthreads()
                 if t > 0:
@@ -268,7 +261,7 @@ def _rows_shape(B, N):
 
 
 def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
-                    kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope,
+                    kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope,
                     A0_out, Z_out, DM_out, M_out, O_out, b_out):
     """See ``network_cpu.network_forward``. One block per batch row, threads over neurons."""
     B, _, _, N = E.shape
@@ -277,12 +270,12 @@ def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_i
     L, H = Z_out.shape[0], Z_out.shape[3]
     Z_out, = _hidden_stand_ins(Z_out)
     _launch(k, *_rows_shape(B, N), E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid,
-            W_out, c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, bool(silu), phi_scale, phi_slope, L, H,
+            W_out, c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, int(activation), phi_scale, phi_slope, L, H,
             A0_out, Z_out, DM_out, M_out, O_out, b_out)
 
 
 def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
-                     kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope,
+                     kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope,
                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
     """See ``network_cpu.network_backward``. One block per batch row, threads over neurons."""
     B, _, _, N = GB_out.shape
@@ -292,7 +285,7 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
     L, H = Z.shape[0], Z.shape[3]
     Z, dZ_out, act_out = _hidden_stand_ins(Z, dZ_out, act_out)
     _launch(k, *_rows_shape(B, N), dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry,
-            W_in, W_hid, W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, bool(silu), phi_scale, phi_slope, L, H,
+            W_in, W_hid, W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, int(activation), phi_scale, phi_slope, L, H,
             GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out)
 
 

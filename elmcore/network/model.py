@@ -22,6 +22,7 @@ from elmcore.engine.memory import check_memory
 from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype
 from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE, TAU_FLOOR
+from elmcore.kernels.pointwise import activation_code
 
 
 @dataclasses.dataclass
@@ -197,7 +198,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         N, nb, Dm, L, H = cfg.num_neurons, cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, cfg.hidden_size
         if state is None:
             state = self.init_state(B)
-        silu = cfg.mlp_activation == "silu"
+        activation = activation_code(cfg.mlp_activation)
         layers = []
         final = {"b": xp.empty_like(state["b"]), "m": xp.empty_like(state["m"]), "o": xp.empty_like(state["o"])}
         inp = X
@@ -216,7 +217,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
             m0, o0 = state["m"][layer], state["o"][layer]
             k.network_forward(E.reshape(B, T, nb, N), w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src,
                               w.rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out, w.kappa_m, w.c_m, w.w_o, w.c_o,
-                              state["b"][layer], m0, o0, silu, self.dtype.type(PHI_SCALE),
+                              state["b"][layer], m0, o0, activation, self.dtype.type(PHI_SCALE),
                               self.dtype.type(PHI_SLOPE), A0, Z, DM, M, O, final["b"][layer])
             final["m"][layer] = M[:, -1]
             final["o"][layer] = O[:, -1]
@@ -264,7 +265,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         dO = xp.empty((R, N), self.dtype)
         k.rows_product(dY2, self.params["readout.weight"], xp.zeros(N, self.dtype), dO)
         dO = dO.reshape(B, T, N)
-        silu = cfg.mlp_activation == "silu"
+        activation = activation_code(cfg.mlp_activation)
         dX = None
         for layer in range(cfg.num_layers - 1, -1, -1):
             c = layers[layer]
@@ -280,7 +281,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
             gc = xp.empty((B, Dm, N), self.dtype)
             k.network_backward(dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w,
                                syn.src_ptr, syn.src_entry, W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o, c["m0"],
-                               c["A0"], c["Z"], c["DM"], c["M"], silu, self.dtype.type(PHI_SCALE),
+                               c["A0"], c["Z"], c["DM"], c["M"], activation, self.dtype.type(PHI_SCALE),
                                self.dtype.type(PHI_SLOPE), GB, dZ, dP, GO, A, gk, gc)
             grads.update(self._layer_weight_grads(layer, c, w, syn, GB, dZ, dP, GO, A, gk, gc))
             if layer > 0 or input_grad:
