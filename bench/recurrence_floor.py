@@ -67,6 +67,7 @@ def measure(args):
 
     from elmcore.neuron import params as P
     from elmcore.kernels import cuda as K
+    from elmcore.kernels import cuda_launch
     from elmcore.kernels.pointwise import activation_code
     import cupy
 
@@ -115,7 +116,7 @@ def measure(args):
     floor_kernel = barrier_loop.specialize(T, syncs, dev_out)
     if plan.shared_bytes > K._DEFAULT_SHARED_BYTES and not K._allow_large_shared(floor_kernel):
         raise SystemExit("cannot reserve the recurrence's shared memory for the floor kernel")
-    stream = K._stream()
+    stream = cuda_launch.stream()
 
     def floor():
         floor_kernel[plan.blocks, (plan.unit_threads, plan.rows_per_block), stream, plan.shared_bytes](
@@ -141,7 +142,7 @@ def main(argv=None):
     from elmcore.engine.cuda_backend import cuda_problem
     problem = cuda_problem()
     if problem is None:
-        from elmcore.kernels.cuda import SIMULATOR
+        from elmcore.kernels.cuda_launch import SIMULATOR
         if SIMULATOR:
             problem = "the CUDA simulator has no meaningful timings (unset NUMBA_ENABLE_CUDASIM)"
     if problem is not None:

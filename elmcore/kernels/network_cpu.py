@@ -39,6 +39,9 @@ from .cpu import route_forward, route_input_grad, route_weight_grad  # noqa: F40
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 
+# Optional parts of the kernel contract (kernels/contract.py): the network's kernels have none.
+CAPABILITIES = frozenset()
+
 
 # ---- per-neuron matrix products over a tile of batch rows ---------------------------------
 #
@@ -539,8 +542,3 @@ def rows_transposed_product(A, G, out):
         if r1 > r0:
             _accumulate_product(A[r0:r1].T, G[r0:r1], partial[c])
     _sum_chunks(partial, out)
-
-
-# Every compiled network kernel (the codegen probe compiles the CUDA twins of these names).
-KERNELS = ("network_forward", "network_backward", "neuron_weight_grad", "recurrent_weight_grad",
-           "route_forward", "route_weight_grad", "route_input_grad")

@@ -105,11 +105,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         self.dtype = resolve_dtype(dtype)
         self.backend = get_backend(device)
         self.xp = self.backend.xp
-        if self.backend.name == "cpu":
-            from elmcore.kernels import network_cpu as kernels
-        else:
-            from elmcore.kernels import network_cuda as kernels
-        self.kernels = kernels
+        self.kernels = self.backend.network_kernels
         host = NP.init_params(config, seed=seed, dtype=self.dtype) if params is None else \
             NP.check_params(config, {k: self.backend.to_host(v) for k, v in params.items()}, self.dtype)
         self.params = {k: (self.xp.asarray(v) if v.dtype.kind == "f" else v) for k, v in host.items()}
