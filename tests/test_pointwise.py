@@ -39,6 +39,7 @@ def _sigmoid(z):
 REFERENCES = {
     "relu": (lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(np.float64)),
     "silu": (lambda z: z * _sigmoid(z), lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))),
+    "tanh": (np.tanh, lambda z: 1 - np.tanh(z) ** 2),
 }
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,8 +25,9 @@ from . import vecmath as vm
 
 ACT_RELU = 0
 ACT_SILU = 1
+ACT_TANH = 2
 # mlp_activation name -> the code the kernels take.
-ACTIVATION_CODES = {"relu": ACT_RELU, "silu": ACT_SILU}
+ACTIVATION_CODES = {"relu": ACT_RELU, "silu": ACT_SILU, "tanh": ACT_TANH}
 ACTIVATIONS = tuple(ACTIVATION_CODES)
 
 
@@ -70,6 +71,18 @@ def silu_backward(z, da):
 
 
 @njit(**_INLINE)
+def tanh(z):
+    return vm.tanh(z)
+
+
+@njit(**_INLINE)
+def tanh_backward(z, da):
+    """(tanh(z), da·tanh′(z)) with tanh′(z) = 1 − tanh²(z): one tanh serves both."""
+    a = vm.tanh(z)
+    return a, da * (1.0 - a * a)
+
+
+@njit(**_INLINE)
 def activate_all(z, a, count, activation):
     """a[x] = act(z[x]) for x < count (z, a 1-D).
 
@@ -81,6 +94,9 @@ def activate_all(z, a, count, activation):
     elif activation == ACT_SILU:
         for x in range(count):
             a[x] = silu(z[x])
+    elif activation == ACT_TANH:
+        for x in range(count):
+            a[x] = tanh(z[x])
     else:
         for x in range(count):
             a[x] = np.nan
@@ -95,6 +111,9 @@ def activation_backward_all(z, da, dz, a, count, activation):
     elif activation == ACT_SILU:
         for x in range(count):
             a[x], dz[x] = silu_backward(z[x], da[x])
+    elif activation == ACT_TANH:
+        for x in range(count):
+            a[x], dz[x] = tanh_backward(z[x], da[x])
     else:
         for x in range(count):
             a[x] = np.nan
@@ -143,11 +162,22 @@ def cuda_functions(np_dtype):
         return s * (ONE + z * (ONE - s))
 
     @cuda.jit(device=True)
+    def tanh_device(z):
+        return math.tanh(z)
+
+    @cuda.jit(device=True)
+    def tanh_slope_device(z):
+        a = math.tanh(z)
+        return ONE - a * a
+
+    @cuda.jit(device=True)
     def activate(z, activation):
         if activation == ACT_RELU:
             return relu_device(z)
         if activation == ACT_SILU:
             return silu_device(z)
+        if activation == ACT_TANH:
+            return tanh_device(z)
         return NAN
 
     @cuda.jit(device=True)
@@ -156,6 +186,8 @@ def cuda_functions(np_dtype):
             return relu_slope_device(z)
         if activation == ACT_SILU:
             return silu_slope_device(z)
+        if activation == ACT_TANH:
+            return tanh_slope_device(z)
         return NAN
 
     @cuda.jit(device=True)
