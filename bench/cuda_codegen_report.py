@@ -1,6 +1,6 @@
 """Real GPU code generation for every CUDA kernel, without a GPU.
 
-Each kernel in ``KERNELS`` is compiled to PTX for Hopper (sm_90) by the real
+Each kernel of ``kernel_table`` is compiled to PTX for Hopper (sm_90) by the real
 NVVM that numba-cuda loads, for every float type and weight placement it is
 built for, and the PTX is assembled by the ``ptxas`` of the SAME toolkit (an
 older ``ptxas`` on PATH rejects newer PTX). ``ptxas -v`` reports registers per
@@ -36,6 +36,7 @@ ARCH = (9, 0)
 SIM_ENV = "NUMBA_ENABLE_CUDASIM"
 # Tiny sample shapes: only the argument types matter for code generation.
 B, T, D, C, S, Dm, H, L = 2, 3, 5, 4, 6, 3, 4, 2
+ACT = 1  # an activation code: every code compiles into the same kernel, branching at run time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,24 +68,24 @@ def _i(*s):
 
 def _routing_samples(dt):
     f = _f(dt)
-    return dict(zero_2d=(f(B, S),),
-                route_forward=(f(B, T, D), _i(D + 1), _i(S), f(S), 1, f(B, T, C)),
-                route_weight_grad=(f(B, T, D), _i(D + 1), _i(S), f(S), 1, f(B, T, C), f(B, S)),
-                route_input_grad=(f(B, T, C), _i(D + 1), _i(S), f(S), 1, f(B, T, D)))
+    return dict(zero_2d_kernel=(f(B, S),),
+                route_forward_kernel=(f(B, T, D), _i(D + 1), _i(S), f(S), 1, f(B, T, C)),
+                route_weight_grad_kernel=(f(B, T, D), _i(D + 1), _i(S), f(S), 1, f(B, T, C), f(B, S)),
+                route_input_grad_kernel=(f(B, T, C), _i(D + 1), _i(S), f(S), 1, f(B, T, D)))
 
 
 def _scan_samples(dt):
     f = _f(dt)
-    return dict(scan_forward=(f(B, T, C), f(C), f(B, C), f(B, T, C)),
-                scan_backward=(f(B, T, C), f(C), f(B, T, C)))
+    return dict(scan_forward_kernel=(f(B, T, C), f(C), f(B, C), f(B, T, C)),
+                scan_backward_kernel=(f(B, T, C), f(C), f(B, T, C)))
 
 
 def _recurrence_samples(dt):
     f, x = _f(dt), dt.type(1)
-    return dict(recur_forward=(f(B, T, H), f(99), f(Dm), f(Dm), f(B, Dm), True, x, x, L, H, 1, 2, 3, 4,
+    return dict(recur_forward_kernel=(f(B, T, H), f(99), f(Dm), f(Dm), f(B, Dm), ACT, x, x, L, H, 1, 2, 3, 4,
                                f(B, T, Dm), f(L, B, T, H), f(B, T, Dm)),
-                recur_backward=(f(B, T, Dm), f(99), f(Dm), f(Dm), f(B, Dm), f(B, T, Dm), f(L, B, T, H),
-                                f(B, T, Dm), True, x, x, L, H, 1, 2, f(L, B, T, H), f(B, T, Dm), f(B, Dm),
+                recur_backward_kernel=(f(B, T, Dm), f(99), f(Dm), f(Dm), f(B, Dm), f(B, T, Dm), f(L, B, T, H),
+                                f(B, T, Dm), ACT, x, x, L, H, 1, 2, f(L, B, T, H), f(B, T, Dm), f(B, Dm),
                                 f(B, Dm)))
 
 
@@ -93,30 +94,36 @@ NB, N, R = 2, 3, 4
 I0 = NB + Dm
 
 
+def _activation_samples(dt):
+    f = _f(dt)
+    return dict(activate_kernel=(f(L * B * T * H), ACT, f(L * B * T * H)))
+
+
 def _network_samples(dt):
     f, x = _f(dt), dt.type(1)
     entries = (_i(N + 1), _i(R), _i(R), _i(R), f(R))  # rec_ptr, rec_i, rec_k, rec_src, rec_w
     mlp_shapes = (f(I0, H, N), f(L - 1, H, H, N), f(H, Dm, N))  # W_in, W_hid, W_out
     return dict(
-        network_forward=(f(B, T, NB, N), f(NB, N), *entries, mlp_shapes[0], f(H, N), mlp_shapes[1],
+        network_forward_kernel=(f(B, T, NB, N), f(NB, N), *entries, mlp_shapes[0], f(H, N), mlp_shapes[1],
                          f(L - 1, H, N), mlp_shapes[2], f(Dm, N), f(Dm, N), f(Dm, N), f(Dm, N), f(N),
-                         f(B, NB, N), f(B, Dm, N), f(B, N), True, x, x, L, H,
+                         f(B, NB, N), f(B, Dm, N), f(B, N), ACT, x, x, L, H,
                          f(B, T, I0, N), f(L, B, T, H, N), f(B, T, Dm, N), f(B, T, Dm, N), f(B, T, N),
                          f(B, NB, N)),
-        network_backward=(f(B, T, N), f(NB, N), *entries, _i(N + 1), _i(R), *mlp_shapes, f(Dm, N), f(Dm, N),
+        network_backward_kernel=(f(B, T, N), f(NB, N), *entries, _i(N + 1), _i(R), *mlp_shapes, f(Dm, N), f(Dm, N),
                           f(Dm, N), f(B, Dm, N), f(B, T, I0, N), f(L, B, T, H, N), f(B, T, Dm, N),
-                          f(B, T, Dm, N), True, x, x, L, H, f(B, T, NB, N), f(L, B, T, H, N), f(B, T, Dm, N),
+                          f(B, T, Dm, N), ACT, x, x, L, H, f(B, T, NB, N), f(L, B, T, H, N), f(B, T, Dm, N),
                           f(B, T, N), f(L, B, T, H, N), f(B, Dm, N), f(B, Dm, N)),
-        neuron_weight_grad=(f(B * T, H, N), f(B * T, I0, N), f(I0, H, N), f(H, N)),
-        recurrent_weight_grad=(f(B, T, NB, N), f(B, T, N), f(B, N), _i(R), _i(R), _i(R), f(B, R)))
+        neuron_weight_grad_kernel=(f(B * T, H, N), f(B * T, I0, N), f(I0, H, N), f(H, N)),
+        recurrent_weight_grad_kernel=(f(B, T, NB, N), f(B, T, N), f(B, N), _i(R), _i(R), _i(R), f(B, R)))
 
 
 def kernel_table():
     """Every CUDA kernel the engine launches (imported late: the module must see no simulator)."""
     from elmcore.kernels import cuda as K
     from elmcore.kernels import network_cuda as NK
+    from elmcore.kernels.cuda_launch import FLAT_THREADS
 
-    def entry(name, build, samples, threads=K._FLAT_THREADS, placements=(None,), recurrence=False):
+    def entry(name, build, samples, threads=FLAT_THREADS, placements=(None,), recurrence=False):
         return Kernel(name, build, lambda dt: samples(dt)[name], threads, placements, recurrence)
 
     def routing(dt, _):
@@ -128,24 +135,28 @@ def kernel_table():
     def recurrence(dt, in_shared):
         return K._recurrence_kernels(dt.type, in_shared)
 
+    def activation(dt, _):
+        return K._activation_kernels(dt.type)
+
     def network(dt, _):
         return NK.kernel_set(dt)
 
     return [
-        entry("zero_2d", routing, _routing_samples),
-        entry("route_forward", routing, _routing_samples, K._ROUTE_THREADS),
-        entry("route_weight_grad", routing, _routing_samples),
-        entry("route_input_grad", routing, _routing_samples),
-        entry("scan_forward", scans, _scan_samples),
-        entry("scan_backward", scans, _scan_samples),
-        entry("recur_forward", recurrence, _recurrence_samples, K._MAX_RECURRENCE_THREADS, (True, False),
+        entry("zero_2d_kernel", routing, _routing_samples),
+        entry("route_forward_kernel", routing, _routing_samples, K._ROUTE_THREADS),
+        entry("route_weight_grad_kernel", routing, _routing_samples),
+        entry("route_input_grad_kernel", routing, _routing_samples),
+        entry("scan_forward_kernel", scans, _scan_samples),
+        entry("scan_backward_kernel", scans, _scan_samples),
+        entry("recur_forward_kernel", recurrence, _recurrence_samples, K._MAX_RECURRENCE_THREADS, (True, False),
               recurrence=True),
-        entry("recur_backward", recurrence, _recurrence_samples, K._MAX_RECURRENCE_THREADS, (True, False),
+        entry("recur_backward_kernel", recurrence, _recurrence_samples, K._MAX_RECURRENCE_THREADS, (True, False),
               recurrence=True),
-        entry("network_forward", network, _network_samples, NK._NEURON_THREADS, recurrence=True),
-        entry("network_backward", network, _network_samples, NK._NEURON_THREADS, recurrence=True),
-        entry("neuron_weight_grad", network, _network_samples, NK._FLAT_THREADS),
-        entry("recurrent_weight_grad", network, _network_samples, NK._FLAT_THREADS),
+        entry("activate_kernel", activation, _activation_samples),
+        entry("network_forward_kernel", network, _network_samples, NK._NEURON_THREADS, recurrence=True),
+        entry("network_backward_kernel", network, _network_samples, NK._NEURON_THREADS, recurrence=True),
+        entry("neuron_weight_grad_kernel", network, _network_samples, FLAT_THREADS),
+        entry("recurrent_weight_grad_kernel", network, _network_samples, FLAT_THREADS),
     ]
 
 
@@ -245,7 +256,7 @@ def _ptxas_version(ptxas):
 
 
 def format_table(result):
-    cols = [("kernel", 21), ("dtype", 7), ("weights", 7), ("regs", 4), ("spill st/ld B", 13),
+    cols = [("kernel", 28), ("dtype", 7), ("weights", 7), ("regs", 4), ("spill st/ld B", 13),
             ("smem B", 6), ("fits thr", 8), ("planned thr", 11), ("f64 ops", 7)]
     lines = [f"{result['arch']}, ptxas {result['ptxas_version']} ({result['ptxas']})",
              "  ".join(f"{n:<{w}}" for n, w in cols)]

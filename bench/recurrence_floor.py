@@ -25,11 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
+    from elmcore.kernels.pointwise import ACTIVATIONS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-memory", type=int, default=100, help="d_m (default: the official model's 100)")
     ap.add_argument("--hidden", type=int, default=200, help="MLP hidden width h (default 2·d_m = 200)")
     ap.add_argument("--layers", type=int, default=1, choices=range(0, 5), help="hidden layers L")
-    ap.add_argument("--activation", default="silu", choices=["relu", "silu"])
+    ap.add_argument("--activation", default="silu", choices=ACTIVATIONS)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=500, help="time steps T")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -66,6 +67,8 @@ def measure(args):
 
     from elmcore.neuron import params as P
     from elmcore.kernels import cuda as K
+    from elmcore.kernels import cuda_launch
+    from elmcore.kernels.pointwise import activation_code
     import cupy
 
     dt = np.dtype(args.dtype)
@@ -88,7 +91,7 @@ def measure(args):
     plan_box = []
 
     def recurrence():
-        plan_box[:] = [K.recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, args.activation == "silu",
+        plan_box[:] = [K.recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation_code(args.activation),
                                        dt.type(P.PHI_SCALE), dt.type(P.PHI_SLOPE), K.batch_tile(B), M, Z, DM, KM)]
 
     recurrence_ms = _time_ms(cupy, recurrence, args.repeats)
@@ -113,7 +116,7 @@ def measure(args):
     floor_kernel = barrier_loop.specialize(T, syncs, dev_out)
     if plan.shared_bytes > K._DEFAULT_SHARED_BYTES and not K._allow_large_shared(floor_kernel):
         raise SystemExit("cannot reserve the recurrence's shared memory for the floor kernel")
-    stream = K._stream()
+    stream = cuda_launch.stream()
 
     def floor():
         floor_kernel[plan.blocks, (plan.unit_threads, plan.rows_per_block), stream, plan.shared_bytes](
@@ -139,7 +142,7 @@ def main(argv=None):
     from elmcore.engine.cuda_backend import cuda_problem
     problem = cuda_problem()
     if problem is None:
-        from elmcore.kernels.cuda import SIMULATOR
+        from elmcore.kernels.cuda_launch import SIMULATOR
         if SIMULATOR:
             problem = "the CUDA simulator has no meaningful timings (unset NUMBA_ENABLE_CUDASIM)"
     if problem is not None:

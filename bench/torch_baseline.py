@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from elmcore.engine.fields import ACTIVATIONS
 from elmcore.errors import ConfigError, DataError, ELMError
 
 VERSIONS = ("elm_v1", "branch_elm_v2")
@@ -67,6 +68,17 @@ def _torch():
     return torch
 
 
+def torch_activation(torch, name):
+    """PyTorch's own function called ``name`` (torch.relu, torch.nn.functional.silu, torch.tanh, ...):
+    the baselines use PyTorch's implementation of each MLP activation elmcore accepts."""
+    function = getattr(torch, name, None)
+    if not callable(function):
+        function = getattr(torch.nn.functional, name, None)
+    if not callable(function):
+        raise ConfigError("mlp_activation", f"PyTorch has no function {name!r}")
+    return function
+
+
 def resolve_config(config_dict, version):
     """The §1 fields of ``config_dict`` with defaults filled in; raises ConfigError on unknown fields."""
     if version not in VERSIONS:
@@ -88,8 +100,8 @@ def resolve_config(config_dict, version):
     if isinstance(cfg["input_to_synapse_routing"], str) and \
             cfg["input_to_synapse_routing"].lower() in ("none", "null", ""):
         cfg["input_to_synapse_routing"] = None
-    if cfg["mlp_activation"] not in ("relu", "silu"):
-        raise ConfigError("mlp_activation", f"must be relu or silu, got {cfg['mlp_activation']!r}")
+    if cfg["mlp_activation"] not in ACTIVATIONS:
+        raise ConfigError("mlp_activation", f"must be one of {', '.join(ACTIVATIONS)}, got {cfg['mlp_activation']!r}")
     if cfg["input_to_synapse_routing"] not in (None, "random_routing", "neuronio_routing"):
         raise ConfigError("input_to_synapse_routing",
                           f"must be null, random_routing or neuronio_routing, got "
@@ -112,6 +124,14 @@ def _build_module_class():
     torch = _torch()
     nn = torch.nn
 
+    class Activation(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.function = name, torch_activation(torch, name)
+
+        def forward(self, a):
+            return self.function(a)
+
     class MLP(nn.Module):
         """Release layout: ``network`` = Linear, act, …, Linear, so keys read ``mlp.network.{2l}``."""
 
@@ -119,7 +139,7 @@ def _build_module_class():
             super().__init__()
             layers, width = [], in_size
             for _ in range(num_layers):
-                layers += [nn.Linear(width, hidden), nn.SiLU() if activation == "silu" else nn.ReLU()]
+                layers += [nn.Linear(width, hidden), Activation(activation)]
                 width = hidden
             layers.append(nn.Linear(width, out_size))
             self.network = nn.Sequential(*layers)

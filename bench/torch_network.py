@@ -23,8 +23,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from torch_baseline import (PHI_SCALE, PHI_SLOPE, TAU_FLOOR, V2_MIN_TAU_SPAN, _torch,  # noqa: E402
-                            time_inference, time_training_step, torch_available)
+                            time_inference, time_training_step, torch_activation, torch_available)
 
+from elmcore.engine.fields import ACTIVATIONS  # noqa: E402
 from elmcore.errors import ConfigError, DataError, ELMError  # noqa: E402
 
 __all__ = ["NETWORK_DEFAULTS", "resolve_network_config", "init_network_params", "TorchELMNetwork",
@@ -72,8 +73,8 @@ def resolve_network_config(config_dict):
                 "num_synapse_per_branch"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(key, f"must be an integer >= 1, got {cfg[key]!r}")
-    if cfg["mlp_activation"] not in ("relu", "silu"):
-        raise ConfigError("mlp_activation", f"must be relu or silu, got {cfg['mlp_activation']!r}")
+    if cfg["mlp_activation"] not in ACTIVATIONS:
+        raise ConfigError("mlp_activation", f"must be one of {', '.join(ACTIVATIONS)}, got {cfg['mlp_activation']!r}")
     if not 0.0 <= float(cfg["recurrent_fraction"]) <= 1.0:
         raise ConfigError("recurrent_fraction", f"must lie in [0, 1], got {cfg['recurrent_fraction']!r}")
     cfg["mlp_hidden_size"] = cfg["mlp_hidden_size"] or 2 * cfg["num_memory"]
@@ -150,7 +151,7 @@ def _build_module_classes():
             self.mlp = nn.ModuleList(PerNeuron(N, out, inp) for out, inp in _mlp_shapes(cfg))
             self._proto_tau_m = nn.Parameter(torch.empty(N, d_m), requires_grad=bool(cfg["learn_memory_tau"]))
             self.w_o = PerNeuron(N, d_m)
-            self.activation = torch.nn.functional.silu if cfg["mlp_activation"] == "silu" else torch.relu
+            self.activation = torch_activation(torch, cfg["mlp_activation"])
 
         def forward(self, X):
             """(B, T, D_ℓ) → this layer's outputs o (B, T, N)."""

@@ -61,7 +61,7 @@ def test_config_file_with_flag_overrides(tmp_path):
     (["--task", "nosuchtask"], "nosuchtask"),
     (["--task", "neuronio", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
     (["--set", "num_memory=0"], "num_memory"),
-    (["--set", "mlp_activation=tanh"], "mlp_activation"),
+    (["--set", "mlp_activation=softmax"], "mlp_activation"),
     (["--input-dropout", "1.5"], "input_dropout"),
     (["--config", "/nonexistent/run.json"], "not found"),
     (["--resume", "/nonexistent/run"], "cannot resume"),

@@ -48,7 +48,7 @@ def test_json_round_trip_both_versions(tmp_path):
     (dict(num_input=6, num_branch=4), "num_synapse_per_branch"),            # 4 synapses != 6 inputs
     (dict(num_input=10, num_branch=2, num_synapse_per_branch=4,
           input_to_synapse_routing="neuronio_routing"), "num_synapse_per_branch"),  # needs 5
-    (dict(mlp_activation="tanh"), "mlp_activation"),
+    (dict(mlp_activation="softmax"), "mlp_activation"),
     (dict(input_to_synapse_routing="clever"), "input_to_synapse_routing"),
     (dict(tau_s_value=0.0), "tau_s_value"),
     (dict(memory_tau_min=-1.0), "memory_tau_min"),

@@ -92,10 +92,11 @@ def test_every_kernel_compiles_for_hopper(report):
     print("\n" + _report_module().format_table(report))
     assert report["arch"] == "sm_90" and report["uncovered"] == []
     compiled = {(r["kernel"], r["dtype"], r["weights"]) for r in report["rows"]}
-    for kernel in ("zero_2d", "route_forward", "route_weight_grad", "route_input_grad", "scan_forward",
-                   "scan_backward"):
+    for kernel in ("zero_2d_kernel", "route_forward_kernel", "route_weight_grad_kernel", "route_input_grad_kernel",
+                   "scan_forward_kernel", "scan_backward_kernel", "activate_kernel", "network_forward_kernel",
+                   "network_backward_kernel", "neuron_weight_grad_kernel", "recurrent_weight_grad_kernel"):
         assert {(kernel, dt, "-") for dt in ("float32", "float64")} <= compiled
-    for kernel in ("recur_forward", "recur_backward"):
+    for kernel in ("recur_forward_kernel", "recur_backward_kernel"):
         assert {(kernel, dt, w) for dt in ("float32", "float64") for w in ("shared", "global")} <= compiled
     assert all(0 < r["registers"] <= 255 for r in report["rows"])
 
@@ -110,7 +111,8 @@ def test_float32_kernels_have_no_float64_instructions(report):
 @pytest.mark.slow
 def test_recurrence_kernels_do_not_spill(report):
     rows = [r for r in report["rows"] if r["recurrence"]]
-    # recur_forward / recur_backward x 2 dtypes x 2 weight placements; network_forward / _backward x 2 dtypes.
+    # recur_forward / recur_backward x 2 dtypes x 2 weight placements; network_forward / _backward x 2 dtypes
+    # (the kernels, named *_kernel; their launchers carry the contract's names).
     assert len(rows) == 12
     spills = {f"{r['kernel']}/{r['dtype']}/{r['weights']}": (r["spill_stores"], r["spill_loads"])
               for r in rows if r["spill_stores"] or r["spill_loads"]}
@@ -148,7 +150,7 @@ def test_report_script_without_compilers_says_why(tmp_path):
 
 def test_float_types_are_the_only_kernel_types():
     from elmcore import ELMError
-    from elmcore.kernels import cuda as K
-    assert K._float_type("float32") is np.float32 and K._float_type(np.float64) is np.float64
+    from elmcore.kernels.cuda_launch import float_type
+    assert float_type("float32") is np.float32 and float_type(np.float64) is np.float64
     with pytest.raises(ELMError, match="float32 and float64"):
-        K._float_type(np.float16)
+        float_type(np.float16)

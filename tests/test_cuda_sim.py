@@ -30,6 +30,7 @@ from elmcore import ELM, ELMError
 from elmcore.neuron import params as P
 from elmcore.neuron.config import ELMConfig
 from elmcore.engine.cuda_backend import cuda_problem
+from elmcore.kernels.pointwise import ACT_RELU, ACT_SILU, activation_code
 from elmcore.verification.oracle import load_oracle, relative_error, verify_case
 from helpers import GOLDEN_DIR, random_config
 
@@ -360,7 +361,7 @@ def _recurrence_inputs(rng, dtype, B, T, Dm, H, L):
                 m0=f(B, Dm), dM=f(B, T, Dm))
 
 
-def _run_recurrence(k, inp, silu, L, H, tile=2, xp=np):
+def _run_recurrence(k, inp, activation, L, H, tile=2, xp=np):
     """Forward then backward through kernel module ``k`` on ``xp`` arrays; outputs on the host."""
     inp = {key: xp.asarray(v) for key, v in inp.items()}
     B, T, _ = inp["Zb"].shape
@@ -372,10 +373,11 @@ def _run_recurrence(k, inp, silu, L, H, tile=2, xp=np):
     WoT = xp.ascontiguousarray(inp["Wo"].T)
     KM = xp.full((B, T, Dm + 1), np.nan, dt)[:, :, 1:]  # a strided view, as the model passes it
     forward_plan = k.recur_forward(inp["Zb"], xp.ascontiguousarray(inp["W0m"].T), WhT, inp["ch"], WoT, inp["co"],
-                                   inp["kappa_m"], inp["c_m"], inp["m0"], silu, scale, slope, tile, M, Z, DM, KM)
+                                   inp["kappa_m"], inp["c_m"], inp["m0"], activation, scale, slope, tile, M, Z,
+                                   DM, KM)
     dZ, dO, gk, gc, A = (xp.full(s, np.nan, dt) for s in ((L, B, T, H), (B, T, Dm), (B, Dm), (B, Dm), (L, B, T, H)))
     backward_plan = k.recur_backward(inp["dM"], inp["W0m"], inp["Wh"], inp["Wo"], inp["kappa_m"], inp["c_m"],
-                                     inp["m0"], M, Z, DM, silu, scale, slope, tile, dZ, dO, gk, gc, A)
+                                     inp["m0"], M, Z, DM, activation, scale, slope, tile, dZ, dO, gk, gc, A)
     outputs = {key: _to_host(v) for key, v in dict(M=M, DM=DM, Z=Z, KM=KM, dZ=dZ, dO=dO, gk=gk, gc=gc,
                                                     A=A).items()}
     return outputs, (forward_plan, backward_plan)
@@ -398,8 +400,8 @@ def test_recurrence_kernels_match_cpu(dtype, L, activation, rows, in_shared, mon
     rng = np.random.default_rng(10 * L + rows)
     B, T, Dm, H = 3, 5, 3, 4
     inp = _recurrence_inputs(rng, dtype, B, T, Dm, H, L)
-    ref, _ = _run_recurrence(cpu, inp, activation == "silu", L, H, tile=1)
-    got, plans = _run_recurrence(gpu, inp, activation == "silu", L, H, tile=rows, xp=_device_xp())
+    ref, _ = _run_recurrence(cpu, inp, activation_code(activation), L, H, tile=1)
+    got, plans = _run_recurrence(gpu, inp, activation_code(activation), L, H, tile=rows, xp=_device_xp())
     assert all(p.weights_in_shared is in_shared and p.rows_per_block == rows for p in plans)
     tol = TOL[np.dtype(dtype).name]
     for key in ref:
@@ -415,8 +417,8 @@ def test_recurrence_threads_walking_several_units(L, monkeypatch):
     cap, Dm, H = (2, 3, 5) if gpu.SIMULATOR else (32, 35, 70)
     monkeypatch.setattr(gpu, "_MAX_RECURRENCE_THREADS", cap)
     inp = _recurrence_inputs(np.random.default_rng(L), np.float64, 2, 4, Dm, H, L)
-    ref, _ = _run_recurrence(cpu, inp, True, L, H, tile=1)
-    got, plans = _run_recurrence(gpu, inp, True, L, H, tile=2, xp=_device_xp())
+    ref, _ = _run_recurrence(cpu, inp, ACT_SILU, L, H, tile=1)
+    got, plans = _run_recurrence(gpu, inp, ACT_SILU, L, H, tile=2, xp=_device_xp())
     assert all(p.unit_threads == cap and p.rows_per_block == 1 for p in plans)
     for key in ref:
         assert relative_error(got[key], ref[key]) <= TOL["float64"], key
@@ -427,7 +429,7 @@ def test_recurrence_tile_is_capped_by_the_batch_and_four_rows():
     _, gpu = _kernels()
     inp = _recurrence_inputs(np.random.default_rng(0), np.float64, 3, 2, 2, 3, 1)
     for tile, rows, blocks in ((2, 2, 2), (9, 3, 1), (1, 1, 3)):
-        _, plans = _run_recurrence(gpu, inp, False, 1, 3, tile=tile, xp=_device_xp())
+        _, plans = _run_recurrence(gpu, inp, ACT_RELU, 1, 3, tile=tile, xp=_device_xp())
         assert all((p.rows_per_block, p.blocks) == (rows, blocks) for p in plans)
     if gpu.SIMULATOR:  # always 2 rows, so that tests meet multi-row tiles
         assert gpu.batch_tile(1) == gpu.batch_tile(1000) == 2
@@ -556,8 +558,8 @@ def test_gpu_recurrence_placement_and_values(num_memory, hidden, in_shared):
     rng = np.random.default_rng(1)
     inp = _recurrence_inputs(rng, np.float32, 64, 20, num_memory, hidden, 1)
     inp = {k: v * (0.2 if k in ("W0m", "Wo") else 1) for k, v in inp.items()}
-    ref, _ = _run_recurrence(cpu, inp, True, 1, hidden, tile=1)
-    got, plans = _run_recurrence(gpu, inp, True, 1, hidden, tile=gpu.batch_tile(64), xp=cupy)
+    ref, _ = _run_recurrence(cpu, inp, ACT_SILU, 1, hidden, tile=1)
+    got, plans = _run_recurrence(gpu, inp, ACT_SILU, 1, hidden, tile=gpu.batch_tile(64), xp=cupy)
     # The forward's weights decide the placement (the backward has more per-row state).
     assert plans[0].weights_in_shared is in_shared
     for key in ref:

@@ -14,6 +14,12 @@ def _modules():
     return {"cpu": cpu, "cuda": cuda}
 
 
+def _network_modules():
+    from elmcore.kernels import network_cpu
+    from elmcore.kernels import network_cuda
+    return {"cpu": network_cpu, "cuda": network_cuda}
+
+
 @pytest.mark.parametrize("name", ["cpu", "cuda"])
 def test_kernel_module_keeps_the_contract(name):
     module = _modules()[name]
@@ -21,6 +27,68 @@ def test_kernel_module_keeps_the_contract(name):
     assert contract.check(module) is module
     for function, params in contract.REQUIRED.items():
         assert contract._parameters(getattr(module, function)) == params
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_network_kernel_module_keeps_the_contract(name):
+    module = _network_modules()[name]
+    assert contract.problems(module, "network") == []
+    assert contract.check(module, "network") is module
+    for function, params in contract.NETWORK_REQUIRED.items():
+        assert contract._parameters(getattr(module, function)) == params
+    # A single neuron's module is not a network's, and the other way round.
+    assert "lacks network_forward" in " ".join(contract.problems(_modules()[name], "network"))
+    assert "lacks recur_forward" in " ".join(contract.problems(module, "neuron"))
+    with pytest.raises(ELMError, match="unknown model family 'tree'"):
+        contract.problems(module, "tree")
+
+
+def test_backends_hand_each_family_its_kernel_modules():
+    from elmcore.engine.backend import get_backend
+    backend = get_backend("cpu")
+    assert backend.kernels is _modules()["cpu"]
+    assert backend.network_kernels is _network_modules()["cpu"]
+    for family, module in (("neuron", backend.kernels), ("network", backend.network_kernels)):
+        assert contract.problems(module, family) == []
+
+
+def test_models_ask_the_backend_not_its_name(monkeypatch):
+    # A backend under another name that hands out the CPU modules: the models must use exactly those.
+    import numpy as np
+
+    from elmcore import ELM, ELMNetwork
+    from elmcore.engine import backend as backend_module
+    from elmcore.neuron.config import ELMConfig
+
+    class Renamed(backend_module.CPUBackend):
+        name = "renamed"
+
+    monkeypatch.setattr(backend_module, "get_backend", lambda device="cpu": Renamed())
+    net_cfg = ELMConfig.from_dict(dict(version="elm_network", num_input=3, num_output=2, num_neurons=2,
+                                       num_memory=2, num_branch=2, num_synapse_per_branch=2))
+    network = ELMNetwork(net_cfg, dtype="float64")
+    assert network.backend.name == "renamed" and network.kernels is _network_modules()["cpu"]
+    assert np.isfinite(network.forward(np.ones((1, 3, 3)))).all()
+    neuron = ELM(ELMConfig(num_input=3, num_output=1, num_memory=2), dtype="float64")
+    assert neuron.backend.kernels is _modules()["cpu"]
+    assert np.isfinite(neuron.forward(np.ones((1, 3, 3)))).all()
+
+
+def test_cuda_kernels_are_named_apart_from_their_launchers():
+    # The @cuda.jit kernels end in _kernel; the contract's names belong to the launchers.
+    import numpy as np
+
+    from elmcore.kernels import cuda, network_cuda
+    factories = [cuda._routing_kernels, cuda._scan_kernels, cuda._activation_kernels,
+                 lambda dt: cuda._recurrence_kernels(dt, True), lambda dt: cuda._recurrence_kernels(dt, False),
+                 network_cuda.kernel_set]
+    launchers = set(contract.REQUIRED) | set(contract.NETWORK_REQUIRED)
+    names = set()
+    for factory in factories:
+        names |= set(factory(np.float64))
+    assert names and all(name.endswith("_kernel") for name in names), sorted(names)
+    assert not {name[:-len("_kernel")] for name in names} - launchers - {"zero_2d", "activate"}
+    assert set(network_cuda.KERNELS) == set(network_cuda.kernel_set(np.float32))
 
 
 def test_capabilities_are_declared_by_the_modules():
@@ -33,10 +101,18 @@ def test_capabilities_are_declared_by_the_modules():
 
 def test_cpu_and_cuda_name_their_arguments_alike():
     # One meaning per name: the routed channel input is A (A_out), the activations act_out.
-    modules = _modules()
+    modules, network_modules = _modules(), _network_modules()
     for function in contract.REQUIRED:
         assert (contract._parameters(getattr(modules["cpu"], function))
                 == contract._parameters(getattr(modules["cuda"], function))), function
+    for function in contract.NETWORK_REQUIRED:
+        assert (contract._parameters(getattr(network_modules["cpu"], function))
+                == contract._parameters(getattr(network_modules["cuda"], function))), function
+    # The MLP activation reaches every time walk as its integer code, under one name.
+    for table, walks in ((contract.REQUIRED, ("recur_forward", "recur_backward")),
+                         (contract.NETWORK_REQUIRED, ("network_forward", "network_backward"))):
+        for walk in walks:
+            assert table[walk][table[walk].index("activation") + 1:][:2] == ("phi_scale", "phi_slope"), walk
     assert contract.REQUIRED["recur_backward"][-1] == "act_out"
     assert "A_out" in contract.REQUIRED["route_forward"]
     every_name = [p for params in contract.REQUIRED.values() for p in params]

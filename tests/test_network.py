@@ -277,7 +277,7 @@ def test_parameter_count_and_split(learn_tau):
     ({"num_layers": 0}, "num_layers"),
     ({"num_neurons": 10 ** 6, "num_memory": 100}, "num_neurons"),
     ({"num_synapse_per_branch": 10 ** 9}, "num_synapse_per_branch"),
-    ({"mlp_activation": "tanh"}, "mlp_activation"),
+    ({"mlp_activation": "softmax"}, "mlp_activation"),
     ({"tau_s_value": 5.0}, "tau_s_value"),
     ({"input_to_synapse_routing": "random_routing"}, "input_to_synapse_routing"),
     ({"memory_tau_min": -1.0}, "memory_tau_min"),

@@ -17,6 +17,7 @@ import zlib
 import numpy as np
 import pytest
 
+from elmcore.kernels.pointwise import ACTIVATIONS
 from elmcore import ELM, ELMError, ELMNetwork
 from elmcore.engine.cuda_backend import cuda_problem
 from elmcore.network import params as NP
@@ -263,7 +264,7 @@ def _assert_engine_equals_reference(cfg, params, X, G, device, state=None):
 
 AXES = [(version, routing, layers, activation) for version in ("elm_v1", "branch_elm_v2")
         for routing in (None, "random_routing", "neuronio_routing") for layers in (0, 1, 2, 3)
-        for activation in ("relu", "silu")]
+        for activation in ACTIVATIONS]
 
 
 def _neuron_setup(seed, version, routing, layers, activation, per_synapse=False, batch=3, steps=6, **shape):
@@ -317,7 +318,8 @@ def test_cpu_sparse_first_layer_path_equals_the_reference(version, layers, monke
 
 NETWORK_CASES = [  # (layers, ρ, hidden layers, activation, neurons)
     (1, 0.5, 1, "relu", 3), (1, 1.0, 0, "silu", 2), (2, 0.0, 2, "silu", 4), (2, 0.25, 3, "relu", 3),
-    (1, 0.5, 2, "silu", 9), (3, 0.75, 1, "relu", 2), (2, 0.5, 0, "relu", 17)]
+    (1, 0.5, 2, "silu", 9), (3, 0.75, 1, "relu", 2), (2, 0.5, 0, "relu", 17)] + [
+    (1, 0.5, 2, activation, 5) for activation in ACTIVATIONS]  # every activation of kernels/pointwise.py
 
 
 def _network_setup(case, batch=3, steps=6):

@@ -3,6 +3,10 @@
 ``cpu``: NumPy arrays, BLAS GEMMs, Numba ``@njit`` kernels.
 ``cuda``: CuPy arrays, cuBLAS GEMMs, Numba CUDA kernels (see ``kernels/cuda.py``).
 ``auto``: ``cuda`` when a usable GPU is present, else ``cpu``.
+
+Each backend hands every model family its kernel module (``kernels`` for the single
+neuron, ``network_kernels`` for the ELM Network; ``kernels/contract.py``): models ask
+the backend for them and never look at its name.
 """
 
 import numpy as np
@@ -20,6 +24,11 @@ class CPUBackend:
     def kernels(self):
         from elmcore.kernels import cpu
         return cpu
+
+    @property
+    def network_kernels(self):
+        from elmcore.kernels import network_cpu
+        return network_cpu
 
     @staticmethod
     def to_host(a):

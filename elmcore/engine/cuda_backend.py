@@ -30,7 +30,7 @@ def cuda_problem():
         return f"numba-cuda is not installed ({e}); install it with `pip install numba-cuda`"
     except Exception as e:  # e.g. CUDA bindings that do not match numba-cuda
         return f"numba-cuda cannot be imported ({type(e).__name__}: {e})"
-    from elmcore.kernels.cuda import SIMULATOR
+    from elmcore.kernels.cuda_launch import SIMULATOR
     if SIMULATOR:
         return None
     if not cuda.is_available():
@@ -52,7 +52,7 @@ def cuda_problem():
 
 
 class CUDABackend:
-    """Array module plus kernels for ``--device cuda``.
+    """Array module plus kernel modules (``kernels``, ``network_kernels``) for ``--device cuda``.
 
     Raises
     ------
@@ -67,7 +67,9 @@ class CUDABackend:
         if problem is not None:
             raise ELMError(f"--device cuda: {problem}")
         from elmcore.kernels import cuda as kernels
+        from elmcore.kernels import network_cuda
         self.kernels = kernels
+        self.network_kernels = network_cuda
         self.simulated = kernels.SIMULATOR
         if self.simulated:
             self.xp = np

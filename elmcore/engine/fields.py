@@ -4,8 +4,10 @@ import math
 import sys
 
 from elmcore.errors import ConfigError
+from elmcore.kernels import pointwise
 
-ACTIVATIONS = ("relu", "silu")
+# The MLP activations a config accepts: those the kernels have a code for.
+ACTIVATIONS = pointwise.ACTIVATIONS
 NETWORK_VERSION = "elm_network"
 # Fields a single neuron has and a network does not (a network learns w_s per synapse and has no routing).
 SINGLE_NEURON_ONLY_FIELDS = ("tau_s_value", "w_s_value", "input_to_synapse_routing")

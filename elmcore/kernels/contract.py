@@ -1,12 +1,14 @@
 """The kernel contract: what a kernel module gives the model.
 
-A backend (``backend.py``) hands ``model.ELM`` one kernel module: ``kernels/cpu.py``
-(Numba ``@njit``, NumPy arrays) or ``kernels/cuda.py`` (Numba CUDA, CuPy arrays).
-The model calls only the functions listed here, with exactly these parameter names
-in this order; shapes, ownership and lifetime of every argument are documented in
-``kernels/cpu.py`` (the reference) and the section "Kernel contract" of
-``docs/architecture.md``. ``tests/test_kernel_contract.py`` holds every kernel
-module to this list.
+A backend (``engine/backend.py``) hands each model family one kernel module: the single
+neuron (``ELM``) gets ``backend.kernels``, ``kernels/cpu.py`` (Numba ``@njit``, NumPy
+arrays) or ``kernels/cuda.py`` (Numba CUDA, CuPy arrays); the ELM Network gets
+``backend.network_kernels``, ``kernels/network_cpu.py`` or ``kernels/network_cuda.py``.
+The models call only the functions listed here for their family, with exactly these
+parameter names in this order; shapes, ownership and lifetime of every argument are
+documented in the CPU modules (the reference) and the section "Kernel contract" of
+``docs/architecture.md``. ``tests/test_kernel_contract.py`` holds every kernel module
+to this list.
 
 Optional work a module can do faster is a *capability*: the module declares it in
 ``CAPABILITIES`` and then provides that capability's functions too; the model asks
@@ -17,18 +19,36 @@ import inspect
 
 from ..errors import ELMError
 
-# name -> parameter names, in order.
+# The single neuron's kernel modules: name -> parameter names, in order.
 REQUIRED = {
     "route_forward": ("X", "indptr", "entry_syn", "entry_weight", "syn_per_channel", "A_out"),
     "route_weight_grad": ("X", "indptr", "entry_syn", "entry_mask", "syn_per_channel", "dA", "partial_out"),
     "route_input_grad": ("dA", "indptr", "entry_syn", "entry_weight", "syn_per_channel", "dX_out"),
     "scan_forward": ("A", "kappa", "u0", "U_out"),
     "scan_backward": ("dU", "kappa", "dA_out"),
-    "recur_forward": ("Zb", "W0mT", "WhT", "ch", "WoT", "co", "kappa_m", "c_m", "m0", "silu", "phi_scale",
-                      "phi_slope", "tile", "M_out", "Z_out", "DM_out", "KM_out"),
-    "recur_backward": ("dM", "W0m", "Wh", "Wo", "kappa_m", "c_m", "m0", "M", "Z", "DM", "silu", "phi_scale",
-                       "phi_slope", "tile", "dZ_out", "dO_out", "gkappa_out", "gc_out", "act_out"),
+    "recur_forward": ("Zb", "W0mT", "WhT", "ch", "WoT", "co", "kappa_m", "c_m", "m0", "activation",
+                      "phi_scale", "phi_slope", "tile", "M_out", "Z_out", "DM_out", "KM_out"),
+    "recur_backward": ("dM", "W0m", "Wh", "Wo", "kappa_m", "c_m", "m0", "M", "Z", "DM", "activation",
+                       "phi_scale", "phi_slope", "tile", "dZ_out", "dO_out", "gkappa_out", "gc_out", "act_out"),
     "batch_tile": ("B",),
+}
+
+# The ELM Network's kernel modules (the external synapses are routed as the single neuron's are).
+NETWORK_REQUIRED = {
+    "route_forward": REQUIRED["route_forward"],
+    "route_weight_grad": REQUIRED["route_weight_grad"],
+    "route_input_grad": REQUIRED["route_input_grad"],
+    "network_forward": ("E", "kappa_b", "rec_ptr", "rec_i", "rec_k", "rec_src", "rec_w", "W_in", "c_in", "W_hid",
+                        "c_hid", "W_out", "c_out", "kappa_m", "c_m", "w_o", "c_o", "b0", "m0", "o0", "activation",
+                        "phi_scale", "phi_slope", "A0_out", "Z_out", "DM_out", "M_out", "O_out", "b_out"),
+    "network_backward": ("dO", "kappa_b", "rec_ptr", "rec_i", "rec_k", "rec_src", "rec_w", "src_ptr", "src_entry",
+                         "W_in", "W_hid", "W_out", "kappa_m", "c_m", "w_o", "m0", "A0", "Z", "DM", "M", "activation",
+                         "phi_scale", "phi_slope", "GB_out", "dZ_out", "dP_out", "GO_out", "act_out", "gkappa_out",
+                         "gc_out"),
+    "neuron_weight_grad": ("G", "A", "out", "bias_out"),
+    "recurrent_weight_grad": ("GB", "O", "o0", "rec_i", "rec_k", "rec_src", "partial_out"),
+    "rows_product": ("A", "Bt", "bias", "out"),
+    "rows_transposed_product": ("A", "G", "out"),
 }
 
 # capability -> the functions a module declaring it provides (name -> parameter names).
@@ -45,6 +65,13 @@ CAPABILITY_FUNCTIONS = {
 }
 
 
+# family -> (required functions, capability -> its functions).
+FAMILIES = {
+    "neuron": (REQUIRED, CAPABILITY_FUNCTIONS),
+    "network": (NETWORK_REQUIRED, {}),
+}
+
+
 def capabilities(module):
     """The optional capabilities ``module`` declares (its ``CAPABILITIES`` set; none without one)."""
     declared = getattr(module, "CAPABILITIES", None)
@@ -56,18 +83,24 @@ def _parameters(function):
     return tuple(inspect.signature(target).parameters)
 
 
-def problems(module):
-    """Every way ``module`` departs from the contract, one sentence each (empty when it keeps it)."""
+def problems(module, family="neuron"):
+    """Every way ``module`` departs from its family's contract, one sentence each (empty when it keeps it).
+
+    family  "neuron" (``backend.kernels``) or "network" (``backend.network_kernels``).
+    """
+    if family not in FAMILIES:
+        raise ELMError(f"unknown model family {family!r}: one of {', '.join(FAMILIES)}")
+    required, optional = FAMILIES[family]
     name = getattr(module, "__name__", repr(module))
     found = []
     if not isinstance(getattr(module, "CAPABILITIES", None), (frozenset, set)):
         found.append(f"{name} declares no CAPABILITIES set")
-    unknown = capabilities(module) - set(CAPABILITY_FUNCTIONS)
+    unknown = capabilities(module) - set(optional)
     if unknown:
         found.append(f"{name} declares unknown capabilities {sorted(unknown)}")
-    wanted = dict(REQUIRED)
-    for capability in capabilities(module) & set(CAPABILITY_FUNCTIONS):
-        wanted.update(CAPABILITY_FUNCTIONS[capability])
+    wanted = dict(required)
+    for capability in capabilities(module) & set(optional):
+        wanted.update(optional[capability])
     for function, params in wanted.items():
         provided = getattr(module, function, None)
         if not callable(provided):
@@ -78,9 +111,9 @@ def problems(module):
     return found
 
 
-def check(module):
-    """Raise ELMError naming every departure of ``module`` from the contract."""
-    found = problems(module)
+def check(module, family="neuron"):
+    """Raise ELMError naming every departure of ``module`` from its family's contract."""
+    found = problems(module, family)
     if found:
         raise ELMError("kernel contract broken: " + "; ".join(found))
     return module

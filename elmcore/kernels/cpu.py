@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import vecmath as vm
+from . import pointwise as pw
 
 # Optional parts of the kernel contract (kernels/contract.py) this module provides.
 CAPABILITIES = frozenset({"sparse_first_layer"})
@@ -330,20 +330,6 @@ def _accumulate_product(A, Wt, out):
         r += 1
 
 
-@njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
-def _activate_rows(z, a, silu):
-    # The branch stays outside the loops so that each loop vectorises.
-    n, H = z.shape
-    if silu:
-        for r in range(n):
-            for j in range(H):
-                a[r, j] = vm.silu(z[r, j])
-    else:
-        for r in range(n):
-            for j in range(H):
-                a[r, j] = max(z[r, j], 0)
-
-
 def batch_chunks():
     """How many per-thread partial sums a reduction over the batch keeps."""
     return max(numba.get_num_threads(), 1)
@@ -356,7 +342,7 @@ def batch_tile(B):
 
 
 @njit(parallel=True, **_JIT)
-def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
+def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_scale, phi_slope,
                   tile, M_out, Z_out, DM_out, KM_out):
     """Run the MLP-and-memory recurrence over all T steps.
 
@@ -371,6 +357,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
     WoT    [H,Dm]     output layer, transposed; co [Dm]. Unused (any shape) when L = 0.
     kappa_m, c_m [Dm] memory decay and input gain (λ(1−κ_m) in v1, 1−κ_λ in v2).
     m0     [B,Dm]     state before the first step.
+    activation        act's code (``pointwise.ACTIVATION_CODES``).
     tile              batch rows walked together (``batch_tile``); any value ≥ 1 is correct.
     M_out  [B,T,Dm]   m_t after each step.
     Z_out  [L,B,T,H]  pre-activations z_l, kept for the backward pass (L = Z_out.shape[0]).
@@ -406,27 +393,27 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
             else:
                 for r in range(n):
                     Z_out[0, b0 + r, t] = z0[r]
-                _activate_rows(z0, a, silu)
+                pw.activate_all(z0.reshape(-1), a.reshape(-1), n * H, activation)
                 for l in range(1, L):
                     for r in range(n):
                         z[r] = ch[l - 1]
                     _accumulate_product(a, WhT[l - 1], z)
                     for r in range(n):
                         Z_out[l, b0 + r, t] = z[r]
-                    _activate_rows(z, a, silu)
+                    pw.activate_all(z.reshape(-1), a.reshape(-1), n * H, activation)
                 for r in range(n):
                     o[r] = co
                 _accumulate_product(a, WoT, o)
             for r in range(n):
                 for i in range(Dm):
-                    dm = phi_scale * vm.tanh(phi_slope * o[r, i])
+                    dm = pw.phi(o[r, i], phi_scale, phi_slope)
                     DM_out[b0 + r, t, i] = dm
                     m[r, i] = km_m[r, i] + c_m[i] * dm
                 M_out[b0 + r, t] = m[r]
 
 
 @njit(parallel=True, **_JIT)
-def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope, tile,
+def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope, tile,
                    dZ_out, dO_out, gkappa_out, gc_out, act_out):
     """Backpropagation through time of recur_forward.
 
@@ -450,7 +437,6 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     H = Z.shape[3]
     W0 = W0m.shape[0]
     dt = dM.dtype
-    dphi_scale = phi_scale * phi_slope
     n_tiles = (B + tile - 1) // tile
     for ti in prange(n_tiles):
         b0 = ti * tile
@@ -476,8 +462,7 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
                     dm = DM[b, t, i]
                     gc[r, i] += g[r, i] * dm
                     # (c) do = g ⊙ c_m ⊙ φ'(o),  φ'(o) = s·k·(1 − (Δm/s)²)
-                    q = dm / phi_scale
-                    do[r, i] = g[r, i] * c_m[i] * dphi_scale * (1 - q * q)
+                    do[r, i] = pw.phi_backward(g[r, i] * c_m[i], dm, phi_scale, phi_slope)
                 dO_out[b, t] = do[r]
             # (d) da = W_oᵀ do; for l = L−1 … 0: dz_l = da ⊙ act'(z_l), da = W_lᵀ dz_l   (L = 0: dz0 = do)
             if L == 0:
@@ -487,17 +472,8 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
                 _accumulate_product(do, Wo, da)
                 for l in range(L - 1, -1, -1):
                     for r in range(n):
-                        zl = Z[l, b0 + r, t]
-                        al = act_out[l, b0 + r, t]
-                        if silu:
-                            for i in range(H):
-                                s = vm.sigmoid(zl[i])
-                                dz[r, i] = da[r, i] * (s * (1.0 + zl[i] * (1.0 - s)))
-                                al[i] = zl[i] * s
-                        else:
-                            for i in range(H):
-                                dz[r, i] = da[r, i] if zl[i] > 0 else 0
-                                al[i] = max(zl[i], 0)
+                        pw.activation_backward_all(Z[l, b0 + r, t], da[r], dz[r], act_out[l, b0 + r, t], H,
+                                                   activation)
                         dZ_out[l, b0 + r, t] = dz[r]
                     if l > 0:
                         da[:] = 0

@@ -3,9 +3,11 @@
 Every public function here has exactly the signature and the semantics of its
 namesake in ``kernels/cpu.py`` (read that docstring first: shapes use the same
 letters B, T, D, S, C, Dm, H, W0, L, Lh); ``kernels/contract.py`` lists them.
-The file is cut by stage (routing, scans, recurrence): each stage's device
-functions (built once per float type by an ``lru_cache``d factory) sit next to
-its launchers. The arrays are CuPy arrays on a real
+The file is cut by stage (routing, scans, recurrence): each stage's ``@cuda.jit``
+kernels (named ``*_kernel``, built once per float type by an ``lru_cache``d
+factory) sit next to their launchers, which carry the contract's names. The
+launch helpers shared with ``network_cuda.py`` are in ``cuda_launch.py``, the
+pointwise math (activations, φ) in ``pointwise.py``. The arrays are CuPy arrays on a real
 GPU, handed to Numba through ``__cuda_array_interface__`` without any copy, or
 NumPy arrays under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``). Outputs are
 written into caller-owned ``*_out`` arrays; nothing is kept between calls.
@@ -40,7 +42,7 @@ packed (backward)   [P]           W0m [W0,Dm] | Wh [Lh,H,H] | Wo [Dm,H] at 0, o_
 L, H                int           hidden layers and width, passed explicitly because
                                   Z / dZ are [1,1,1,1] placeholders when L = 0 (a
                                   zero-size array cannot cross the array interface)
-silu                bool          activation: SiLU, else ReLU
+activation          int           the MLP activation's code (``pointwise.ACTIVATION_CODES``)
 phi_scale, _slope   model dtype   φ(x) = phi_scale · tanh(phi_slope · x)
 dynamic shared      see kernels   [staged weights] + R rows of per-row state
 ==================  ============  =================================================
@@ -80,39 +82,26 @@ Design choices, and why:
   model forms them afterwards as GEMMs over all B·T rows, from Z, M and dZ.
 
 Streams: kernels are launched on CuPy's current stream, and array arguments
-are imported with ``sync=False``, so no launch blocks the host.
+are imported with ``sync=False``, so no launch blocks the host (``cuda_launch.py``).
 """
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import Optional
 
-import numpy as np
 from numba import cuda
 
 from ..errors import ELMError
+from . import pointwise as pw
+from .cuda_launch import (MAX_BLOCKS, SIMULATOR, array_module, constants, device_arg, flat_shape, float_type, launch,
+                          stream)
 
 # Optional parts of the kernel contract (kernels/contract.py): the sparse first
 # layer is a CPU trick (it trades dense GEMMs for event loops); cuBLAS is faster.
 CAPABILITIES = frozenset()
 
 
-def _simulator_enabled():
-    try:
-        from numba.cuda.core import config
-    except ImportError:  # numba-cuda < 0.20, or numba's bundled CUDA target
-        from numba.core import config
-    return bool(config.ENABLE_CUDASIM)
-
-
-SIMULATOR = _simulator_enabled()
-
-# The simulator runs every CUDA thread as a Python thread: small blocks and
-# grids keep it fast, and grid-stride loops keep the results identical.
-_FLAT_THREADS = 32 if SIMULATOR else 256
-_MAX_BLOCKS = 2 if SIMULATOR else 65535
 # The largest routing block (route_forward: threads over the inputs of one row).
 _ROUTE_THREADS = 256
 # Register budget of the recurrence (docs/architecture.md, "CUDA register budget";
@@ -171,83 +160,21 @@ class LaunchPolicy:
 policy = LaunchPolicy()
 
 
-# ---- shared by every stage ----------------------------------------------------------
-
-def _xp(a):
-    if SIMULATOR or isinstance(a, np.ndarray):
-        return np
-    import cupy
-    return cupy
-
-
-_external_streams = {}
-
-
-def _stream():
-    """CuPy's current stream, so kernels and cuBLAS GEMMs stay ordered without host syncs."""
-    if SIMULATOR:
-        return 0
-    try:
-        import cupy
-    except ImportError:
-        return 0
-    ptr = cupy.cuda.get_current_stream().ptr
-    if not ptr:
-        return 0  # CuPy's null stream is the legacy default stream Numba uses for 0.
-    if ptr not in _external_streams:
-        _external_streams[ptr] = cuda.external_stream(ptr)
-    return _external_streams[ptr]
-
-
-def _device_arg(a):
-    if SIMULATOR or not hasattr(a, "__cuda_array_interface__"):
-        return a
-    # Same stream as the producer (see _stream): skip Numba's per-argument host sync.
-    return cuda.as_cuda_array(a, sync=False)
-
-
-def _launch(kernel, blocks, threads, shared_bytes, *args):
-    args = tuple(_device_arg(a) for a in args)
-    kernel[blocks, threads, _stream(), shared_bytes](*args)
-
-
-def _flat_shape(n):
-    threads = max(1, min(_FLAT_THREADS, n))
-    return min(-(-n // threads), _MAX_BLOCKS), threads
-
-def _float_type(dtype):
-    """The NumPy scalar type the kernels are specialised for (float32 or float64)."""
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ELMError(f"CUDA kernels support float32 and float64, got {dt}")
-    return dt.type
-
-
-def _constants(np_dtype):
-    """(Numba dtype, 0, 1) of one float type.
-
-    Constants are NumPy scalars of the model dtype so that float32 kernels never
-    promote to float64 arithmetic; the Numba dtype types the dynamic shared array.
-    """
-    from numba import from_dtype
-    return from_dtype(np.dtype(np_dtype)), np_dtype(0), np_dtype(1)
-
-
 # ---- routing ----------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _routing_kernels(np_dtype):
     """The routing kernels (and the zero fill route_weight_grad needs) for one float type."""
-    _, ZERO, _ = _constants(np_dtype)
+    _, ZERO, _ = constants(np_dtype)
 
     @cuda.jit
-    def zero_2d(out):
+    def zero_2d_kernel(out):
         rows, cols = out.shape
         for k in range(cuda.grid(1), rows * cols, cuda.gridsize(1)):
             out[k // cols, k % cols] = ZERO
 
     @cuda.jit
-    def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
+    def route_forward_kernel(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
         B, T, D = X.shape
         C = A_out.shape[2]
         tid = cuda.threadIdx.x
@@ -265,7 +192,7 @@ def _routing_kernels(np_dtype):
                         cuda.atomic.add(A_out, (b, t, entry_syn[e] // syn_per_channel), x * entry_weight[e])
 
     @cuda.jit
-    def route_weight_grad(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
+    def route_weight_grad_kernel(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
         B, T, D = X.shape
         for k in range(cuda.grid(1), B * D, cuda.gridsize(1)):
             b = k // D
@@ -282,7 +209,7 @@ def _routing_kernels(np_dtype):
                 cuda.atomic.add(partial_out, (b, j), acc)
 
     @cuda.jit
-    def route_input_grad(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
+    def route_input_grad_kernel(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
         B, T, D = dX_out.shape
         for k in range(cuda.grid(1), B * T * D, cuda.gridsize(1)):
             bt = k // D
@@ -294,8 +221,8 @@ def _routing_kernels(np_dtype):
                 acc += entry_weight[e] * dA[b, t, entry_syn[e] // syn_per_channel]
             dX_out[b, t, i] = acc
 
-    return dict(zero_2d=zero_2d, route_forward=route_forward, route_weight_grad=route_weight_grad,
-                route_input_grad=route_input_grad)
+    return dict(zero_2d_kernel=zero_2d_kernel, route_forward_kernel=route_forward_kernel,
+                route_weight_grad_kernel=route_weight_grad_kernel, route_input_grad_kernel=route_input_grad_kernel)
 
 
 def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
@@ -305,24 +232,24 @@ def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
         threads = min(D, 8)
     else:
         threads = max(32, min(_ROUTE_THREADS, 1 << (D - 1).bit_length()))
-    k = _routing_kernels(_float_type(A_out.dtype))["route_forward"]
-    _launch(k, min(B * T, _MAX_BLOCKS), threads, 0, X, indptr, entry_syn, entry_weight,
+    k = _routing_kernels(float_type(A_out.dtype))["route_forward_kernel"]
+    launch(k, min(B * T, MAX_BLOCKS), threads, X, indptr, entry_syn, entry_weight,
             int(syn_per_channel), A_out)
 
 
 def route_weight_grad(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
     """See ``kernels.cpu.route_weight_grad``. One thread per (b, input)."""
     B, T, D = X.shape
-    ks = _routing_kernels(_float_type(partial_out.dtype))
-    _launch(ks["zero_2d"], *_flat_shape(partial_out.size), 0, partial_out)
-    _launch(ks["route_weight_grad"], *_flat_shape(B * D), 0, X, indptr, entry_syn, entry_mask,
+    ks = _routing_kernels(float_type(partial_out.dtype))
+    launch(ks["zero_2d_kernel"], *flat_shape(partial_out.size), partial_out)
+    launch(ks["route_weight_grad_kernel"], *flat_shape(B * D), X, indptr, entry_syn, entry_mask,
             int(syn_per_channel), dA, partial_out)
 
 
 def route_input_grad(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
     """See ``kernels.cpu.route_input_grad``. One thread per (b, t, input)."""
-    k = _routing_kernels(_float_type(dX_out.dtype))["route_input_grad"]
-    _launch(k, *_flat_shape(dX_out.size), 0, dA, indptr, entry_syn, entry_weight,
+    k = _routing_kernels(float_type(dX_out.dtype))["route_input_grad_kernel"]
+    launch(k, *flat_shape(dX_out.size), dA, indptr, entry_syn, entry_weight,
             int(syn_per_channel), dX_out)
 
 
@@ -330,10 +257,10 @@ def route_input_grad(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_ou
 
 @functools.lru_cache(maxsize=None)
 def _scan_kernels(np_dtype):
-    _, ZERO, _ = _constants(np_dtype)
+    _, ZERO, _ = constants(np_dtype)
 
     @cuda.jit
-    def scan_forward(A, kappa, u0, U_out):
+    def scan_forward_kernel(A, kappa, u0, U_out):
         B, T, C = A.shape
         for k in range(cuda.grid(1), B * C, cuda.gridsize(1)):
             b = k // C
@@ -345,7 +272,7 @@ def _scan_kernels(np_dtype):
                 U_out[b, t, c] = prev
 
     @cuda.jit
-    def scan_backward(dU, kappa, dA_out):
+    def scan_backward_kernel(dU, kappa, dA_out):
         B, T, C = dU.shape
         for k in range(cuda.grid(1), B * C, cuda.gridsize(1)):
             b = k // C
@@ -356,7 +283,7 @@ def _scan_kernels(np_dtype):
                 nxt = dU[b, t, c] + decay * nxt
                 dA_out[b, t, c] = nxt
 
-    return dict(scan_forward=scan_forward, scan_backward=scan_backward)
+    return dict(scan_forward_kernel=scan_forward_kernel, scan_backward_kernel=scan_backward_kernel)
 
 
 def scan_forward(A, kappa, u0, U_out):
@@ -366,8 +293,9 @@ def scan_forward(A, kappa, u0, U_out):
     layer's input buffer); the kernel then writes a contiguous result that is copied in.
     """
     B, _, C = A.shape
-    target = U_out if U_out.flags.c_contiguous else _xp(U_out).empty(U_out.shape, U_out.dtype)
-    _launch(_scan_kernels(_float_type(U_out.dtype))["scan_forward"], *_flat_shape(B * C), 0, A, kappa, u0, target)
+    target = U_out if U_out.flags.c_contiguous else array_module(U_out).empty(U_out.shape, U_out.dtype)
+    kernel = _scan_kernels(float_type(U_out.dtype))["scan_forward_kernel"]
+    launch(kernel, *flat_shape(B * C), A, kappa, u0, target)
     if target is not U_out:
         U_out[...] = target
 
@@ -375,30 +303,23 @@ def scan_forward(A, kappa, u0, U_out):
 def scan_backward(dU, kappa, dA_out):
     """See ``kernels.cpu.scan_backward``. One thread per (b, channel); dU may alias dA_out."""
     B, _, C = dU.shape
-    _launch(_scan_kernels(_float_type(dA_out.dtype))["scan_backward"], *_flat_shape(B * C), 0, dU, kappa, dA_out)
+    kernel = _scan_kernels(float_type(dA_out.dtype))["scan_backward_kernel"]
+    launch(kernel, *flat_shape(B * C), dU, kappa, dA_out)
 
 
 # ---- the MLP-and-memory recurrence ---------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _activation_functions(np_dtype):
-    """activate(z, silu) and its derivative activation_slope(z, silu), as device functions."""
-    _, ZERO, ONE = _constants(np_dtype)
+def _activation_kernels(np_dtype):
+    """The elementwise pass act_out = act(Z) after recur_backward, for one float type."""
+    activate = pw.cuda_functions(np_dtype).activate
 
-    @cuda.jit(device=True)
-    def activate(z, silu):
-        if silu:
-            return z / (ONE + math.exp(-z))
-        return z if z > ZERO else ZERO
+    @cuda.jit
+    def activate_kernel(Z, activation, act_out):
+        for k in range(cuda.grid(1), Z.shape[0], cuda.gridsize(1)):
+            act_out[k] = activate(Z[k], activation)
 
-    @cuda.jit(device=True)
-    def activation_slope(z, silu):
-        if silu:
-            s = ONE / (ONE + math.exp(-z))
-            return s * (ONE + z * (ONE - s))
-        return ONE if z > ZERO else ZERO
-
-    return activate, activation_slope
+    return dict(activate_kernel=activate_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -423,12 +344,14 @@ def _weight_staging(weights_in_shared):
 @functools.lru_cache(maxsize=None)
 def _recurrence_kernels(np_dtype, weights_in_shared):
     """recur_forward and recur_backward for one float type and weight placement."""
-    nb_dtype, ZERO, ONE = _constants(np_dtype)
-    activate, activation_slope = _activation_functions(np_dtype)
+    nb_dtype, ZERO, _ = constants(np_dtype)
+    pointwise = pw.cuda_functions(np_dtype)
+    activate, activation_slope, phi, phi_backward = (pointwise.activate, pointwise.activation_slope,
+                                                     pointwise.phi, pointwise.phi_backward)
     stage_weights = _weight_staging(weights_in_shared)
 
     @cuda.jit
-    def recur_forward(Zb, packed, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
+    def recur_forward_kernel(Zb, packed, kappa_m, c_m, m0, activation, phi_scale, phi_slope,
                       L, H, o_wh, o_wo, o_ch, o_co, M_out, Z_out, DM_out):
         # Shared layout: [packed weights (if staged)] then per row r, at
         # base + r·(2·Dm + 2·H): κ_m⊙m ping-pong [2,Dm], activations ping-pong [2,H].
@@ -459,7 +382,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                         for i in range(Dm):
                             acc += smem[km_now + i] * W[i * W0 + j]
                         Z_out[0, b, t, j] = acc
-                        smem[act0 + j] = activate(acc, silu)
+                        smem[act0 + j] = activate(acc, activation)
                 cuda.syncthreads()
                 for l in range(1, L):
                     src = act0 + ((l - 1) % 2) * H
@@ -471,7 +394,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                             for i in range(H):
                                 acc += smem[src + i] * W[w_l + i * H + j]
                             Z_out[l, b, t, j] = acc
-                            smem[dst + j] = activate(acc, silu)
+                            smem[dst + j] = activate(acc, activation)
                     cuda.syncthreads()
             if active:
                 for j in range(lane, Dm, nlanes):
@@ -484,7 +407,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                         o = Zb[b, t, j]
                         for i in range(Dm):
                             o += smem[km_now + i] * W[i * W0 + j]
-                    dm = phi_scale * math.tanh(phi_slope * o)
+                    dm = phi(o, phi_scale, phi_slope)
                     DM_out[b, t, j] = dm
                     m = smem[km_now + j] + c_m[j] * dm
                     M_out[b, t, j] = m
@@ -493,7 +416,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
             p = 1 - p
 
     @cuda.jit(**_RECUR_BACKWARD_JIT)
-    def recur_backward(dM, packed, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope,
+    def recur_backward_kernel(dM, packed, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope,
                        L, H, o_wh, o_wo, dZ_out, dO_out, gkappa_out, gc_out):
         # Shared layout per row r, at base + r·(6·Dm + 2·H): ∂o ping-pong [2,Dm],
         # g [Dm], carry [Dm], Σ∂κ [Dm], Σ∂c [Dm], ∂z ping-pong [2,H].
@@ -512,7 +435,6 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
         gk_at = row + 4 * Dm
         gc_at = row + 5 * Dm
         dz0 = row + 6 * Dm
-        dphi_scale = phi_scale * phi_slope
         if active:
             for i in range(lane, Dm, nlanes):
                 smem[carry_at + i] = ZERO
@@ -531,8 +453,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                     dm = DM[b, t, i]
                     smem[gc_at + i] += g * dm
                     # (c) do = g ⊙ c_m ⊙ φ'(o),  φ'(o) = s·k·(1 − (Δm/s)²)
-                    q = dm / phi_scale
-                    do = g * c_m[i] * dphi_scale * (ONE - q * q)
+                    do = phi_backward(g * c_m[i], dm, phi_scale, phi_slope)
                     dO_out[b, t, i] = do
                     smem[do_at + i] = do
             cuda.syncthreads()
@@ -544,7 +465,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                         acc = ZERO
                         for j in range(Dm):
                             acc += smem[do_at + j] * W[o_wo + j * H + i]
-                        dz = acc * activation_slope(Z[L - 1, b, t, i], silu)
+                        dz = acc * activation_slope(Z[L - 1, b, t, i], activation)
                         dZ_out[L - 1, b, t, i] = dz
                         smem[dst + i] = dz
                 cuda.syncthreads()
@@ -557,7 +478,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                             acc = ZERO
                             for j in range(H):
                                 acc += smem[src + j] * W[w_l + j * H + i]
-                            dz = acc * activation_slope(Z[l - 1, b, t, i], silu)
+                            dz = acc * activation_slope(Z[l - 1, b, t, i], activation)
                             dZ_out[l - 1, b, t, i] = dz
                             smem[dst + i] = dz
                     cuda.syncthreads()
@@ -580,7 +501,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                 gkappa_out[b, i] = smem[gk_at + i]
                 gc_out[b, i] = smem[gc_at + i]
 
-    return dict(recur_forward=recur_forward, recur_backward=recur_backward)
+    return dict(recur_forward_kernel=recur_forward_kernel, recur_backward_kernel=recur_backward_kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -665,12 +586,12 @@ _opted_in = set()
 def _launch_recurrence(name, batch, tile, unit_width, row_floats, args):
     """Plan, pick the kernel variant and launch; returns the RecurrenceLaunch used."""
     dtype, packed = args[0].dtype, args[1]
-    dev_args = tuple(_device_arg(a) for a in args)
+    dev_args = tuple(device_arg(a) for a in args)
     max_threads, limits = _MAX_RECURRENCE_THREADS, None
     while True:
         plan = plan_recurrence(batch, tile, unit_width, row_floats, packed.size, dtype.itemsize,
                                max_threads, limits)
-        kernel = _recurrence_kernels(_float_type(dtype), plan.weights_in_shared)[name]
+        kernel = _recurrence_kernels(float_type(dtype), plan.weights_in_shared)[name]
         if SIMULATOR:
             break
         kernel = kernel.specialize(*dev_args)
@@ -683,7 +604,7 @@ def _launch_recurrence(name, batch, tile, unit_width, row_floats, args):
             limits = (_device_limits()[0], _DEFAULT_SHARED_BYTES)
         else:
             break
-    kernel[plan.blocks, (plan.unit_threads, plan.rows_per_block), _stream(), plan.shared_bytes](*dev_args)
+    kernel[plan.blocks, (plan.unit_threads, plan.rows_per_block), stream(), plan.shared_bytes](*dev_args)
     return plan
 
 
@@ -723,7 +644,7 @@ def _placeholder(xp, dtype):
     return xp.zeros((1, 1, 1, 1), dtype)
 
 
-def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale, phi_slope,
+def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_scale, phi_slope,
                   tile, M_out, Z_out, DM_out, KM_out):
     """See ``kernels.cpu.recur_forward`` (same arguments, same outputs).
 
@@ -736,7 +657,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
     KM_out [B,T,Dm]  κ_m ⊙ m_{t−1} (may be a strided view), filled from M_out by one
                      elementwise pass after the launch.
     """
-    xp, dt = _xp(Zb), Zb.dtype
+    xp, dt = array_module(Zb), Zb.dtype
     B, T, W0 = Zb.shape
     Dm = kappa_m.shape[0]
     L, H = Z_out.shape[0], Z_out.shape[3]
@@ -748,15 +669,15 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, silu, phi_scale,
     o_co = o_ch + Lh * H
     packed = _packed(xp, dt, parts)
     row_floats = 2 * Dm + (2 * H if L else 0)
-    plan = _launch_recurrence("recur_forward", B, tile, max(W0, Dm), row_floats, (
-        Zb, packed, kappa_m, c_m, m0, bool(silu), dt.type(phi_scale), dt.type(phi_slope),
+    plan = _launch_recurrence("recur_forward_kernel", B, tile, max(W0, Dm), row_floats, (
+        Zb, packed, kappa_m, c_m, m0, int(activation), dt.type(phi_scale), dt.type(phi_slope),
         L, H, o_wh, o_wo, o_ch, o_co, M_out, Z_out if L else _placeholder(xp, dt), DM_out))
     KM_out[:, 0] = kappa_m * m0
     KM_out[:, 1:] = kappa_m * M_out[:, :-1]
     return plan
 
 
-def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale, phi_slope, tile,
+def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope, tile,
                    dZ_out, dO_out, gkappa_out, gc_out, act_out):
     """See ``kernels.cpu.recur_backward`` (same arguments, same outputs).
 
@@ -765,11 +686,11 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     M, Z, DM, m0, kappa_m, c_m: exactly what recur_forward was given / wrote.
     tile             batch rows per thread block; any value >= 1 is correct.
     dZ_out [L,B,T,H], dO_out [B,T,Dm], gkappa_out, gc_out [B,Dm]: overwritten.
-    act_out [L,B,T,H]  act(Z), written by one elementwise pass of the array module after
-                     the launch (on the GPU that pass is bandwidth-bound and cheap; the
-                     recurrence kernel keeps its registers for the time loop).
+    act_out [L,B,T,H]  act(Z), written by one elementwise kernel after the launch (on the
+                     GPU that pass is bandwidth-bound and cheap; the recurrence kernel keeps
+                     its registers for the time loop).
     """
-    xp, dt = _xp(dM), dM.dtype
+    xp, dt = array_module(dM), dM.dtype
     B, T, Dm = dM.shape
     L, H = Z.shape[0], Z.shape[3]
     Lh = max(L - 1, 0)
@@ -780,13 +701,11 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, silu, phi_scale,
     packed = _packed(xp, dt, parts)
     row_floats = 6 * Dm + (2 * H if L else 0)
     placeholder = _placeholder(xp, dt)
-    plan = _launch_recurrence("recur_backward", B, tile, max(W0, Dm), row_floats, (
-        dM, packed, kappa_m, c_m, m0, M, Z if L else placeholder, DM, bool(silu),
+    plan = _launch_recurrence("recur_backward_kernel", B, tile, max(W0, Dm), row_floats, (
+        dM, packed, kappa_m, c_m, m0, M, Z if L else placeholder, DM, int(activation),
         dt.type(phi_scale), dt.type(phi_slope), L, H, o_wh, o_wo,
         dZ_out if L else placeholder, dO_out, gkappa_out, gc_out))
     if L:
-        if silu:
-            xp.multiply(Z, 1 / (1 + xp.exp(-Z)), out=act_out)
-        else:
-            xp.maximum(Z, 0, out=act_out)
+        kernel = _activation_kernels(float_type(dt))["activate_kernel"]
+        launch(kernel, *flat_shape(Z.size), Z.reshape(-1), int(activation), act_out.reshape(-1))
     return plan

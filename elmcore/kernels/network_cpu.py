@@ -32,12 +32,15 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import vecmath as vm
+from . import pointwise as pw
 from .cpu import _accumulate_product
 from .simd import blocked_product
 from .cpu import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+
+# Optional parts of the kernel contract (kernels/contract.py): the network's kernels have none.
+CAPABILITIES = frozenset()
 
 
 # ---- per-neuron matrix products over a tile of batch rows ---------------------------------
@@ -95,21 +98,6 @@ def _dense_transposed_rows(dz, W, out, n):
 
 
 @njit(inline="always", **_JIT)
-def _activate_rows(z, a, n, silu):
-    _, H, N = z.shape
-    if silu:
-        for r in range(n):
-            for h in range(H):
-                for i in range(N):
-                    a[r, h, i] = vm.silu(z[r, h, i])
-    else:
-        for r in range(n):
-            for h in range(H):
-                for i in range(N):
-                    a[r, h, i] = max(z[r, h, i], 0)
-
-
-@njit(inline="always", **_JIT)
 def _copy(src, dst):
     """dst[...] = src[...] for two C-contiguous arrays of one size, as one unit-stride loop
     (Numba's generic slice assignment did not vectorise: a third of the forward's time)."""
@@ -150,7 +138,7 @@ def batch_tile(B):
 
 
 def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
-                    kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope,
+                    kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope,
                     A0_out, Z_out, DM_out, M_out, O_out, b_out):
     """Walk one layer of the network forward over all T steps (docs/spec.md §7.3).
 
@@ -172,13 +160,13 @@ def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_i
     Tiles of batch rows (``batch_tile``) run in parallel; the result does not depend on the tiling.
     """
     _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
-                     kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope, batch_tile(E.shape[0]),
+                     kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, batch_tile(E.shape[0]),
                      A0_out, Z_out, DM_out, M_out, O_out, b_out)
 
 
 @njit(parallel=True, **_JIT)
 def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
-                     kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope, R,
+                     kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R,
                      A0_out, Z_out, DM_out, M_out, O_out, b_out):
     B, T, nb, N = E.shape
     Dm = kappa_m.shape[0]
@@ -233,17 +221,17 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
                 _dense_rows(a0, W_in, c_in, z0, n)
                 for r in range(n):
                     _copy(z0[r], Z_out[0, first + r, t])
-                _activate_rows(z0, a, n, silu)
+                pw.activate_all(z0.reshape(-1), a.reshape(-1), n * H * N, activation)
                 for l in range(1, L):
                     _dense_rows(a, W_hid[l - 1], c_hid[l - 1], z, n)
                     for r in range(n):
                         _copy(z[r], Z_out[l, first + r, t])
-                    _activate_rows(z, a, n, silu)
+                    pw.activate_all(z.reshape(-1), a.reshape(-1), n * H * N, activation)
                 _dense_rows(a, W_out, c_out, pre, n)
             # φ on its own flat loop over the tile: one array in and out, so it vectorises.
             pre_flat = pre.reshape(-1)
             for x in range(n * Dm * N):
-                pre_flat[x] = phi_scale * vm.tanh(phi_slope * pre_flat[x])
+                pre_flat[x] = pw.phi(pre_flat[x], phi_scale, phi_slope)
             for r in range(n):
                 bb = first + r
                 mr = m[r]
@@ -269,7 +257,7 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
 
 
 def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
-                     kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope,
+                     kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope,
                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
     """Backpropagation through time of ``network_forward`` for one layer (docs/gradients.md, ELM Network).
 
@@ -290,13 +278,13 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
     The gradient w.r.t. the initial state is not formed (training starts from zero).
     """
     _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
-                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope, batch_tile(dO.shape[0]),
+                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, batch_tile(dO.shape[0]),
                       GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out)
 
 
 @njit(parallel=True, **_JIT)
 def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
-                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope, R,
+                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R,
                       GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
     B, T, nb, N = GB_out.shape
     Dm = kappa_m.shape[0]
@@ -304,7 +292,6 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
     L = Z.shape[0]
     H = Z.shape[3]
     dt = dO.dtype
-    dphi_scale = phi_scale * phi_slope
     # The recurrent entries in source order, their weight and flat [nb,N] channel side by side:
     # the transposed synapses, through which g_b flows back to the source neurons.
     n_rec = src_entry.shape[0]
@@ -350,8 +337,7 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                         g[r, j, i] = gji
                         dm = dm_t[j, i]
                         gc[j, i] += gji * dm
-                        q = dm / phi_scale
-                        dpre[r, j, i] = gji * c_m[j, i] * dphi_scale * (1 - q * q)
+                        dpre[r, j, i] = pw.phi_backward(gji * c_m[j, i], dm, phi_scale, phi_slope)
                 _copy(dpre[r], dP_out[bb, t])
             # (c) da = W_Lᵀ dp; for l = L−1 … 0: dz_l = da ⊙ act'(z_l), da = W_lᵀ dz_l;  da_0 = W_0ᵀ dz_0
             if L == 0:
@@ -361,19 +347,8 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                 for l in range(L - 1, -1, -1):
                     for r in range(n):
                         bb = first + r
-                        zl = Z[l, bb, t]
-                        al = act_out[l, bb, t]
-                        if silu:
-                            for h in range(H):
-                                for i in range(N):
-                                    s = vm.sigmoid(zl[h, i])
-                                    dz[r, h, i] = da[r, h, i] * (s * (1.0 + zl[h, i] * (1.0 - s)))
-                                    al[h, i] = zl[h, i] * s
-                        else:
-                            for h in range(H):
-                                for i in range(N):
-                                    dz[r, h, i] = da[r, h, i] if zl[h, i] > 0 else 0
-                                    al[h, i] = max(zl[h, i], 0)
+                        pw.activation_backward_all(Z[l, bb, t].reshape(-1), da[r].reshape(-1), dz[r].reshape(-1),
+                                                   act_out[l, bb, t].reshape(-1), H * N, activation)
                         _copy(dz[r], dZ_out[l, bb, t])
                     if l > 0:
                         _dense_transposed_rows(dz, W_hid[l - 1], da, n)
@@ -573,8 +548,3 @@ def rows_transposed_product(A, G, out):
         if r1 > r0:
             _accumulate_product(A[r0:r1].T, G[r0:r1], partial[c])
     _sum_chunks(partial, out)
-
-
-# Every compiled network kernel (the codegen probe compiles the CUDA twins of these names).
-KERNELS = ("network_forward", "network_backward", "neuron_weight_grad", "recurrent_weight_grad",
-           "route_forward", "route_weight_grad", "route_input_grad")

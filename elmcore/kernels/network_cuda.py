@@ -24,42 +24,35 @@ Design, and why:
   output element, summing over all rows in order: deterministic, no atomics.
 * The external-input routing reuses ``kernels/cuda.py``'s routing kernels.
 
-Streams: launched on CuPy's current stream with ``sync=False`` arrays (see cuda.py).
+Streams: launched on CuPy's current stream with ``sync=False`` arrays (``cuda_launch.py``).
 """
 
 import functools
-import math
 
-import numpy as np
 from numba import cuda
 
-from ..errors import ELMError
-from .cuda import SIMULATOR, _activation_functions, _device_arg, _stream
+from . import pointwise as pw
 from .cuda import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
+from .cuda_launch import MAX_BLOCKS, SIMULATOR, array_module, flat_shape, float_type, launch
+
+# Optional parts of the kernel contract (kernels/contract.py): the network's kernels have none.
+CAPABILITIES = frozenset()
 
 # The simulator runs every CUDA thread as a Python thread: few threads keep it fast.
 _NEURON_THREADS = 4 if SIMULATOR else 128
-_FLAT_THREADS = 32 if SIMULATOR else 256
-_MAX_BLOCKS = 2 if SIMULATOR else 65535
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(np_dtype):
     """Kernels specialised for one float dtype (constants typed so float32 stays float32)."""
     ZERO = np_dtype(0)
-    ONE = np_dtype(1)
-    activate, activation_slope = _activation_functions(np_dtype)  # the single neuron's, as the MLPs are
-
-    @cuda.jit(device=True, inline=True)
-    def pre_phi_grad(g, dm, c_m, phi_scale, dphi_scale):
-        """∂loss/∂(pre-φ value) from g = ∂loss/∂m_t: m_t gains c_m·Δm, Δm = s·tanh(k·x), and
-        ∂Δm/∂x = s·k·(1 − (Δm/s)²) with dphi_scale = s·k."""
-        q = dm / phi_scale
-        return g * c_m * dphi_scale * (ONE - q * q)
+    pointwise = pw.cuda_functions(np_dtype)
+    activate, activation_slope, phi, phi_backward = (pointwise.activate, pointwise.activation_slope,
+                                                     pointwise.phi, pointwise.phi_backward)
 
     @cuda.jit
-    def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out,
-                        c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope, L, H,
+    def network_forward_kernel(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out,
+                        c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, L, H,
                         A0_out, Z_out, DM_out, M_out, O_out, b_out):
         B, T, nb, N = E.shape
         Dm = kappa_m.shape[0]
@@ -96,19 +89,19 @@ def _kernels(np_dtype):
                         for o in range(H):
                             Z_out[l, bb, t, o, i] = c_hid[l - 1, o, i]
                         for j in range(H):
-                            a = activate(Z_out[l - 1, bb, t, j, i], silu)
+                            a = activate(Z_out[l - 1, bb, t, j, i], activation)
                             for o in range(H):
                                 Z_out[l, bb, t, o, i] += W_hid[l - 1, j, o, i] * a
                     if L > 0:
                         for o in range(Dm):
                             DM_out[bb, t, o, i] = c_out[o, i]
                         for j in range(H):
-                            a = activate(Z_out[L - 1, bb, t, j, i], silu)
+                            a = activate(Z_out[L - 1, bb, t, j, i], activation)
                             for o in range(Dm):
                                 DM_out[bb, t, o, i] += W_out[j, o, i] * a
                     out = c_o[i]
                     for j in range(Dm):
-                        dm = phi_scale * math.tanh(phi_slope * DM_out[bb, t, j, i])
+                        dm = phi(DM_out[bb, t, j, i], phi_scale, phi_slope)
                         DM_out[bb, t, j, i] = dm
                         m = A0_out[bb, t, nb + j, i] + c_m[j, i] * dm
                         M_out[bb, t, j, i] = m
@@ -121,15 +114,14 @@ def _kernels(np_dtype):
                     b_out[bb, k, i] = A0_out[bb, T - 1, k, i]
 
     @cuda.jit
-    def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid,
-                         W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope, L, H,
+    def network_backward_kernel(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid,
+                         W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, L, H,
                          GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
         B, T, nb, N = GB_out.shape
         Dm = kappa_m.shape[0]
         W0 = W_in.shape[1]
         tid = cuda.threadIdx.x
         nthreads = cuda.blockDim.x
-        dphi_scale = phi_scale * phi_slope
         for bb in range(cuda.blockIdx.x, B, cuda.gridDim.x):
             for i in range(tid, N, nthreads):
                 GO_out[bb, T - 1, i] = dO[bb, T - 1, i]
@@ -148,15 +140,15 @@ def _kernels(np_dtype):
                         for h in range(H):
                             dZ_out[L - 1, bb, t, h, i] = ZERO
                         for o in range(Dm):
-                            dp = pre_phi_grad(w_o[o, i] * go + dP_out[bb, t, o, i], DM[bb, t, o, i], c_m[o, i],
-                                              phi_scale, dphi_scale)
+                            dp = phi_backward((w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i], DM[bb, t, o, i],
+                                              phi_scale, phi_slope)
                             for h in range(H):
                                 dZ_out[L - 1, bb, t, h, i] += W_out[h, o, i] * dp
                         for l in range(L - 1, -1, -1):
                             for h in range(H):
                                 z = Z[l, bb, t, h, i]
-                                dZ_out[l, bb, t, h, i] *= activation_slope(z, silu)
-                                act_out[l, bb, t, h, i] = activate(z, silu)
+                                dZ_out[l, bb, t, h, i] *= activation_slope(z, activation)
+                                act_out[l, bb, t, h, i] = activate(z, activation)
                             if l > 0:
                                 for h in range(H):
                                     dZ_out[l - 1, bb, t, h, i] = ZERO
@@ -170,8 +162,8 @@ def _kernels(np_dtype):
                         acc = ZERO
                         for o in range(W0):
                             if L == 0:
-                                d = pre_phi_grad(w_o[o, i] * go + dP_out[bb, t, o, i], DM[bb, t, o, i], c_m[o, i],
-                                                 phi_scale, dphi_scale)
+                                d = phi_backward((w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i],
+                                                 DM[bb, t, o, i], phi_scale, phi_slope)
                             else:
                                 d = dZ_out[0, bb, t, o, i]
                             acc += W_in[k, o, i] * d
@@ -184,8 +176,8 @@ def _kernels(np_dtype):
                         acc = ZERO
                         for o in range(W0):
                             if L == 0:
-                                d = pre_phi_grad(w_o[o, i] * go + dP_out[bb, t, o, i], DM[bb, t, o, i], c_m[o, i],
-                                                 phi_scale, dphi_scale)
+                                d = phi_backward((w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i],
+                                                 DM[bb, t, o, i], phi_scale, phi_slope)
                             else:
                                 d = dZ_out[0, bb, t, o, i]
                             acc += W_in[nb + j, o, i] * d
@@ -199,8 +191,8 @@ def _kernels(np_dtype):
                     # (b) dp = g ⊙ c_m ⊙ φ'(p)
                     # Pass C: ∂loss/∂pre replaces the carry.
                     for j in range(Dm):
-                        dP_out[bb, t, j, i] = pre_phi_grad(w_o[j, i] * go + dP_out[bb, t, j, i], DM[bb, t, j, i],
-                                                           c_m[j, i], phi_scale, dphi_scale)
+                        dP_out[bb, t, j, i] = phi_backward((w_o[j, i] * go + dP_out[bb, t, j, i]) * c_m[j, i],
+                                                           DM[bb, t, j, i], phi_scale, phi_slope)
                 # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e], then (a) of step t − 1
                 # g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources.
                 cuda.syncthreads()
@@ -213,7 +205,7 @@ def _kernels(np_dtype):
                         GO_out[bb, t - 1, j] = dO[bb, t - 1, j] + acc
 
     @cuda.jit
-    def neuron_weight_grad(G, A, out, bias_out):
+    def neuron_weight_grad_kernel(G, A, out, bias_out):
         R, O, N = G.shape
         J = A.shape[1]
         for k in range(cuda.grid(1), J * O * N, cuda.gridsize(1)):
@@ -232,7 +224,7 @@ def _kernels(np_dtype):
                 bias_out[o, i] = total
 
     @cuda.jit
-    def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
+    def recurrent_weight_grad_kernel(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
         B, T, nb, N = GB.shape
         n_rec = rec_i.shape[0]
         for k in range(cuda.grid(1), B * n_rec, cuda.gridsize(1)):
@@ -244,90 +236,79 @@ def _kernels(np_dtype):
                 acc += GB[bb, t, rec_k[e], rec_i[e]] * o_prev
             partial_out[bb, e] = acc
 
-    return dict(network_forward=network_forward, network_backward=network_backward,
-                neuron_weight_grad=neuron_weight_grad, recurrent_weight_grad=recurrent_weight_grad)
+    return dict(network_forward_kernel=network_forward_kernel, network_backward_kernel=network_backward_kernel,
+                neuron_weight_grad_kernel=neuron_weight_grad_kernel,
+                recurrent_weight_grad_kernel=recurrent_weight_grad_kernel)
 
 
 # The network's own CUDA kernels, compiled per dtype by ``kernel_set`` (the codegen probe
 # compiles every one of them); the routing kernels are kernels/cuda.py's.
-KERNELS = ("network_forward", "network_backward", "neuron_weight_grad", "recurrent_weight_grad")
+KERNELS = ("network_forward_kernel", "network_backward_kernel", "neuron_weight_grad_kernel",
+           "recurrent_weight_grad_kernel")
 
 
 def kernel_set(dtype):
     """{name: numba CUDA kernel} for one float dtype (float32 or float64)."""
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ELMError(f"CUDA kernels support float32 and float64, got {dt}")
-    return _kernels(dt.type)
-
-
-def _launch(kernel, blocks, threads, *args):
-    args = tuple(_device_arg(a) for a in args)
-    kernel[blocks, threads, _stream(), 0](*args)
-
-
-def _flat_shape(n):
-    threads = max(1, min(_FLAT_THREADS, n))
-    return max(1, min(-(-n // threads), _MAX_BLOCKS)), threads
+    return _kernels(float_type(dtype))
 
 
 def _rows_shape(B, N):
-    return max(1, min(B, _MAX_BLOCKS)), max(1, min(N, _NEURON_THREADS))
+    return max(1, min(B, MAX_BLOCKS)), max(1, min(N, _NEURON_THREADS))
 
 
 def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
-                    kappa_m, c_m, w_o, c_o, b0, m0, o0, silu, phi_scale, phi_slope,
+                    kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope,
                     A0_out, Z_out, DM_out, M_out, O_out, b_out):
     """See ``network_cpu.network_forward``. One block per batch row, threads over neurons."""
     B, _, _, N = E.shape
-    k = kernel_set(E.dtype)["network_forward"]
+    k = kernel_set(E.dtype)["network_forward_kernel"]
     rec_ptr, rec_i, rec_k, rec_src, rec_w = _nonempty(rec_ptr, rec_i, rec_k, rec_src, rec_w)
     L, H = Z_out.shape[0], Z_out.shape[3]
     Z_out, = _hidden_stand_ins(Z_out)
-    _launch(k, *_rows_shape(B, N), E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid,
-            W_out, c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, bool(silu), phi_scale, phi_slope, L, H,
+    launch(k, *_rows_shape(B, N), E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid,
+            W_out, c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, int(activation), phi_scale, phi_slope, L, H,
             A0_out, Z_out, DM_out, M_out, O_out, b_out)
 
 
 def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
-                     kappa_m, c_m, w_o, m0, A0, Z, DM, M, silu, phi_scale, phi_slope,
+                     kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope,
                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
     """See ``network_cpu.network_backward``. One block per batch row, threads over neurons."""
     B, _, _, N = GB_out.shape
-    k = kernel_set(dO.dtype)["network_backward"]
+    k = kernel_set(dO.dtype)["network_backward_kernel"]
     rec_ptr, rec_i, rec_k, rec_src, rec_w = _nonempty(rec_ptr, rec_i, rec_k, rec_src, rec_w)
     src_entry, = _nonempty(src_entry)
     L, H = Z.shape[0], Z.shape[3]
     Z, dZ_out, act_out = _hidden_stand_ins(Z, dZ_out, act_out)
-    _launch(k, *_rows_shape(B, N), dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry,
-            W_in, W_hid, W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, bool(silu), phi_scale, phi_slope, L, H,
+    launch(k, *_rows_shape(B, N), dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry,
+            W_in, W_hid, W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, int(activation), phi_scale, phi_slope, L, H,
             GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out)
 
 
 def neuron_weight_grad(G, A, out, bias_out):
     """See ``network_cpu.neuron_weight_grad``. One thread per weight element; those of input 0
     also sum the bias."""
-    _launch(kernel_set(G.dtype)["neuron_weight_grad"], *_flat_shape(out.size), G, A, out, bias_out)
+    launch(kernel_set(G.dtype)["neuron_weight_grad_kernel"], *flat_shape(out.size), G, A, out, bias_out)
 
 
 def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
     """See ``network_cpu.recurrent_weight_grad``. One thread per (batch row, entry)."""
     if partial_out.size == 0:
         return
-    _launch(kernel_set(GB.dtype)["recurrent_weight_grad"], *_flat_shape(partial_out.size), GB, O, o0, rec_i,
+    launch(kernel_set(GB.dtype)["recurrent_weight_grad_kernel"], *flat_shape(partial_out.size), GB, O, o0, rec_i,
             rec_k, rec_src, partial_out)
 
 
 def rows_product(A, Bt, bias, out):
     """See ``network_cpu.rows_product``: a cuBLAS GEMM through the array library."""
-    xp = _xp(out)
+    xp = array_module(out)
     xp.matmul(A, Bt, out=out)
     out += bias
 
 
 def rows_transposed_product(A, G, out):
     """See ``network_cpu.rows_transposed_product``: a cuBLAS GEMM through the array library."""
-    _xp(out).matmul(A.T, G, out=out)
+    array_module(out).matmul(A.T, G, out=out)
 
 
 def _nonempty(*arrays):
@@ -335,7 +316,7 @@ def _nonempty(*arrays):
     out = []
     for a in arrays:
         if a.shape[0] == 0:
-            a = _xp(a).zeros(1, a.dtype)
+            a = array_module(a).zeros(1, a.dtype)
         out.append(a)
     return out
 
@@ -343,13 +324,4 @@ def _nonempty(*arrays):
 def _hidden_stand_ins(*arrays):
     """Z / dZ / A have no rows without hidden layers, and a zero-size array cannot cross the
     array interface: pass a one-element stand-in (the kernels get L = 0 and never touch it)."""
-    return [a if a.size else _xp(a).zeros((1, 1, 1, 1, 1), a.dtype) for a in arrays]
-
-
-def _xp(a):
-    return np if SIMULATOR or isinstance(a, np.ndarray) else _cupy()
-
-
-def _cupy():
-    import cupy
-    return cupy
+    return [a if a.size else array_module(a).zeros((1, 1, 1, 1, 1), a.dtype) for a in arrays]

@@ -26,6 +26,7 @@ from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
 from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
+from elmcore.kernels.pointwise import activation_code
 
 
 @dataclasses.dataclass
@@ -109,11 +110,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         self.dtype = resolve_dtype(dtype)
         self.backend = get_backend(device)
         self.xp = self.backend.xp
-        if self.backend.name == "cpu":
-            from elmcore.kernels import network_cpu as kernels
-        else:
-            from elmcore.kernels import network_cuda as kernels
-        self.kernels = kernels
+        self.kernels = self.backend.network_kernels
         host = NP.init_params(config, seed=seed, dtype=self.dtype) if params is None else \
             NP.check_params(config, {k: self.backend.to_host(v) for k, v in params.items()}, self.dtype)
         self.params = {k: (self.xp.asarray(v) if v.dtype.kind == "f" else v) for k, v in host.items()}
@@ -242,7 +239,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         cfg, k = self.config, self.kernels
         B, T, _ = X.shape
         N, nb, Dm, L, H = cfg.num_neurons, cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, cfg.hidden_size
-        silu = cfg.mlp_activation == "silu"
+        activation = activation_code(cfg.mlp_activation)
         w = self.layer_weights(layer)
         syn = self.synapses[layer]
         R = self._buffer((B, T, nb * N))
@@ -257,7 +254,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         m0, o0 = state["m"][layer], state["o"][layer]
         k.network_forward(R.reshape(B, T, nb, N), w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src,
                           w.rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out, w.kappa_m, w.c_m, w.w_o, w.c_o,
-                          state["b"][layer], m0, o0, silu, self.dtype.type(PHI_SCALE),
+                          state["b"][layer], m0, o0, activation, self.dtype.type(PHI_SCALE),
                           self.dtype.type(PHI_SLOPE), A0, Z, DM, M, O, final["b"][layer])
         final["m"][layer] = M[:, -1]
         final["o"][layer] = O[:, -1]
@@ -273,7 +270,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         cfg, xp, k = self.config, self.xp, self.kernels
         B, T, N = dO.shape
         nb, Dm, L, H = cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, cfg.hidden_size
-        silu = cfg.mlp_activation == "silu"
+        activation = activation_code(cfg.mlp_activation)
         w, syn = layer_cache["weights"], self.synapses[layer]
         W_in, _ = w.mlp[0]
         W_hid, _, W_out, _ = self._hidden_and_output(w)
@@ -287,7 +284,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         k.network_backward(dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w,
                            syn.src_ptr, syn.src_entry, W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o,
                            layer_cache["m0"], layer_cache["A0"], layer_cache["Z"], layer_cache["DM"],
-                           layer_cache["M"], silu, self.dtype.type(PHI_SCALE),
+                           layer_cache["M"], activation, self.dtype.type(PHI_SCALE),
                            self.dtype.type(PHI_SLOPE), GB, dZ, dP, GO, act, gk, gc)
         grads = self._layer_weight_grads(layer, layer_cache, w, syn, GB, dZ, dP, GO, act, gk, gc)
         dX = None

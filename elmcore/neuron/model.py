@@ -21,6 +21,7 @@ from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
 from elmcore.kernels import contract as kernel_contract
+from elmcore.kernels.pointwise import activation_code
 
 @dataclasses.dataclass
 class Routing:
@@ -298,7 +299,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         DM = xp.empty_like(M)
         Z = xp.empty((L, B, T, H), self.dtype)
         k.recur_forward(Zb, xp.ascontiguousarray(W0m.T), WhT, ch, WoT, co, d.kappa_m, d.c_m, m0,
-                        cfg.mlp_activation == "silu", self.dtype.type(P.PHI_SCALE),
+                        activation_code(cfg.mlp_activation), self.dtype.type(P.PHI_SCALE),
                         self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM, A0[:, :, nb:])
         return M, Z, DM
 
@@ -323,7 +324,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         gk = xp.empty((B, Dm), self.dtype)
         gc = xp.empty((B, Dm), self.dtype)
         k.recur_backward(dM, xp.ascontiguousarray(W0m), xp.ascontiguousarray(Wh), xp.ascontiguousarray(Wo),
-                         d.kappa_m, d.c_m, m0, M, Z, DM, cfg.mlp_activation == "silu",
+                         d.kappa_m, d.c_m, m0, M, Z, DM, activation_code(cfg.mlp_activation),
                          self.dtype.type(P.PHI_SCALE), self.dtype.type(P.PHI_SLOPE), k.batch_tile(B),
                          dZ, dP, gk, gc, act)
 

@@ -291,7 +291,7 @@ def _uses_real_gpu():
     from elmcore.engine.backend import cuda_available
     if not cuda_available():
         return False  # for device "cuda", get_backend says why when the model is built
-    from elmcore.kernels.cuda import SIMULATOR
+    from elmcore.kernels.cuda_launch import SIMULATOR
     return not SIMULATOR
 
 

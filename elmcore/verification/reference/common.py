@@ -8,6 +8,7 @@ no gradient passes the floor of max(τ, 1e-6).
 import numpy as np
 
 from elmcore.engine.time_constants import TAU_FLOOR
+from elmcore.kernels.pointwise import numpy_forms
 from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
 
 
@@ -31,17 +32,13 @@ def phi_slope_from_output(dm):
 # ---- the MLP's activation ----------------------------------------------------------------
 
 def activate(z, name):
-    if name == "silu":
-        return z * sigmoid(z)           # silu(z) = z·σ(z)
-    return np.maximum(z, 0)             # relu(z)
+    """act(z): the NumPy form of kernels/pointwise.py, where every activation is written once."""
+    return numpy_forms(name)[0](z)
 
 
 def activation_slope(z, name):
     """act'(z), from the pre-activation z (silu is not injective, so a = act(z) would not do)."""
-    if name == "silu":
-        s = sigmoid(z)
-        return s * (1 + z * (1 - s))    # silu'(z) = σ(z)(1 + z(1 − σ(z)))
-    return (z > 0).astype(z.dtype)      # relu'(z) = 1 if z > 0 else 0 (0 at the kink)
+    return numpy_forms(name)[1](z)
 
 
 # ---- time constants (docs/spec.md §2 transforms, docs/gradients.md §5) --------------------
