@@ -19,6 +19,9 @@ DEVICES = ("cpu", "cuda", "auto")
 class CPUBackend:
     name = "cpu"
     xp = np
+    # Fresh large arrays cost a page fault per 4 KiB on first touch here; CuPy's memory pool
+    # already recycles device memory, so only the CPU model keeps spare buffers.
+    reuses_buffers = True
 
     @property
     def kernels(self):

@@ -59,6 +59,7 @@ class CUDABackend:
     ELMError
         ``--device cuda: <reason>`` when :func:`cuda_problem` reports one.
     """
+    reuses_buffers = False  # CuPy's memory pool recycles device memory itself
 
     name = "cuda"
 

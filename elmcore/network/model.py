@@ -114,9 +114,9 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         host = NP.init_params(config, seed=seed, dtype=self.dtype) if params is None else \
             NP.check_params(config, {k: self.backend.to_host(v) for k, v in params.items()}, self.dtype)
         self.params = {k: (self.xp.asarray(v) if v.dtype.kind == "f" else v) for k, v in host.items()}
-        # Spare step-sized buffers for reuse (CPU only): fresh 100 MB arrays cost a page fault
-        # per 4 KiB on first touch, measured as a fifth of a char-LM step.
-        self._spare = {} if self.backend.name == "cpu" else None
+        # Spare step-sized buffers for reuse where the backend wants them: on the CPU, fresh 100 MB
+        # arrays cost a page fault per 4 KiB on first touch, measured as a fifth of a char-LM step.
+        self._spare = {} if getattr(self.backend, "reuses_buffers", False) else None
         self.synapses = [SynapseMap.build(config, host[NP.layer_prefix(l) + "synapse_source"],
                                           config.layer_input_size(l), self.xp)
                          for l in range(config.num_layers)]
