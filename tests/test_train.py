@@ -165,8 +165,10 @@ def corpus(tmp_path_factory):
 
 def test_stateful_training_carries_the_state_within_an_epoch(tmp_path, corpus):
     """Each batch starts from the final state of the batch before it (the same arrays), every epoch
-    from the zero state; the run records its vocabulary and reference levels."""
-    trainer = Trainer(text_settings(tmp_path, corpus, "run"), progress=False, log=lambda m: None)
+    from the zero state; the run records its vocabulary, units and reference levels, and its log
+    and plot say them."""
+    logged = []
+    trainer = Trainer(text_settings(tmp_path, corpus, "run"), progress=False, log=logged.append)
     assert trainer.task.stateful
     calls = []
     new_state = trainer._new_state
@@ -196,6 +198,14 @@ def test_stateful_training_carries_the_state_within_an_epoch(tmp_path, corpus):
     assert set(info["references"]) == {"unigram entropy (train split)", "generator entropy rate"}
     for name in ("best.npz", "last.npz"):
         assert load_file(tmp_path / "run" / name).vocab == trainer.task.vocabulary
+    units = next(line for line in logged if "loss in nats/char" in line)
+    assert "bpc in bits/char" in units and "generator entropy rate" in units and "unigram entropy" in units
+    epoch_lines = [line for line in logged if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("nats/char" in line and "bits/char" in line for line in epoch_lines)
+    from elmcore.reporting.plotting import _recorded_units, plot_run
+    assert _recorded_units(recorded) == ("nats/char", "bits/char", info["references"])
+    pytest.importorskip("matplotlib")
+    assert plot_run(tmp_path / "run").endswith("curves.png") and (tmp_path / "run" / "curves.png").stat().st_size
 
 
 @pytest.mark.parametrize("kill_after", [3, 8])

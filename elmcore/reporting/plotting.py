@@ -3,8 +3,9 @@
 The figure a scientist keeps: the training loss per step (raw and a running
 mean), and the model-selection metric per epoch on the split that measured it,
 on a log scale where the metric is an error, with integer epoch ticks, the best
-epoch marked, the test score of the selected model beside it, and chance drawn
-for accuracy and AUC.
+epoch marked, the test score of the selected model beside it, chance drawn for
+accuracy and AUC, and the task's reference levels (a text's unigram entropy, a
+generated corpus's entropy rate) with the units the run recorded in run.json.
 """
 
 import json
@@ -134,6 +135,19 @@ def _running_mean(values, width):
     return np.convolve(values, kernel, mode="valid")
 
 
+def _recorded_units(settings):
+    """(loss unit, metric unit, {label: reference level}) from run.json's "task_info"; empty where absent."""
+    info = (settings or {}).get("task_info")
+    if not isinstance(info, dict):
+        return None, None, {}
+    def text(key):
+        return info.get(key) if isinstance(info.get(key), str) else None
+
+    levels = info.get("references")
+    levels = {str(k): float(v) for k, v in levels.items() if _number(v)} if isinstance(levels, dict) else {}
+    return text("loss_unit"), text("metric_unit"), levels
+
+
 def plot_run(run_dir, output=None):
     """Write the learning curves of ``run_dir`` to ``output`` (default ``run_dir/curves.png``)."""
     steps, epochs = read_metrics(run_dir)
@@ -142,6 +156,7 @@ def plot_run(run_dir, output=None):
     summary = _read_optional_json(os.path.join(run_dir, "summary.json"))
     settings = _read_optional_json(os.path.join(run_dir, "run.json"))
     output = output or os.path.join(run_dir, "curves.png")
+    loss_unit, metric_unit, references = _recorded_units(settings)
 
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = [r["step"] for r in steps]
@@ -153,7 +168,7 @@ def plot_run(run_dir, output=None):
     if smooth is not None:
         ax_loss.plot(x[width - 1:], smooth, lw=1.6, color="C0", label=f"running mean ({width} steps)")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("training loss")
+    ax_loss.set_ylabel("training loss" + (f" ({loss_unit})" if loss_unit else ""))
     if min(loss) > 0 and max(loss) > 10 * min(loss):  # a log axis only once the loss spans a decade
         _log_axis(ax_loss, loss)
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -183,12 +198,17 @@ def plot_run(run_dir, output=None):
         chance = _chance(metric, run_dir)
         if chance is not None:
             ax_metric.axhline(chance[0], color="0.4", ls="--", lw=1, label=chance[1])
+        for (label, level), style in zip(references.items(), ("--", ":", "-.")):
+            ax_metric.axhline(level, color="0.4", ls=style, lw=1,
+                              label=f"{label}: {level:.3g}" + (f" {metric_unit}" if metric_unit else ""))
         if lower_better and min(val) > 0:
-            _log_axis(ax_metric, val + ([test[metric]] if isinstance(test, dict) and _number(test.get(metric))
-                                        else []))
+            shown = val + ([test[metric]] if isinstance(test, dict) and _number(test.get(metric)) else [])
+            _log_axis(ax_metric, shown + [v for v in references.values() if v > 0])
         if metric in ("accuracy", "auc"):
             ax_metric.set_ylim(min(min(val), chance[0] if chance else 1) - 0.05, 1.01)
-        ax_metric.set_ylabel(f"{split} {metric}" + (" (lower is better)" if lower_better else ""))
+        ax_metric.set_ylabel(f"{split} {metric}" + (f" ({metric_unit})" if metric_unit else "")
+                             + (", lower is better" if lower_better and metric_unit else
+                                " (lower is better)" if lower_better else ""))
         ax_metric.set_xlabel("epoch")
         ax_metric.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_metric.grid(alpha=0.3, which="both")
