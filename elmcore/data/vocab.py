@@ -69,12 +69,15 @@ class Vocabulary:
 
     def encode_text(self, text, what="text"):
         """int64 channel indices of ``text`` (UTF-8); a character outside the vocabulary is a DataError naming it."""
-        for position, character in enumerate(text):
-            if np.any(self.index_of[np.frombuffer(character.encode("utf-8", "surrogatepass"), np.uint8)] < 0):
-                raise DataError(f"{what} holds the character {_shown(character)} (character {position}), "
-                                f"which is not in the model's vocabulary of {self.size} symbols "
-                                f"({self.describe()})")
-        return self.encode_bytes(text.encode("utf-8", "surrogatepass"), what)
+        raw = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
+        tokens = self.index_of[raw]
+        missing = np.nonzero(tokens < 0)[0]
+        if len(missing):
+            # The character holding that byte: count the characters' first bytes up to it.
+            position = int(np.count_nonzero((raw[:missing[0] + 1] & 0xC0) != 0x80)) - 1
+            raise DataError(f"{what} holds the character {_shown(text[position])} (character {position}), "
+                            f"which is not in the model's vocabulary of {self.size} symbols ({self.describe()})")
+        return tokens
 
     def one_hot(self, tokens):
         """(..., T) channel indices -> (..., T, V) uint8 one-hot: the model's input encoding."""
