@@ -512,8 +512,12 @@ def _run_files(run_dir):
 @cli.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
-              help="Input .npy of shape (batch, time, inputs) or (time, inputs).")
-@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Output .npy.")
+              help="Input .npy of shape (batch, time, inputs) or (time, inputs); for a character model "
+                   "(one with a vocabulary) also a text file (any name not ending in .npy), encoded with "
+                   "the model's vocabulary.")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Output .npy; for a character model also a .txt: the most likely next character after "
+                   "each input character, decoded with its vocabulary.")
 @click.option("--head", type=click.Choice(head_names()), default="raw", show_default=True,
               help="; ".join(["raw: the model's outputs"] + [f"{h.name}: {h.summary}" for h in output_heads().values()])
               + ".")
@@ -521,17 +525,97 @@ def _run_files(run_dir):
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, show_default="as stored")
 @device_option
 def predict(model_path, input_path, output_path, head, batch_size, dtype, device):
-    """Apply a model to an input array exactly as given (no sign flips, no scaling)."""
-    from elmcore.training.checkpoint import load_model
-    from elmcore.training.predict import predict_array, read_input_array
-    model = load_model(model_path, dtype=dtype, device=device)
-    X, squeeze = read_input_array(input_path, model.config.num_input)
+    """Apply a model to an input array exactly as given (no sign flips, no scaling).
+
+    A character model (trained on a text task: its file holds the vocabulary) also reads
+    text and writes, to a .txt output, the most likely next character after each input one.
+    """
+    from elmcore.training.checkpoint import load_file
+    from elmcore.training.predict import most_likely_next, predict_array, read_input_array, read_input_text
+    loaded = load_file(model_path)
+    model = loaded.build_model(dtype=dtype, device=device)
+    vocab = _model_vocabulary(loaded, model_path)
+    text_in, text_out = not input_path.endswith(".npy"), output_path.endswith(".txt")
+    if (text_in or text_out) and vocab is None:
+        raise UserError(f"{model_path} has no vocabulary (it was not trained on a text task): --input must be a "
+                        ".npy array and --output a .npy file")
+    if text_out and head != "raw":
+        raise UserError("a .txt --output decodes the model's raw outputs: leave out --head")
+    X, squeeze = read_input_text(input_path, vocab) if text_in else read_input_array(input_path,
+                                                                                     model.config.num_input)
+    if text_out and len(X) != 1:
+        raise UserError(f"a .txt --output decodes one sequence, the input holds {len(X)}: write a .npy")
     Y = predict_array(model, X, head=head, batch_size=batch_size)
     from elmcore.storage.fileio import atomic_output
     with atomic_output(output_path, inputs=[model_path, input_path]) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, Y[0] if squeeze else Y)
-    click.echo(f"wrote {output_path}: {Y[0].shape if squeeze else Y.shape} ({head} head)")
+            if text_out:
+                f.write(most_likely_next(Y[0], vocab))
+            else:
+                np.save(f, Y[0] if squeeze else Y)
+    if text_out:
+        click.echo(f"wrote {output_path}: the most likely next character after each of the {Y.shape[1]} input "
+                   "characters")
+    else:
+        click.echo(f"wrote {output_path}: {Y[0].shape if squeeze else Y.shape} ({head} head)")
+
+
+def _model_vocabulary(loaded, model_path, run=None):
+    """A character model's Vocabulary: from its file, else from its run's run.json (task_info), else None."""
+    if loaded.vocab is not None:
+        return loaded.vocab
+    if run is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), "run.json")
+        run = _read_run_settings(os.path.dirname(beside)) if os.path.exists(beside) else None
+    info = (run or {}).get("task_info")
+    stored = info.get("vocab") if isinstance(info, dict) else None
+    if stored is None:
+        return None
+    from elmcore.data.vocab import Vocabulary
+    vocab = Vocabulary.from_stored(stored, "run.json task_info.vocab")
+    if len(vocab) != loaded.config.num_input or len(vocab) != loaded.config.num_output:
+        raise UserError(f"the run's vocabulary has {len(vocab)} symbols, the model {loaded.config.num_input} "
+                        f"inputs and {loaded.config.num_output} outputs")
+    return vocab
+
+
+@cli.command()
+@click.argument("model_path", metavar="RUN_DIR|MODEL", type=click.Path())
+@click.option("--prompt", default=None, show_default="a newline",
+              help="Text the model reads before it samples; every character must be in its vocabulary.")
+@click.option("--length", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Characters (bytes) to sample after the prompt.")
+@click.option("--temperature", default=1.0, show_default=True, type=FiniteFloat(min=0),
+              help="Softmax temperature: 1 samples the model's own distribution, lower is more conservative, "
+                   "0 always takes the most likely character.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the draws: the same seed gives the same text.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
+              help="Which model of a run directory: best.npz or last.npz.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, show_default="as stored")
+@device_option
+def sample(model_path, prompt, length, temperature, seed, checkpoint, dtype, device):
+    """Sample text from a character model (a run on a text task, or its model file).
+
+    The model reads the prompt and then its own samples one character per step (the
+    streaming step API), so LENGTH characters cost LENGTH steps. Prints the prompt and
+    the sample; bytes that are not UTF-8 print as U+FFFD.
+    """
+    from elmcore.training.checkpoint import load_file
+    from elmcore.training.predict import sample_text
+    path, run = _eval_target(model_path, checkpoint)
+    loaded = load_file(path)
+    vocab = _model_vocabulary(loaded, path, run)
+    if vocab is None:
+        raise UserError(f"{path} has no vocabulary: elm sample needs a character model (trained on a text task)")
+    shown_prompt = prompt
+    if prompt is None:
+        if vocab.index_of[ord("\n")] < 0:
+            raise UserError("the model's vocabulary has no newline to start from: give --prompt")
+        prompt, shown_prompt = "\n", ""
+    model = loaded.build_model(dtype=dtype, device=device)
+    text = sample_text(model, vocab, prompt, length, temperature=temperature, seed=seed)
+    click.echo(shown_prompt + text.decode("utf-8", errors="replace"))
 
 
 @cli.command()

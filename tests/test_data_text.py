@@ -1,6 +1,7 @@
 """Character-level language modelling: the enwik8 and text readers, the generated corpus, the
 next-token loss and bits per character."""
 
+import json
 import math
 import os
 import zipfile
@@ -44,7 +45,33 @@ def test_generated_corpus_is_deterministic_ascii_sentences(tmp_path):
     # Every complete word of the text is one of the source's words: the structure is real.
     words = decoded.replace(".\n", " ").split()[:-1]
     assert words and set(words) <= set(source.words)
-    assert sorted(os.listdir(tmp_path / "a")) == ["corpus.txt"]   # no temporary file left
+    assert sorted(os.listdir(tmp_path / "a")) == ["corpus.json", "corpus.txt"]   # no temporary file left
+
+
+def test_generated_corpus_records_its_entropy_rate_and_the_task_reports_it(tmp_path):
+    """corpus.json beside the corpus holds the source's words and entropy rate; the text task
+    (given the folder or the file) reads it as a reference level, beside the unigram entropy."""
+    generate_text(tmp_path, num_chars=3000, seed=5)
+    source = WordMarkovSource(seed=5)
+    info = json.loads((tmp_path / "corpus.json").read_text())
+    assert info["words"] == source.words
+    assert info["entropy_rate_bits_per_char"] == pytest.approx(source.entropy_rate_bits_per_char(), rel=1e-12)
+    for where in (tmp_path, tmp_path / "corpus.txt"):
+        task = registry.get_task("text", where, length=16)
+        assert task.reference_levels() == {
+            "unigram entropy (train split)": task.unigram_entropy("train"),
+            "generator entropy rate": pytest.approx(info["entropy_rate_bits_per_char"], rel=1e-12)}
+        assert task.describe()["entropy_rate_bits"] == round(info["entropy_rate_bits_per_char"], 4)
+    run_info = task.run_info()
+    assert run_info["vocab"] == sorted(set((tmp_path / "corpus.txt").read_bytes()))
+    assert (run_info["loss_unit"], run_info["metric_unit"]) == ("nats/char", "bits/char")
+    # Any other text file has no known rate; a damaged record is named.
+    (tmp_path / "other.txt").write_bytes((tmp_path / "corpus.txt").read_bytes())
+    other = registry.get_task("text", tmp_path / "other.txt", length=16)
+    assert "generator entropy rate" not in other.reference_levels()
+    (tmp_path / "corpus.json").write_text('{"entropy_rate_bits_per_char": "low"}')
+    with pytest.raises(ELMError, match="corpus.json"):
+        registry.get_task("text", tmp_path / "corpus.txt", length=16)
 
 
 def test_source_entropy_rate_is_exact_and_far_below_the_unigram_entropy():
@@ -113,6 +140,62 @@ def test_vocab_bytes_and_unigram_entropy(corpus_dir):
     info = task.describe()
     assert info["unigram_entropy_bits_train"] == round(task.unigram_entropy("train"), 4)
     assert info["uniform_bits"] == 8.0 and info["bytes_valid"] == 200
+
+
+# ---- stateful (truncated BPTT) batching and evaluation ------------------------------------------
+
+def test_stateful_batches_read_contiguous_streams(corpus_dir):
+    """Row b of every batch reads the b-th contiguous 1/B of the split, and batch w + 1 continues
+    exactly where batch w stopped; the order is the streams' whatever the rng."""
+    task = registry.get_task("text", corpus_dir, length=16, stateful=True)
+    raw = (corpus_dir / "corpus.txt").read_bytes()
+    decode = task.vocabulary.symbols
+    rows = 5
+    per_row = 3599 // rows
+    assert task.stream_bytes("train", rows) == per_row
+    assert task.num_batches("train", rows) == per_row // 16
+    batches = list(task.batches("train", rows, rng=np.random.default_rng(0), shuffle=True))
+    assert len(batches) == per_row // 16
+    for w, batch in enumerate(batches):
+        assert batch.X.shape == (rows, 16, task.num_input)
+        for b in range(rows):
+            start = b * per_row + 16 * w
+            assert bytes(decode[batch.X[b].argmax(axis=1)]) == raw[start:start + 16]
+            assert bytes(decode[batch.target[b]]) == raw[start + 1:start + 17]
+    again = list(task.batches("train", rows, rng=np.random.default_rng(1), shuffle=True))
+    assert all(np.array_equal(a.target, b.target) for a, b in zip(batches, again))
+    # A stateless task of the same file keeps its own counting.
+    assert registry.get_task("text", corpus_dir, length=16).num_batches("train", rows) == math.ceil(224 / rows)
+
+
+def test_stateful_batches_refuse_streams_shorter_than_a_window(corpus_dir):
+    task = registry.get_task("text", corpus_dir, length=16, stateful=True)
+    with pytest.raises(DataError, match="smaller batch size or length"):
+        next(iter(task.batches("valid", 64)))
+    with pytest.raises(ELMError, match="stateful must be true or false"):
+        registry.get_task("text", corpus_dir, stateful="yes")
+
+
+def test_stateful_evaluation_is_one_pass_over_each_stream(corpus_dir):
+    """Windows chained through the carried state score every byte of each stream exactly as one
+    forward pass over the whole stream does (float64), here 3 streams of the valid split."""
+    from elmcore import ELM
+    from elmcore.neuron.config import ELMConfig
+    task = registry.get_task("text", corpus_dir, length=8, stateful=True)
+    cfg = ELMConfig(num_input=task.num_input, num_output=task.num_output, num_memory=4, mlp_hidden_size=6,
+                    num_branch=3, num_synapse_per_branch=2, input_to_synapse_routing="random_routing",
+                    memory_tau_max=20.0)
+    model = ELM(cfg, seed=2, dtype="float64")
+    rows = (199 // (8 * 8))
+    result = task.evaluate(model, "valid", batch_size=64)
+    per_row = 199 // rows
+    assert (result["examples"], result["characters"]) == (rows, rows * per_row)
+    tokens = task.tokens(task.stream_starts("valid", rows), per_row)
+    Y = model.forward(task.encode(tokens[:, :-1]))
+    loss, _ = cross_entropy_all(Y, tokens[:, 1:])
+    assert result["loss"] == pytest.approx(loss, rel=1e-12)
+    assert result["bpc"] == pytest.approx(loss / math.log(2), rel=1e-12)
+    assert task.evaluate(model, "valid", batch_size=64, max_batches=2)["characters"] == rows * 16
 
 
 def test_byte_counts_read_in_chunks(monkeypatch):

@@ -75,9 +75,39 @@ def test_fd_detects_a_wrong_gradient():
     assert abs(numeric - 1.01 * g[0]) > 1e-7 * abs(g[0]) or g[0] == 0
 
 
+@pytest.mark.parametrize("version", ["elm_v1", "branch_elm_v2"])
+@pytest.mark.parametrize("seed", range(3))
+def test_gradients_from_a_nonzero_initial_state(version, seed):
+    """Stateful training (truncated BPTT) starts each window from the last one's final state:
+    with random non-zero scan channels u and memory m the gradients still equal central
+    differences (the state is a constant, as in training)."""
+    rng = np.random.default_rng(200 + seed)
+    cfg = random_config(rng, version=version, layers=seed % 3).replace(learn_memory_tau=True)
+    rows = gradcheck(cfg, batch=2, steps=5, seed=seed, max_entries=8, initial_state=True)
+    assert {r.name for r in rows} == set(ELM(cfg, dtype="float64").trainable_keys) | {"X"}
+    bad = [r for r in rows if not passes(r, FD_TOLERANCE)]
+    assert not bad, bad
+
+
+def test_forward_from_a_state_continues_the_stream_and_returns_its_final_state():
+    rng = np.random.default_rng(11)
+    cfg = random_config(rng, layers=1)
+    model = ELM(cfg, params=random_test_params(cfg, rng), dtype="float64")
+    X = rng.normal(size=(2, 9, cfg.num_input))
+    Y = model.forward(X)
+    Y1, cache1 = model.forward(X[:, :5], return_cache=True)
+    Y2, cache2 = model.forward(X[:, 5:], return_cache=True, state=cache1["final_state"])
+    np.testing.assert_allclose(np.concatenate([Y1, Y2], axis=1), Y, rtol=1e-12, atol=1e-13)
+    _, state = model.run(X, model.init_state(2))
+    for key in ("u", "m"):
+        np.testing.assert_allclose(cache2["final_state"][key], state[key], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_sparse_first_layer_path_equals_dense_path(seed, monkeypatch):
-    """Sparse spike input with one shared decay takes the sparse first-layer path; same numbers."""
+    """Sparse spike input with one shared decay takes the sparse first-layer path; same numbers,
+    from the zero state and from a non-zero one (whose part of the first layer's weight
+    gradient the sparse path adds separately)."""
     rng = np.random.default_rng(100 + seed)
     cfg = random_config(rng, routing=[None, "random_routing", "neuronio_routing"][seed % 3]).replace(
         learn_memory_tau=True)
@@ -97,9 +127,12 @@ def test_sparse_first_layer_path_equals_dense_path(seed, monkeypatch):
         assert ("R" in cache) == (threshold == 1.0)
         grads = model.backward(G, cache, input_grad=True)
         Ys, _ = model.run(X, state)  # streaming from a non-zero scan state
-        results.append((Y, grads, Ys))
-    (Y1, g1, S1), (Y2, g2, S2) = results
+        _, cache = model.forward(X, return_cache=True, state=state)
+        state_grads = model.backward(G, cache, input_grad=True)
+        results.append((Y, grads, Ys, state_grads))
+    (Y1, g1, S1, h1), (Y2, g2, S2, h2) = results
     np.testing.assert_allclose(Y1, Y2, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(S1, S2, rtol=1e-12, atol=1e-13)
     for k in g2:
         np.testing.assert_allclose(g1[k], g2[k], rtol=1e-10, atol=1e-12, err_msg=k)
+        np.testing.assert_allclose(h1[k], h2[k], rtol=1e-10, atol=1e-12, err_msg=k)

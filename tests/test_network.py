@@ -152,6 +152,40 @@ def test_gradcheck_sees_the_recurrent_path():
     assert scale > 1e-3 and passes(rows["layers.0.w_s"])
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_gradcheck_from_a_nonzero_initial_state(seed):
+    """Stateful training (truncated BPTT) starts each window from the last one's final state:
+    with a random non-zero b, m and o in every layer the gradients still equal central
+    differences (the state is a constant, as in training)."""
+    rng = np.random.default_rng(300 + seed)
+    cfg = random_network_config(rng, num_layers=1 + seed % 2, recurrent_fraction=(0.5, 1.0, 0.5)[seed],
+                                mlp_num_layers=seed % 3, learn_memory_tau=True)
+    rows = gradcheck(cfg, batch=2, steps=4, seed=seed, initial_state=True)
+    assert {r[0] for r in rows} == set(NP.trainable_keys(cfg)) | {"X"}
+    bad = [r for r in rows if not passes(r)]
+    assert not bad, bad
+
+
+def test_forward_from_a_state_continues_the_stream_and_returns_its_final_state():
+    """Windows chained through forward(..., state=cache["final_state"]) give the one-pass outputs,
+    and the final state survives the backward (a stateful trainer reads it after)."""
+    rng = np.random.default_rng(4)
+    cfg = random_network_config(rng, num_layers=2, recurrent_fraction=0.5, mlp_num_layers=1)
+    net = ELMNetwork(cfg, seed=2, dtype="float64")
+    X = rng.normal(size=(2, 10, cfg.num_input))
+    Y = net.forward(X)
+    Y1, cache1 = net.forward(X[:, :6], return_cache=True)
+    net.backward(np.ones_like(Y1), cache1)
+    Y2, cache2 = net.forward(X[:, 6:], return_cache=True, state=cache1["final_state"])
+    got = np.concatenate([Y1, Y2], axis=1)
+    assert np.max(np.abs(got - Y)) <= 1e-12 * np.max(np.abs(Y))
+    _, state = net.run(X, net.init_state(2))
+    for key in ("b", "m", "o"):
+        np.testing.assert_allclose(cache2["final_state"][key], state[key], rtol=1e-12, atol=1e-14)
+    with pytest.raises(DataError, match="state"):
+        net.forward(X[:1], state=cache1["final_state"])
+
+
 # ---- streaming, inputs --------------------------------------------------------------------
 
 def test_run_and_step_continue_the_stream_exactly():

@@ -141,3 +141,98 @@ def test_existing_run_is_not_overwritten(tmp_path):
     with pytest.raises(Exception, match="already holds a run"):
         run(tmp_path, epochs=1)
     assert (tmp_path / "run" / "last.npz").read_bytes() == before
+
+
+# ---- stateful tasks (truncated BPTT) ------------------------------------------------------------
+
+def text_settings(tmp_path, corpus, name, **kw):
+    base = dict(task="text", data_dir=str(corpus), task_options={"length": 16, "stateful": True},
+                model={"num_memory": 4, "mlp_hidden_size": 6, "num_branch": 3, "num_synapse_per_branch": 2,
+                       "input_to_synapse_routing": "random_routing", "memory_tau_max": 20.0},
+                epochs=2, batch_size=4, batches_per_epoch=6, lr=1e-2, checkpoint_every=2, eval_batch_size=4,
+                valid_max_batches=2, run_dir=str(tmp_path / name))
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from elmcore.data.text import generate_text
+    out = tmp_path_factory.mktemp("stateful_corpus")
+    generate_text(out, num_chars=3000, seed=1)
+    return out
+
+
+def test_stateful_training_carries_the_state_within_an_epoch(tmp_path, corpus):
+    """Each batch starts from the final state of the batch before it (the same arrays), every epoch
+    from the zero state; the run records its vocabulary, units and reference levels, and its log
+    and plot say them."""
+    logged = []
+    trainer = Trainer(text_settings(tmp_path, corpus, "run"), progress=False, log=logged.append)
+    assert trainer.task.stateful
+    calls = []
+    new_state = trainer._new_state
+
+    def recording_new_state():
+        new_state()
+        real_forward = trainer.model.forward
+
+        def forward(X, return_cache=False, state=None):
+            Y, cache = real_forward(X, return_cache=True, state=state)
+            calls.append((trainer.position["epoch"], state, cache["final_state"]))
+            return (Y, cache) if return_cache else Y
+        trainer.model.forward = forward
+
+    trainer._new_state = recording_new_state
+    trainer.run()
+    assert len(calls) == 12
+    for i, (epoch, state, _) in enumerate(calls):
+        if i % 6 == 0:
+            assert state is None, i
+        else:
+            assert state is calls[i - 1][2] and calls[i - 1][0] == epoch, i
+            assert np.any(state["m"] != 0)
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+    info = recorded["task_info"]
+    assert info["vocab"] == trainer.task.vocabulary.to_list()
+    assert set(info["references"]) == {"unigram entropy (train split)", "generator entropy rate"}
+    for name in ("best.npz", "last.npz"):
+        assert load_file(tmp_path / "run" / name).vocab == trainer.task.vocabulary
+    units = next(line for line in logged if "loss in nats/char" in line)
+    assert "bpc in bits/char" in units and "generator entropy rate" in units and "unigram entropy" in units
+    epoch_lines = [line for line in logged if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("nats/char" in line and "bits/char" in line for line in epoch_lines)
+    from elmcore.reporting.plotting import _recorded_units, plot_run
+    assert _recorded_units(recorded) == ("nats/char", "bits/char", info["references"])
+    pytest.importorskip("matplotlib")
+    assert plot_run(tmp_path / "run").endswith("curves.png") and (tmp_path / "run" / "curves.png").stat().st_size
+
+
+@pytest.mark.parametrize("kill_after", [3, 8])
+def test_stateful_kill_and_resume_is_bit_identical(tmp_path, corpus, kill_after):
+    """A checkpoint taken mid-epoch holds the carried state: the resumed run goes on from it."""
+    Trainer(text_settings(tmp_path, corpus, "full"), progress=False, log=lambda m: None).run()
+
+    class Killed(BaseException):
+        pass
+
+    trainer = Trainer(text_settings(tmp_path, corpus, "killed"), progress=False, log=lambda m: None)
+    real_step = trainer._train_step
+    calls = {"n": 0}
+
+    def dying_step(*args):
+        if calls["n"] == kill_after:
+            raise Killed()
+        calls["n"] += 1
+        return real_step(*args)
+
+    trainer._train_step = dying_step
+    with pytest.raises(Killed):
+        trainer.run()
+    interrupted = load_file(tmp_path / "killed" / "last.npz")
+    assert interrupted.meta["position"]["batch"] > 0 and set(interrupted.state) == {"u", "m"}
+    summary = Trainer.resume(str(tmp_path / "killed"), progress=False, log=lambda m: None).run()
+    assert summary["steps"] == 12
+    full, again = load_file(tmp_path / "full" / "last.npz"), load_file(tmp_path / "killed" / "last.npz")
+    for k in full.params:
+        assert np.array_equal(full.params[k], again.params[k]), k

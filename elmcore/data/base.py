@@ -53,6 +53,14 @@ class Task:
     loss: str = "cross_entropy_last"
     metric: str = "accuracy"          # "accuracy", "auc" (NeuronIO spike AUC), "mse" or "bpc" (bits per character)
     higher_is_better: bool = True
+    # Units the logs and plots print beside the loss and the metric ("nats/char"), where they have one.
+    loss_unit: Optional[str] = None
+    metric_unit: Optional[str] = None
+    # Character-level tasks: the elmcore.data.vocab.Vocabulary of the channels, stored with the model and the run.
+    vocabulary = None
+    # Whether batch row b of consecutive batches continues one stream (truncated BPTT): the trainer
+    # then starts each batch from the state the previous one ended in, and resets it every epoch.
+    stateful: bool = False
 
     def batches(self, split: str, batch_size: int, rng: Optional[np.random.Generator] = None,
                 shuffle: bool = False) -> Iterator[Batch]:
@@ -65,6 +73,10 @@ class Task:
 
     def num_examples(self, split: str) -> int:
         raise NotImplementedError
+
+    def num_batches(self, split: str, batch_size: int) -> int:
+        """Batches of ``batch_size`` in one epoch of ``split`` (a stateful task's differ from the examples' count)."""
+        return -(-self.num_examples(split) // batch_size)
 
     def model_defaults(self) -> dict:
         """ELMConfig fields this task suggests (e.g. delta_t, memory_tau_max); num_input/num_output always."""
@@ -103,6 +115,25 @@ class Task:
     def validation_metrics(self, model, split, batch_size=64, max_batches=None, comm=None) -> dict:
         """What the trainer selects the best model on after each epoch (default: :meth:`evaluate`)."""
         return self.evaluate(model, split, batch_size, max_batches=max_batches, comm=comm)
+
+    def reference_levels(self) -> dict:
+        """{label: value} of the metric that logs print and plots draw beside it (a text's unigram entropy, say)."""
+        return {}
+
+    def run_info(self) -> dict:
+        """What a run records about its data beside its settings (run.json "task_info"): the vocabulary,
+        the units and the reference levels, where the task has them."""
+        info = {}
+        if self.vocabulary is not None:
+            info["vocab"] = self.vocabulary.to_list()
+        if self.loss_unit:
+            info["loss_unit"] = self.loss_unit
+        if self.metric_unit:
+            info["metric_unit"] = self.metric_unit
+        levels = self.reference_levels()
+        if levels:
+            info["references"] = {label: float(value) for label, value in levels.items()}
+        return info
 
     # Milliseconds per input step where the data has a clock (NeuronIO: 1, SHD: its bin), else None.
     step_ms = None

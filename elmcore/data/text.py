@@ -1,8 +1,17 @@
 """Character-level language modelling: ``enwik8`` and any local ``text`` file, bytes as tokens.
 
 Each example is a window of ``length`` consecutive bytes; the target at every
-step is the next byte (loss ``cross_entropy_all``, metric bits per character =
-loss / ln 2, lower is better). Every window starts from the model's zero state.
+step is the next byte (loss ``cross_entropy_all`` in nats per character, metric bits
+per character = loss / ln 2, lower is better). Every window starts from the model's
+zero state, unless the task is **stateful** (option ``stateful=true``, truncated
+BPTT as recurrent character models are trained on enwik8): then batch row b reads
+the b-th contiguous 1/B of the split as one stream, successive batches are the
+stream's successive windows, and the trainer starts each window from the state the
+row's previous window ended in (a constant: no gradient crosses the boundary).
+Evaluation of a stateful task runs the whole split the same way, every byte scored
+once, in ``batch_size`` streams or fewer: each stream at least ``EVAL_STREAM_WINDOWS``
+windows long, so that the cold start of a stream weighs little (a 1000-byte split
+with length 32 makes 3 streams, enwik8's 5 MB 64).
 
 Encoding: **one-hot**, one input channel per vocabulary symbol, given to the
 model as one byte per value (uint8). A learned embedding would add a layer in
@@ -17,21 +26,28 @@ byte value. Vocabularies (option ``vocab``):
 * ``corpus``: only the byte values present in the file, in increasing order
   (the default for ``text``: a small corpus then gives a small model).
 
+The vocabulary (which byte each channel stands for, elmcore.data.vocab) is stored with
+the model and the run, so ``elm predict`` and ``elm sample`` encode and decode text.
+
 Splits are by position: train, then valid, then test. enwik8 uses the usual
 90,000,000 / 5,000,000 / 5,000,000 bytes; a ``text`` file 90 / 5 / 5 %.
 Training windows (``shuffle`` with an ``rng``) start at offsets drawn uniformly
 from the train split; without an ``rng``, and for evaluation, the split is cut
 into consecutive non-overlapping windows in order. Either way an epoch has
-⌊(bytes − 1) / length⌋ windows.
+⌊(bytes − 1) / length⌋ windows (stateful: B streams of ⌊(bytes − 1) / B⌋ bytes,
+⌊stream / length⌋ batches).
 
 Files are never loaded into float arrays: a plain file is memory-mapped and only
 the bytes of the current batch are read; a zip member (``enwik8.zip``) is
 decompressed once into a uint8 buffer (100 MB for enwik8).
 
 ``generate_text`` writes a corpus from a small word-level Markov source whose
-entropy rate is known exactly, so the pipeline (and its tests) run offline.
+entropy rate is known exactly, so the pipeline (and its tests) run offline; the rate
+goes into ``corpus.json`` beside the corpus, and the task reports it as the floor
+no model can beat.
 """
 
+import json
 import math
 import os
 import zipfile
@@ -40,8 +56,9 @@ from typing import Optional
 import numpy as np
 
 from elmcore.errors import DataError, ELMError
-from elmcore.storage.fileio import atomic_output
+from elmcore.storage.fileio import atomic_output, atomic_write_text, parse_json
 from elmcore.data.base import MANIFEST, SPLITS, Batch, Task
+from elmcore.data.vocab import Vocabulary
 
 ENWIK8_NAME = "enwik8"
 ENWIK8_SIZE = 100_000_000
@@ -51,6 +68,8 @@ ENWIK8_SOURCE = ("http://mattmahoney.net/dc/enwik8.zip (the first 10^8 bytes of 
 TEXT_FRACTIONS = (0.90, 0.05, 0.05)
 VOCABS = ("bytes", "corpus")
 DEFAULT_LENGTH = 256
+# Stateful evaluation: streams at least this many windows long (fewer streams than the batch size if need be).
+EVAL_STREAM_WINDOWS = 8
 # A zip member is decompressed into memory: refuse anything claiming more than this.
 MAX_ZIP_MEMBER_BYTES = 1 << 30
 _COUNT_CHUNK = 1 << 22  # bytes per chunk when counting (bincount works on intp copies)
@@ -59,6 +78,8 @@ GENERATED_NAME = "corpus.txt"
 MAX_WORDS = 4096
 # Memory the generator holds per character while it builds a text (measured: about 13).
 BYTES_PER_GENERATED_CHAR = 16
+# Beside a generated corpus: how it was made and its entropy rate (bits per character).
+GENERATED_INFO = "corpus.json"
 
 
 # ---- reading bytes -------------------------------------------------------------------------
@@ -152,19 +173,27 @@ class ByteLMTask(Task):
     bounds : {split: (start, stop)} byte ranges of the splits.
     length : steps per window (T); targets are the next byte at every step.
     vocab : ``bytes`` (256 symbols) or ``corpus`` (the byte values present in ``data``).
+    stateful : batches are contiguous streams, one per batch row (see the module docstring).
+    entropy_rate : bits per character of the source that generated ``data``, when known.
     """
 
     loss = "cross_entropy_all"
     metric = "bpc"
     higher_is_better = False
+    loss_unit = "nats/char"
+    metric_unit = "bits/char"
 
-    def __init__(self, name, data, bounds, length=DEFAULT_LENGTH, vocab="bytes", source=""):
+    def __init__(self, name, data, bounds, length=DEFAULT_LENGTH, vocab="bytes", source="", stateful=False,
+                 entropy_rate=None):
         if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
             raise ELMError(f"{name}: length must be an integer >= 1, got {length!r}")
         if vocab not in VOCABS:
             raise ELMError(f"{name}: vocab must be one of {', '.join(VOCABS)}, got {vocab!r}")
+        if not isinstance(stateful, (bool, np.bool_)):
+            raise ELMError(f"{name}: stateful must be true or false, got {stateful!r}")
         self.name, self.data, self.source = name, data, source
-        self.length, self.vocab = int(length), vocab
+        self.length, self.vocab, self.stateful = int(length), vocab, bool(stateful)
+        self.entropy_rate = entropy_rate
         self.bounds = {s: (int(a), int(b)) for s, (a, b) in bounds.items()}
         for split, (lo, hi) in self.bounds.items():
             if hi - lo < self.length + 1:
@@ -178,9 +207,9 @@ class ByteLMTask(Task):
             if len(self.symbols) < 2:
                 raise DataError(f"{name}: {source or 'the corpus'} holds a single byte value; "
                                 "there is nothing to predict")
+        self.vocabulary = Vocabulary(self.symbols)
         # byte value -> token index (every byte of the file is in the vocabulary by construction)
-        self.index_of = np.zeros(256, np.int64)
-        self.index_of[self.symbols] = np.arange(len(self.symbols))
+        self.index_of = self.vocabulary.index_of
         self.num_input = self.num_output = int(len(self.symbols))
         self._unigram = {}
 
@@ -196,6 +225,20 @@ class ByteLMTask(Task):
     def count_unit(self, split):
         return f"windows of {self.length} bytes"
 
+    def num_batches(self, split, batch_size):
+        if not self.stateful:
+            return super().num_batches(split, batch_size)
+        return self.stream_bytes(split, batch_size) // self.length
+
+    # ---- streams (stateful) -----------------------------------------------------------------
+    def stream_bytes(self, split, rows):
+        """Bytes each of ``rows`` contiguous streams of ``split`` holds (the last ``(bytes − 1) mod rows`` unread)."""
+        return max(self.split_bytes(split) - 1, 0) // rows
+
+    def stream_starts(self, split, rows):
+        """Absolute offsets where the ``rows`` streams of ``split`` begin: row b reads the b-th 1/rows."""
+        return self.bounds[split][0] + self.stream_bytes(split, rows) * np.arange(rows, dtype=np.int64)
+
     # ---- batches ---------------------------------------------------------------------------
     def window_starts(self, split, rng: Optional[np.random.Generator] = None, shuffle=False):
         """Absolute start offsets of one epoch's windows of ``split``."""
@@ -206,17 +249,15 @@ class ByteLMTask(Task):
             return lo + rng.integers(0, hi - lo - self.length, size=count)
         return lo + self.length * np.arange(count, dtype=np.int64)
 
-    def tokens(self, starts):
+    def tokens(self, starts, length=None):
         """(B, length + 1) int64 token indices of the windows at ``starts`` (the only bytes read)."""
-        offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(self.length + 1)
+        length = self.length if length is None else length
+        offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length + 1)
         return self.index_of[np.asarray(self.data[offsets])]
 
     def encode(self, tokens):
         """(B, T) token indices -> (B, T, V) uint8 one-hot."""
-        B, T = tokens.shape
-        X = np.zeros((B, T, self.num_input), np.uint8)
-        X[np.arange(B)[:, None], np.arange(T)[None, :], tokens] = 1
-        return X
+        return self.vocabulary.one_hot(tokens)
 
     def batches(self, split, batch_size, rng: Optional[np.random.Generator] = None, shuffle=False):
         """(B, length, V) uint8 one-hot inputs and (B, length) int64 next-token targets."""
@@ -226,10 +267,55 @@ class ByteLMTask(Task):
             raise ELMError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if split not in self.bounds:
             return
+        if self.stateful:
+            yield from self._stream_batches(split, batch_size)
+            return
         starts = self.window_starts(split, rng, shuffle)
         for i in range(0, len(starts), batch_size):
             tok = self.tokens(starts[i:i + batch_size])
             yield Batch(self.encode(tok[:, :-1]), tok[:, 1:])
+
+    def _stream_batches(self, split, rows):
+        """Stateful: batch w holds window w of every row's stream (its order is the stream's, never drawn)."""
+        windows = self.num_batches(split, rows)
+        if windows < 1:
+            raise DataError(f"{self.name}: the {split} split's {self.split_bytes(split):,} bytes make {rows} "
+                            f"streams of {self.stream_bytes(split, rows):,} bytes, shorter than one window "
+                            f"(length {self.length} + 1); use a smaller batch size or length")
+        starts = self.stream_starts(split, rows)
+        for w in range(windows):
+            tok = self.tokens(starts + w * self.length)
+            yield Batch(self.encode(tok[:, :-1]), tok[:, 1:])
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate(self, model, split, batch_size=64, max_batches=None, comm=None, **options):
+        """Stateless: the windows one by one (``Task.evaluate``). Stateful: the whole split as
+        ``batch_size`` streams at most (each at least ``EVAL_STREAM_WINDOWS`` windows long), each
+        window starting from the state its row's previous window left, every byte of the streams
+        scored once (the last window of each row may be shorter). ``max_batches`` windows at
+        most. A data-parallel ``comm`` is ignored: every rank scores the whole split."""
+        if not self.stateful:
+            return super().evaluate(model, split, batch_size, max_batches=max_batches, comm=comm, **options)
+        if options:
+            raise ELMError(f"task '{self.name}' takes no evaluation option(s) {', '.join(sorted(options))}")
+        rows = max(1, min(batch_size, (self.split_bytes(split) - 1) // (EVAL_STREAM_WINDOWS * self.length)))
+        per_row = self.stream_bytes(split, rows)
+        if per_row < 1:
+            raise ELMError(f"task '{self.name}' has no '{split}' examples to evaluate")
+        starts = self.stream_starts(split, rows)
+        state = model.init_state(rows)
+        total, count = 0.0, 0
+        for w, offset in enumerate(range(0, per_row, self.length)):
+            if max_batches is not None and w >= max_batches:
+                break
+            steps = min(self.length, per_row - offset)
+            tok = self.tokens(starts + offset, steps)
+            Y, state = model.run(self.encode(tok[:, :-1]), state)
+            loss, _ = self.loss_and_grad(Y, model.xp.asarray(tok[:, 1:]))
+            total += float(loss) * rows * steps
+            count += rows * steps
+        return {"loss": total / count, "examples": rows, "characters": count,
+                "bpc": total / count / math.log(2)}
 
     # ---- information -------------------------------------------------------------------------
     def symbol_label(self, token):
@@ -283,17 +369,27 @@ class ByteLMTask(Task):
             self._unigram[split] = entropy_bits(byte_counts(self.data, lo, hi))
         return self._unigram[split]
 
+    def reference_levels(self):
+        """The unigram entropy of the train split (what ignoring context reaches) and, for a
+        generated corpus, its source's entropy rate (what no model can beat), in bits per character."""
+        levels = {"unigram entropy (train split)": self.unigram_entropy("train")}
+        if self.entropy_rate is not None:
+            levels["generator entropy rate"] = float(self.entropy_rate)
+        return levels
+
     def model_defaults(self):
         return {"num_input": self.num_input, "num_output": self.num_output}
 
     def describe(self):
         info = super().describe()
         info.update({"source": self.source, "seq_len": self.length, "vocab": self.vocab,
-                     "vocab_size": self.num_input})
+                     "vocab_size": self.num_input, "stateful": self.stateful})
         for split in SPLITS:
             info[f"bytes_{split}"] = self.split_bytes(split)
         info["uniform_bits"] = round(math.log2(self.num_output), 4)
         info["unigram_entropy_bits_train"] = round(self.unigram_entropy("train"), 4)
+        if self.entropy_rate is not None:
+            info["entropy_rate_bits"] = round(float(self.entropy_rate), 4)
         return info
 
 
@@ -306,7 +402,10 @@ def _position_bounds(total, sizes):
 
 
 def _single_file(data_dir, what, candidates=None):
-    """``data_dir`` itself when it is a file, else its one file (or the first of ``candidates``)."""
+    """``data_dir`` itself when it is a file, else its one file (or the first of ``candidates``).
+
+    A folder written by ``generate_text`` holds the corpus and its ``corpus.json``: that is one file too.
+    """
     path = os.fspath(data_dir)
     if os.path.isfile(path):
         return path
@@ -320,6 +419,8 @@ def _single_file(data_dir, what, candidates=None):
                         f"Get it from {ENWIK8_SOURCE}")
     files = sorted(f for f in os.listdir(path)
                    if not f.startswith(".") and f != MANIFEST and os.path.isfile(os.path.join(path, f)))
+    if GENERATED_NAME in files and GENERATED_INFO in files:
+        files.remove(GENERATED_INFO)
     if len(files) != 1:
         listed = f" ({', '.join(files[:5])}{', …' if len(files) > 5 else ''})" if files else ""
         raise DataError(f"{what}: {path} must hold exactly one file (or pass the file itself), found "
@@ -327,22 +428,42 @@ def _single_file(data_dir, what, candidates=None):
     return os.path.join(path, files[0])
 
 
-def Enwik8Task(data_dir, length=DEFAULT_LENGTH, vocab="bytes"):
+def Enwik8Task(data_dir, length=DEFAULT_LENGTH, vocab="bytes", stateful=False):
     """enwik8 from ``data_dir`` (the file ``enwik8`` or ``enwik8.zip``, or a folder holding one)."""
     path = _single_file(data_dir, ENWIK8_NAME, candidates=(ENWIK8_NAME, ENWIK8_NAME + ".zip"))
     data = read_bytes(path, expected_size=ENWIK8_SIZE, what="enwik8 file")
     return ByteLMTask(ENWIK8_NAME, data, _position_bounds(ENWIK8_SIZE, ENWIK8_SPLIT), length=length,
-                      vocab=vocab, source=path)
+                      vocab=vocab, source=path, stateful=stateful)
 
 
-def TextTask(data_dir, length=DEFAULT_LENGTH, vocab="corpus"):
+def TextTask(data_dir, length=DEFAULT_LENGTH, vocab="corpus", stateful=False):
     """Any text or byte file (``data_dir`` the file, or a folder with one file), split 90/5/5 by position."""
     path = _single_file(data_dir, "text")
     data = read_bytes(path, what="text file")
     total = len(data)
     n_valid = n_test = int(total * TEXT_FRACTIONS[1])
     return ByteLMTask("text", data, _position_bounds(total, (total - n_valid - n_test, n_valid, n_test)),
-                      length=length, vocab=vocab, source=path)
+                      length=length, vocab=vocab, source=path, stateful=stateful,
+                      entropy_rate=generated_entropy_rate(path))
+
+
+def generated_entropy_rate(path):
+    """The entropy rate (bits per character) ``generate_text`` recorded beside the corpus at ``path``, or None."""
+    if os.path.basename(path) != GENERATED_NAME:
+        return None
+    info_path = os.path.join(os.path.dirname(path), GENERATED_INFO)
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {info_path}: {e}") from None
+    info = parse_json(text, info_path)
+    rate = info.get("entropy_rate_bits_per_char") if isinstance(info, dict) else None
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        raise DataError(f"{info_path}: 'entropy_rate_bits_per_char' must be a number >= 0, got {rate!r:.40}")
+    return float(rate)
 
 
 # ---- an offline corpus with known structure ------------------------------------------------------
@@ -421,7 +542,8 @@ class WordMarkovSource:
 
 
 def generate_text(out_dir, num_chars=100_000, seed=0, num_words=24, branching=3):
-    """Write ``out_dir/corpus.txt`` (``num_chars`` ASCII characters) from a :class:`WordMarkovSource`."""
+    """Write ``out_dir/corpus.txt`` (``num_chars`` ASCII characters) from a :class:`WordMarkovSource`,
+    and ``out_dir/corpus.json``: the generator's settings, its words and its entropy rate."""
     from elmcore.engine.memory import check_memory
     if isinstance(num_chars, bool) or not isinstance(num_chars, (int, np.integer)) or num_chars < 1:
         raise DataError(f"num_chars must be a positive integer, got {num_chars!r}")
@@ -436,4 +558,8 @@ def generate_text(out_dir, num_chars=100_000, seed=0, num_words=24, branching=3)
     path = os.path.join(os.fspath(out_dir), GENERATED_NAME)
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         f.write(text.encode("ascii"))
+    info = {"generator": "WordMarkovSource (elmcore.data.text)", "seed": int(seed), "num_chars": int(num_chars),
+            "num_words": int(num_words), "branching": int(branching), "words": source.words,
+            "entropy_rate_bits_per_char": source.entropy_rate_bits_per_char()}
+    atomic_write_text(os.path.join(os.fspath(out_dir), GENERATED_INFO), json.dumps(info, indent=2) + "\n")
     return path

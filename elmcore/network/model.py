@@ -157,11 +157,17 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
                 spare.append(a)
 
     def _recycle_cache(self, cache):
-        """Hand a forward cache's buffers back; the cache is emptied so that it cannot be read again."""
+        """Hand a forward cache's buffers back; the cache is emptied so that it cannot be read again.
+
+        Only the final state stays: it is no recycled buffer, and a stateful trainer reads it
+        after the backward."""
         for layer_cache in cache.get("layers") or []:
             self._recycle(layer_cache["A0"], layer_cache["Z"], layer_cache["DM"], layer_cache["M"], layer_cache["O"])
+        final = cache.get("final_state")
         cache.clear()
         cache["consumed"] = True
+        if final is not None:
+            cache["final_state"] = final
 
     # ---- forward and backward: the stages in order, each a forward/backward pair below ----
     def init_state(self, batch_size=1):
@@ -172,17 +178,20 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
                 "m": xp.zeros((n, batch_size, cfg.num_memory, N), self.dtype),
                 "o": xp.zeros((n, batch_size, N), self.dtype)}
 
-    def forward(self, X, return_cache=False):
-        """Outputs Y (B, T, num_output) for inputs X (B, T, num_input), from the zero state.
+    def forward(self, X, return_cache=False, state=None):
+        """Outputs Y (B, T, num_output) for inputs X (B, T, num_input), from the zero state or ``state``.
 
         The cache holds, per layer, the input, the first MLP layer's input A0 (B·T·(nb + Dm)·N),
-        the hidden pre-activations Z (L·B·T·H·N), Δm and m (B·T·Dm·N each) and o (B·T·N).
+        the hidden pre-activations Z (L·B·T·H·N), Δm and m (B·T·Dm·N each) and o (B·T·N),
+        and "final_state", the state after the last step (what ``run`` returns).
+        ``state`` (from ``init_state`` / ``run`` / an earlier cache's "final_state") continues a
+        stream; ``backward`` then treats it as a constant (truncated BPTT).
         """
         X = self.prepare_input(X)
         # Half of activation_bytes: the forward cache without the gradients.
         check_memory(self.config.activation_bytes(X.shape[0], X.shape[1], self.dtype.itemsize) // 2,
                      f"a forward pass over {X.shape[0]} sequences of {X.shape[1]} steps")
-        Y, cache = self._forward(X, None)
+        Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]))
         self._check_output(Y, X)
         if return_cache:
             return Y, cache
@@ -384,17 +393,21 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
             out[f"layers.{layer}.m"] = self.xp.ascontiguousarray(layer_cache["M"].transpose(0, 1, 3, 2))
         return Y, out
 
-    def run(self, X, state):
-        """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
-        X = self.prepare_input(X)
+    def _checked_state(self, state, batch_size):
+        """``state`` as contiguous arrays of the model dtype, after checking it fits this network and batch."""
         if not isinstance(state, dict) or any(key not in state for key in ("b", "m", "o")):
             raise DataError("state must come from init_state / run of this network")
-        expect = self.init_state(X.shape[0])
+        expect = self.init_state(batch_size)
         for key in ("b", "m", "o"):
             if tuple(state[key].shape) != tuple(expect[key].shape):
                 raise DataError(f"state '{key}' has shape {tuple(state[key].shape)}, this network and batch "
-                                f"{X.shape[0]} need {tuple(expect[key].shape)}")
-        state = {key: self.xp.ascontiguousarray(state[key], dtype=self.dtype) for key in ("b", "m", "o")}
+                                f"{batch_size} need {tuple(expect[key].shape)}")
+        return {key: self.xp.ascontiguousarray(state[key], dtype=self.dtype) for key in ("b", "m", "o")}
+
+    def run(self, X, state):
+        """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
+        X = self.prepare_input(X)
+        state = self._checked_state(state, X.shape[0])
         Y, cache = self._forward(X, state)
         self._check_output(Y, X)
         final = cache["final_state"]

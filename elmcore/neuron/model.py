@@ -126,14 +126,17 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         A0 = [U, κ_m ⊙ M_prev] (B·T·(nb + Dm), the first layer's input), M and ΔM
         (B·T·Dm each), Z (L·B·T·H): B·T·(nb + 3·Dm + L·H) in all, plus the routed
         input R (B·T·nb) when the input stage took its sparse path (``cache["input_path"]``
-        is "dense" or "sparse"; see ``_input_forward``).
-        ``state`` (from ``init_state``) continues a stream instead of starting at zero.
+        is "dense" or "sparse"; see ``_input_forward``), and "final_state", the state after the
+        last step (what ``run`` returns).
+        ``state`` (from ``init_state`` / ``run`` / an earlier cache's "final_state") continues a
+        stream instead of starting at zero; ``backward`` then treats it as a constant
+        (truncated BPTT).
         """
         X = self.prepare_input(X)
         # Half of activation_bytes: the forward cache without the gradients.
         check_memory(self.config.activation_bytes(X.shape[0], X.shape[1], self.dtype.itemsize) // 2,
                      f"a forward pass over {X.shape[0]} sequences of {X.shape[1]} steps")
-        Y, cache = self._forward(X, state)
+        Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]))
         self._check_output(Y, X)
         return (Y, cache) if return_cache else Y
 
@@ -152,7 +155,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         Zb, final_u, input_cache = self._input_forward(X, d, u0, A0[:, :, :nb])
         M, Z, DM = self._recurrence_forward(Zb, d, m0, A0)
         Y = self._readout_forward(M)
-        cache = dict(X=X, A0=A0, M=M, Z=Z, DM=DM, m0=m0, derived=d, **input_cache,
+        cache = dict(X=X, A0=A0, M=M, Z=Z, DM=DM, m0=m0, u0=u0, derived=d, **input_cache,
                      final_state=dict(u=final_u, m=M[:, -1].copy()))
         return Y, cache
 
@@ -383,11 +386,23 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         return {"u": self.xp.zeros((batch_size, C), self.dtype),
                 "m": self.xp.zeros((batch_size, self.config.num_memory), self.dtype)}
 
+    def _checked_state(self, state, batch_size):
+        """``state`` as contiguous arrays of the model dtype, after checking it fits this model and batch."""
+        if not isinstance(state, dict) or any(key not in state for key in ("u", "m")):
+            raise DataError("state must come from init_state / run of this model")
+        expect = self.init_state(batch_size)
+        for key in ("u", "m"):
+            if tuple(state[key].shape) != tuple(expect[key].shape):
+                if state[key].shape[:1] != expect[key].shape[:1]:
+                    raise DataError(f"state is for batch {state[key].shape[0]}, input has batch {batch_size}")
+                raise DataError(f"state '{key}' has shape {tuple(state[key].shape)}, this model needs "
+                                f"{tuple(expect[key].shape)}")
+        return {key: self.xp.ascontiguousarray(state[key], dtype=self.dtype) for key in ("u", "m")}
+
     def run(self, X, state):
         """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
         X = self.prepare_input(X)
-        if state["m"].shape[0] != X.shape[0]:
-            raise DataError(f"state is for batch {state['m'].shape[0]}, input has batch {X.shape[0]}")
+        state = self._checked_state(state, X.shape[0])
         Y, cache = self._forward(X, state)
         self._check_output(Y, X)
         return Y, cache["final_state"]

@@ -52,6 +52,22 @@ def _format_metrics(metrics):
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
+def _describe_task_info(info):
+    """What a run recorded about its data (run.json "task_info"): vocabulary, units, reference levels."""
+    lines = []
+    if isinstance(info.get("vocab"), list):
+        lines.append(f"vocabulary: {len(info['vocab'])} byte values (stored with the model: elm sample, elm predict)")
+    units = [f"{what} in {info[key]}" for what, key in (("loss", "loss_unit"), ("metric", "metric_unit"))
+             if isinstance(info.get(key), str)]
+    if units:
+        lines.append("units: " + ", ".join(units))
+    levels = info.get("references")
+    if isinstance(levels, dict) and levels:
+        lines.append("reference: " + ", ".join(f"{label} {value:.4g}" if isinstance(value, float) else
+                                               f"{label} {value}" for label, value in levels.items()))
+    return lines
+
+
 def describe_run(run_dir):
     """A run directory: its task and settings (run.json), the selection split and scores
     (summary.json, once the run ended), and the selected model (best.npz)."""
@@ -67,9 +83,12 @@ def describe_run(run_dir):
                 else "")
              + (f", data {settings['data_dir']}" if settings.get("data_dir") else "")
              + f", seed {settings.get('seed')}"]
-    skip = {"task", "task_options", "model", "data_dir", "seed", "run_dir"}
-    lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()
+    skip = {"task", "task_options", "model", "data_dir", "seed", "run_dir", "task_info"}
+    lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() 
                                           if k not in skip and not (k == "lr_restarts" and not v)))
+    info = settings.get("task_info")
+    if isinstance(info, dict):
+        lines += _describe_task_info(info)
     summary_file = os.path.join(run_dir, "summary.json")
     if os.path.exists(summary_file):
         from elmcore.training.train import read_summary

@@ -3,8 +3,9 @@
 The figure a scientist keeps: the training loss per step (raw and a running
 mean), and the model-selection metric per epoch on the split that measured it,
 on a log scale where the metric is an error, with integer epoch ticks, the best
-epoch marked, the test score of the selected model beside it, and chance drawn
-for accuracy and AUC.
+epoch marked, the test score of the selected model beside it, chance drawn for
+accuracy and AUC, and the task's reference levels (a text's unigram entropy, a
+generated corpus's entropy rate) with the units the run recorded in run.json.
 """
 
 import json
@@ -158,6 +159,19 @@ def _running_mean(values, width):
     return np.convolve(values, kernel, mode="valid")
 
 
+def _recorded_units(settings):
+    """(loss unit, metric unit, {label: reference level}) from run.json's "task_info"; empty where absent."""
+    info = (settings or {}).get("task_info")
+    if not isinstance(info, dict):
+        return None, None, {}
+    def text(key):
+        return info.get(key) if isinstance(info.get(key), str) else None
+
+    levels = info.get("references")
+    levels = {str(k): float(v) for k, v in levels.items() if _number(v)} if isinstance(levels, dict) else {}
+    return text("loss_unit"), text("metric_unit"), levels
+
+
 def plot_run(run_dir, output=None):
     """Write the learning curves of ``run_dir`` to ``output`` (default ``run_dir/curves.png``)."""
     steps, epochs = read_metrics(run_dir)
@@ -177,6 +191,7 @@ def _plot_run(plt, run_dir, steps, epochs, output):
     summary = _read_optional_json(os.path.join(run_dir, "summary.json"))
     settings = _read_optional_json(os.path.join(run_dir, "run.json"))
     output = output or os.path.join(run_dir, "curves.png")
+    loss_unit, metric_unit, references = _recorded_units(settings)
 
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = [r["step"] for r in steps]
@@ -188,7 +203,7 @@ def _plot_run(plt, run_dir, steps, epochs, output):
     if smooth is not None:
         ax_loss.plot(x[width - 1:], smooth, lw=1.6, color="C0", label=f"running mean ({width} steps)")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel(f"training loss{_loss_unit(epochs)}")
+    ax_loss.set_ylabel(f"training loss ({loss_unit})" if loss_unit else f"training loss{_loss_unit(epochs)}")
     if min(loss) > 0 and max(loss) > 10 * min(loss):  # a log axis only once the loss spans a decade
         _log_axis(ax_loss, loss)
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -215,16 +230,25 @@ def _plot_run(plt, run_dir, steps, epochs, output):
         if isinstance(test, dict) and _number(test.get(metric)):
             ax_metric.plot([ep[best_i]], [test[metric]], marker="D", ms=7, color="C2", ls="none",
                            label=f"test of the selected model: {test[metric]:.4g}", zorder=5)
-        chance = _chance(metric, run_dir, epochs)
+        # The run's recorded reference levels (a corpus's unigram entropy, a generator's entropy rate)
+        # are the lines to beat where it has them; otherwise the task's chance level.
+        chance = None if references else _chance(metric, run_dir, epochs)
         if chance is not None:
             ax_metric.axhline(chance[0], color="0.4", ls="--", lw=1, label=chance[1])
+        for (label, level), style in zip(references.items(), ("--", ":", "-.")):
+            ax_metric.axhline(level, color="0.4", ls=style, lw=1,
+                              label=f"{label}: {level:.3g}" + (f" {metric_unit}" if metric_unit else ""))
         if lower_better and min(val) > 0:
-            _log_axis(ax_metric, val + ([test[metric]] if isinstance(test, dict) and _number(test.get(metric))
-                                        else []) + ([chance[0]] if chance and chance[0] > 0 else []))
+            shown = val + ([test[metric]] if isinstance(test, dict) and _number(test.get(metric)) else [])
+            _log_axis(ax_metric, shown + ([chance[0]] if chance and chance[0] > 0 else [])
+                      + [v for v in references.values() if v > 0])
         if metric in ("accuracy", "auc"):
             ax_metric.set_ylim(min(min(val), chance[0] if chance else 1) - 0.05, 1.01)
-        ax_metric.set_ylabel(f"{split} {'bits per character' if metric == 'bpc' else metric}"
-                             + (" (lower is better)" if lower_better else ""))
+        if metric_unit:
+            ax_metric.set_ylabel(f"{split} {metric} ({metric_unit})" + (", lower is better" if lower_better else ""))
+        else:
+            ax_metric.set_ylabel(f"{split} {'bits per character' if metric == 'bpc' else metric}"
+                                 + (" (lower is better)" if lower_better else ""))
         ax_metric.set_xlabel("epoch")
         ax_metric.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_metric.grid(alpha=0.3, which="both")

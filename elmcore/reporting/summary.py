@@ -79,5 +79,8 @@ def describe_path(path):
         lines.append(f"step {meta.get('step')}, epoch {meta.get('epoch')}"
                      + (f", best {meta.get('metric_name', 'metric')} {best:.4g}"
                         if isinstance(best, (int, float)) and not isinstance(best, bool) else ""))
+    if loaded.vocab is not None:
+        lines.append(f"vocabulary: {len(loaded.vocab)} byte values, one per input and output channel "
+                     f"({loaded.vocab.describe()})")
     loaded.build_model()  # validates every parameter against the config
     return lines + describe_config(loaded.config)

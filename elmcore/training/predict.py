@@ -1,4 +1,7 @@
-"""Applying a model to user arrays (``elm predict``)."""
+"""Applying a model to user arrays and text (``elm predict``), and sampling text from a
+character model (``elm sample``)."""
+
+import math
 
 import numpy as np
 
@@ -57,3 +60,68 @@ def predict_array(model, X, head="raw", batch_size=64):
     if spec is not None:
         Y = np.asarray(load_head(spec)(Y)).astype(Y.dtype)
     return Y
+
+
+def read_input_text(path, vocab):
+    """(X (1, T, V) uint8 one-hot, squeezed = True) of a text file, encoded with the model's vocabulary."""
+    from elmcore.storage.fileio import describe_os_error
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"input file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {describe_os_error(e)}") from None
+    if not data:
+        raise DataError(f"{path}: input text is empty")
+    try:
+        tokens = vocab.encode_text(data.decode("utf-8"), what=path)
+    except UnicodeDecodeError:
+        tokens = vocab.encode_bytes(data, what=path)  # a byte model's input need not be UTF-8
+    return vocab.one_hot(tokens)[None], True
+
+
+def most_likely_next(Y, vocab):
+    """Decode outputs (T, V) into the bytes the model finds most likely next after each step."""
+    return vocab.decode(np.asarray(Y).argmax(axis=-1))
+
+
+def sample_text(model, vocab, prompt, length, temperature=1.0, seed=0):
+    """``length`` bytes sampled from a character model after ``prompt`` (text), as bytes.
+
+    The streaming step API all the way (``init_state`` / ``step``): one step per prompt
+    character and per sampled byte. At each step the next byte is drawn from
+    softmax(logits / temperature) by ``default_rng(seed)``; temperature 0 takes the most
+    likely byte. The prompt must be non-empty: the model needs an input at its first step.
+    """
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        raise DataError(f"length must be an integer >= 1, got {length!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise DataError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not prompt:
+        raise DataError("the prompt is empty: the model needs at least one character to start from")
+    if (model.config.num_input, model.config.num_output) != (len(vocab), len(vocab)):
+        raise DataError(f"the vocabulary has {len(vocab)} symbols, the model {model.config.num_input} inputs and "
+                        f"{model.config.num_output} outputs")
+    tokens = vocab.encode_text(prompt, what="the prompt")
+    rng = np.random.default_rng(seed)
+    eye = np.eye(len(vocab), dtype=np.uint8)
+    state = model.init_state(1)
+    y = None
+    for token in tokens:
+        y, state = model.step(state, eye[token][None])
+    out = []
+    for i in range(length):
+        logits = np.asarray(model.backend.to_host(y[0]), np.float64)
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            z = logits / temperature
+            p = np.exp(z - z.max())
+            cdf = np.cumsum(p)
+            token = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(vocab) - 1)
+        out.append(token)
+        if i + 1 < length:
+            y, state = model.step(state, eye[token][None])
+    return vocab.decode(out)

@@ -1,7 +1,9 @@
 """The training loop: epochs × batches, validation, best-model selection, checkpoints, resume.
 
 A run directory holds:
-  run.json        the settings of the run (so ``--resume`` needs nothing else)
+  run.json        the settings of the run (so ``--resume`` needs nothing else), and under
+                  "task_info" what the run found in its data (``Task.run_info``: a character
+                  model's vocabulary, units, reference levels such as the unigram entropy)
   last.npz        the latest checkpoint (parameters, optimiser, RNG state, position)
   best.npz        the model with the best validation metric so far
   metrics.jsonl   one JSON record per step ("step") and per epoch ("epoch"); an epoch record
@@ -21,6 +23,11 @@ the data order and windows from one, input dropout from another whose state is
 saved in each checkpoint. A resumed run therefore replays the interrupted epoch's
 batches, skips those already trained on, and ends bit-identical (on the CPU) to a
 run that was never interrupted.
+
+Stateful tasks (``Task.stateful``, truncated BPTT): each batch starts from the model
+state the previous batch of the epoch ended in (a constant: no gradient crosses it),
+and every epoch starts from the zero state. A checkpoint taken mid-epoch holds that
+state, so a resumed run goes on from it.
 
 One trainer at a time: a run holds an exclusive lock on ``RUN/.lock`` while it
 runs, and a second trainer on the same directory is refused; the file is removed
@@ -77,6 +84,8 @@ SUMMARY = "summary.json"
 LOCK = ".lock"
 TRAIN_LOG = "train.log"
 RUN_FILES = (RUN_FILE, LAST, BEST, METRICS, SUMMARY)
+# The run.json entry that records the data (Task.run_info), not a setting.
+TASK_INFO = "task_info"
 
 # Stop when the loss exceeds this many times the loss of the run's first step (see the module docstring).
 DIVERGENCE_FACTOR = 1e3
@@ -315,6 +324,10 @@ class Trainer:
             task = get_task(settings.task, data_dir=settings.data_dir, seed=settings.seed, **settings.task_options)
         self.task = task
         self.inputs += [f for f in data_inputs(settings.task, settings.data_dir) if f not in self.inputs]
+        if task.stateful and self.comm.size > 1:
+            raise ELMError(f"task {task.name} is stateful (each batch row a stream whose state is carried "
+                           "from batch to batch): it trains in one process, not data-parallel")
+        self._carry = None  # a stateful task's model state between batches
         self.carved_valid = carve_validation(task, CARVED_VALID_FRACTION, settings.seed)
         # Selection never uses the test split: its score would no longer estimate unseen data.
         self.selection_split = "valid" if task.num_examples("valid") else "train"
@@ -447,7 +460,7 @@ class Trainer:
         return ELMConfig.from_dict(d)
 
     def batches_per_epoch(self):
-        n = math.ceil(self.task.num_examples("train") / self.settings.batch_size)
+        n = self.task.num_batches("train", self.settings.batch_size)
         if self.settings.batches_per_epoch is not None:
             n = min(n, self.settings.batches_per_epoch) if n else self.settings.batches_per_epoch
         if n <= 0:
@@ -482,7 +495,11 @@ class Trainer:
             os.unlink(os.path.join(self.run_dir, SUMMARY))  # written anew when the extension ends
 
     def _write_run_file(self):
-        atomic_write_text(os.path.join(self.run_dir, RUN_FILE), json.dumps(self.recorded_settings(), indent=2) + "\n")
+        record = self.recorded_settings()
+        info = self.task.run_info()
+        if info:
+            record[TASK_INFO] = info
+        atomic_write_text(os.path.join(self.run_dir, RUN_FILE), json.dumps(record, indent=2) + "\n")
 
     def _make_optimizer(self):
         s = self.settings
@@ -519,6 +536,8 @@ class Trainer:
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: optimizer state missing or damaged ({e})") from None
         self._last_checkpoint_step = self.position["step"]
+        if self.task.stateful and self.position["batch"]:
+            self._carry = self._restored_carry(loaded, path)
         self.comm.on_root(self._truncate_metrics, self.position["step"], self.position["epoch"])
         self.log(f"resuming from last.npz: step {self.position['step']}, {self.position['epoch']} of "
                  f"{self.settings.epochs} epochs done")
@@ -526,6 +545,18 @@ class Trainer:
             self.comm.on_root(self._restart_run_files)
             self.log(f"extending the finished run from {self._extended_from} to {self.settings.epochs} epochs: "
                      + describe_extension(self.settings, self._extended_from))
+
+    def _restored_carry(self, loaded, path):
+        """The model state a stateful run's interrupted epoch goes on from, checked against the model."""
+        expect = self.model.init_state(self.settings.batch_size)
+        if set(loaded.state) != set(expect):
+            raise CheckpointError(f"{path}: a stateful run's checkpoint taken mid-epoch must hold the model state "
+                                  f"({', '.join(sorted(expect))}), found {', '.join(sorted(loaded.state)) or 'none'}")
+        for key, value in loaded.state.items():
+            if value.shape != tuple(expect[key].shape):
+                raise CheckpointError(f"{path}: model state '{key}' has shape {value.shape}, the model needs "
+                                      f"{tuple(expect[key].shape)}")
+        return {key: self.model.xp.asarray(value, dtype=self.model.dtype) for key, value in loaded.state.items()}
 
     @classmethod
     def resume(cls, run_dir, progress="auto", log=print, task=None, log_every=None, extend=False, **overrides):
@@ -541,7 +572,10 @@ class Trainer:
         if not os.path.exists(last):
             raise ELMError(f"cannot resume: no checkpoint {last}")
         try:
-            settings = TrainSettings.from_dict(read_json(path, "run settings", regular_only=True), source=path)
+            recorded = read_json(path, "run settings", regular_only=True)
+            if isinstance(recorded, dict):
+                recorded.pop(TASK_INFO, None)
+            settings = TrainSettings.from_dict(recorded, source=path)
         except ELMError as e:
             raise ELMError(f"cannot resume: {e}") from None
         # Before anything else, a finished run's answer included: settings whose data is one of the
@@ -625,8 +659,10 @@ class Trainer:
 
     def _save_checkpoint(self):
         if self.comm.is_root:
+            carry = None if self._carry is None else {k: self.model.backend.to_host(v) for k, v in self._carry.items()}
             save_checkpoint(os.path.join(self.run_dir, LAST), self.model.config, self.model.state_dict(),
-                            self.optimizer.state_dict(), self._meta(), dtype=self.settings.dtype)
+                            self.optimizer.state_dict(), self._meta(), dtype=self.settings.dtype,
+                            vocab=self.task.vocabulary, state=carry)
         self._last_checkpoint_step = self.position["step"]  # on every rank: they report divergence alike
 
     # ---- the loop ---------------------------------------------------------------
@@ -685,6 +721,9 @@ class Trainer:
         if first is not None:  # compile before the clock starts (a notice if that takes a while)
             X = first.X[:2, :8]
             warm_up(self.model, X.astype(np.float32) if s.input_dropout > 0 else X, self.log)
+        units = self._units_line()
+        if units:
+            self.log(units)
         if self.carved_valid:
             self.log(f"task {self.task.name} has no validation split: {self.carved_valid} training examples "
                      f"(drawn from seed {s.seed}) are held out to select the model")
@@ -702,6 +741,8 @@ class Trainer:
             if skip and self.position["dropout_rng"] is not None:
                 dropout_rng.bit_generator.state = self.position["dropout_rng"]
             data_rng = np.random.default_rng([s.seed, epoch])
+            if not skip:
+                self._carry = None  # every epoch's streams start from the zero state
             bar = self._bar = _progress(per_epoch, skip, f"epoch {epoch + 1}/{s.epochs}", self.progress == "bar")
             # Sums over the epoch's batches so far: a resumed epoch goes on from the checkpoint's.
             epoch_loss = float(self.position.get("epoch_loss_sum") or 0.0) if skip else 0.0
@@ -750,17 +791,20 @@ class Trainer:
                 self.position.update(best_metric=last_valid, best_step=self.position["step"])
             if improved and self.comm.is_root:
                 save_model(os.path.join(self.run_dir, BEST), self.model.config, self.model.state_dict(),
-                           dtype=s.dtype)
+                           dtype=s.dtype, vocab=self.task.vocabulary)
             seconds = time.perf_counter() - t_epoch
             self._record({"type": "epoch", "epoch": epoch + 1, "step": self.position["step"],
                           "train_loss": epoch_loss / max(epoch_n, 1), "split": self.selection_split,
                           "metric": self.task.metric, "metrics": valid, "best": improved, "seconds": seconds,
                           "loss_function": self.task.loss, **({"reference": reference} if reference else {})})
-            self.log(f"epoch {epoch + 1}/{s.epochs}: train loss {epoch_loss / max(epoch_n, 1):.4g}, "
-                     f"{self.selection_split} {self.task.metric} {last_valid:.4g}{' (best)' if improved else ''}"
-                     f" [{seconds:.1f} s]")
+            loss_unit = f" {self.task.loss_unit}" if self.task.loss_unit else ""
+            metric_unit = f" {self.task.metric_unit}" if self.task.metric_unit else ""
+            self.log(f"epoch {epoch + 1}/{s.epochs}: train loss {epoch_loss / max(epoch_n, 1):.4g}{loss_unit}, "
+                     f"{self.selection_split} {self.task.metric} {last_valid:.4g}{metric_unit}"
+                     f"{' (best)' if improved else ''} [{seconds:.1f} s]")
             self.position.update(epoch=epoch + 1, batch=0, dropout_rng=None, epoch_loss_sum=0.0,
                                  epoch_examples=0)
+            self._carry = None
             self._save_checkpoint()
         return self._finish(time.perf_counter() - start_time, samples_seen)
 
@@ -782,13 +826,15 @@ class Trainer:
         # Overflow is detected below by explicit finiteness checks, which name the step.
         with np.errstate(over="ignore", invalid="ignore"):
             try:
-                Y, cache = self.model.forward(X, return_cache=True)
+                Y, cache = self.model.forward(X, return_cache=True, state=self._carry)
             except NonFiniteOutputError:
                 self._diverged(f"the model's outputs are not finite at step {step}")
             target = self.model.xp.asarray(target)
             loss, dY = self.task.loss_and_grad(Y, target, burn_in=s.burn_in)
             # Reduced before any check, so that every rank judges the global batch's loss alike.
             grads = self.model.backward(dY, cache)
+            if self.task.stateful:
+                self._carry = cache["final_state"]  # the next window's start, a constant (truncated BPTT)
             loss, grads = self.comm.allreduce_gradients(grads, loss, weight)
             loss = float(loss)
             if not math.isfinite(loss):
@@ -807,6 +853,22 @@ class Trainer:
             if bad:
                 self._diverged(f"the update of step {step} made {bad[0]} non-finite", loss)
         return loss, norm, lr
+
+    def _units_line(self):
+        """What the loss and the metric are measured in, and the task's reference levels (None if it has neither)."""
+        task = self.task
+        parts = []
+        if task.loss_unit:
+            parts.append(f"loss in {task.loss_unit}")
+        if task.metric_unit:
+            parts.append(f"{task.metric} in {task.metric_unit}")
+        levels = task.reference_levels()
+        if levels:
+            unit = f" {task.metric_unit}" if task.metric_unit else ""
+            parts.append("reference: " + ", ".join(f"{label} {value:.4g}{unit}" for label, value in levels.items()))
+        if task.stateful:
+            parts.append(f"stateful: {self.settings.batch_size} streams carry their state from batch to batch")
+        return f"{task.name}: " + "; ".join(parts) if parts else None
 
     def _diverged(self, what, loss=None, step=None):
         """Record and raise the divergence of ``step`` (default: the step being taken).
@@ -855,7 +917,8 @@ class Trainer:
             best = load_file(best_path).build_model(dtype=self.settings.dtype, device=self.settings.device)
             summary["test"] = evaluate(best, self.task, "test", batch_size=self.settings.eval_batch_size)
             self.log(f"test {self.task.metric} of the best model (selected on {self.selection_split}): "
-                     f"{summary['test'][self.task.metric]:.4g}")
+                     f"{summary['test'][self.task.metric]:.4g}"
+                     + (f" {self.task.metric_unit}" if self.task.metric_unit else ""))
         atomic_write_text(os.path.join(self.run_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
         return summary
 

@@ -61,12 +61,20 @@ def random_test_params(cfg: ELMConfig, rng, nonuniform_tau_s=False):
     return p
 
 
+def random_initial_state(model, batch, rng):
+    """A non-zero state of every entry ``init_state`` has, as a stream's earlier windows would leave it."""
+    return {key: rng.normal(0, 0.5, value.shape) for key, value in model.init_state(batch).items()}
+
+
 def gradcheck(cfg: ELMConfig, params=None, batch=2, steps=5, seed=0, eps=1e-6, max_entries=12,
-              input_grad=True):
+              input_grad=True, initial_state=False, model_kwargs=None):
     """Compare ``backward`` with central differences of loss = Σ Y ⊙ G.
 
     Checks up to ``max_entries`` random entries of each trainable tensor (all
     of them when it is smaller) and of X. Returns one :class:`GradcheckRow` per tensor.
+    With ``initial_state`` the forward starts from a random non-zero state (as in
+    stateful training, where it is a constant: no gradient flows into it).
+    ``model_kwargs`` go to ``build_model`` (a ``device``, say).
 
     ``noise`` bounds the rounding error of the difference quotient itself,
     4·ε·Σ|Y ⊙ G| / eps (each loss evaluation carries a few
@@ -77,16 +85,21 @@ def gradcheck(cfg: ELMConfig, params=None, batch=2, steps=5, seed=0, eps=1e-6, m
     rng = np.random.default_rng(seed)
     if params is None:
         params = random_network_test_params(cfg, rng) if is_network(cfg) else random_test_params(cfg, rng)
-    model = build_model(cfg, params=params, dtype="float64")
+    model = build_model(cfg, params=params, dtype="float64", **(model_kwargs or {}))
+    host = model.backend.to_host
     X = rng.normal(0, 1, (batch, steps, cfg.num_input))
     X[rng.random(X.shape) < 0.3] = 0  # exercise the sparse routing path
     G = rng.normal(0, 1, (batch, steps, cfg.num_output))
-    Y, cache = model.forward(X, return_cache=True)
+    state = None
+    if initial_state:
+        state = {k: model.xp.asarray(v) for k, v in random_initial_state(model, batch, rng).items()}
+    Y, cache = model.forward(X, return_cache=True, state=state)
+    Y = host(Y)
     noise = 4 * np.finfo(np.float64).eps * float(np.abs(Y * G).sum()) / eps
-    grads = model.backward(G, cache, input_grad=input_grad)
+    grads = {k: host(v) for k, v in model.backward(model.xp.asarray(G), cache, input_grad=input_grad).items()}
 
     def loss():
-        return float((model.forward(X) * G).sum())
+        return float((host(model.forward(model.xp.asarray(X), state=state)) * G).sum())
 
     rows = []
     targets = [(k, model.params[k]) for k in model.trainable_keys]
