@@ -468,14 +468,21 @@ _PROBE = textwrap.dedent("""
         cuda.is_available = lambda: True
     if scenario == "no_cupy":
         sys.modules["cupy"] = None
-    elif scenario in ("no_device", "zero_devices"):
+    elif scenario in ("no_device", "zero_devices", "old_driver", "wrong_result"):
         def count():
             if scenario == "no_device":
                 raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
-            return 0
+            return 0 if scenario == "zero_devices" else 1
         fake = types.ModuleType("cupy")
         fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=count))
         sys.modules["cupy"] = fake
+    if scenario in ("old_driver", "wrong_result"):
+        import elmcore.engine.cuda_backend as cb
+        def launch():  # what numba-cuda raises when the driver is older than the PTX
+            if scenario == "wrong_result":
+                return 0
+            raise RuntimeError("[222] Call to cuModuleLoadDataEx results in CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+        cb._launch_probe_kernel = launch
     from elmcore import ELM, ELMConfig, ELMError
     from elmcore.engine.backend import get_backend
     from elmcore.engine.cuda_backend import cuda_problem
@@ -516,10 +523,14 @@ def test_cuda_problem_without_simulator_names_what_is_missing():
     ("no_cupy", "CuPy is not installed"),
     ("no_device", "cudaErrorNoDevice"),
     ("zero_devices", "CuPy finds no CUDA device"),
+    ("old_driver", "CUDA_ERROR_UNSUPPORTED_PTX_VERSION"),
+    ("wrong_result", "wrote 0, not 1"),
 ])
 def test_cuda_problem_probes_cupy(scenario, expected):
     out = _probe(scenario)
     assert out["problem"] is not None and expected in out["problem"]
+    if scenario == "old_driver":  # one sentence naming the mismatch, not just numba's error code
+        assert "driver is likely older than the PTX" in out["problem"] and "\n" not in out["problem"]
     assert out["construct"] == f"--device cuda: {out['problem']}"
     assert out["auto"] == "cpu"
 
