@@ -9,6 +9,7 @@ check the CUDA code.
 """
 
 import functools
+import os
 
 import numpy as np
 
@@ -50,6 +51,42 @@ def cuda_problem():
         return f"CuPy cannot use the GPU ({type(e).__name__}: {' '.join(str(e).split())})"
     if count < 1:
         return "CuPy finds no CUDA device"
+    return _select_gpu_and_launch(count)
+
+
+# Which of a node's processes this one is: ``elm sweep --jobs N`` gives each worker its slot in
+# this variable; an MPI rank's communicator sets its node-local rank (set_gpu_slot).
+GPU_SLOT_ENV = "ELMCORE_GPU_SLOT"
+_gpu_slot = None
+selected_gpu = None  # the GPU this process uses, once cuda_problem() found one
+
+
+def set_gpu_slot(slot):
+    """Use GPU ``slot % device count``; effective only before the first CUDA use (cuda_problem)."""
+    global _gpu_slot
+    _gpu_slot = int(slot)
+
+
+def gpu_slot():
+    if _gpu_slot is not None:
+        return _gpu_slot
+    value = os.environ.get(GPU_SLOT_ENV, "")
+    return int(value) if value.isdigit() else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _select_gpu_and_launch(count):
+    """Make GPU ``slot % count`` current for CuPy and Numba (before any context exists), then launch on it.
+
+    Without this every sweep worker and every rank of a node would share GPU 0.
+    """
+    global selected_gpu
+    import cupy
+    from numba import cuda
+    gpu = gpu_slot() % count
+    cupy.cuda.Device(gpu).use()
+    cuda.select_device(gpu)
+    selected_gpu = gpu
     return _launch_problem()
 
 
