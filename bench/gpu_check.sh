@@ -42,7 +42,8 @@ if (( DRY_RUN )); then
     unset ELM_TEST_REQUIRE_GPU
     GRACE_S=5
     # step limits (s); their sum is the budget
-    L_SMOKE=20 L_TIMING_NEURON=40 L_TIMING_NETWORK=60 L_VERIFY=50 L_CUDA_TESTS=40 L_NETWORK_TESTS=40
+    # (the timing steps also compile the CPU kernels, minutes on a loaded machine with a cold cache)
+    L_SMOKE=20 L_TIMING_NEURON=90 L_TIMING_NETWORK=100 L_VERIFY=45 L_CUDA_TESTS=30 L_NETWORK_TESTS=30
     NEURON_ARGS=(--configs shd --batch 1 --steps 2 --repeats 1 --warmup 0)
     NETWORK_ARGS=(--configs shd-adding char-lm --batch 1 --steps 2 --repeats 1 --warmup 0)
     VERIFY_FILES=(tests/data/golden/v1_basic.npz tests/data/golden_network/net_basic.npz)
