@@ -59,7 +59,7 @@ def step_worker(config, repeats, warmup):
         Y, cache = model.forward(Xs, return_cache=True)
         loss, dY = loss_and_grad(spec, Y, ts)
         grads = model.backward(dY, cache)
-        loss, grads = comm.allreduce_gradients(grads, loss, weight)
+        loss, grads, _ = comm.allreduce_gradients(grads, loss, weight)
         opt.step(grads)
 
     times = []

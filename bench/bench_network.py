@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_step  # noqa: E402  (first: it records the user's thread environment before elmcore sets its own)
 import numpy as np  # noqa: E402
-from bench_step import summarise, timed  # noqa: E402
+from bench_step import summarise, timed, with_shape  # noqa: E402
 from elmcore.training.losses import cross_entropy_all, cross_entropy_last  # noqa: E402
 from elmcore.training.optim import Optimizer  # noqa: E402
 
@@ -155,6 +155,8 @@ def main(argv=None):
     ap.add_argument("--input-dtype", default="uint8", choices=["uint8", "float32"],
                     help="How elmcore receives the binary inputs (PyTorch always gets float32).")
     ap.add_argument("--json", help="Write results to this JSON file.")
+    ap.add_argument("--batch", type=int, help="Override every config's batch size (short checks).")
+    ap.add_argument("--steps", type=int, help="Override every config's sequence length (short checks).")
     args = ap.parse_args(argv)
 
     run_elmcore = not args.no_elmcore
@@ -164,7 +166,7 @@ def main(argv=None):
         run_elmcore = False
     results = {"device": args.device, "configs": {}}
     for name in args.configs:
-        spec = CONFIGS[name]
+        spec = with_shape(CONFIGS[name], args.batch, args.steps)
         B, T = spec["batch"], spec["steps"]
         X, target = make_inputs(spec, np.random.default_rng(0), args.input_dtype)
         row = {"batch": B, "steps": T, "input_dtype": args.input_dtype}

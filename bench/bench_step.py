@@ -150,6 +150,11 @@ def torch_worker(spec_name, data, device, repeats, warmup):
     print(json.dumps({"train": train, "inference": infer}))
 
 
+def with_shape(spec, batch=None, steps=None):
+    """``spec`` with its batch size and sequence length replaced where given."""
+    return dict(spec, batch=batch or spec["batch"], steps=steps or spec["steps"])
+
+
 def summarise(times, samples_steps):
     med = statistics.median(times)
     return {"median_ms": 1e3 * med, "min_ms": 1e3 * min(times), "sample_steps_per_s": samples_steps / med}
@@ -167,11 +172,13 @@ def main(argv=None):
                     help="How elmcore receives the binary inputs: one byte per value (as spike data is "
                          "stored) or float32. The PyTorch baseline always gets float32.")
     ap.add_argument("--json", help="Write results to this JSON file.")
+    ap.add_argument("--batch", type=int, help="Override every config's batch size (short checks).")
+    ap.add_argument("--steps", type=int, help="Override every config's sequence length (short checks).")
     args = ap.parse_args(argv)
 
     results = {"device": args.device, "configs": {}}
     for name in args.configs:
-        spec = CONFIGS[name]
+        spec = with_shape(CONFIGS[name], args.batch, args.steps)
         rng = np.random.default_rng(0)
         X, target = make_inputs(spec, rng, args.input_dtype)
         model, train, infer = bench_elmcore(spec, X, target, args.device, args.repeats, args.warmup)

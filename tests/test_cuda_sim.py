@@ -470,18 +470,37 @@ _PROBE = textwrap.dedent("""
         cuda.is_available = lambda: True
     if scenario == "no_cupy":
         sys.modules["cupy"] = None
-    elif scenario in ("no_device", "zero_devices"):
+    elif scenario in ("no_device", "zero_devices", "old_driver", "wrong_result", "gpu_slot"):
         def count():
             if scenario == "no_device":
                 raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
-            return 0
+            return {"zero_devices": 0, "gpu_slot": 2}.get(scenario, 1)
+        used = []
         fake = types.ModuleType("cupy")
-        fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=count))
+        fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=count),
+                                          Device=lambda i: types.SimpleNamespace(use=lambda: used.append(i)))
         sys.modules["cupy"] = fake
+    if scenario == "gpu_slot":  # sweep worker 3 on a node with 2 GPUs: GPU 1, for CuPy and Numba alike
+        import os
+        os.environ["ELMCORE_GPU_SLOT"] = "3"
+    if scenario in ("old_driver", "wrong_result", "gpu_slot"):
+        cuda.select_device = lambda i: used.append(("numba", i))
+        import elmcore.engine.cuda_backend as cb
+        def launch():  # what numba-cuda raises when the driver is older than the PTX
+            if scenario == "wrong_result":
+                return 0
+            if scenario == "gpu_slot":
+                return 1
+            raise RuntimeError("[222] Call to cuModuleLoadDataEx results in CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+        cb._launch_probe_kernel = launch
     from elmcore import ELM, ELMConfig, ELMError
     from elmcore.engine.backend import get_backend
+    from elmcore.engine import cuda_backend
     from elmcore.engine.cuda_backend import cuda_problem
     out = {"problem": cuda_problem(), "numba_sees_gpu": bool(cuda.is_available())}
+    if scenario == "gpu_slot":
+        print(json.dumps({"problem": out["problem"], "selected": cuda_backend.selected_gpu, "used": used}))
+        sys.exit()
     try:
         ELM(ELMConfig(num_input=2, num_output=1, num_memory=2), device="cuda")
         out["construct"] = "ok"
@@ -518,12 +537,22 @@ def test_cuda_problem_without_simulator_names_what_is_missing():
     ("no_cupy", "CuPy is not installed"),
     ("no_device", "cudaErrorNoDevice"),
     ("zero_devices", "CuPy finds no CUDA device"),
+    ("old_driver", "CUDA_ERROR_UNSUPPORTED_PTX_VERSION"),
+    ("wrong_result", "wrote 0, not 1"),
 ])
 def test_cuda_problem_probes_cupy(scenario, expected):
     out = _probe(scenario)
     assert out["problem"] is not None and expected in out["problem"]
+    if scenario == "old_driver":  # one sentence naming the mismatch, not just numba's error code
+        assert "driver is likely older than the PTX" in out["problem"] and "\n" not in out["problem"]
     assert out["construct"] == f"--device cuda: {out['problem']}"
     assert out["auto"] == "cpu"
+
+
+@parent_only
+def test_cuda_problem_selects_the_gpu_of_this_process_slot_before_launching():
+    out = _probe("gpu_slot")
+    assert out == {"problem": None, "selected": 1, "used": [1, ["numba", 1]]}
 
 
 @on_cuda

@@ -122,11 +122,14 @@ def test_nccl_all_reduce_gets_the_flat_buffer_in_place_on_the_current_stream():
     comm._nccl = types.SimpleNamespace(NCCL_FLOAT32=7, NCCL_FLOAT64=8, NCCL_SUM=0)
     comm.nccl = types.SimpleNamespace(allReduce=all_reduce)
     grads = {"w": np.arange(6.0).reshape(2, 3), "b": np.array([0.5, -1.0])}
-    loss, reduced = comm.allreduce_gradients(grads, 3.0, 0.25)
-    assert calls == [(True, 9, 8, 0, 99)]  # one call: 8 gradient entries + the loss, in place
-    assert loss == pytest.approx(2 * 0.25 * 3.0)
+    loss, reduced, failed = comm.allreduce_gradients(grads, 3.0, 0.25)
+    assert calls == [(True, 10, 8, 0, 99)]  # one call: 8 gradient entries, the loss, the status, in place
+    assert loss == pytest.approx(2 * 0.25 * 3.0) and failed == 0
     for k in grads:
         np.testing.assert_allclose(reduced[k], 2 * 0.25 * grads[k])
+    # a failed forward pass is counted unscaled by the weight (0 on an empty shard), on every rank
+    *_, failed = comm.allreduce_gradients(grads, 0.0, 0.0, failed=True)
+    assert failed == 2
 
 
 def test_launcher_environment_is_read_for_each_mpi_and_slurm():

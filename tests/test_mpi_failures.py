@@ -111,3 +111,28 @@ def test_a_rank_other_than_0_failing_alone_ends_the_job(failure, code, fragment)
     assert result.returncode == code, (result.returncode, result.stderr[-3000:])
     assert fragment in result.stderr and "went on" not in result.stdout
     assert result.seconds < PROMPT_S / 2
+
+
+_RANK_1_DIVERGES = """
+import sys
+from elmcore.training.distributed import communicator
+if communicator().rank == 1:  # only rank 1's shard gives non-finite outputs
+    from elmcore.engine.model_base import InputChecks
+    from elmcore.errors import NonFiniteOutputError
+    def diverge(self, Y, X):
+        raise NonFiniteOutputError("the model produced non-finite outputs from finite input")
+    InputChecks._check_output = diverge
+from elm_cli.main import cli
+cli(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@needs_mpiexec
+def test_a_rank_whose_forward_pass_is_not_finite_does_not_hang_the_others(tmp_path):
+    # Before, rank 1 raised before the gradient all-reduce and rank 0 waited in it forever (with NCCL:
+    # no timeout at all). Now rank 1 joins it with a failure flag and both ranks stop at the same step.
+    result = mpirun([sys.executable, "-c", _RANK_1_DIVERGES, "train", *TINY, "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "not finite at step 1 on 1 of 2 ranks" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and result.seconds < PROMPT_S / 2

@@ -4,9 +4,12 @@ Numba reads ``NUMBA_ENABLE_CUDASIM`` once, when ``numba.cuda`` is first imported
 CUDA tests here run where CUDA is usable (a real GPU, or a process started with the
 simulator on). Elsewhere ``test_cuda_tests_pass_under_the_simulator`` runs this file in
 one child pytest process with the simulator on and fails with the child's report if any
-test there fails. The simulator runs every CUDA thread as a Python thread: shapes stay tiny.
+test there fails. With ``ELM_TEST_REQUIRE_GPU=1`` (bench/gpu_check.sh on a lent GPU) there
+is no simulator fall-back: every CUDA test fails unless a real GPU is usable.
+The simulator runs every CUDA thread as a Python thread: shapes stay tiny.
 """
 
+import functools
 import os
 import re
 import subprocess
@@ -28,8 +31,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN_NETWORK_DIR = os.path.join(HERE, "data", "golden_network")
 SIM_ENV = "NUMBA_ENABLE_CUDASIM"
 IN_SIMULATOR = os.environ.get(SIM_ENV) == "1"
-CUDA_HERE = cuda_problem() is None
-needs_cuda = pytest.mark.skipif(not CUDA_HERE, reason="no CUDA here: run by the simulator child process")
+# Set by bench/gpu_check.sh: on a lent GPU machine a silent fall-back to the simulator would hide a broken GPU.
+REQUIRE_GPU = os.environ.get("ELM_TEST_REQUIRE_GPU") == "1"
+PROBLEM = cuda_problem()
+CUDA_HERE = PROBLEM is None
+REAL_GPU = CUDA_HERE and not IN_SIMULATOR
+NO_GPU_REASON = "needs a real CUDA GPU: " + ("this process runs the CUDA simulator" if IN_SIMULATOR else str(PROBLEM))
+
+
+def needs_cuda(test):
+    """Run ``test`` where CUDA is usable; fail without a real GPU under ELM_TEST_REQUIRE_GPU=1; else skip it
+    (the simulator child process runs it)."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if REQUIRE_GPU and not REAL_GPU:
+            pytest.fail(NO_GPU_REASON, pytrace=False)
+        if not CUDA_HERE:
+            pytest.skip("no CUDA here: run by the simulator child process")
+        return test(*args, **kwargs)
+    return wrapper
+
 if IN_SIMULATOR:
     sys.setswitchinterval(2e-4)  # the simulator's barriers busy-poll Python threads
 
@@ -40,6 +61,7 @@ ORACLE_TOL = {"float64": 1e-9, "float32": 1e-3}
 
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA_HERE, reason="CUDA is usable in this process: the tests below run directly")
+@pytest.mark.skipif(REQUIRE_GPU, reason="ELM_TEST_REQUIRE_GPU=1: no simulator fall-back (the tests below fail)")
 def test_cuda_tests_pass_under_the_simulator():
     env = dict(os.environ, **{SIM_ENV: "1"})
     proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu"],

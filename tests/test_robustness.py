@@ -265,6 +265,22 @@ def test_check_memory_names_the_need_and_the_limit():
     check_memory(1024, "a small thing")
 
 
+def test_check_memory_on_a_gpu_checks_the_gpu_not_the_host(monkeypatch):
+    import types
+    monkeypatch.setattr(memory_module, "memory_limit_bytes", lambda: 2 ** 40)  # a roomy host
+    monkeypatch.setattr(memory_module, "gpu_memory_bytes", lambda: (2 ** 30, 80 * 2 ** 30))
+    gpu = types.SimpleNamespace(name="cuda", simulated=False)
+    with pytest.raises(ELMError, match=r"a thing would need at least 2 GiB of GPU memory; this GPU has 1 GiB "
+                                       r"free of 80 GiB"):
+        check_memory(2 * 2 ** 30, "a thing", gpu)
+    check_memory(2 ** 29, "a thing", gpu)
+    # the simulator's arrays are NumPy arrays in host memory
+    check_memory(2 * 2 ** 30, "a thing", types.SimpleNamespace(name="cuda", simulated=True))
+    monkeypatch.setattr(memory_module, "memory_limit_bytes", lambda: 2 ** 20)
+    with pytest.raises(ELMError, match="this machine allows 1 MiB"):
+        check_memory(2 * 2 ** 20, "a thing", types.SimpleNamespace(name="cpu"))
+
+
 @settings(max_examples=25, deadline=None)
 @given(num_input=st.integers(1, 9), num_memory=st.integers(1, 9), layers=st.integers(0, 4),
        hidden=st.integers(1, 9), version=st.sampled_from(["elm_v1", "branch_elm_v2"]),

@@ -228,3 +228,23 @@ num_synapse_per_branch = [2, 4]
         assert run["model"]["num_neurons"] == int(r["model.num_neurons"])
     assert {float(r["budget"]) for r in rows} == {300.0, 800.0}
     assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_workers_get_their_own_gpu_slot(tmp_path, monkeypatch):
+    # On cuda a worker uses GPU slot % device count (elmcore.engine.cuda_backend); a replacement for a
+    # worker that died takes over its slot. The workers here are stand-ins that record their slot.
+    from elmcore.training import sweep
+    worker = tmp_path / "worker.sh"
+    worker.write_text('#!/bin/sh\nwhile read -r dir; do\n  echo "$ELMCORE_GPU_SLOT" > "$dir/slot"\n'
+                      '  case "$dir" in *die*) exit 3;; esac\n  echo "ok $dir"\ndone\n')
+    worker.chmod(0o755)
+    monkeypatch.setattr(sweep.sys, "executable", str(worker))
+    dirs = []
+    for name in ("a", "b", "c_die", "d", "e"):
+        (tmp_path / name).mkdir()
+        dirs.append(str(tmp_path / name))
+    lines = []
+    sweep._train_in_processes(dirs, 2, lines.append)
+    slots = {os.path.basename(d): (pathlib.Path(d) / "slot").read_text().strip() for d in dirs}
+    assert set(slots.values()) == {"0", "1"} and slots["a"] == "0" and slots["b"] == "1", slots
+    assert any("c_die" in line and "exit code 3" in line for line in lines), lines

@@ -8,6 +8,9 @@ first imported) the same kernels run on CPU threads over NumPy arrays, so
 check the CUDA code.
 """
 
+import functools
+import os
+
 import numpy as np
 
 from elmcore.errors import ELMError
@@ -48,6 +51,91 @@ def cuda_problem():
         return f"CuPy cannot use the GPU ({type(e).__name__}: {' '.join(str(e).split())})"
     if count < 1:
         return "CuPy finds no CUDA device"
+    return _select_gpu_and_launch(count)
+
+
+# Which of a node's processes this one is: ``elm sweep --jobs N`` gives each worker its slot in
+# this variable; an MPI rank's communicator sets its node-local rank (set_gpu_slot).
+GPU_SLOT_ENV = "ELMCORE_GPU_SLOT"
+_gpu_slot = None
+selected_gpu = None  # the GPU this process uses, once cuda_problem() found one
+
+
+def set_gpu_slot(slot):
+    """Use GPU ``slot % device count``; effective only before the first CUDA use (cuda_problem)."""
+    global _gpu_slot
+    _gpu_slot = int(slot)
+
+
+def gpu_slot():
+    if _gpu_slot is not None:
+        return _gpu_slot
+    value = os.environ.get(GPU_SLOT_ENV, "")
+    return int(value) if value.isdigit() else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _select_gpu_and_launch(count):
+    """Make GPU ``slot % count`` current for CuPy and Numba (before any context exists), then launch on it.
+
+    Without this every sweep worker and every rank of a node would share GPU 0.
+    """
+    global selected_gpu
+    import cupy
+    from numba import cuda
+    gpu = gpu_slot() % count
+    cupy.cuda.Device(gpu).use()
+    cuda.select_device(gpu)
+    selected_gpu = gpu
+    return _launch_problem()
+
+
+def _launch_probe_kernel():
+    """Compile and launch one one-thread kernel; return what it wrote (1)."""
+    from numba import cuda
+
+    @cuda.jit
+    def write_one(out):
+        out[0] = 1
+
+    out = cuda.device_array(1, dtype=np.int32)
+    write_one[1, 1](out)
+    return int(out.copy_to_host()[0])
+
+
+def _cuda_versions():
+    """The driver's CUDA version and NVVM's, as far as they can be read (for the launch-failure sentence)."""
+    parts = []
+    try:
+        from numba.cuda.cudadrv.driver import driver
+        parts.append("driver supports CUDA {}.{}".format(*driver.get_version()))
+    except Exception:  # the versions only decorate the message
+        pass
+    try:
+        from numba.cuda.cudadrv import nvvm
+        parts.append("NVVM {}.{}".format(*nvvm.NVVM().get_version()[:2]))
+    except Exception:
+        pass
+    return ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_problem():
+    """Launch one tiny kernel (once per process).
+
+    Every earlier probe passes when the driver is older than the PTX that numba-cuda's
+    NVVM emits; such a machine would otherwise fail at the first real launch.
+    """
+    try:
+        wrote = _launch_probe_kernel()
+    except Exception as e:
+        versions = _cuda_versions()
+        return (f"a one-thread test kernel fails to launch ({type(e).__name__}: {' '.join(str(e).split())})"
+                f"{f' ({versions})' if versions else ''}: the NVIDIA driver is likely older than the PTX "
+                "numba-cuda compiles to; update the driver, or install the numba-cuda and CUDA toolkit "
+                "release the driver supports")
+    if wrote != 1:
+        return f"a one-thread test kernel ran but wrote {wrote}, not 1: the GPU or its driver computes wrongly"
     return None
 
 

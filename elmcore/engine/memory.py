@@ -47,12 +47,35 @@ def format_bytes(n):
     return f"{int(n)} bytes"
 
 
-def check_memory(nbytes, what):
+def gpu_memory_bytes():
+    """(bytes this process can still allocate on its current GPU, the GPU's total), through CuPy.
+
+    Free device memory plus what CuPy's memory pool holds unused (it reuses those blocks).
+    """
+    import cupy
+    free, total = cupy.cuda.Device().mem_info
+    return free + cupy.get_default_memory_pool().free_bytes(), total
+
+
+def on_real_gpu(backend):
+    """Whether ``backend`` keeps its arrays in GPU memory (``cuda``, not the simulator's NumPy arrays)."""
+    return getattr(backend, "name", "cpu") == "cuda" and not getattr(backend, "simulated", False)
+
+
+def check_memory(nbytes, what, backend=None):
     """Refuse, before allocating, work that cannot fit in this machine's memory.
 
     ``what`` names the thing being built; the message says how much it would
     need and how much there is, so the user can see which size to shrink.
+    With a ``backend`` whose arrays live on a GPU the GPU's memory is checked
+    instead of the host's.
     """
+    if on_real_gpu(backend):
+        available, total = gpu_memory_bytes()
+        if nbytes > available:
+            raise ELMError(f"{what} would need at least {format_bytes(nbytes)} of GPU memory; this GPU has "
+                           f"{format_bytes(available)} free of {format_bytes(total)}")
+        return
     limit = memory_limit_bytes()
     if limit is not None and nbytes > limit:
         raise ELMError(f"{what} would need at least {format_bytes(nbytes)} of memory; this machine "

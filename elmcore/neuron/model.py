@@ -135,7 +135,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         X = self.prepare_input(X)
         # Half of activation_bytes: the forward cache without the gradients.
         check_memory(self.config.activation_bytes(X.shape[0], X.shape[1], self.dtype.itemsize) // 2,
-                     f"a forward pass over {X.shape[0]} sequences of {X.shape[1]} steps")
+                     f"a forward pass over {X.shape[0]} sequences of {X.shape[1]} steps", self.backend)
         Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]))
         self._check_output(Y, X)
         return (Y, cache) if return_cache else Y

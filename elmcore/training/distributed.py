@@ -13,8 +13,11 @@ class; under an MPI launcher with more than one rank it is :class:`MPICommunicat
   is empty (B < K) runs one row with weight 0, so every rank takes part in every
   collective and the code has no special case.
 * One all-reduce of one flat buffer per step: every gradient, then the shard's
-  weighted loss in the last slot. The reduced buffer is identical on every rank,
-  so clipping and the optimiser step are too, and the parameters never drift.
+  weighted loss, then a status slot (1 on a rank whose forward pass failed, e.g.
+  non-finite outputs, 0 elsewhere). The reduced buffer is identical on every rank,
+  so clipping and the optimiser step are too, and the parameters never drift; and a
+  failure seen by one rank is decided on every rank after the same collective, so no
+  rank raises while the others wait in the all-reduce (NCCL has no timeout).
 * Validation shards batches round-robin and reduces the sums; only rank 0 writes
   logs, metrics, checkpoints and the summary. Resuming reads ``last.npz`` on every
   rank, so a multi-node run needs its run directory on a shared file system.
@@ -67,9 +70,14 @@ class Communicator:
         start, stop, weight = self.shard_rows(len(X))
         return X[start:stop], target[start:stop], weight
 
-    def allreduce_gradients(self, grads, loss, weight):
-        """(global loss, global gradients) from this rank's shard; see the module notes."""
-        return loss, grads
+    def allreduce_gradients(self, grads, loss, weight, failed=False):
+        """(global loss, global gradients, number of ranks that failed) from this rank's shard.
+
+        A rank whose forward pass failed passes ``failed=True`` (with zero gradients and loss)
+        instead of raising, so that every rank learns of it in the same collective; see the
+        module notes.
+        """
+        return loss, grads, int(bool(failed))
 
     # ---- validation and small values ---------------------------------------------------
     def allreduce_sum(self, values):
@@ -149,25 +157,33 @@ class MPICommunicator(Communicator):
         node = world.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
+        # The ranks of a node use its GPUs in turn (training ranks and sweep ranks alike).
+        from elmcore.engine.cuda_backend import set_gpu_slot
+        set_gpu_slot(self.local_rank)
         self._buffer = None
 
     def describe(self):
         return f"{self.size} MPI ranks"
 
     def _flat_buffer(self, grads, keys, xp):
-        n = sum(grads[k].size for k in keys) + 1
+        n = sum(grads[k].size for k in keys) + 2  # the loss and the status slot
         dtype = grads[keys[0]].dtype
         if self._buffer is None or self._buffer.size != n or self._buffer.dtype != dtype:
             self._buffer = xp.empty(n, dtype=dtype)
         return self._buffer
 
-    def _pack(self, grads, loss, weight, xp):
+    def _pack(self, grads, loss, weight, failed, xp):
         keys = sorted(grads)
         buffer = self._flat_buffer(grads, keys, xp)
         end = flatten_into(buffer, grads, keys)
         buffer[end] = loss
-        buffer *= buffer.dtype.type(weight)
+        buffer[:end + 1] *= buffer.dtype.type(weight)
+        buffer[end + 1] = 1 if failed else 0  # counted even on a rank of weight 0
         return keys, buffer
+
+    @staticmethod
+    def _unpack(buffer, grads, keys):
+        return float(buffer[-2]), unflatten(buffer, grads, keys), int(round(float(buffer[-1])))
 
     def on_root(self, function, *args, **kwargs):
         outcome = None
@@ -182,10 +198,10 @@ class MPICommunicator(Communicator):
             raise mark_collective(ReportedByRoot(outcome[1]))
         return outcome[1]
 
-    def allreduce_gradients(self, grads, loss, weight):
-        keys, buffer = self._pack(grads, loss, weight, np)
+    def allreduce_gradients(self, grads, loss, weight, failed=False):
+        keys, buffer = self._pack(grads, loss, weight, failed, np)
         self.world.Allreduce(self._mpi.IN_PLACE, buffer, op=self._mpi.SUM)
-        return float(buffer[-1]), unflatten(buffer, grads, keys)
+        return self._unpack(buffer, grads, keys)
 
     def allreduce_sum(self, values):
         values = np.array(values, dtype=np.float64)
@@ -239,13 +255,13 @@ class NCCLCommunicator(MPICommunicator):
     def describe(self):
         return f"{self.size} MPI ranks, NCCL on GPU {self.gpu} of this node"
 
-    def allreduce_gradients(self, grads, loss, weight):
+    def allreduce_gradients(self, grads, loss, weight, failed=False):
         cupy, nccl = self._cupy, self._nccl
-        keys, buffer = self._pack(grads, loss, weight, cupy)
+        keys, buffer = self._pack(grads, loss, weight, failed, cupy)
         stream = cupy.cuda.get_current_stream()
         self.nccl.allReduce(buffer.data.ptr, buffer.data.ptr, buffer.size, nccl_dtype(nccl, buffer.dtype),
                             nccl.NCCL_SUM, stream.ptr)
-        return float(buffer[-1]), unflatten(buffer, grads, keys)
+        return self._unpack(buffer, grads, keys)
 
 
 # ---- which communicator a process uses ------------------------------------------------------

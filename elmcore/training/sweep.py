@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 
+from elmcore.engine.cuda_backend import GPU_SLOT_ENV
 from elmcore.engine.fields import shown
 from elmcore.network.config import network_parameter_count
 from elmcore.errors import ELMError, did_you_mean
@@ -396,13 +397,15 @@ def _train_in_processes(todo, jobs, log):
     it (a re-run resumes that point) and is replaced while points remain.
     """
     import selectors
-    env, queue, current = _job_environment(jobs), list(todo), {}
+    env, queue, current, slots = _job_environment(jobs), list(todo), {}, {}
     selector = selectors.DefaultSelector()
 
-    def spawn():
+    def spawn(slot):
+        # Worker ``slot`` trains on GPU slot % device count (on cuda), a replacement on its predecessor's.
         worker = subprocess.Popen([sys.executable, "-m", "elmcore.training.sweep", "--worker"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=env)
+                                  stdout=subprocess.PIPE, text=True, env=dict(env, **{GPU_SLOT_ENV: str(slot)}))
         selector.register(worker.stdout, selectors.EVENT_READ, worker)
+        slots[worker] = slot
         return worker
 
     def assign(worker):
@@ -417,8 +420,8 @@ def _train_in_processes(todo, jobs, log):
             worker.wait()
 
     try:
-        for _ in range(min(jobs, len(queue))):
-            assign(spawn())
+        for slot in range(min(jobs, len(queue))):
+            assign(spawn(slot))
         while selector.get_map():
             for key, _ in selector.select():
                 worker = key.data
@@ -434,7 +437,7 @@ def _train_in_processes(todo, jobs, log):
                 log(f"point {name} {how} (its process, pid {worker.pid}); running the sweep again resumes it")
                 del current[worker]
                 if queue:
-                    assign(spawn())
+                    assign(spawn(slots[worker]))
     finally:
         for worker in current:
             if worker.poll() is None:

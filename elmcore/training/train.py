@@ -819,7 +819,8 @@ class Trainer:
             held_out = max(self.task.num_examples("valid"), self.task.num_examples("test"))
             batch_size = max(len(X), min(s.eval_batch_size, held_out))
             check_memory(self.model.config.activation_bytes(batch_size, X.shape[1], self.model.dtype.itemsize),
-                         f"training on batches of {batch_size} sequences of {X.shape[1]} steps")
+                         f"training on batches of {batch_size} sequences of {X.shape[1]} steps",
+                         self.model.backend)
             self._activations_checked = True
         lr = scheduled_lr(s, self.position["step"], total_steps // s.epochs)
         step = self.position["step"] + 1
@@ -828,14 +829,22 @@ class Trainer:
             try:
                 Y, cache = self.model.forward(X, return_cache=True, state=self._carry)
             except NonFiniteOutputError:
-                self._diverged(f"the model's outputs are not finite at step {step}")
-            target = self.model.xp.asarray(target)
-            loss, dY = self.task.loss_and_grad(Y, target, burn_in=s.burn_in)
-            # Reduced before any check, so that every rank judges the global batch's loss alike.
-            grads = self.model.backward(dY, cache)
-            if self.task.stateful:
-                self._carry = cache["final_state"]  # the next window's start, a constant (truncated BPTT)
-            loss, grads = self.comm.allreduce_gradients(grads, loss, weight)
+                # Not raised here: the other ranks would wait in the all-reduce forever. This rank
+                # joins it with zero gradients and a failure flag, and every rank decides below.
+                failed, loss = True, 0.0
+                grads = {k: self.model.xp.zeros_like(self.model.params[k]) for k in self.model.trainable_keys}
+            else:
+                failed = False
+                target = self.model.xp.asarray(target)
+                loss, dY = self.task.loss_and_grad(Y, target, burn_in=s.burn_in)
+                # Reduced before any check, so that every rank judges the global batch's loss alike.
+                grads = self.model.backward(dY, cache)
+                if self.task.stateful:
+                    self._carry = cache["final_state"]  # the next window's start, a constant (truncated BPTT)
+            loss, grads, failed_ranks = self.comm.allreduce_gradients(grads, loss, weight, failed=failed)
+            if failed_ranks:
+                where = f" on {failed_ranks} of {self.comm.size} ranks" if self.comm.size > 1 else ""
+                self._diverged(f"the model's outputs are not finite at step {step}{where}")
             loss = float(loss)
             if not math.isfinite(loss):
                 self._diverged(f"the loss is {loss} at step {step}", loss)

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from elmcore.errors import NonFiniteOutputError
+
 # Loading cached kernels takes well under this; compiling takes far longer.
 NOTICE_AFTER_S = 3.0
 NOTICE = "compiling kernels (first run only) …"
@@ -55,6 +57,10 @@ def warm_up(model, X, log=print, notice_after=NOTICE_AFTER_S):
             Y, cache = model.forward(X, return_cache=True)
             model.backward(model.xp.zeros_like(Y), cache)
             model.forward(X)
+    except NonFiniteOutputError:
+        # Judged by the first training step, on every rank alike: one rank raising here alone would
+        # leave the others waiting in the gradient all-reduce.
+        pass
     finally:
         timer.cancel()
     seconds = time.perf_counter() - start
