@@ -7,6 +7,8 @@ no gradient passes the floor of max(τ, 1e-6).
 
 import numpy as np
 
+from elmcore.errors import ELMError
+
 from elmcore.engine.time_constants import TAU_FLOOR
 from elmcore.kernels.pointwise import numpy_forms
 from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
@@ -77,3 +79,20 @@ def proto_tau_m_grad(config, proto_tau_m, constants, g_kappa, g_c, version_1):
     span = config.effective_tau_max - config.memory_tau_min
     sig = sigmoid(proto_tau_m)
     return g_tau * span * sig * (1 - sig)                             # dτ_m/dp = span·σ(p)(1 − σ(p))
+
+
+# ---- the state before step 0 ----------------------------------------------------------------
+
+def check_state(state, expected):
+    """``state`` checked against ``expected`` (the zero state: its keys, shapes and dtype); the zero state when None."""
+    if state is None:
+        return expected
+    if not isinstance(state, dict) or set(state) != set(expected):
+        raise ELMError(f"the initial state must be a dict with the keys {sorted(expected)}")
+    out = {}
+    for key, zero in expected.items():
+        arr = np.asarray(state[key], dtype=zero.dtype)
+        if arr.shape != zero.shape:
+            raise ELMError(f"initial state '{key}' must have shape {zero.shape}, got {arr.shape}")
+        out[key] = arr
+    return out

@@ -44,8 +44,8 @@ import numpy as np
 
 from elmcore.errors import ELMError
 from elmcore.network import params as NP
-from elmcore.verification.reference.common import (activate, activation_slope, decay, memory_constants, phi,
-                                                   phi_slope_from_output, proto_tau_m_grad)
+from elmcore.verification.reference.common import (activate, activation_slope, check_state, decay, memory_constants,
+                                                   phi, phi_slope_from_output, proto_tau_m_grad)
 
 
 def _dense(W, h, c):
@@ -206,20 +206,6 @@ def _layer_state(state, layer):
     return {k: state[pre + k] for k in ("b", "m", "o")}
 
 
-def _check_state(state, expected):
-    if state is None:
-        return expected
-    if not isinstance(state, dict) or set(state) != set(expected):
-        raise ELMError(f"the initial state must be a dict with the keys {sorted(expected)}")
-    out = {}
-    for key, zero in expected.items():
-        arr = np.asarray(state[key], dtype=zero.dtype)
-        if arr.shape != zero.shape:
-            raise ELMError(f"initial state '{key}' must have shape {zero.shape}, got {arr.shape}")
-        out[key] = arr
-    return out
-
-
 def forward(config, params, X, state=None, dtype=np.float64):
     """Y [B,T,K] and the trace (module docstring) for inputs X [B,T,D].
 
@@ -231,7 +217,7 @@ def forward(config, params, X, state=None, dtype=np.float64):
     if X.ndim != 3 or X.shape[2] != config.num_input:
         raise ELMError(f"X must have shape (batch, time, {config.num_input}), got {X.shape}")
     X = X.astype(dtype)
-    state0 = _check_state(state, zero_state(config, X.shape[0], dtype))
+    state0 = check_state(state, zero_state(config, X.shape[0], dtype))
     trace = {"X": X, "state0": state0}
     x = X
     for layer in range(config.num_layers):

@@ -40,8 +40,8 @@ import numpy as np
 
 from elmcore.errors import ELMError
 from elmcore.neuron import params as P
-from elmcore.verification.reference.common import (activate, activation_slope, decay, memory_constants, phi,
-                                                   phi_slope_from_output, proto_tau_m_grad)
+from elmcore.verification.reference.common import (activate, activation_slope, check_state, decay, memory_constants,
+                                                   phi, phi_slope_from_output, proto_tau_m_grad)
 
 
 def _branch_sum(v, branches):
@@ -225,20 +225,6 @@ def _derived(config, p):
     return d
 
 
-def _check_state(state, expected):
-    if state is None:
-        return expected
-    if not isinstance(state, dict) or set(state) != set(expected):
-        raise ELMError(f"the initial state must be a dict with the keys {sorted(expected)}")
-    out = {}
-    for key, zero in expected.items():
-        arr = np.asarray(state[key], dtype=zero.dtype)
-        if arr.shape != zero.shape:
-            raise ELMError(f"initial state '{key}' must have shape {zero.shape}, got {arr.shape}")
-        out[key] = arr
-    return out
-
-
 def forward(config, params, X, state=None, dtype=np.float64):
     """Y [B,T,K] and the trace (see the module docstring) for inputs X [B,T,D].
 
@@ -250,7 +236,7 @@ def forward(config, params, X, state=None, dtype=np.float64):
     if X.ndim != 3 or X.shape[2] != config.num_input:
         raise ELMError(f"X must have shape (batch, time, {config.num_input}), got {X.shape}")
     X = X.astype(dtype)
-    state0 = _check_state(state, zero_state(config, X.shape[0], dtype))
+    state0 = check_state(state, zero_state(config, X.shape[0], dtype))
     d = _derived(config, p)
     idx, mask = _routing(config, p, dtype)
     x_syn, v = routing_forward(X, idx, mask, d["w_s"])
