@@ -603,7 +603,7 @@ def sample(model_path, prompt, length, temperature, seed, checkpoint, dtype, dev
     """
     from elmcore.training.checkpoint import load_file
     from elmcore.training.predict import sample_text
-    path, run = _eval_target(model_path, checkpoint)
+    path, run, _ = _eval_target(model_path, checkpoint)
     loaded = load_file(path)
     vocab = _model_vocabulary(loaded, path, run)
     if vocab is None:

@@ -205,7 +205,8 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         Zb  [B,T,W0]  W0b u_t + c_0: the first layer's pre-activation without its memory columns.
         u_T [B,C]     the scan channels after the last step (the streaming state).
         cache entries: "input_path" ("dense" or "sparse") and, on the sparse path, "R", the
-        routed input [B,T,C] its backward multiplies by, and "u0", the scan's starting state.
+        routed input [B,T,C] its backward multiplies by (the forward caches "u0", the scan's
+        starting state, for both paths).
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
         B, T, _ = X.shape
@@ -226,7 +227,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
             k.sparse_rows_product(R, xp.ascontiguousarray(W0b.T), Zb)
             k.scan_forward(Zb, xp.full(W_in.shape[0], d.kappa_channel[0], self.dtype), u0 @ W0b.T, Zb)
             Zb += c_in
-            return Zb, final_u, dict(input_path="sparse", R=R, u0=u0)
+            return Zb, final_u, dict(input_path="sparse", R=R)
         Zb = (U.reshape(B * T, nb) @ W0b.T + c_in).reshape(B, T, -1)
         return Zb, final_u, dict(input_path="dense")
 
