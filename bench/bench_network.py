@@ -157,6 +157,8 @@ def main(argv=None):
     ap.add_argument("--json", help="Write results to this JSON file.")
     ap.add_argument("--batch", type=int, help="Override every config's batch size (short checks).")
     ap.add_argument("--steps", type=int, help="Override every config's sequence length (short checks).")
+    ap.add_argument("--neurons", type=int, help="Override every config's neurons per layer (short checks: the "
+                                                "CUDA simulator runs a Python thread per neuron).")
     args = ap.parse_args(argv)
 
     run_elmcore = not args.no_elmcore
@@ -167,6 +169,8 @@ def main(argv=None):
     results = {"device": args.device, "configs": {}}
     for name in args.configs:
         spec = with_shape(CONFIGS[name], args.batch, args.steps)
+        if args.neurons:
+            spec = dict(spec, model=dict(spec["model"], num_neurons=args.neurons))
         B, T = spec["batch"], spec["steps"]
         X, target = make_inputs(spec, np.random.default_rng(0), args.input_dtype)
         row = {"batch": B, "steps": T, "input_dtype": args.input_dtype}

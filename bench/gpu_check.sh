@@ -45,7 +45,7 @@ if (( DRY_RUN )); then
     # (the timing steps also compile the CPU kernels, minutes on a loaded machine with a cold cache)
     L_SMOKE=20 L_TIMING_NEURON=90 L_TIMING_NETWORK=100 L_VERIFY=45 L_CUDA_TESTS=30 L_NETWORK_TESTS=30
     NEURON_ARGS=(--configs shd --batch 1 --steps 2 --repeats 1 --warmup 0)
-    NETWORK_ARGS=(--configs shd-adding char-lm --batch 1 --steps 2 --repeats 1 --warmup 0)
+    NETWORK_ARGS=(--configs shd-adding char-lm --batch 1 --steps 2 --neurons 4 --repeats 1 --warmup 0)
     VERIFY_FILES=(tests/data/golden/v1_basic.npz tests/data/golden_network/net_basic.npz)
     # one test that runs on CUDA and one gpu-marked test (skipped on the simulator) per file
     CUDA_TEST_ARGS=(-k "test_backend_under_simulator_or_gpu or test_gpu_non_default_cupy_stream")

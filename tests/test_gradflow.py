@@ -32,7 +32,7 @@ def adding_run(tmp_path_factory):
 
 def _run_batch(rd, batch_size):
     """The model, batch and task `elm gradflow RUN_DIR` reads, through the same CLI helpers."""
-    model_path, run = _eval_target(str(rd), "best")
+    model_path, run, _ = _eval_target(str(rd), "best")
     task, data_dir, options, seed = _eval_settings(model_path, run, None, None, (), None)
     model = load_model(model_path, dtype="float64")
     t = _eval_task(model, run, task, data_dir, options, seed)
