@@ -83,6 +83,23 @@ def proto_tau_m_grad(config, proto_tau_m, constants, g_kappa, g_c, version_1):
 
 # ---- the state before step 0 ----------------------------------------------------------------
 
+def check_inputs(config, X, dtype):
+    """X [B,T,num_input] as ``dtype``; one message for either family."""
+    X = np.asarray(X)
+    if X.ndim != 3 or X.shape[2] != config.num_input:
+        raise ELMError(f"X must have shape (batch, time, {config.num_input}), got {X.shape}")
+    return X.astype(dtype)
+
+
+def check_output_grad(config, dY, X):
+    """dY = ∂loss/∂Y checked against the shape of Y for inputs ``X``, as X's dtype."""
+    B, T, _ = X.shape
+    dY = np.asarray(dY, dtype=X.dtype)
+    if dY.shape != (B, T, config.num_output):
+        raise ELMError(f"dY must have shape {(B, T, config.num_output)}, got {dY.shape}")
+    return dY
+
+
 def check_state(state, expected):
     """``state`` checked against ``expected`` (the zero state: its keys, shapes and dtype); the zero state when None."""
     if state is None:

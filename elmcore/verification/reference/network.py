@@ -42,10 +42,10 @@ and "adjoint_state0", keyed like "state0".
 
 import numpy as np
 
-from elmcore.errors import ELMError
 from elmcore.network import params as NP
-from elmcore.verification.reference.common import (activate, activation_slope, check_state, decay, memory_constants,
-                                                   phi, phi_slope_from_output, proto_tau_m_grad)
+from elmcore.verification.reference.common import (activate, activation_slope, check_inputs, check_output_grad,
+                                                   check_state, decay, memory_constants, phi, phi_slope_from_output,
+                                                   proto_tau_m_grad)
 
 
 def _dense(W, h, c):
@@ -213,10 +213,7 @@ def forward(config, params, X, state=None, dtype=np.float64):
     step 0 keyed like ``zero_state``, zeros if None.
     """
     p = NP.check_params(config, params, dtype, source="reference parameters")
-    X = np.asarray(X)
-    if X.ndim != 3 or X.shape[2] != config.num_input:
-        raise ELMError(f"X must have shape (batch, time, {config.num_input}), got {X.shape}")
-    X = X.astype(dtype)
+    X = check_inputs(config, X, dtype)
     state0 = check_state(state, zero_state(config, X.shape[0], dtype))
     trace = {"X": X, "state0": state0}
     x = X
@@ -237,10 +234,7 @@ def backward(config, params, trace, dY):
     """
     dtype = trace["X"].dtype
     p = NP.check_params(config, params, dtype, source="reference parameters")
-    B, T, _ = trace["X"].shape
-    dY = np.asarray(dY, dtype=dtype)
-    if dY.shape != (B, T, config.num_output):
-        raise ELMError(f"dY must have shape {(B, T, config.num_output)}, got {dY.shape}")
+    dY = check_output_grad(config, dY, trace["X"])
     last = NP.layer_prefix(config.num_layers - 1)
     grads = {"readout.weight": np.einsum("btk,btn->kn", dY, trace[last + "o"]),   # d readout.weight = dYᵀ O
              "readout.bias": dY.sum((0, 1))}                                       # d readout.bias = Σ_rows dY

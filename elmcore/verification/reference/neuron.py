@@ -38,10 +38,10 @@ The trace (a dict) that ``forward`` returns holds, besides the inputs:
 
 import numpy as np
 
-from elmcore.errors import ELMError
 from elmcore.neuron import params as P
-from elmcore.verification.reference.common import (activate, activation_slope, check_state, decay, memory_constants,
-                                                   phi, phi_slope_from_output, proto_tau_m_grad)
+from elmcore.verification.reference.common import (activate, activation_slope, check_inputs, check_output_grad,
+                                                   check_state, decay, memory_constants, phi, phi_slope_from_output,
+                                                   proto_tau_m_grad)
 
 
 def _branch_sum(v, branches):
@@ -232,10 +232,7 @@ def forward(config, params, X, state=None, dtype=np.float64):
     state before step 0, {"m": [B,Dm], "s": [B,S] (v1) or "b": [B,nb] (v2)}, zeros if None.
     """
     p = P.check_params(config, params, dtype, source="reference parameters")
-    X = np.asarray(X)
-    if X.ndim != 3 or X.shape[2] != config.num_input:
-        raise ELMError(f"X must have shape (batch, time, {config.num_input}), got {X.shape}")
-    X = X.astype(dtype)
+    X = check_inputs(config, X, dtype)
     state0 = check_state(state, zero_state(config, X.shape[0], dtype))
     d = _derived(config, p)
     idx, mask = _routing(config, p, dtype)
@@ -256,10 +253,7 @@ def backward(config, params, trace, dY):
     """
     dtype = trace["X"].dtype
     p = P.check_params(config, params, dtype, source="reference parameters")
-    B, T, _ = trace["X"].shape
-    dY = np.asarray(dY, dtype=dtype)
-    if dY.shape != (B, T, config.num_output):
-        raise ELMError(f"dY must have shape {(B, T, config.num_output)}, got {dY.shape}")
+    dY = check_output_grad(config, dY, trace["X"])
     d = trace["derived"]
     layers = _layers(config, p)
     grads = {}
