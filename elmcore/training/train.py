@@ -62,6 +62,7 @@ import numpy as np
 
 from elmcore.training.checkpoint import load_file, save_checkpoint, save_model
 from elmcore.neuron.config import ELMConfig
+from elmcore.engine.fields import NETWORK_VERSION, SINGLE_NEURON_ONLY_FIELDS
 from elmcore.engine.memory import check_memory
 from elmcore.data.base import ArrayTask
 from elmcore.data.registry import DEFAULT_TASK
@@ -221,20 +222,32 @@ def _check_setting_type(name, value, annotation):
 
 
 def resolve_settings(overrides: dict, source=None) -> TrainSettings:
-    """The named task's default experiment (``TaskSpec.default_run``) with ``overrides`` on top.
+    """The named task's default run for the family ``overrides`` ask for, with ``overrides`` on top.
 
     ``overrides`` are a run file's settings updated with command-line flags; its
     ``model`` and ``task_options`` are merged field by field into the default
     run's, so ``--set num_memory=8`` keeps the default run's other model fields.
     Bare ``elm train`` and ``elm train --task adding`` are therefore one experiment.
+    One resolution for every caller: ``elmcore.training.resolve``.
     """
-    from elmcore.data.registry import default_run
-    base = default_run(overrides.get("task", DEFAULT_TASK), overrides.get("data_dir"))
-    merged = {**base, **overrides}
-    for key in ("model", "task_options"):
-        if isinstance(base.get(key), dict) and isinstance(overrides.get(key), dict):
-            merged[key] = {**base[key], **overrides[key]}
-    return TrainSettings.from_dict(merged, source=source)
+    from elmcore.training.resolve import resolve_layers
+    return resolve_layers([(source or "settings", overrides)], source=source).settings
+
+
+def run_model_config(task, model_settings):
+    """The model config a run builds: the task's suggestions (``Task.model_defaults``), then the run's fields.
+
+    A network takes no single-neuron field (routing, tau_s, w_s) from the task's suggestions.
+    """
+    suggested = task.model_defaults()
+    if model_settings.get("version") == NETWORK_VERSION:
+        suggested = {k: v for k, v in suggested.items() if k not in SINGLE_NEURON_ONLY_FIELDS}
+    d = {**suggested, **model_settings}
+    for key in ("num_input", "num_output"):
+        if d[key] != getattr(task, key):
+            raise ELMError(f"model {key} = {d[key]!r} does not match task '{task.name}' "
+                           f"({getattr(task, key)})")
+    return ELMConfig.from_dict(d)
 
 
 def scheduled_lr(settings, step, per_epoch):
@@ -452,12 +465,7 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------
     def model_config(self):
-        d = {**self.task.model_defaults(), **self.settings.model}
-        for key in ("num_input", "num_output"):
-            if d[key] != getattr(self.task, key):
-                raise ELMError(f"model {key} = {d[key]!r} does not match task '{self.task.name}' "
-                               f"({getattr(self.task, key)})")
-        return ELMConfig.from_dict(d)
+        return run_model_config(self.task, self.settings.model)
 
     def batches_per_epoch(self):
         n = self.task.num_batches("train", self.settings.batch_size)
