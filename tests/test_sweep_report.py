@@ -234,3 +234,17 @@ def test_a_tiny_budget_study_trains_and_reports(tmp_path):
     text = (tmp_path / "study" / "report.md").read_text()
     assert "## Optimum per budget" in text and "2 budgets' optima" in text
     assert (tmp_path / "study" / "report-budget.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dry_run_shows_each_points_parameter_count():
+    from elmcore.training.sweep import expand_points
+    result = CliRunner().invoke(cli, ["sweep", EXAMPLE, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("p")]
+    points = expand_points(_example_spec())
+    assert len(lines) == len(points)
+    for line, p in zip(lines, points):
+        shape = [p.overrides[f"model.{k}"] for k in ("num_neurons", "num_memory", "num_branch",
+                                                      "num_synapse_per_branch")]
+        assert line.startswith(p.name + ": ")
+        assert line.endswith(f": {network_parameter_count(1, *shape):,} parameters")  # the adding task: 1 output

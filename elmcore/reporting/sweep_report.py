@@ -356,12 +356,23 @@ def describe_sweep(sweep_dir):
 
 # ---- figures ---------------------------------------------------------------------------------------
 
+def _log_x(ax, values):
+    """A log x axis labelled in plain numbers: at the values themselves when they are few."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+    ax.set_xscale("log")
+    distinct = sorted(set(values))
+    if len(distinct) <= 8:
+        ax.xaxis.set_major_locator(FixedLocator(distinct))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _axes_style(ax, metric, values, xs=None):
     from elmcore.reporting.plotting import _log_axis
     if metric in ERROR_METRICS and values and min(values) > 0:
         _log_axis(ax, values)
     if xs is not None and _spans_decades(xs):
-        ax.set_xscale("log")
+        _log_x(ax, xs)
     ax.grid(alpha=0.3, which="both")
 
 
@@ -432,7 +443,7 @@ def draw_budget(report, path, inputs=()):
             opt = report.optima[budget]
             ax.plot([opt[key]], [opt["stat"].mean], marker="*", ms=14, color=color, ls="none",
                     markeredgecolor="k", zorder=5)
-            values += ys
+            values += ys + [y - e for y, e in zip(ys, errs) if y - e > 0] + [y + e for y, e in zip(ys, errs)]
             xs_all += xs
         _axes_style(ax, m, values, xs_all)
         ax.set_xlabel(labels[key])
@@ -458,7 +469,8 @@ def draw_budget(report, path, inputs=()):
         se = "" if math.isnan(report.fit.exponent_se) else f" ± {report.fit.exponent_se:.2g}"
         ax.plot(grid, shown, "--", color="C3", lw=1.2,
                 label=f"fit: {error_name(m)} ∝ P^({report.fit.exponent:.3g}{se})")
-    ax.set_xscale("log")
+    _log_x(ax, [e["parameters"] for e in report.shapes] if len(report.optima) > 8
+           else [e["parameters"] for e in optima])
     _axes_style(ax, m, values)
     ax.set_xlabel("trainable parameters P")
     ax.set_ylabel(metric_label(report.split, m))
