@@ -497,6 +497,13 @@ def report_inputs(report):
             for name in ("point.json", "run.json", "summary.json")]
 
 
+def _refuse_outputs_over_inputs(report, names, inputs):
+    """Every file the report would write is checked against ``inputs`` before the first is written."""
+    from elmcore.storage.fileio import refuse_inputs
+    for name in names:
+        refuse_inputs(os.path.join(report.sweep_dir, name), inputs)
+
+
 def draw_figures(sweep_dir, report=None, inputs=()):
     """Draw the figures the sweep's finished points allow; their paths (an ELMError when none can be).
 
@@ -504,6 +511,7 @@ def draw_figures(sweep_dir, report=None, inputs=()):
     """
     report = report or analyse(sweep_dir)
     inputs = [*inputs, *report_inputs(report)]
+    _refuse_outputs_over_inputs(report, (FIELDS_FIGURE, BUDGET_FIGURE), inputs)
     written = []
     if not finished(report.rows):
         raise ELMError(f"no point of {report.sweep_dir} has finished yet: nothing to draw")
@@ -529,6 +537,7 @@ def write_report(sweep_dir, inputs=()):
     """
     report = analyse(sweep_dir)
     inputs = [*inputs, *report_inputs(report)]
+    _refuse_outputs_over_inputs(report, (REPORT, FIELDS_FIGURE, BUDGET_FIGURE), inputs)
     figures, note = [], ""
     try:
         figures = draw_figures(sweep_dir, report, inputs)
