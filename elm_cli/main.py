@@ -354,8 +354,8 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, exte
         settings = resolved.settings
         trainer = Trainer(settings, progress=progress, log=log, log_every=log_every,
                           inputs=[run_config, model_config, *_data_files({"task": settings.task,
-                                                                          "data_dir": settings.data_dir})])
-        trainer.log(describe_sources(resolved))  # through the trainer: on rank 0 only, and into train.log
+                                                                          "data_dir": settings.data_dir})],
+                          sources_line=describe_sources(resolved))
     try:
         summary = trainer.run()
     except KeyboardInterrupt:  # the trainer said where its last checkpoint is

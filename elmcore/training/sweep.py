@@ -406,8 +406,7 @@ def train_point(point_dir):
             name = record.get("name") if isinstance(record.get("name"), str) else os.path.basename(point_dir)
             overrides = record.get("overrides") if isinstance(record.get("overrides"), dict) else {}
             resolved = resolve_point(dict(record["settings"], run_dir=point_dir), overrides, f"sweep point {name}")
-            trainer = Trainer(resolved.settings, progress=False, log=log)
-            trainer.log(describe_sources(resolved))
+            trainer = Trainer(resolved.settings, progress=False, log=log, sources_line=describe_sources(resolved))
         trainer.run()
 
 

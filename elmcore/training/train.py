@@ -310,8 +310,11 @@ class Trainer:
     False is "none". Epoch lines and the final lines go to ``log`` in every mode.
     """
 
-    def __init__(self, settings: TrainSettings, task=None, progress="auto", log=print, log_every=None, inputs=()):
-        """``inputs``: files the caller read the settings from; the run may not write over them."""
+    def __init__(self, settings: TrainSettings, task=None, progress="auto", log=print, log_every=None, inputs=(),
+                 sources_line=None):
+        """``inputs``: files the caller read the settings from; the run may not write over them.
+        ``sources_line``: where each setting came from (``elmcore.training.resolve.describe_sources``),
+        logged just before the start-up line, once the run directory has been accepted."""
         settings.validate()
         self.comm = communicator(settings.device)
         progress, log = self.comm.output_on_root(progress, log)
@@ -351,6 +354,7 @@ class Trainer:
         self._created_dir = self._created_parent = self._activations_checked = False
         self._last_checkpoint_step = None
         self._extended_from = None  # the epochs a finished run had, when --extend continues it
+        self.sources_line = sources_line
 
     def _log(self, message):
         """A console line, kept in the run directory's train.log as well."""
@@ -723,6 +727,8 @@ class Trainer:
         per_epoch = self.batches_per_epoch()
         total_steps = per_epoch * s.epochs
         first = self._first_batch()
+        if self.sources_line and not getattr(self, "_resuming", False):
+            self.log(self.sources_line)
         self.log(f"run {self.run_dir}: task {self.task.name}, {self.model.config.version}, "
                  f"{self.model.num_parameters} parameters, {s.epochs} epochs x {per_epoch} batches of "
                  f"{s.batch_size} ({self._choose_threads(first)}, {s.dtype})")
