@@ -72,17 +72,24 @@ def verify(oracle, dtype, device):
 @click.option("--fields", is_flag=True,
               help="List the model config fields (what `elm train --set FIELD=VALUE` accepts) with defaults.")
 def info(path, fields):
-    """Summarise a run directory, a model config (JSON) or a checkpoint / converted model (.npz).
+    """Summarise a run directory, a sweep directory, a model config (JSON) or a checkpoint / model (.npz).
 
     For a run directory: its task, task options and settings (run.json), the split that
     selected the model and its scores (summary.json), then the selected model (best.npz).
+    For a sweep directory: its points by status, the best point, each budget's optimum and
+    the power-law fit across budgets.
     """
     from elmcore.reporting.overview import describe_fields, describe_run
     from elmcore.reporting.summary import describe_path
+    from elmcore.training.sweep import is_sweep_dir
     if fields:
         lines = describe_fields()
     elif path is None:
-        raise UserError("elm info needs a PATH (run directory, config .json or model .npz) or --fields")
+        raise UserError("elm info needs a PATH (run directory, sweep directory, config .json or model .npz) "
+                        "or --fields")
+    elif is_sweep_dir(path):
+        from elmcore.reporting.sweep_report import describe_sweep
+        lines = describe_sweep(path)
     else:
         lines = describe_run(path) if os.path.isdir(path) else describe_path(path)
     for line in lines:
@@ -226,25 +233,18 @@ def _data_files(settings):
     return data_inputs(settings.get("task"), settings.get("data_dir"))
 
 
-def _section(settings, key, source):
-    """The ``model`` / ``task_options`` table of a run config, which flags then extend."""
-    value = settings.get(key, {})
-    if not isinstance(value, dict):
-        raise ELMError(f"training setting '{key}' must be a table of KEY = VALUE, got {type(value).__name__} "
-                       f"{str(value)[:60]} ({source})")
-    return value
-
-
 def _setting_default(name):
-    """TrainSettings' default of ``name``, shown in --help, after the tasks whose default run sets another."""
+    """TrainSettings' default of ``name``, shown in --help, after the tasks whose default run sets another
+    (the single-neuron runs, which a run without ``--set version=elm_network`` starts from)."""
     import dataclasses
 
-    from elmcore.data.registry import TASKS
+    from elmcore.data.registry import DEFAULT_FAMILY, TASKS, find_default_run
     from elmcore.training.train import TrainSettings
     field = {f.name: f for f in dataclasses.fields(TrainSettings)}[name]
     value = "none" if field.default is None else str(field.default)
-    by_task = [f"{task} {spec.default_run[name]:g}" if isinstance(spec.default_run[name], float) else
-               f"{task} {spec.default_run[name]}" for task, spec in TASKS.items() if name in spec.default_run]
+    runs = {task: find_default_run(task, DEFAULT_FAMILY) for task in TASKS}
+    by_task = [f"{task} {run.settings[name]:g}" if isinstance(run.settings[name], float) else
+               f"{task} {run.settings[name]}" for task, run in runs.items() if run and name in run.settings]
     return f"task default: {', '.join(by_task)}; else {value}" if by_task else value
 
 
@@ -308,12 +308,15 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, exte
     """Train an ELM on a task; with no options, a Branch-ELM on the adding problem (no download).
 
     Every task has a default experiment (`elm tasks` lists them): bare `elm train` is
-    `elm train --task adding`. A run file (--config) and then flags override it; the
-    defaults shown are those of settings neither sets. On a terminal a progress bar
+    `elm train --task adding`; a network (--set version=elm_network) starts from the task's
+    network run instead. A run file (--config) and then flags override it; the first line
+    says where each setting came from; the defaults shown are those of settings neither
+    sets (and of the single-neuron runs). On a terminal a progress bar
     shows each epoch; in a log file, one line every --log-every batches. The console lines
     are kept in RUN_DIR/train.log. Ctrl-C stops the run (exit 130) and prints how to resume it.
     """
-    from elmcore.training.train import RunFinished, Trainer, resolve_settings
+    from elmcore.training.resolve import describe_sources, resolve_layers
+    from elmcore.training.train import RunFinished, Trainer
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     given = {k: v for k, v in flags.items()
              if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
@@ -336,19 +339,23 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, exte
             click.echo(str(e))
             return
     else:
-        source = run_config or "command line"
-        settings = _load_run_file(run_config) if run_config else {}
-        settings.update(given)
+        # Layers over the task's default run, each later one winning: the run file, the model config, flags.
+        layers = [(f"config file {run_config}", _load_run_file(run_config))] if run_config else []
         if model_config:
             from elmcore.neuron.config import ELMConfig
-            settings["model"] = {**_section(settings, "model", source), **ELMConfig.load(model_config).to_dict()}
+            layers.append((f"model config {model_config}", {"model": ELMConfig.load(model_config).to_dict()}))
+        flags = dict(given)
         if model_sets:
-            settings["model"] = {**_section(settings, "model", source), **parse_assignments(model_sets, "--set")}
+            flags["model"] = parse_assignments(model_sets, "--set")
         if task_sets:
-            settings["task_options"] = {**_section(settings, "task_options", source),
-                                        **parse_assignments(task_sets, "--task-option", TASK_RESERVED)}
-        trainer = Trainer(resolve_settings(settings, source=source), progress=progress, log=log,
-                          log_every=log_every, inputs=[run_config, model_config, *_data_files(settings)])
+            flags["task_options"] = parse_assignments(task_sets, "--task-option", TASK_RESERVED)
+        layers.append(("flags", flags))
+        resolved = resolve_layers(layers, source=run_config or "command line")
+        settings = resolved.settings
+        trainer = Trainer(settings, progress=progress, log=log, log_every=log_every,
+                          inputs=[run_config, model_config, *_data_files({"task": settings.task,
+                                                                          "data_dir": settings.data_dir})],
+                          sources_line=describe_sources(resolved))
     try:
         summary = trainer.run()
     except KeyboardInterrupt:  # the trainer said where its last checkpoint is
@@ -639,13 +646,44 @@ def convert(pt_path, config_path, version, output, dtype):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", metavar="RUN_DIR|SWEEP_DIR", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG path (default RUN_DIR/curves.png).")
 def plot(run_dir, output):
-    """Plot a run's learning curves (loss per step, validation metric per epoch) to PNG."""
-    from elmcore.reporting.plotting import plot_run
-    path = plot_run(run_dir, output)
-    click.echo(f"wrote {path}")
+    """Plot a run's learning curves (loss per step, validation metric per epoch) to PNG.
+
+    For a sweep directory: its report figures (see `elm report`), written into it.
+    """
+    from elmcore.training.sweep import is_sweep_dir
+    if is_sweep_dir(run_dir):
+        if output:
+            raise UserError("a sweep's figures are written into its directory; -o applies to a run directory")
+        from elmcore.reporting.sweep_report import draw_figures
+        paths = draw_figures(run_dir)
+    else:
+        from elmcore.reporting.plotting import plot_run
+        paths = [plot_run(run_dir, output)]
+    for path in paths:
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("sweep_dir", metavar="SWEEP_DIR", type=click.Path(file_okay=False))
+def report(sweep_dir):
+    """Write a sweep's report into SWEEP_DIR: report.md and its figures (also while the sweep runs).
+
+    \b
+    report-fields.png  per swept field: the metric against its values, mean ± sd over seeds,
+                       one line per combination of the other fields
+    report-budget.png  budget mode: the metric against N, k_e, k_c per budget (optimum starred);
+                       the best metric against parameters, Pareto frontier, fitted power law
+    report.md          every point (metric, parameters, time), the optimum per budget, the fit
+    """
+    from elmcore.reporting.sweep_report import write_report
+    from elmcore.training.sweep import is_sweep_dir
+    if not is_sweep_dir(sweep_dir):
+        raise UserError(f"{sweep_dir} is not a sweep directory (no sub-directory holds a point.json)")
+    for path in write_report(sweep_dir):
+        click.echo(f"wrote {path}")
 
 
 # ---- gradflow ----------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import click
                    "Under mpiexec the points go to the ranks instead.")
 @click.option("--sweep-dir", type=click.Path(file_okay=False),
               help="Where the point run directories go (default: sweep_dir of the file, else sweeps/NAME).")
-@click.option("--dry-run", is_flag=True, help="List the points and exit.")
+@click.option("--dry-run", is_flag=True, help="List the points with their parameter counts and exit.")
 def sweep(sweep_file, jobs, sweep_dir, dry_run):
-    """Train every point of SWEEP.toml as a normal run; write summary.csv and sweep.png.
+    """Train every point of SWEEP.toml as a normal run; write summary.csv and the report.
 
     \b
     SWEEP.toml holds [base] (the keys of `elm train --config`) and the points:
@@ -25,18 +25,25 @@ def sweep(sweep_file, jobs, sweep_dir, dry_run):
       [budget]      budgets, tolerance, num_neurons, num_memory, num_synapse_per_branch
                     (ELM Network shapes within the tolerance of each parameter budget)
     Fields: training settings (lr, seed, ...), model fields (num_memory or model.num_memory),
-    task_options.NAME. Running it again skips finished points and resumes interrupted ones
-    (Ctrl-C stops it with exit code 130).
+    task_options.NAME. A point is the run `elm train --config` makes from the same table.
+    Running it again skips finished points and resumes interrupted ones (Ctrl-C stops it
+    with exit code 130). The report (report.md, report-*.png; `elm report SWEEP_DIR`
+    redraws it) is written at the end.
     """
     from elm_cli.main import _load_run_file
-    from elmcore.training.sweep import check_outputs, expand_points, run_sweep, sweep_directory
+    from elmcore.errors import ELMError
+    from elmcore.training.sweep import check_outputs, expand_points, point_parameters, run_sweep, sweep_directory
     spec = _load_run_file(sweep_file)
     points = expand_points(spec)
     directory = sweep_dir or sweep_directory(spec, sweep_file)
     if dry_run:
         check_outputs(points, directory, inputs=[sweep_file])
         for p in points:
-            click.echo(f"{p.name}: {p.overrides}")
+            try:
+                count = f"{point_parameters(p):,} parameters"
+            except ELMError as e:  # e.g. a task whose data is not here: the point is still listed
+                count = f"parameters unknown ({e})"
+            click.echo(f"{p.name}: {p.overrides}: {count}")
         click.echo(f"{len(points)} points in {directory}")
         return
     try:

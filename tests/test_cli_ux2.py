@@ -306,7 +306,9 @@ def test_a_small_run_says_it_uses_one_thread_and_restores_the_count(tmp_path, mo
     assert result.exit_code == 0, result.output
     available = numba.config.NUMBA_NUM_THREADS
     expected = f"(cpu, 1 of {available} threads: " if available > 1 else "(cpu, 1 thread, float32)"
-    assert expected in result.output.splitlines()[0], result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("settings: ")  # where each setting came from, then the run's start-up line
+    assert expected in lines[1] and lines[1].startswith("run "), result.output
     assert numba.get_num_threads() == before
 
 

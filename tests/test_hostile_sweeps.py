@@ -23,7 +23,7 @@ def write_sweep(path, spec):
 
 # ---- outputs that are inputs ------------------------------------------------------------------
 
-@pytest.mark.parametrize("inside", ["summary.csv", "sweep.png", "p000/train.log", "p000/run.json",
+@pytest.mark.parametrize("inside", ["summary.csv", "report.md", "report-fields.png", "p000/train.log", "p000/run.json",
                                     "p000/metrics.jsonl", "p000/point.json"])
 def test_a_sweep_file_inside_its_own_sweep_directory_is_refused_and_kept(tmp_path, inside):
     directory = tmp_path / "sw"
@@ -219,3 +219,101 @@ def test_many_budgets_times_the_candidates_are_counted_too(tmp_path):
               "num_memory": list(range(1, 11)), "num_synapse_per_branch": list(range(1, 11))}
     sweep_file = write_sweep(tmp_path / "s.json", {"base": NETWORK_BASE, "budget": budget})
     assert_refused(invoke("sweep", sweep_file, "--dry-run", seconds=20), "10000 budgets")
+
+
+# ---- sweep directories read by elm report, elm info and elm plot --------------------------------
+
+def finished_sweep(root):
+    """A finished two-point sweep directory, written by hand (nothing trains)."""
+    directory = root / "sw"
+    for i, lr in enumerate((0.01, 0.1)):
+        point = directory / f"p{i:03d}-lr={lr}"
+        point.mkdir(parents=True)
+        settings = {**BASE, "lr": lr}
+        (point / "point.json").write_text(json.dumps({"name": point.name, "overrides": {"lr": lr},
+                                                      "settings": settings}))
+        (point / "run.json").write_text(json.dumps(settings))
+        (point / "summary.json").write_text(json.dumps({"metric": "mse", "selection_split": "valid",
+                                                        "best_metric": 0.1 + lr, "parameters": 50, "steps": 5,
+                                                        "seconds": 1.0}))
+    return directory
+
+
+def test_elm_report_reads_the_hand_written_sweep(tmp_path):
+    # The baseline the hostile cases below damage: it works as it stands.
+    directory = finished_sweep(tmp_path)
+    result = invoke("report", directory)
+    assert result.exit_code == 0, result.output
+    assert "| p001-lr=0.1 |" in (directory / "report.md").read_text()
+
+
+@pytest.mark.parametrize("target,fragment", [("missing", "not a sweep directory"), ("empty", "not a sweep directory"),
+                                             ("run directory", "not a sweep directory"), ("a file", "is a file")])
+def test_elm_report_on_what_is_not_a_sweep_directory_is_refused(tmp_path, target, fragment):
+    path = tmp_path / "x"
+    if target == "empty":
+        path.mkdir()
+    elif target == "run directory":  # a run directory is never taken for a sweep, even holding point dirs
+        finished_sweep(tmp_path)
+        path = tmp_path / "sw"
+        (path / "run.json").write_text("{}")
+    elif target == "a file":
+        path.write_text("x")
+    before = snapshot(tmp_path)
+    assert_refused(invoke("report", path), fragment)
+    assert_unchanged(before, tmp_path)
+
+
+def _damage(point, damage):
+    if damage == "fifo point.json":
+        (point / "point.json").unlink()
+        os.mkfifo(point / "point.json")
+    elif damage == "huge point.json":
+        with open(point / "point.json", "w") as f:
+            f.truncate((64 << 20) + 1)
+    elif damage == "point.json to /dev/zero":
+        (point / "point.json").unlink()
+        os.symlink("/dev/zero", point / "point.json")
+    elif damage == "corrupt point.json":
+        (point / "point.json").write_text('{"overrides": ')
+    elif damage == "point.json not a point":
+        (point / "point.json").write_text("[1, 2]")
+    elif damage == "damaged summary.json":
+        (point / "summary.json").write_text(json.dumps({"metric": 5}))
+    elif damage == "fifo summary.json":
+        (point / "summary.json").unlink()
+        os.mkfifo(point / "summary.json")
+
+
+@pytest.mark.parametrize("command", ["report", "info", "plot"])
+@pytest.mark.parametrize("damage,fragment", [
+    ("fifo point.json", "not a regular file"),
+    ("huge point.json", "larger than"),
+    ("point.json to /dev/zero", "not a regular file"),
+    ("corrupt point.json", "not valid JSON"),
+    ("point.json not a point", "not a sweep point file"),
+    ("damaged summary.json", "summary.json"),
+    ("fifo summary.json", "not a regular file"),
+])
+def test_damaged_point_files_are_refused_by_every_sweep_reader(tmp_path, command, damage, fragment):
+    directory = finished_sweep(tmp_path)
+    _damage(directory / "p001-lr=0.1", damage)
+    before = {p: h for p, h in snapshot(directory / "p000-lr=0.01").items()}
+    line = assert_refused(invoke(command, directory), fragment)
+    assert "p001-lr=0.1" in line, line
+    assert_unchanged(before, directory / "p000-lr=0.01")
+    assert not any((directory / name).exists() for name in ("report.md", "report-fields.png"))
+
+
+@pytest.mark.parametrize("command,output,link", [("report", "report.md", "symlink"),
+                                                 ("report", "report-fields.png", "hard link"),
+                                                 ("plot", "report-fields.png", "symlink"),
+                                                 ("plot", "report-fields.png", "hard link")])
+def test_a_report_output_that_is_one_of_its_inputs_is_refused(tmp_path, command, output, link):
+    directory = finished_sweep(tmp_path)
+    victim = directory / "p000-lr=0.01" / "summary.json"
+    (os.symlink if link == "symlink" else os.link)(victim, directory / output)
+    before = snapshot(directory)
+    assert_refused(invoke(command, directory), output, "summary.json")
+    assert_unchanged(before, directory)
+    assert not (directory / ("report-fields.png" if output == "report.md" else "report.md")).exists()

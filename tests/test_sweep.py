@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -149,8 +150,11 @@ def test_sweep_with_two_jobs_survives_a_killed_point_and_resumes_it(tmp_path):
     assert [r["status"] for r in rows] == ["done"] * 3
     assert [int(r["parameters"]) for r in rows] == sorted(int(r["parameters"]) for r in rows)
     assert all(float(r["best_valid"]) > 0 and r["test"] and r["metric"] == "mse" for r in rows)
-    with open(os.path.join(sweep_dir, "sweep.png"), "rb") as f:
+    with open(os.path.join(sweep_dir, "report-fields.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    report = open(os.path.join(sweep_dir, "report.md")).read()
+    assert all(f"| {name} |" in report for name in status)
+    assert re.search(rf"point {VICTIM} done: valid mse [0-9.e+-]+, test mse [0-9.e+-]+, [0-9.]+ s", again.stderr)
 
 
 def test_an_impossible_point_fails_the_sweep_before_anything_trains(tmp_path):
@@ -207,7 +211,7 @@ task = "adding"
 epochs = 1
 batch_size = 16
 task_options = {{n = 120, length = 8}}
-model = {{version = "elm_network", num_output = 1}}
+model = {{version = "elm_network"}}
 [budget]
 budgets = [300, 800]
 tolerance = 0.15
@@ -227,7 +231,9 @@ num_synapse_per_branch = [2, 4]
         assert run["model"]["version"] == "elm_network"
         assert run["model"]["num_neurons"] == int(r["model.num_neurons"])
     assert {float(r["budget"]) for r in rows} == {300.0, 800.0}
-    assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "report-budget.png").read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Optimum per budget" in report and "## Power law across budgets" in report
 
 
 def test_sweep_workers_get_their_own_gpu_slot(tmp_path, monkeypatch):

@@ -113,7 +113,8 @@ def describe_run(run_dir):
 
 
 def describe_tasks(names=None):
-    """Every task (or ``names``): summary, data source, ``--task-option`` options and default run."""
+    """Every task (or ``names``): summary, data source, ``--task-option`` options and its default run of
+    each model family, with what that run was measured to reach."""
     from elmcore.data import registry
     lines = []
     for name in names or registry.TASKS:
@@ -131,14 +132,17 @@ def describe_tasks(names=None):
         else:
             lines.append("  options: " + (", ".join(f"{k}={'null' if v is None else v}" for k, v in options.items())
                                           or "none"))
-        run = registry.default_run(spec.name)
-        run.pop("task")
-        if run:
-            lines.append("  default run: " + ", ".join(
+        for family in registry.FAMILIES:
+            found = registry.find_default_run(spec.name, family)
+            how = f"elm train --task {spec.name}" + ("" if family == registry.DEFAULT_FAMILY
+                                                     else " --set version=elm_network")
+            if found is None:
+                lines.append(f"  default {family} run ({how}): the training defaults (elm train --help)")
+                continue
+            lines.append(f"  default {family} run ({how}): " + ", ".join(
                 f"{k}: " + " ".join(f"{f}={v}" for f, v in val.items()) if isinstance(val, dict) else f"{k}={val}"
-                for k, val in run.items()))
-        else:
-            lines.append("  default run: the training defaults (elm train --help)")
+                for k, val in found.settings.items()))
+            lines.append(f"    reaches: {found.reaches}")
         if spec.generator:
             lines.append(f"  generate: elm data generate {spec.name} --out DIR (default --n {spec.default_n})")
     return lines

@@ -12,10 +12,17 @@ and the points to train, from any of:
 Field names are training settings (``lr``, ``seed``, ``epochs`` …), model fields
 (``num_memory`` or ``model.num_memory``) or ``task_options.NAME``.
 
+A point's settings are resolved exactly as ``elm train --config`` resolves the same
+table (``elmcore.training.resolve``): the task's default run for the point's model
+family, then ``[base]``, then the point's overrides. So a point trains the run
+``elm train --config`` would train from its ``point.json`` settings.
+
 Each point is a normal run directory ``SWEEP_DIR/pNNN-field=value…`` holding also
 ``point.json`` (its overrides). Re-running a sweep skips points with a
 ``summary.json``, resumes points with a ``last.npz`` and starts the rest. At the
-end ``summary.csv`` (one row per point) and ``sweep.png`` are written.
+end ``summary.csv`` (one row per point) and the report (``report.md`` and its
+figures, ``elmcore.reporting.sweep_report``) are written; ``elm report SWEEP_DIR``
+redraws the report at any time.
 Points run one after another, over ``jobs`` local processes, or — under
 ``mpiexec -n K`` — round-robin over the K ranks, each rank training its points
 alone (not data-parallel).
@@ -32,18 +39,20 @@ import subprocess
 import sys
 
 from elmcore.engine.cuda_backend import GPU_SLOT_ENV
-from elmcore.engine.fields import shown
-from elmcore.network.config import network_parameter_count
+from elmcore.engine.fields import NETWORK_VERSION, shown
+from elmcore.network.config import NetworkConfig, network_parameter_count
 from elmcore.errors import ELMError, did_you_mean
-from elmcore.storage.fileio import atomic_output, atomic_write_text, describe_os_error, read_json, refuse_inputs
+from elmcore.storage.fileio import atomic_write_text, describe_os_error, read_json, refuse_inputs
 
 POINT_FILE = "point.json"
 SUMMARY_CSV = "summary.csv"
-PLOT = "sweep.png"
+# What the report writes into the sweep directory (elmcore.reporting.sweep_report).
+REPORT_FILES = ("report.md", "report-fields.png", "report-budget.png")
 LOG = "train.log"
 # ELM Network fields (docs/spec.md §7.1) that ELMConfig does not have.
 NETWORK_FIELDS = ("num_neurons", "num_layers", "recurrent_fraction")
 BUDGET_FIELDS = ("num_neurons", "num_memory", "num_synapse_per_branch", "num_branch")
+NETWORK_DEFAULT_BRANCHES = next(f.default for f in dataclasses.fields(NetworkConfig) if f.name == "num_branch")
 # Override keys that only label a point (its column in summary.csv), not run settings.
 LABELS = ("budget",)
 MAX_POINTS = 10000
@@ -168,6 +177,40 @@ def _apply(base, overrides):
     return settings
 
 
+def point_layers(settings, overrides, name="sweep point"):
+    """The settings layers of a point: the sweep file's table, then the point's own overrides."""
+    return [("sweep file", settings), (name, _apply({}, overrides))]
+
+
+def resolve_point(settings, overrides, name="sweep point"):
+    """The point's :class:`~elmcore.training.resolve.ResolvedSettings`: ``elm train --config``'s resolution of
+    the same table (``settings`` already hold the overrides; the layers only name their source)."""
+    from elmcore.training.resolve import resolve_layers
+    return resolve_layers(point_layers(settings, overrides, name), source=name)
+
+
+_TASKS = {}
+
+
+def _task_of(settings):
+    """The task a run of ``settings`` trains on (built once per task, data and options)."""
+    from elmcore.data.registry import get_task
+    key = json.dumps([settings.task, settings.data_dir, settings.seed, settings.task_options], sort_keys=True)
+    if key not in _TASKS:
+        _TASKS[key] = get_task(settings.task, data_dir=settings.data_dir, seed=settings.seed,
+                               **settings.task_options)
+    return _TASKS[key]
+
+
+def point_parameters(point):
+    """Trainable parameters of ``point``'s model, counted from its config (the task gives its inputs/outputs)."""
+    from elmcore.engine.factory import parameter_module
+    from elmcore.training.train import run_model_config
+    settings = resolve_point(point.settings, point.overrides, point.name).settings
+    config = run_model_config(_task_of(settings), settings.model)
+    return parameter_module(config).count_trainable(config)
+
+
 def _slug(value):
     text = f"{value:g}" if isinstance(value, float) else str(value)
     return "".join(c if c.isalnum() or c in ".+-" else "_" for c in text)[:24]
@@ -226,17 +269,20 @@ def _budget_points(budget, base):
     model = base.get("model", {})
     if not isinstance(model, dict):
         raise ELMError(f"sweep [base] model must be a table of model fields, got {shown(model)}")
-    lists["num_branch"] = options.pop("num_branch", [model.get("num_branch", 4)])
-    if "num_output" not in model:
-        raise ELMError("budget mode needs model.num_output in [base] (the readout counts K·(N+1))")
-    fixed = {k: model[k] for k in ("mlp_num_layers", "mlp_hidden_size", "learn_memory_tau", "num_layers")
-             if k in model}
+    branches = options.pop("num_branch", None)
     if options:
         raise ELMError(f"unknown [budget] option(s): {', '.join(sorted(options))}")
-    shapes = budget_shapes(budgets, tolerance, model["num_output"], **lists, **fixed)
+    # The shapes are counted as the points will be built: on the resolved network settings.
+    settings = resolve_point(base, {"model.version": NETWORK_VERSION}, "the budget's networks").settings
+    model = settings.model
+    lists["num_branch"] = [model.get("num_branch", NETWORK_DEFAULT_BRANCHES)] if branches is None else branches
+    fixed = {k: model[k] for k in ("mlp_num_layers", "mlp_hidden_size", "learn_memory_tau", "num_layers")
+             if k in model}
+    num_output = model["num_output"] if "num_output" in model else _task_of(settings).num_output
+    shapes = budget_shapes(budgets, tolerance, num_output, **lists, **fixed)
     if not shapes:
         raise ELMError(f"no shape from the candidate lists lies within {tolerance:g} of any budget")
-    return [{"model.version": "elm_network", **{f"model.{k}": s[k] for k in BUDGET_FIELDS}, "budget": s["budget"]}
+    return [{"model.version": NETWORK_VERSION, **{f"model.{k}": s[k] for k in BUDGET_FIELDS}, "budget": s["budget"]}
             for s in shapes]
 
 
@@ -259,7 +305,8 @@ def sweep_outputs(points, sweep_dir):
     """Every file a sweep (and its points' training) may write."""
     from elmcore.training.train import LOCK, RUN_FILES
     yield os.path.join(sweep_dir, SUMMARY_CSV)
-    yield os.path.join(sweep_dir, PLOT)
+    for name in REPORT_FILES:
+        yield os.path.join(sweep_dir, name)
     for p in points:
         for name in (POINT_FILE, LOG, LOCK, *RUN_FILES):
             yield os.path.join(sweep_dir, p.name, name)
@@ -282,10 +329,9 @@ def point_dirs(points, sweep_dir, inputs=()):
     writes is one of ``inputs`` or of the points' data files, and that the points
     already there are the sweep's own and their finished summaries are readable.
     """
-    from elmcore.training.train import TrainSettings
     for p in points:  # an impossible setting fails the sweep before any point trains
         try:
-            TrainSettings.from_dict(dict(p.settings)).validate()
+            resolve_point(p.settings, p.overrides, p.name).settings.validate()
         except ELMError as e:
             raise ELMError(f"sweep point {p.name}: {e}") from None
     check_outputs(points, sweep_dir, inputs)
@@ -342,7 +388,8 @@ def _check_checkpoint(point_dir):
 def train_point(point_dir):
     """Train (or resume) one point in this process; the trainer logs to the point's ``train.log``."""
     from elmcore.training import distributed as distributed
-    from elmcore.training.train import Trainer, TrainSettings
+    from elmcore.training.resolve import describe_sources
+    from elmcore.training.train import Trainer
     if point_state(point_dir) == "done":
         return
 
@@ -356,8 +403,10 @@ def train_point(point_dir):
             record = read_json(os.path.join(point_dir, POINT_FILE), "sweep point file", regular_only=True)
             if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
                 raise ELMError(f"{os.path.join(point_dir, POINT_FILE)}: not a sweep point file (no settings)")
-            settings = dict(record["settings"], run_dir=point_dir)
-            trainer = Trainer(TrainSettings.from_dict(settings), progress=False, log=log)
+            name = record.get("name") if isinstance(record.get("name"), str) else os.path.basename(point_dir)
+            overrides = record.get("overrides") if isinstance(record.get("overrides"), dict) else {}
+            resolved = resolve_point(dict(record["settings"], run_dir=point_dir), overrides, f"sweep point {name}")
+            trainer = Trainer(resolved.settings, progress=False, log=log, sources_line=describe_sources(resolved))
         trainer.run()
 
 
@@ -428,7 +477,7 @@ def _train_in_processes(todo, jobs, log):
                 answer = worker.stdout.readline()
                 name = os.path.basename(current[worker])
                 if answer:
-                    log(f"point {name} {'done' if answer.startswith('ok ') else 'failed'}")
+                    log(done_line(current[worker]) if answer.startswith("ok ") else f"point {name} failed")
                     assign(worker)
                     continue
                 selector.unregister(worker.stdout)
@@ -446,7 +495,7 @@ def _train_in_processes(todo, jobs, log):
 
 
 def run_sweep(points, sweep_dir, jobs=1, log=print, inputs=()):
-    """Train every unfinished point; write summary.csv and sweep.png; return the summary rows.
+    """Train every unfinished point; write summary.csv and the report; return the summary rows.
 
     ``inputs``: the files the sweep was read from; nothing the sweep writes may be one of them.
     Under an MPI launcher with K > 1 ranks, rank r trains points r, r+K, … and
@@ -469,42 +518,106 @@ def run_sweep(points, sweep_dir, jobs=1, log=print, inputs=()):
     else:
         for d in todo:
             log(f"point {os.path.basename(d)}: {point_state(d)}, training")
-            _train_in_process(d, log)
+            if _train_in_process(d, log):
+                log(done_line(d))
     comm.allgather(None)  # every rank is through its points
     if not comm.is_root:
         return None
     rows = summarize(points, dirs)
     write_summary(rows, os.path.join(sweep_dir, SUMMARY_CSV), inputs=inputs)
+    from elmcore.reporting.sweep_report import write_report
     try:
-        plot_sweep(rows, list(dict.fromkeys(k for p in points for k in p.overrides)),
-                   os.path.join(sweep_dir, PLOT), inputs=inputs)
+        written = write_report(sweep_dir, inputs=inputs)
+        log(f"report: {', '.join(written)}")
     except ELMError as e:
-        log(f"no {PLOT}: {e}")
+        log(f"no report: {e}")
     return rows
+
+
+def done_line(point_dir):
+    """``point NAME done: valid mse 0.0123, test mse 0.013, 41.2 s``: a finished point's figures."""
+    name = os.path.basename(point_dir)
+    try:
+        summary = read_point_summary(point_dir)
+    except ELMError:
+        return f"point {name} done"
+    metric, best = summary.get("metric"), summary.get("best_metric")
+    test = (summary.get("test") or {}).get(metric) if isinstance(summary.get("test"), dict) else None
+    parts = [f"{summary.get('selection_split', 'valid')} {metric} "
+             + (format(best, ".4g") if _finite(best) else "none")]
+    if _finite(test):
+        parts.append(f"test {metric} {test:.4g}")
+    if _finite(summary.get("seconds")):
+        parts.append(f"{summary['seconds']:.1f} s")
+    return f"point {name} done: {', '.join(parts)}"
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _prefixed(log, prefix):
     return lambda message: log(prefix + message)
 
 
-# ---- summary and plot --------------------------------------------------------------------------------
+# ---- summary -----------------------------------------------------------------------------------------
+
+def point_row(name, overrides, point_dir):
+    """One point's row: its overrides, status, and once finished its figures (its checked summary.json)."""
+    row = {"point": name, "status": "pending"}
+    row.update(overrides)
+    state = point_state(point_dir)
+    if state == "done":
+        s = read_point_summary(point_dir)
+        metric = s.get("metric")
+        row.update(status="done", parameters=s.get("parameters"), metric=metric,
+                   selection_split=s.get("selection_split"), best_valid=s.get("best_metric"),
+                   test=(s.get("test") or {}).get(metric), seconds=s.get("seconds"), steps=s.get("steps"))
+    elif state == "interrupted":
+        row["status"] = "interrupted"
+    elif os.path.exists(os.path.join(point_dir, "run.json")):
+        row["status"] = "training"
+    row["run_dir"] = point_dir
+    return row
+
 
 def summarize(points, dirs):
+    return [point_row(p.name, p.overrides, d) for p, d in zip(points, dirs)]
+
+
+def _listing(directory):
+    try:
+        return sorted(os.listdir(directory))
+    except OSError as e:
+        raise ELMError(f"cannot read the directory {directory}: {describe_os_error(e)}") from None
+
+
+def read_sweep(sweep_dir):
+    """The rows of every point under ``sweep_dir`` (its ``point.json`` files), finished or not, in order."""
+    sweep_dir = os.fspath(sweep_dir)
+    if not os.path.isdir(sweep_dir):
+        raise ELMError(f"sweep directory not found: {sweep_dir}")
     rows = []
-    for p, d in zip(points, dirs):
-        row = {"point": p.name, "status": "missing"}
-        row.update(p.overrides)
-        if point_state(d) == "done":
-            s = read_point_summary(d)
-            metric = s.get("metric")
-            row.update(status="done", parameters=s.get("parameters"), metric=metric,
-                       selection_split=s.get("selection_split"), best_valid=s.get("best_metric"),
-                       test=(s.get("test") or {}).get(metric), seconds=s.get("seconds"))
-        elif os.path.exists(os.path.join(d, "last.npz")):
-            row["status"] = "interrupted"
-        row["run_dir"] = d
-        rows.append(row)
+    for name in _listing(sweep_dir):
+        path = os.path.join(sweep_dir, name, POINT_FILE)
+        if not os.path.lexists(path):
+            continue
+        record = read_json(path, "sweep point file", regular_only=True)
+        overrides = record.get("overrides") if isinstance(record, dict) else None
+        if not isinstance(overrides, dict):
+            raise ELMError(f"{path}: not a sweep point file (no table of overrides)")
+        rows.append(point_row(name, overrides, os.path.join(sweep_dir, name)))
+    if not rows:
+        raise ELMError(f"{sweep_dir} is not a sweep directory (no sub-directory holds a {POINT_FILE})")
     return rows
+
+
+def is_sweep_dir(path):
+    """Whether ``path`` is a sweep directory (its sub-directories hold point.json files), not a run directory."""
+    path = os.fspath(path)
+    if not os.path.isdir(path) or os.path.lexists(os.path.join(path, "run.json")):
+        return False
+    return any(os.path.lexists(os.path.join(path, name, POINT_FILE)) for name in _listing(path))
 
 
 def write_summary(rows, path, inputs=()):
@@ -517,44 +630,6 @@ def write_summary(rows, path, inputs=()):
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
     atomic_write_text(path, text.getvalue(), inputs=inputs)
-
-
-def plot_sweep(rows, fields, path, inputs=()):
-    """Validation metric against trainable parameters (log x): every point, and per swept field a line
-    through the points that differ from the first finished point in that field alone."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from elmcore.engine.optional import install_command
-        raise ELMError(f"plotting needs matplotlib: {install_command('plot')}") from None
-    done = [r for r in rows if r["status"] == "done" and r.get("best_valid") is not None
-            and math.isfinite(r["best_valid"]) and r.get("parameters")]
-    if not done:
-        raise ELMError("no finished point has a validation metric to plot")
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    try:
-        ax.scatter([r["parameters"] for r in done], [r["best_valid"] for r in done], color="0.75", s=18,
-                   zorder=1, label="all points")
-        ref = done[0]
-        for field in fields:
-            line = sorted((r for r in done if all(r.get(k) == ref.get(k) for k in fields if k != field)),
-                          key=lambda r: r["parameters"])
-            if len({json.dumps(r.get(field), sort_keys=True) for r in line}) >= 2:
-                ax.plot([r["parameters"] for r in line], [r["best_valid"] for r in line], "o-", zorder=2,
-                        label=f"{field.rpartition('.')[2]} ({', '.join(_slug(r[field]) for r in line)})")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        ax.set_ylabel(f"best validation {done[0].get('metric')}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        with atomic_output(path, inputs=inputs) as tmp:
-            with open(tmp, "wb") as f:
-                fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return path
 
 
 def _worker():

@@ -62,6 +62,7 @@ import numpy as np
 
 from elmcore.training.checkpoint import load_file, save_checkpoint, save_model
 from elmcore.neuron.config import ELMConfig
+from elmcore.engine.fields import NETWORK_VERSION, SINGLE_NEURON_ONLY_FIELDS
 from elmcore.engine.memory import check_memory
 from elmcore.data.base import ArrayTask
 from elmcore.data.registry import DEFAULT_TASK
@@ -221,20 +222,32 @@ def _check_setting_type(name, value, annotation):
 
 
 def resolve_settings(overrides: dict, source=None) -> TrainSettings:
-    """The named task's default experiment (``TaskSpec.default_run``) with ``overrides`` on top.
+    """The named task's default run for the family ``overrides`` ask for, with ``overrides`` on top.
 
     ``overrides`` are a run file's settings updated with command-line flags; its
     ``model`` and ``task_options`` are merged field by field into the default
     run's, so ``--set num_memory=8`` keeps the default run's other model fields.
     Bare ``elm train`` and ``elm train --task adding`` are therefore one experiment.
+    One resolution for every caller: ``elmcore.training.resolve``.
     """
-    from elmcore.data.registry import default_run
-    base = default_run(overrides.get("task", DEFAULT_TASK), overrides.get("data_dir"))
-    merged = {**base, **overrides}
-    for key in ("model", "task_options"):
-        if isinstance(base.get(key), dict) and isinstance(overrides.get(key), dict):
-            merged[key] = {**base[key], **overrides[key]}
-    return TrainSettings.from_dict(merged, source=source)
+    from elmcore.training.resolve import resolve_layers
+    return resolve_layers([(source or "settings", overrides)], source=source).settings
+
+
+def run_model_config(task, model_settings):
+    """The model config a run builds: the task's suggestions (``Task.model_defaults``), then the run's fields.
+
+    A network takes no single-neuron field (routing, tau_s, w_s) from the task's suggestions.
+    """
+    suggested = task.model_defaults()
+    if model_settings.get("version") == NETWORK_VERSION:
+        suggested = {k: v for k, v in suggested.items() if k not in SINGLE_NEURON_ONLY_FIELDS}
+    d = {**suggested, **model_settings}
+    for key in ("num_input", "num_output"):
+        if d[key] != getattr(task, key):
+            raise ELMError(f"model {key} = {d[key]!r} does not match task '{task.name}' "
+                           f"({getattr(task, key)})")
+    return ELMConfig.from_dict(d)
 
 
 def scheduled_lr(settings, step, per_epoch):
@@ -297,8 +310,11 @@ class Trainer:
     False is "none". Epoch lines and the final lines go to ``log`` in every mode.
     """
 
-    def __init__(self, settings: TrainSettings, task=None, progress="auto", log=print, log_every=None, inputs=()):
-        """``inputs``: files the caller read the settings from; the run may not write over them."""
+    def __init__(self, settings: TrainSettings, task=None, progress="auto", log=print, log_every=None, inputs=(),
+                 sources_line=None):
+        """``inputs``: files the caller read the settings from; the run may not write over them.
+        ``sources_line``: where each setting came from (``elmcore.training.resolve.describe_sources``),
+        logged just before the start-up line, once the run directory has been accepted."""
         settings.validate()
         self.comm = communicator(settings.device)
         progress, log = self.comm.output_on_root(progress, log)
@@ -338,6 +354,7 @@ class Trainer:
         self._created_dir = self._created_parent = self._activations_checked = False
         self._last_checkpoint_step = None
         self._extended_from = None  # the epochs a finished run had, when --extend continues it
+        self.sources_line = sources_line
 
     def _log(self, message):
         """A console line, kept in the run directory's train.log as well."""
@@ -452,12 +469,7 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------
     def model_config(self):
-        d = {**self.task.model_defaults(), **self.settings.model}
-        for key in ("num_input", "num_output"):
-            if d[key] != getattr(self.task, key):
-                raise ELMError(f"model {key} = {d[key]!r} does not match task '{self.task.name}' "
-                               f"({getattr(self.task, key)})")
-        return ELMConfig.from_dict(d)
+        return run_model_config(self.task, self.settings.model)
 
     def batches_per_epoch(self):
         n = self.task.num_batches("train", self.settings.batch_size)
@@ -715,6 +727,8 @@ class Trainer:
         per_epoch = self.batches_per_epoch()
         total_steps = per_epoch * s.epochs
         first = self._first_batch()
+        if self.sources_line and not getattr(self, "_resuming", False):
+            self.log(self.sources_line)
         self.log(f"run {self.run_dir}: task {self.task.name}, {self.model.config.version}, "
                  f"{self.model.num_parameters} parameters, {s.epochs} epochs x {per_epoch} batches of "
                  f"{s.batch_size} ({self._choose_threads(first)}, {s.dtype})")
