@@ -136,10 +136,11 @@ def test_every_kernel_compiles_for_hopper(report):
     assert report["arch"] == "sm_90" and report["uncovered"] == []
     compiled = {(r["kernel"], r["dtype"], r["weights"]) for r in report["rows"]}
     for kernel in ("zero_2d_kernel", "route_forward_kernel", "route_weight_grad_kernel", "route_input_grad_kernel",
-                   "scan_forward_kernel", "scan_backward_kernel", "activate_kernel", "network_forward_kernel",
-                   "network_backward_kernel", "neuron_weight_grad_kernel", "recurrent_weight_grad_kernel"):
+                   "scan_forward_kernel", "scan_backward_kernel", "activate_kernel", "neuron_weight_grad_kernel",
+                   "recurrent_weight_grad_kernel"):
         assert {(kernel, dt, "-") for dt in ("float32", "float64")} <= compiled
-    for kernel in ("recur_forward_kernel", "recur_backward_kernel"):
+    for kernel in ("recur_forward_kernel", "recur_backward_kernel", "network_forward_kernel",
+                   "network_backward_kernel"):
         assert {(kernel, dt, w) for dt in ("float32", "float64") for w in ("shared", "global")} <= compiled
     assert all(0 < r["registers"] <= 255 for r in report["rows"])
 
@@ -194,6 +195,10 @@ def test_planned_blocks_fit_the_compiled_register_counts(report):
     assert plan.rows_per_block * plan.unit_threads <= K._MAX_RECURRENCE_THREADS
     assert all(r["planned_threads"] == K._MAX_RECURRENCE_THREADS for r in report["rows"]
                if r["kernel"].startswith("recur_"))
+    # The network's walks: a thread per neuron, blocks of up to 256.
+    from elmcore.kernels import network_cuda as NK
+    assert NK.MAX_WALK_THREADS == 256 and all(r["planned_threads"] == 256 for r in report["rows"]
+                                              if r["kernel"].startswith("network_"))
 
 
 def test_report_script_without_compilers_says_why(tmp_path):
