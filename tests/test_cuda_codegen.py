@@ -85,6 +85,49 @@ def test_float64_detector_reads_ptx_instructions():
     assert [line.split()[0] for line in f64.findall(ptx)] == ["cvt.f64.f32", "fma.rn.f64", "@%p1"]
 
 
+# A hand-written SASS text, as ``nvdisasm -c`` prints it: a dot product accumulating in R9 (hot), an
+# element-wise loop whose FMA adds a loaded value and reuses that register (not hot), a loop with
+# a branch inside (not hot) and the closing self-branch.
+SAMPLE_SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD.MOV.U32 R9, RZ, RZ, RZ ;
+.L_x_1:
+        /*0020*/                   IMAD.WIDE.U32 R2, R11, 0x4, R6 ;
+        /*0030*/                   LDG.E R2, desc[UR6][R2.64] ;
+        /*0040*/                   LEA R8, R0, UR4, 0x2 ;
+        /*0050*/                   LDS R8, [R8] ;
+        /*0060*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0070*/                   ISETP.NE.AND P0, PT, R0, R13, PT ;
+        /*0080*/                   FFMA R9, R2, R8, R9 ;
+        /*0090*/               @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*00a0*/                   LDG.E R32, desc[UR6][R4.64] ;
+        /*00b0*/                   FFMA R32, R39, R36, R32 ;
+        /*00c0*/                   STS [R3], R32 ;
+        /*00d0*/                   ISETP.NE.AND P0, PT, R0, R13, PT ;
+        /*00e0*/               @P0 BRA `(.L_x_2) ;
+.L_x_3:
+        /*00f0*/                   FFMA R10, R2, R8, R10 ;
+        /*0100*/               @P1 BRA `(.L_x_4) ;
+        /*0110*/                   FADD R10, R10, 1 ;
+.L_x_4:
+        /*0120*/               @P0 BRA `(.L_x_3) ;
+        /*0130*/                   STG.E desc[UR6][R4.64], R9 ;
+        /*0140*/                   EXIT ;
+.L_x_5:
+        /*0150*/                   BRA `(.L_x_5);
+        /*0160*/                   NOP;
+"""
+
+
+def test_sass_counter_finds_the_register_accumulating_loops():
+    stats = _report_module().sass_stats(SAMPLE_SASS)
+    assert stats["sass_instructions"] == 22 and stats["fma_count"] == 3
+    assert stats["hot_loops"] == [(8, 1)] and stats["sass_per_fma"] == 8.0
+    assert _report_module().sass_stats(SAMPLE_SASS.replace("FFMA R9, R2, R8, R9", "FMUL R9, R2, R8"))[
+        "sass_per_fma"] is None
+
+
 # ---- the compiled kernels --------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -93,10 +136,11 @@ def test_every_kernel_compiles_for_hopper(report):
     assert report["arch"] == "sm_90" and report["uncovered"] == []
     compiled = {(r["kernel"], r["dtype"], r["weights"]) for r in report["rows"]}
     for kernel in ("zero_2d_kernel", "route_forward_kernel", "route_weight_grad_kernel", "route_input_grad_kernel",
-                   "scan_forward_kernel", "scan_backward_kernel", "activate_kernel", "network_forward_kernel",
-                   "network_backward_kernel", "neuron_weight_grad_kernel", "recurrent_weight_grad_kernel"):
+                   "scan_forward_kernel", "scan_backward_kernel", "activate_kernel", "neuron_weight_grad_kernel",
+                   "recurrent_weight_grad_kernel"):
         assert {(kernel, dt, "-") for dt in ("float32", "float64")} <= compiled
-    for kernel in ("recur_forward_kernel", "recur_backward_kernel"):
+    for kernel in ("recur_forward_kernel", "recur_backward_kernel", "network_forward_kernel",
+                   "network_backward_kernel"):
         assert {(kernel, dt, w) for dt in ("float32", "float64") for w in ("shared", "global")} <= compiled
     assert all(0 < r["registers"] <= 255 for r in report["rows"])
 
@@ -111,12 +155,33 @@ def test_float32_kernels_have_no_float64_instructions(report):
 @pytest.mark.slow
 def test_recurrence_kernels_do_not_spill(report):
     rows = [r for r in report["rows"] if r["recurrence"]]
-    # recur_forward / recur_backward x 2 dtypes x 2 weight placements; network_forward / _backward x 2 dtypes
+    # recur_forward / recur_backward and network_forward / _backward x 2 dtypes x 2 weight placements
     # (the kernels, named *_kernel; their launchers carry the contract's names).
-    assert len(rows) == 12
+    assert len(rows) == 16
     spills = {f"{r['kernel']}/{r['dtype']}/{r['weights']}": (r["spill_stores"], r["spill_loads"])
               for r in rows if r["spill_stores"] or r["spill_loads"]}
     assert not spills, f"spill stores/loads (bytes) in the recurrence: {spills}"
+
+
+# The time walks' machine-code budget (docs/architecture.md, "SASS per FMA"): a dot-product step of a
+# float32 time walk may take at most this many SASS instructions per FMA in its hot loops. Indexing
+# with signed int64 (Numba's wrap-around check on every load) costs 29-35; accumulating through
+# global memory 40-48; uint32 offsets advanced by addition about 7.5.
+SASS_PER_FMA_BUDGET = 10
+
+
+@pytest.mark.slow
+def test_float32_time_walks_meet_the_sass_per_fma_budget(report):
+    rows = [r for r in report["rows"] if r["recurrence"] and r["dtype"] == "float32"]
+    assert {(r["kernel"], r["weights"]) for r in rows} == {
+        (k, w) for k in ("recur_forward_kernel", "recur_backward_kernel", "network_forward_kernel",
+                         "network_backward_kernel") for w in ("shared", "global")}
+    # No hot loop at all means the dot products no longer accumulate in registers: over budget too.
+    over = {f"{r['kernel']}/{r['weights']}": (r["sass_per_fma"], r["hot_loops"]) for r in rows
+            if r["sass_per_fma"] is None or r["sass_per_fma"] > SASS_PER_FMA_BUDGET}
+    assert not over, f"SASS instructions per FMA in the hot loops over {SASS_PER_FMA_BUDGET}: {over}"
+    for r in rows:
+        assert 0 < r["hot_fma"] <= r["fma_count"] and r["hot_instructions"] < r["sass_instructions"]
 
 
 @pytest.mark.slow
@@ -130,6 +195,10 @@ def test_planned_blocks_fit_the_compiled_register_counts(report):
     assert plan.rows_per_block * plan.unit_threads <= K._MAX_RECURRENCE_THREADS
     assert all(r["planned_threads"] == K._MAX_RECURRENCE_THREADS for r in report["rows"]
                if r["kernel"].startswith("recur_"))
+    # The network's walks: a thread per neuron, blocks of up to 256.
+    from elmcore.kernels import network_cuda as NK
+    assert NK.MAX_WALK_THREADS == 256 and all(r["planned_threads"] == 256 for r in report["rows"]
+                                              if r["kernel"].startswith("network_"))
 
 
 def test_report_script_without_compilers_says_why(tmp_path):

@@ -149,3 +149,115 @@ def test_every_listed_kernel_compiles_per_dtype():
     for dtype in (np.float32, np.float64):
         kernels = network_cuda.kernel_set(dtype)
         assert set(network_cuda.KERNELS) == set(kernels)
+
+
+# ---- the time walks' launch shapes, kernel against kernel ------------------------------------
+
+def _walk_inputs(rng, dtype, B, T, N, nb, Dm, H, L, entries):
+    """One layer's time-walk arguments, with the model's placeholders where it passes them."""
+    I0, W0, Lh = nb + Dm, H if L else Dm, max(L - 1, 0)
+
+    def f(*s, scale=0.5):
+        return rng.normal(scale=scale, size=s).astype(dtype)
+
+    target = np.sort(rng.integers(0, N, entries))
+    src = rng.integers(0, N, entries)
+    rec_k = rng.integers(0, nb, entries)
+    rec_ptr = np.concatenate([[0], np.cumsum(np.bincount(target, minlength=N))]).astype(np.int64)
+    src_entry = np.argsort(src, kind="stable").astype(np.int64)
+    src_ptr = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=N))]).astype(np.int64)
+    return dict(
+        E=f(B, T, nb, N), kappa_b=rng.uniform(0.3, 0.95, (nb, N)).astype(dtype), rec_ptr=rec_ptr,
+        rec_i=target.astype(np.int64), rec_k=rec_k.astype(np.int64), rec_src=src.astype(np.int64),
+        rec_w=f(entries), src_ptr=src_ptr, src_entry=src_entry, W_in=f(I0, W0, N), c_in=f(W0, N),
+        W_hid=f(Lh, H, H, N) if Lh else np.zeros((1, 1, 1, N), dtype),
+        c_hid=f(Lh, H, N) if Lh else np.zeros((1, 1, N), dtype),
+        W_out=f(H, Dm, N) if L else np.zeros((H, 1, N), dtype), c_out=f(Dm, N) if L else np.zeros((1, N), dtype),
+        kappa_m=rng.uniform(0.3, 0.95, (Dm, N)).astype(dtype), c_m=rng.uniform(0.2, 1.5, (Dm, N)).astype(dtype),
+        w_o=f(Dm, N), c_o=f(N), b0=f(B, nb, N), m0=f(B, Dm, N), o0=f(B, N), dO=f(B, T, N))
+
+
+def _walk(k, inp, L, H, activation, xp):
+    """network_forward then network_backward of kernel module ``k``; every output on the host."""
+    from elmcore.neuron import params as P
+    a = {key: xp.asarray(v) for key, v in inp.items()}
+    B, T, nb, N = a["E"].shape
+    Dm = a["kappa_m"].shape[0]
+    dt = a["E"].dtype
+    scale, slope = dt.type(P.PHI_SCALE), dt.type(P.PHI_SLOPE)
+
+    def nan(*s):
+        return xp.full(s, np.nan, dt)
+
+    fwd = dict(A0=nan(B, T, nb + Dm, N), Z=nan(L, B, T, H, N), DM=nan(B, T, Dm, N), M=nan(B, T, Dm, N),
+               O=nan(B, T, N), b=nan(B, nb, N))
+    plans = [k.network_forward(a["E"], a["kappa_b"], a["rec_ptr"], a["rec_i"], a["rec_k"], a["rec_src"], a["rec_w"],
+                               a["W_in"], a["c_in"], a["W_hid"], a["c_hid"], a["W_out"], a["c_out"], a["kappa_m"],
+                               a["c_m"], a["w_o"], a["c_o"], a["b0"], a["m0"], a["o0"], activation, scale, slope,
+                               fwd["A0"], fwd["Z"], fwd["DM"], fwd["M"], fwd["O"], fwd["b"])]
+    bwd = dict(GB=nan(B, T, nb, N), dZ=nan(L, B, T, H, N), dP=nan(B, T, Dm, N), GO=nan(B, T, N),
+               act=nan(L, B, T, H, N), gk=nan(B, Dm, N), gc=nan(B, Dm, N))
+    plans.append(k.network_backward(a["dO"], a["kappa_b"], a["rec_ptr"], a["rec_i"], a["rec_k"], a["rec_src"],
+                                    a["rec_w"], a["src_ptr"], a["src_entry"], a["W_in"], a["W_hid"], a["W_out"],
+                                    a["kappa_m"], a["c_m"], a["w_o"], a["m0"], fwd["A0"], fwd["Z"], fwd["DM"],
+                                    fwd["M"], activation, scale, slope, bwd["GB"], bwd["dZ"], bwd["dP"], bwd["GO"],
+                                    bwd["act"], bwd["gk"], bwd["gc"]))
+    out = {key: v if isinstance(v, np.ndarray) else v.get() for key, v in {**fwd, **bwd}.items()}
+    return out, plans
+
+
+def _device_xp():
+    if REAL_GPU:
+        import cupy
+        return cupy
+    return np
+
+
+WALK_SHAPES = [  # (neurons, threads per block, hidden layers, weights in shared memory)
+    (37, 32, 0, True),     # N not a multiple of 32: threads 0-4 walk a second neuron
+    (37, 32, 1, False),
+    (37, 32, 2, True),
+    (37, 32, 2, False),
+    (256, 256, 1, False),  # one neuron per thread
+    (256, 256, 2, True),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("N,threads,L,in_shared", WALK_SHAPES,
+                         ids=[f"N{c[0]}-thr{c[1]}-L{c[2]}-{'shared' if c[3] else 'global'}" for c in WALK_SHAPES])
+def test_time_walk_launch_shapes_equal_the_cpu_kernels(N, threads, L, in_shared, monkeypatch):
+    from elmcore.kernels import network_cpu, network_cuda
+    from elmcore.kernels.pointwise import activation_code
+    monkeypatch.setattr(network_cuda, "policy", network_cuda.WalkPolicy(threads=threads, weights_in_shared=in_shared))
+    H = 3
+    inp = _walk_inputs(np.random.default_rng(N + L), np.float64, 2, 3, N, 2, 2, H, L, entries=2 * N)
+    act = activation_code("silu")
+    ref, _ = _walk(network_cpu, inp, L, H, act, np)
+    got, plans = _walk(network_cuda, inp, L, H, act, _device_xp())
+    assert all(p.threads == threads and p.weights_in_shared is in_shared for p in plans)
+    for key in ref:
+        assert np.all(np.isfinite(got[key])), key
+        scale = max(np.abs(ref[key]).max(), 1e-30) if ref[key].size else 1.0
+        assert np.abs(got[key] - ref[key]).max(initial=0) <= TOL["float64"] * scale, key
+
+
+def test_time_walk_plan_one_thread_per_neuron_and_weights_by_size(monkeypatch):
+    from elmcore import ELMError
+    from elmcore.kernels import network_cuda as NK
+    monkeypatch.setattr(NK, "SIMULATOR", False)  # the GPU's rules, wherever this runs
+    monkeypatch.setattr(NK, "MAX_BLOCKS", 65535)
+    monkeypatch.setattr(NK, "policy", NK.WalkPolicy())
+    H100 = (132, 227 * 1024)  # multiprocessors, opt-in shared bytes per block
+    # 37 neurons: two whole warps; 15 scratch values per neuron (odd stride 15); small weights stay on chip.
+    small = NK.plan_walk(8, 37, 15, 37 * 200, 4, limits=H100)
+    assert (small.threads, small.blocks, small.weights_in_shared) == (64, 8, True)
+    assert small.shared_bytes == 64 * 15 * 4 + 37 * 200 * 4
+    # 1000 neurons: 256 threads walk four neurons each; 1000 · 600 weights (2.4 MB) stay in global memory.
+    big = NK.plan_walk(8, 1000, 40, 1000 * 600, 4, limits=H100)
+    assert (big.threads, big.weights_in_shared, big.shared_bytes) == (256, False, 256 * 41 * 4)
+    # Scratch rows too long for 256 threads in 48 KB: fewer threads (whole warps).
+    tight = NK.plan_walk(8, 256, 100, 10, 8, limits=(132, 48 * 1024))
+    assert tight.threads == 32 * (48 * 1024 // (101 * 8 * 32)) and tight.threads * 101 * 8 <= 48 * 1024
+    with pytest.raises(ELMError, match="shared memory"):
+        NK.plan_walk(8, 64, 1000, 10, 8, limits=(132, 48 * 1024))

@@ -69,6 +69,8 @@ Design choices, and why:
 * Routing input gradient: one thread per (b, t, input); a gather, no conflicts.
 * Linear scans: one thread per (b, channel), looping over T; neighbouring
   threads touch neighbouring channels, so every step is a coalesced access.
+  Each step's input is loaded one step ahead (the scans may run in place, so the
+  compiler may not move a load above the previous step's store itself).
 * Recurrence: ONE launch for all T steps. One thread block per batch tile of R
   rows (``blockDim = (unit threads, R)``), threads over hidden / memory units.
   The recurrent weights (W0m, Wh, Wo and the biases, packed into one flat
@@ -80,6 +82,9 @@ Design choices, and why:
   (L + 1 times with L hidden layers; once when L = 0, where ping-pong buffers
   remove the second barrier). Weight gradients are NOT accumulated here: the
   model forms them afterwards as GEMMs over all B·T rows, from Z, M and dZ.
+  Every dot product is ``cuda_launch.dot``: uint32 offsets advanced by addition in a
+  ``while`` loop, about 7.5 SASS instructions per FMA where ``range`` with Python's
+  negative-index wrap-around took 29-35 (docs/architecture.md, "SASS per FMA").
 
 Streams: kernels are launched on CuPy's current stream, and array arguments
 are imported with ``sync=False``, so no launch blocks the host (``cuda_launch.py``).
@@ -94,8 +99,8 @@ from numba import cuda
 
 from ..errors import ELMError
 from . import pointwise as pw
-from .cuda_launch import (MAX_BLOCKS, SIMULATOR, array_module, constants, device_arg, flat_shape, float_type, launch,
-                          stream)
+from .cuda_launch import (MAX_BLOCKS, SIMULATOR, U, array_module, constants, device_arg, dot, flat_shape, float_type,
+                          launch, stream)
 
 # Optional parts of the kernel contract (kernels/contract.py): the sparse first
 # layer is a CPU trick (it trades dense GEMMs for event loops); cuBLAS is faster.
@@ -267,8 +272,14 @@ def _scan_kernels(np_dtype):
             c = k - b * C
             decay = kappa[c]
             prev = u0[b, c]
+            # Read-ahead: A may alias U_out, so the compiler cannot load A[t + 1] before the store
+            # of U_out[t]; loaded here, step t + 1's load overlaps step t's FMA and store.
+            ahead = A[b, 0, c] if T > 0 else ZERO
             for t in range(T):
-                prev = decay * prev + A[b, t, c]
+                a = ahead
+                if t + 1 < T:
+                    ahead = A[b, t + 1, c]
+                prev = decay * prev + a
                 U_out[b, t, c] = prev
 
     @cuda.jit
@@ -279,8 +290,12 @@ def _scan_kernels(np_dtype):
             c = k - b * C
             decay = kappa[c]
             nxt = ZERO
+            ahead = dU[b, T - 1, c] if T > 0 else ZERO  # read-ahead, as in scan_forward_kernel
             for t in range(T - 1, -1, -1):
-                nxt = dU[b, t, c] + decay * nxt
+                g = ahead
+                if t > 0:
+                    ahead = dU[b, t - 1, c]
+                nxt = g + decay * nxt
                 dA_out[b, t, c] = nxt
 
     return dict(scan_forward_kernel=scan_forward_kernel, scan_backward_kernel=scan_backward_kernel)
@@ -378,9 +393,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
             if L > 0:
                 if active:
                     for j in range(lane, W0, nlanes):
-                        acc = Zb[b, t, j]
-                        for i in range(Dm):
-                            acc += smem[km_now + i] * W[i * W0 + j]
+                        acc = dot(Zb[b, t, j], smem, U(km_now), U(1), W, U(j), U(W0), U(Dm))
                         Z_out[0, b, t, j] = acc
                         smem[act0 + j] = activate(acc, activation)
                 cuda.syncthreads()
@@ -390,23 +403,17 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                     w_l = o_wh + (l - 1) * H * H
                     if active:
                         for j in range(lane, H, nlanes):
-                            acc = W[o_ch + (l - 1) * H + j]
-                            for i in range(H):
-                                acc += smem[src + i] * W[w_l + i * H + j]
+                            acc = dot(W[o_ch + (l - 1) * H + j], smem, U(src), U(1), W, U(w_l + j), U(H), U(H))
                             Z_out[l, b, t, j] = acc
                             smem[dst + j] = activate(acc, activation)
                     cuda.syncthreads()
             if active:
                 for j in range(lane, Dm, nlanes):
                     if L > 0:
-                        o = W[o_co + j]
-                        for i in range(H):
-                            o += smem[last + i] * W[o_wo + i * Dm + j]
+                        o = dot(W[o_co + j], smem, U(last), U(1), W, U(o_wo + j), U(Dm), U(H))
                     else:
                         # No hidden layer: o = z_0, whose bias Zb already carries.
-                        o = Zb[b, t, j]
-                        for i in range(Dm):
-                            o += smem[km_now + i] * W[i * W0 + j]
+                        o = dot(Zb[b, t, j], smem, U(km_now), U(1), W, U(j), U(W0), U(Dm))
                     dm = phi(o, phi_scale, phi_slope)
                     DM_out[b, t, j] = dm
                     m = smem[km_now + j] + c_m[j] * dm
@@ -462,9 +469,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                 dst = dz0 + ((L - 1) % 2) * H
                 if active:
                     for i in range(lane, H, nlanes):
-                        acc = ZERO
-                        for j in range(Dm):
-                            acc += smem[do_at + j] * W[o_wo + j * H + i]
+                        acc = dot(ZERO, smem, U(do_at), U(1), W, U(o_wo + i), U(H), U(Dm))
                         dz = acc * activation_slope(Z[L - 1, b, t, i], activation)
                         dZ_out[L - 1, b, t, i] = dz
                         smem[dst + i] = dz
@@ -475,9 +480,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                     w_l = o_wh + (l - 1) * H * H
                     if active:
                         for i in range(lane, H, nlanes):
-                            acc = ZERO
-                            for j in range(H):
-                                acc += smem[src + j] * W[w_l + j * H + i]
+                            acc = dot(ZERO, smem, U(src), U(1), W, U(w_l + i), U(H), U(H))
                             dz = acc * activation_slope(Z[l - 1, b, t, i], activation)
                             dZ_out[l - 1, b, t, i] = dz
                             smem[dst + i] = dz
@@ -486,10 +489,8 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
             dz_first = dz0 if L > 0 else do_at
             if active:
                 for i in range(lane, Dm, nlanes):
-                    acc = ZERO
                     # (e) r = W0mᵀ dz0   (acc)
-                    for j in range(W0):
-                        acc += smem[dz_first + j] * W[j * Dm + i]
+                    acc = dot(ZERO, smem, U(dz_first), U(1), W, U(i), U(Dm), U(W0))
                     # (f) total = g + r;  gk += total ⊙ m_{t−1};  carry = κ_m ⊙ total
                     total = smem[g_at + i] + acc
                     m_prev = M[b, t - 1, i] if t > 0 else m0[b, i]
@@ -586,25 +587,41 @@ _opted_in = set()
 def _launch_recurrence(name, batch, tile, unit_width, row_floats, args):
     """Plan, pick the kernel variant and launch; returns the RecurrenceLaunch used."""
     dtype, packed = args[0].dtype, args[1]
+    return launch_planned(
+        lambda max_threads, limits: plan_recurrence(batch, tile, unit_width, row_floats, packed.size,
+                                                    dtype.itemsize, max_threads, limits),
+        lambda plan: _recurrence_kernels(float_type(dtype), plan.weights_in_shared)[name],
+        lambda plan: (plan.unit_threads, plan.rows_per_block), _MAX_RECURRENCE_THREADS, args)
+
+
+def launch_planned(plan_for, kernel_for, block_of, max_threads, args):
+    """Plan a launch with dynamic shared memory, pick the kernel variant and launch it.
+
+    plan_for(max_threads, limits) -> plan (with ``blocks`` and ``shared_bytes``), kernel_for(plan) ->
+    the dispatcher, block_of(plan) -> blockDim. On a GPU the plan is redone with fewer threads when
+    the compiled kernel's register count allows fewer than it asks for, and within 48 KB when the
+    kernel's shared memory cap cannot be raised. Returns the plan used.
+    """
     dev_args = tuple(device_arg(a) for a in args)
-    max_threads, limits = _MAX_RECURRENCE_THREADS, None
+    limits = None
     while True:
-        plan = plan_recurrence(batch, tile, unit_width, row_floats, packed.size, dtype.itemsize,
-                               max_threads, limits)
-        kernel = _recurrence_kernels(float_type(dtype), plan.weights_in_shared)[name]
+        plan = plan_for(max_threads, limits)
+        kernel = kernel_for(plan)
         if SIMULATOR:
             break
         kernel = kernel.specialize(*dev_args)
-        # The register budget above makes every plan fit; this guards a future kernel
+        # The register budgets make every plan fit; this guards a future kernel
         # (or another ptxas) whose compiled register count allows fewer threads.
         allowed = next(iter(kernel.overloads.values())).max_threads_per_block
-        if plan.rows_per_block * plan.unit_threads > allowed:
+        block = block_of(plan)
+        threads = block[0] * block[1] if isinstance(block, tuple) else block
+        if threads > allowed:
             max_threads = allowed
         elif plan.shared_bytes > _DEFAULT_SHARED_BYTES and not _allow_large_shared(kernel):
             limits = (_device_limits()[0], _DEFAULT_SHARED_BYTES)
         else:
             break
-    kernel[plan.blocks, (plan.unit_threads, plan.rows_per_block), stream(), plan.shared_bytes](*dev_args)
+    kernel[plan.blocks, block_of(plan), stream(), plan.shared_bytes](*dev_args)
     return plan
 
 

@@ -6,6 +6,9 @@ grid-stride kernels, and the float types kernels are built for, with constants o
 
 Streams: kernels are launched on CuPy's current stream, and array arguments are imported with
 ``sync=False``, so no launch blocks the host and kernels stay ordered with cuBLAS GEMMs.
+
+The dot product the time walks spend their time in (``dot``) is here too, written for the
+machine code it compiles to (docs/architecture.md, "SASS per FMA").
 """
 
 import numpy as np
@@ -28,6 +31,11 @@ SIMULATOR = _simulator_enabled()
 # grids keep it fast, and grid-stride loops keep the results identical.
 FLAT_THREADS = 32 if SIMULATOR else 256
 MAX_BLOCKS = 2 if SIMULATOR else 65535
+
+# Kernel offsets and loop counters: Numba types the sums of two uint32 as uint64, so every
+# advance is written U(a + b), which compiles to one 32-bit add; indexing with an unsigned
+# value skips Numba's negative-index wrap-around.
+U = np.uint32
 
 
 def array_module(a):
@@ -75,6 +83,24 @@ def flat_shape(n):
     """(blocks, threads) for a grid-stride kernel over ``n`` items."""
     threads = max(1, min(FLAT_THREADS, n))
     return max(1, min(-(-n // threads), MAX_BLOCKS)), threads
+
+
+@cuda.jit(device=True)
+def dot(acc, x, x_at, x_step, w, w_at, w_step, n):
+    """acc + Σ_{k<n} x[x_at + k·x_step] · w[w_at + k·w_step], added in k order (the CPU twins' order).
+
+    The offsets and steps are uint32 (``U``) and advanced by addition in a ``while`` loop that
+    ends on the x offset: a signed index would make Numba emit a wrap-around check for negative
+    indices on every load, and ``range`` with int64 indices 64-bit multiplies and compares; this
+    form compiles to two loads (with one address instruction each), an FMA and three integer
+    instructions per step (tests/test_cuda_codegen.py holds the time walks to it).
+    """
+    x_end = U(x_at + n * x_step)
+    while x_at != x_end:
+        acc += x[x_at] * w[w_at]
+        x_at = U(x_at + x_step)
+        w_at = U(w_at + w_step)
+    return acc
 
 
 def float_type(dtype):

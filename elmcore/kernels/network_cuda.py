@@ -9,15 +9,27 @@ layout). Arrays are CuPy arrays on a real GPU, handed over through
 Design, and why:
 
 * Time walks (``network_forward`` / ``network_backward``): ONE launch for all T steps.
-  One block per batch row (grid-stride over rows), threads over neurons; a thread owns
-  the same neurons in every phase, so each neuron's state is only ever touched by its
-  owner. Neurons meet only through the recurrent synapses, which read o_{t−1} of other
-  neurons (forward) or scatter into it (backward, formed as a gather over the entries
-  grouped by source): one ``syncthreads`` per step makes those values visible.
-* No shared memory and no per-thread scratch: a neuron's state between phases lives in
-  the output arrays themselves (b_t in A0_out, pre-φ values in DM_out before φ overwrites
-  them, the memory carry of step t−1 in dP_out[:, t−1] until step t−1 replaces it with
-  ∂/∂pre). Those rows are the thread's own and stay in L1/L2.
+  One block per batch row (grid-stride over rows), one thread per neuron, blocks of up to
+  256 threads (``MAX_WALK_THREADS``; larger layers are walked by the same threads in turn,
+  neuron i, i + blockDim, ...); a thread owns the same neurons in every phase, so each
+  neuron's state is only ever touched by its owner. Neurons meet only through the
+  recurrent synapses, which read o_{t−1} of other neurons (forward) or scatter into it
+  (backward, formed as a gather over the entries grouped by source): one ``syncthreads``
+  per step makes those values visible.
+* The dot products accumulate in registers (loop interchange: each output's sum over its
+  inputs is formed, then stored once) with ``cuda_launch.dot``'s uint32 offsets: Numba
+  cannot prove that the output arrays do not alias, so a sum kept in them (out[o] += w·x)
+  costs a load and a store per multiply-add. The vector a sum reads (the neuron's a_0, a
+  layer's activations, ∂pre, ∂z) is on chip: each thread has a scratch row in shared
+  memory, rows ``row_stride`` (odd) values apart so a warp's 32 threads hit 32 banks.
+  The per-neuron MLP weights of all N neurons are packed into one flat buffer, staged in
+  shared memory when they fit beside the scratch (``plan_walk``, chosen by size as the
+  single neuron's launcher does), else read from global memory; the neuron-minor layout
+  W[j, o, i] makes a warp's 32 reads of one weight coalesced in both places.
+* What crosses steps stays in the output arrays (b_{t−1} in A0_out, m_{t−1} in M_out, the
+  memory carry of step t−1 in dP_out[:, t−1] until step t−1 replaces it with ∂/∂pre, the
+  Σ∂κ_m and Σ∂c_m sums in their outputs), read back once per step, so a thread walking
+  several neurons needs one scratch row only.
 * Sums run in the CPU kernels' order (over inputs j ascending, then over o ascending),
   so CPU and CUDA agree to rounding.
 * Weight gradients (``neuron_weight_grad``, ``recurrent_weight_grad``): one thread per
@@ -27,182 +39,204 @@ Design, and why:
 Streams: launched on CuPy's current stream with ``sync=False`` arrays (``cuda_launch.py``).
 """
 
+import dataclasses
 import functools
+from typing import Optional
 
 from numba import cuda
 
+from ..errors import ELMError
 from . import pointwise as pw
+from .cuda import _device_limits, _packed, _weight_staging, launch_planned
 from .cuda import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
-from .cuda_launch import MAX_BLOCKS, SIMULATOR, array_module, flat_shape, float_type, launch
+from .cuda_launch import MAX_BLOCKS, SIMULATOR, U, array_module, constants, dot, flat_shape, float_type, launch
 
 # Optional parts of the kernel contract (kernels/contract.py): the network's kernels have none.
 CAPABILITIES = frozenset()
 
-# The simulator runs every CUDA thread as a Python thread: few threads keep it fast.
-_NEURON_THREADS = 4 if SIMULATOR else 128
+# Threads per block of the time walks: one per neuron, up to this many (larger layers are
+# walked by the same threads in turn). The simulator runs every CUDA thread as a Python
+# thread: few threads keep it fast (tests raise it through ``policy``).
+MAX_WALK_THREADS = 256
+_SIMULATOR_THREADS = 4
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(np_dtype):
-    """Kernels specialised for one float dtype (constants typed so float32 stays float32)."""
-    ZERO = np_dtype(0)
+def _kernels(np_dtype, weights_in_shared=False):
+    """Kernels specialised for one float dtype (constants typed so float32 stays float32) and one
+    placement of the time walks' MLP weights (the other kernels are the same in both)."""
+    nb_dtype, ZERO, _ = constants(np_dtype)
     pointwise = pw.cuda_functions(np_dtype)
     activate, activation_slope, phi, phi_backward = (pointwise.activate, pointwise.activation_slope,
                                                      pointwise.phi, pointwise.phi_backward)
+    stage_weights = _weight_staging(weights_in_shared)
 
     @cuda.jit
-    def network_forward_kernel(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out,
-                        c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, L, H,
-                        A0_out, Z_out, DM_out, M_out, O_out, b_out):
+    def network_forward_kernel(E, kappa_b, rec_ptr, rec_k, rec_src, rec_w, packed, o_cin, o_whid, o_chid, o_wout,
+                               o_cout, kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, L, H,
+                               row_stride, A0_out, Z_out, DM_out, M_out, O_out, b_out):
+        # packed: W_in [I0,W0,N] | c_in [W0,N] | W_hid [Lh,H,H,N] | c_hid [Lh,H,N] | W_out [H,Dm,N] | c_out [Dm,N]
+        # at 0, o_cin, o_whid, o_chid, o_wout, o_cout (W_in, c_in only when L = 0). Shared memory:
+        # [packed (if staged)] then a row per thread, every row_stride values: a_0 [I0], activations
+        # ping-pong [2,H].
+        smem = cuda.shared.array(0, nb_dtype)
         B, T, nb, N = E.shape
         Dm = kappa_m.shape[0]
-        I0 = W_in.shape[0]
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
+        I0 = nb + Dm
+        W, base = stage_weights(packed, smem)
+        cuda.syncthreads()
+        nt = U(cuda.blockDim.x)
+        neurons = U(N)
+        one = U(1)
+        a0 = U(base + cuda.threadIdx.x * row_stride)
+        act0 = U(a0 + I0)
+        # The output layer: z_0 itself when L = 0 (then W0 = Dm), else fed by the last activations.
+        out_bias = U(o_cin if L == 0 else o_cout)
+        out_x = a0 if L == 0 else U(act0 + ((L - 1) % 2) * H)
+        out_w = U(0 if L == 0 else o_wout)
+        out_n = U(I0 if L == 0 else H)
         for bb in range(cuda.blockIdx.x, B, cuda.gridDim.x):
             for t in range(T):
-                for i in range(tid, N, nthreads):
+                i = U(cuda.threadIdx.x)
+                while i < neurons:
+                    # a_0 = [b_t; κ_m ⊙ m_{t−1}] into the thread's column, and into A0_out.
                     for k in range(nb):
                         prev = A0_out[bb, t - 1, k, i] if t > 0 else b0[bb, k, i]
-                        A0_out[bb, t, k, i] = kappa_b[k, i] * prev + E[bb, t, k, i]
+                        smem[a0 + k] = kappa_b[k, i] * prev + E[bb, t, k, i]
                     for e in range(rec_ptr[i], rec_ptr[i + 1]):
                         o_prev = O_out[bb, t - 1, rec_src[e]] if t > 0 else o0[bb, rec_src[e]]
-                        A0_out[bb, t, rec_k[e], i] += rec_w[e] * o_prev
+                        smem[a0 + rec_k[e]] += rec_w[e] * o_prev
+                    for k in range(nb):
+                        A0_out[bb, t, k, i] = smem[a0 + k]
                     for j in range(Dm):
                         m_prev = M_out[bb, t - 1, j, i] if t > 0 else m0[bb, j, i]
-                        A0_out[bb, t, nb + j, i] = kappa_m[j, i] * m_prev
-                    # The first layer writes z_0, or the pre-φ values into DM_out when L = 0.
-                    W0 = W_in.shape[1]
-                    for o in range(W0):
-                        if L == 0:
-                            DM_out[bb, t, o, i] = c_in[o, i]
+                        km = kappa_m[j, i] * m_prev
+                        smem[a0 + nb + j] = km
+                        A0_out[bb, t, nb + j, i] = km
+                    # Hidden layers: z_l = c_l + Σ_j W_l[j] · a_{l−1}[j], summed in a register.
+                    for l in range(L):
+                        dst = U(act0 + (l % 2) * H)
+                        if l == 0:
+                            x_at, w_at, bias_at, n = a0, U(i), U(o_cin + i), U(I0)
                         else:
-                            Z_out[0, bb, t, o, i] = c_in[o, i]
-                    for j in range(I0):
-                        a = A0_out[bb, t, j, i]
-                        for o in range(W0):
-                            if L == 0:
-                                DM_out[bb, t, o, i] += W_in[j, o, i] * a
-                            else:
-                                Z_out[0, bb, t, o, i] += W_in[j, o, i] * a
-                    for l in range(1, L):
+                            x_at = U(act0 + ((l - 1) % 2) * H)
+                            w_at = U(o_whid + (l - 1) * H * H * N + i)
+                            bias_at = U(o_chid + (l - 1) * H * N + i)
+                            n = U(H)
                         for o in range(H):
-                            Z_out[l, bb, t, o, i] = c_hid[l - 1, o, i]
-                        for j in range(H):
-                            a = activate(Z_out[l - 1, bb, t, j, i], activation)
-                            for o in range(H):
-                                Z_out[l, bb, t, o, i] += W_hid[l - 1, j, o, i] * a
-                    if L > 0:
-                        for o in range(Dm):
-                            DM_out[bb, t, o, i] = c_out[o, i]
-                        for j in range(H):
-                            a = activate(Z_out[L - 1, bb, t, j, i], activation)
-                            for o in range(Dm):
-                                DM_out[bb, t, o, i] += W_out[j, o, i] * a
+                            z = dot(W[bias_at + o * N], smem, x_at, one, W, U(w_at + o * N), U(H * N), n)
+                            Z_out[l, bb, t, o, i] = z
+                            smem[dst + o] = activate(z, activation)
+                    # Δm = φ(pre), m_t = κ_m ⊙ m_{t−1} + c_m ⊙ Δm, o_t = c_o + Σ_j w_o[j] m_t[j]
                     out = c_o[i]
-                    for j in range(Dm):
-                        dm = phi(DM_out[bb, t, j, i], phi_scale, phi_slope)
-                        DM_out[bb, t, j, i] = dm
-                        m = A0_out[bb, t, nb + j, i] + c_m[j, i] * dm
-                        M_out[bb, t, j, i] = m
-                        out += w_o[j, i] * m
+                    for o in range(Dm):
+                        pre = dot(W[out_bias + o * N + i], smem, out_x, one, W, U(out_w + o * N + i), U(Dm * N), out_n)
+                        dm = phi(pre, phi_scale, phi_slope)
+                        DM_out[bb, t, o, i] = dm
+                        m = smem[a0 + nb + o] + c_m[o, i] * dm
+                        M_out[bb, t, o, i] = m
+                        out += w_o[o, i] * m
                     O_out[bb, t, i] = out
+                    i = U(i + nt)
                 # o_t of every neuron is read by the recurrent synapses of step t + 1.
                 cuda.syncthreads()
-            for i in range(tid, N, nthreads):
+            i = U(cuda.threadIdx.x)
+            while i < neurons:
                 for k in range(nb):
                     b_out[bb, k, i] = A0_out[bb, T - 1, k, i]
+                i = U(i + nt)
 
     @cuda.jit
-    def network_backward_kernel(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid,
-                         W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, L, H,
-                         GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
-        B, T, nb, N = GB_out.shape
+    def network_backward_kernel(dO, kappa_b, src_ptr, src_chan, src_w, packed, o_whid, o_wout,
+                                kappa_m, c_m, w_o, m0, Z, DM, M, activation, phi_scale, phi_slope, L, H,
+                                row_stride, GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+        # packed: W_in [I0,W0,N] | W_hid [Lh,H,H,N] | W_out [H,Dm,N] at 0, o_whid, o_wout (W_in only when
+        # L = 0). Shared memory: [packed (if staged)] then a row per thread, every row_stride values:
+        # g [Dm], ∂pre [Dm], ∂z ping-pong [2,H]. GB_out is [B,T,nb·N] here (channel k·N + i); the
+        # recurrent entries by source neuron (src_ptr): their weight src_w and channel src_chan side by side.
+        smem = cuda.shared.array(0, nb_dtype)
+        B, T, N = dO.shape
+        nb = kappa_b.shape[0]
         Dm = kappa_m.shape[0]
-        W0 = W_in.shape[1]
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
+        W0 = H if L > 0 else Dm
+        W, base = stage_weights(packed, smem)
+        cuda.syncthreads()
+        nt = U(cuda.blockDim.x)
+        neurons = U(N)
+        one = U(1)
+        g_at = U(base + cuda.threadIdx.x * row_stride)
+        dp_at = U(g_at + Dm)
+        dz0 = U(dp_at + Dm)
         for bb in range(cuda.blockIdx.x, B, cuda.gridDim.x):
-            for i in range(tid, N, nthreads):
+            i = U(cuda.threadIdx.x)
+            while i < neurons:
                 GO_out[bb, T - 1, i] = dO[bb, T - 1, i]
                 for j in range(Dm):
                     gkappa_out[bb, j, i] = ZERO
                     gc_out[bb, j, i] = ZERO
                     dP_out[bb, T - 1, j, i] = ZERO  # the memory carry into the last step
+                i = U(i + nt)
             for t in range(T - 1, -1, -1):
-                for i in range(tid, N, nthreads):
+                i = U(cuda.threadIdx.x)
+                while i < neurons:
                     # (a) go = dO + carry_o (GO_out[bb, t] was completed by step t + 1's pass (f))
                     go = GO_out[bb, t, i]
-                    # dP_out[bb, t] holds the memory carry from step t + 1 until pass C below.
-                    # (b) dp = (w_o ⊙ go + carry_m) ⊙ c_m ⊙ φ'(p)   (pre_phi_grad)
-                    # (c) dz_l = (W_{l+1}ᵀ dz_{l+1}) ⊙ act'(z_l)
-                    if L > 0:
+                    # (b) g = w_o ⊙ go + carry_m;  gc += g ⊙ Δm;  dp = g ⊙ c_m ⊙ φ'(p)
+                    # dP_out[bb, t] holds the memory carry from step t + 1 until dp replaces it.
+                    for o in range(Dm):
+                        g = w_o[o, i] * go + dP_out[bb, t, o, i]
+                        smem[g_at + o] = g
+                        dm = DM[bb, t, o, i]
+                        gc_out[bb, o, i] += g * dm
+                        dp = phi_backward(g * c_m[o, i], dm, phi_scale, phi_slope)
+                        dP_out[bb, t, o, i] = dp
+                        smem[dp_at + o] = dp
+                    # (c) da = W_outᵀ dp; for l = L−1 … 0: dz_l = da ⊙ act'(z_l), da = W_lᵀ dz_l,
+                    # each sum in a register over o ascending.
+                    d_at = dp_at
+                    for l in range(L - 1, -1, -1):
+                        dst = U(dz0 + (l % 2) * H)
+                        if l == L - 1:
+                            w_at, n = U(o_wout + i), U(Dm)
+                        else:
+                            w_at, n = U(o_whid + l * H * H * N + i), U(H)
                         for h in range(H):
-                            dZ_out[L - 1, bb, t, h, i] = ZERO
-                        for o in range(Dm):
-                            dp = phi_backward((w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i], DM[bb, t, o, i],
-                                              phi_scale, phi_slope)
-                            for h in range(H):
-                                dZ_out[L - 1, bb, t, h, i] += W_out[h, o, i] * dp
-                        for l in range(L - 1, -1, -1):
-                            for h in range(H):
-                                z = Z[l, bb, t, h, i]
-                                dZ_out[l, bb, t, h, i] *= activation_slope(z, activation)
-                                act_out[l, bb, t, h, i] = activate(z, activation)
-                            if l > 0:
-                                for h in range(H):
-                                    dZ_out[l - 1, bb, t, h, i] = ZERO
-                                for o in range(H):
-                                    d = dZ_out[l, bb, t, o, i]
-                                    for h in range(H):
-                                        dZ_out[l - 1, bb, t, h, i] += W_hid[l - 1, h, o, i] * d
-                    # (c) da_0 = W_0ᵀ dz_0, branch rows;  (e) g_b(t) = da_0[:nb] + κ_b ⊙ g_b(t+1)
-                    # Pass A: the branch rows of ∂a_0, into g_b.
+                            acc = dot(ZERO, smem, d_at, one, W, U(w_at + h * n * N), neurons, n)
+                            z = Z[l, bb, t, h, i]
+                            dz = acc * activation_slope(z, activation)
+                            dZ_out[l, bb, t, h, i] = dz
+                            act_out[l, bb, t, h, i] = activate(z, activation)
+                            smem[dst + h] = dz
+                        d_at = dst
+                    # (c) da_0 = W_0ᵀ dz_0 (dz_0 = dp when L = 0);  (e) g_b(t) = da_0[:nb] + κ_b ⊙ g_b(t+1)
                     for k in range(nb):
-                        acc = ZERO
-                        for o in range(W0):
-                            if L == 0:
-                                d = phi_backward((w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i],
-                                                 DM[bb, t, o, i], phi_scale, phi_slope)
-                            else:
-                                d = dZ_out[0, bb, t, o, i]
-                            acc += W_in[k, o, i] * d
-                        carry = GB_out[bb, t + 1, k, i] if t < T - 1 else ZERO
-                        GB_out[bb, t, k, i] = acc + kappa_b[k, i] * carry
-                    # (b) g = w_o ⊙ go + carry_m,  gc += g ⊙ Δm
+                        acc = dot(ZERO, smem, d_at, one, W, U(k * W0 * N + i), neurons, U(W0))
+                        carry = GB_out[bb, t + 1, k * N + i] if t < T - 1 else ZERO
+                        GB_out[bb, t, k * N + i] = acc + kappa_b[k, i] * carry
                     # (d) total = g + da_0[nb:],  gk += total ⊙ m_{t−1},  carry_m = κ_m ⊙ total
-                    # Pass B: the memory rows; the carry for step t − 1 goes to dP_out[bb, t − 1].
+                    # (the carry for step t − 1 goes to dP_out[bb, t − 1]).
                     for j in range(Dm):
-                        acc = ZERO
-                        for o in range(W0):
-                            if L == 0:
-                                d = phi_backward((w_o[o, i] * go + dP_out[bb, t, o, i]) * c_m[o, i],
-                                                 DM[bb, t, o, i], phi_scale, phi_slope)
-                            else:
-                                d = dZ_out[0, bb, t, o, i]
-                            acc += W_in[nb + j, o, i] * d
-                        g = w_o[j, i] * go + dP_out[bb, t, j, i]
-                        gc_out[bb, j, i] += g * DM[bb, t, j, i]
-                        total = g + acc
+                        acc = dot(ZERO, smem, d_at, one, W, U((nb + j) * W0 * N + i), neurons, U(W0))
+                        total = smem[g_at + j] + acc
                         m_prev = M[bb, t - 1, j, i] if t > 0 else m0[bb, j, i]
                         gkappa_out[bb, j, i] += total * m_prev
                         if t > 0:
                             dP_out[bb, t - 1, j, i] = kappa_m[j, i] * total
-                    # (b) dp = g ⊙ c_m ⊙ φ'(p)
-                    # Pass C: ∂loss/∂pre replaces the carry.
-                    for j in range(Dm):
-                        dP_out[bb, t, j, i] = phi_backward((w_o[j, i] * go + dP_out[bb, t, j, i]) * c_m[j, i],
-                                                           DM[bb, t, j, i], phi_scale, phi_slope)
+                    i = U(i + nt)
                 # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e], then (a) of step t − 1
                 # g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources.
                 cuda.syncthreads()
                 if t > 0:
-                    for j in range(tid, N, nthreads):
+                    j = U(cuda.threadIdx.x)
+                    while j < neurons:
                         acc = ZERO
-                        for q in range(src_ptr[j], src_ptr[j + 1]):
-                            e = src_entry[q]
-                            acc += rec_w[e] * GB_out[bb, t, rec_k[e], rec_i[e]]
+                        q = U(src_ptr[j])
+                        q_end = U(src_ptr[j + 1])
+                        while q != q_end:
+                            acc += src_w[q] * GB_out[bb, t, src_chan[q]]
+                            q = U(q + 1)
                         GO_out[bb, t - 1, j] = dO[bb, t - 1, j] + acc
+                        j = U(j + nt)
 
     @cuda.jit
     def neuron_weight_grad_kernel(G, A, out, bias_out):
@@ -247,42 +281,143 @@ KERNELS = ("network_forward_kernel", "network_backward_kernel", "neuron_weight_g
            "recurrent_weight_grad_kernel")
 
 
-def kernel_set(dtype):
-    """{name: numba CUDA kernel} for one float dtype (float32 or float64)."""
-    return _kernels(float_type(dtype))
+def kernel_set(dtype, weights_in_shared=False):
+    """{name: numba CUDA kernel} for one float dtype (float32 or float64) and placement of the time
+    walks' weights (True: staged in shared memory)."""
+    return _kernels(float_type(dtype), bool(weights_in_shared))
 
 
-def _rows_shape(B, N):
-    return max(1, min(B, MAX_BLOCKS)), max(1, min(N, _NEURON_THREADS))
+@dataclasses.dataclass
+class WalkPolicy:
+    """Overrides of the time walks' launch shape (``None``: decide from the sizes and the device).
+
+    Tests use it to drive every shape through the simulator; production code leaves it alone.
+
+    threads            threads per block (neurons beyond it are walked by the same threads in turn).
+    weights_in_shared  False forces the weights-in-global-memory path; True stages them in shared memory.
+    """
+    threads: Optional[int] = None
+    weights_in_shared: Optional[bool] = None
+
+
+policy = WalkPolicy()
+
+
+@dataclasses.dataclass(frozen=True)
+class WalkLaunch:
+    """How one time walk is laid out: ``blocks`` (one per batch row, grid-stride beyond), ``threads``
+    over neurons, whether the MLP weights are staged in shared memory, dynamic shared bytes per block."""
+    blocks: int
+    threads: int
+    weights_in_shared: bool
+    shared_bytes: int
+
+
+def plan_walk(batch, neurons, row_floats, weight_floats, itemsize, max_threads=MAX_WALK_THREADS, limits=None):
+    """Choose a time walk's launch shape (pure function of sizes, device limits and ``policy``).
+
+    row_floats     the per-thread scratch row (floats) in shared memory; rows are laid out every
+                   ``row_stride(row_floats)`` values.
+    weight_floats  length of the packed MLP weights of all neurons.
+    max_threads    threads one block may have (the compiled kernel's register use may lower it).
+    limits         (multiprocessors, dynamic shared bytes per block); default: the current device's.
+    One thread per neuron up to ``max_threads`` (whole warps), fewer when the scratch columns do not
+    fit in shared memory; the weights are staged when they fit beside the scratch. Raises ELMError
+    when not even one warp's scratch fits.
+    """
+    _, limit = _device_limits() if limits is None else limits
+    if policy.threads:
+        threads = int(policy.threads)
+    elif SIMULATOR:
+        threads = max(1, min(neurons, _SIMULATOR_THREADS))
+    else:
+        threads = max(32, min(-(-neurons // 32) * 32, max_threads // 32 * 32))
+    warp = 1 if SIMULATOR or policy.threads else 32
+    stride = row_stride(row_floats)
+    while threads > warp and threads * stride * itemsize > limit:
+        threads -= warp
+    scratch = threads * stride * itemsize
+    if scratch > limit:
+        raise ELMError(f"the network's per-neuron scratch ({row_floats} values per neuron) does not fit in "
+                       f"{limit} bytes of GPU shared memory: reduce num_memory, num_branch or mlp_hidden_size")
+    in_shared = scratch + weight_floats * itemsize <= limit
+    if policy.weights_in_shared is not None:
+        in_shared = bool(policy.weights_in_shared)
+    shared = scratch + (weight_floats * itemsize if in_shared else 0)
+    return WalkLaunch(max(1, min(batch, MAX_BLOCKS)), threads, in_shared, shared)
+
+
+def row_stride(row_floats):
+    """Distance between two threads' scratch rows: odd, so that the 32 threads of a warp reading
+    value k of their own rows hit 32 different shared memory banks."""
+    return row_floats | 1
+
+
+def _launch_walk(name, batch, neurons, row_floats, packed, args):
+    """Plan, pick the placement's kernel and launch (``packed``: the weights among args). Returns the plan."""
+    dtype = args[0].dtype
+    return launch_planned(
+        lambda max_threads, limits: plan_walk(batch, neurons, row_floats, packed.size, dtype.itemsize,
+                                              max_threads, limits),
+        lambda plan: kernel_set(dtype, plan.weights_in_shared)[name],
+        lambda plan: plan.threads, MAX_WALK_THREADS, args)
 
 
 def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
                     kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope,
                     A0_out, Z_out, DM_out, M_out, O_out, b_out):
-    """See ``network_cpu.network_forward``. One block per batch row, threads over neurons."""
-    B, _, _, N = E.shape
-    k = kernel_set(E.dtype)["network_forward_kernel"]
-    rec_ptr, rec_i, rec_k, rec_src, rec_w = _nonempty(rec_ptr, rec_i, rec_k, rec_src, rec_w)
+    """See ``network_cpu.network_forward``. One block per batch row, a thread per neuron; the MLP
+    weights are packed into one flat buffer (staged in shared memory when they fit). Returns the
+    WalkLaunch used."""
+    xp, dt = array_module(E), E.dtype
+    B, _, nb, N = E.shape
+    I0, W0, _ = W_in.shape
+    Dm = kappa_m.shape[0]
     L, H = Z_out.shape[0], Z_out.shape[3]
+    Lh = max(L - 1, 0)
+    o_cin = I0 * W0 * N
+    o_whid = o_cin + W0 * N
+    o_chid = o_whid + Lh * H * H * N
+    o_wout = o_chid + Lh * H * N
+    o_cout = o_wout + H * Dm * N
+    # W_hid / c_hid (L < 2) and W_out / c_out (L = 0) may be the model's placeholders: left out.
+    packed = _packed(xp, dt, [W_in, c_in] + ([W_hid, c_hid] if Lh else []) + ([W_out, c_out] if L else []))
+    rec_ptr, rec_k, rec_src, rec_w = _nonempty(rec_ptr, rec_k, rec_src, rec_w)
     Z_out, = _hidden_stand_ins(Z_out)
-    launch(k, *_rows_shape(B, N), E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid,
-            W_out, c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, int(activation), phi_scale, phi_slope, L, H,
-            A0_out, Z_out, DM_out, M_out, O_out, b_out)
+    row_floats = I0 + (2 * H if L else 0)
+    return _launch_walk("network_forward_kernel", B, N, row_floats, packed, (
+        E, kappa_b, rec_ptr, rec_k, rec_src, rec_w, packed, o_cin, o_whid, o_chid, o_wout, o_cout,
+        kappa_m, c_m, w_o, c_o, b0, m0, o0, int(activation), phi_scale, phi_slope, L, H, row_stride(row_floats),
+        A0_out, Z_out, DM_out, M_out, O_out, b_out))
 
 
 def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope,
                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
-    """See ``network_cpu.network_backward``. One block per batch row, threads over neurons."""
-    B, _, _, N = GB_out.shape
-    k = kernel_set(dO.dtype)["network_backward_kernel"]
-    rec_ptr, rec_i, rec_k, rec_src, rec_w = _nonempty(rec_ptr, rec_i, rec_k, rec_src, rec_w)
-    src_entry, = _nonempty(src_entry)
+    """See ``network_cpu.network_backward``. One block per batch row, a thread per neuron; the MLP
+    weights are packed as in ``network_forward``. Returns the WalkLaunch used."""
+    xp, dt = array_module(dO), dO.dtype
+    B, _, nb, N = GB_out.shape
+    I0, W0, _ = W_in.shape
+    Dm = kappa_m.shape[0]
     L, H = Z.shape[0], Z.shape[3]
+    Lh = max(L - 1, 0)
+    o_whid = I0 * W0 * N
+    o_wout = o_whid + Lh * H * H * N
+    packed = _packed(xp, dt, [W_in] + ([W_hid] if Lh else []) + ([W_out] if L else []))
+    # The transposed synapses, gathered by source neuron: weight and flat [nb,N] channel side by side.
+    src_chan, src_w = _nonempty((rec_k * N + rec_i)[src_entry].astype(xp.uint32), rec_w[src_entry])
     Z, dZ_out, act_out = _hidden_stand_ins(Z, dZ_out, act_out)
-    launch(k, *_rows_shape(B, N), dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry,
-            W_in, W_hid, W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, int(activation), phi_scale, phi_slope, L, H,
-            GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out)
+    # The kernel indexes g_b by flat channel k·N + i: a [B,T,nb·N] view of GB_out's own memory.
+    gb = GB_out if GB_out.flags.c_contiguous else xp.empty(GB_out.shape, GB_out.dtype)
+    row_floats = 2 * Dm + (2 * H if L else 0)
+    plan = _launch_walk("network_backward_kernel", B, N, row_floats, packed, (
+        dO, kappa_b, src_ptr, src_chan, src_w, packed, o_whid, o_wout,
+        kappa_m, c_m, w_o, m0, Z, DM, M, int(activation), phi_scale, phi_slope, L, H, row_stride(row_floats),
+        gb.reshape(B, -1, nb * N), dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out))
+    if gb is not GB_out:
+        GB_out[...] = gb
+    return plan
 
 
 def neuron_weight_grad(G, A, out, bias_out):
