@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
     args = parser.parse_args()
     # The models drop to one thread by themselves below the rule's work; this times every size as set.
-    get_backend("cpu").one_thread_below_work = 0
+    get_backend("cpu").one_blas_thread_below_work = get_backend("cpu").one_numba_thread_below_work = 0
     rng = np.random.default_rng(0)
     print(f"{'shape':<40} {'work/step':>10} {'1 thread':>10} {f'{args.threads} threads':>11} {'ratio':>6}")
     for name, fields, B, T in SHAPES:

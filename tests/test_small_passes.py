@@ -21,7 +21,8 @@ def backend(monkeypatch):
     monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     cpu = get_backend("cpu")
-    monkeypatch.setattr(cpu, "one_thread_below_work", None)
+    monkeypatch.setattr(cpu, "one_blas_thread_below_work", None)
+    monkeypatch.setattr(cpu, "one_numba_thread_below_work", 4_000_000)
     before = numba.get_num_threads()
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     yield cpu
@@ -31,10 +32,12 @@ def backend(monkeypatch):
 @needs_two_threads
 def test_small_work_runs_on_one_thread_and_the_count_comes_back(backend, monkeypatch):
     every = numba.config.NUMBA_NUM_THREADS
-    with backend.kernel_threads(2 * WORK_PER_THREAD - 1):
+    with backend.kernel_threads(backend.one_numba_thread_below_work - 1):
         assert numba.get_num_threads() == 1
     assert numba.get_num_threads() == every
-    with backend.kernel_threads(2 * WORK_PER_THREAD):
+    with backend.kernel_threads(backend.one_numba_thread_below_work):
+        assert numba.get_num_threads() == every
+    with backend.kernel_threads(2 * WORK_PER_THREAD - 1):  # below the GEMMs' rule, not the kernels'
         assert numba.get_num_threads() == every
     with backend.kernel_threads(10, numba_threads=False):
         assert numba.get_num_threads() == every
@@ -64,9 +67,9 @@ def test_a_small_network_computes_the_same_numbers_on_one_thread(backend, monkey
     seen = []
     walk = network_cpu.network_forward
     monkeypatch.setattr(network_cpu, "network_forward", lambda *a: (seen.append(numba.get_num_threads()), walk(*a)))
-    backend.one_thread_below_work = 0
+    backend.one_numba_thread_below_work = backend.one_blas_thread_below_work = 0
     Y_all, grads_all = _train_pass(model)
-    backend.one_thread_below_work = None
+    backend.one_numba_thread_below_work, backend.one_blas_thread_below_work = 4_000_000, None
     Y_one, grads_one = _train_pass(model)
     assert seen == [numba.config.NUMBA_NUM_THREADS, 1]
     assert np.array_equal(Y_all, Y_one)

@@ -36,10 +36,13 @@ class CPUBackend:
         from elmcore.kernels import network_cpu
         return network_cpu
 
-    # Work (batch × steps × trainable parameters) below which a pass runs its kernels on one thread;
-    # None: the trainer's rule (``training/threads.py``), so that a model called directly runs as
-    # `elm train` would run it. bench/bench_threads.py sets 0 to time every size at every thread count.
-    one_thread_below_work = None
+    # Work (batch × steps × trainable parameters) below which a pass runs on one thread (see
+    # ``kernel_threads``). GEMMs: None, the trainer's rule (``training/threads.py``). Numba kernels:
+    # lower, since two threads already paid from ~4M on 2 cores at load average 1 (bench/bench_sizes.py:
+    # a network of 1,169 parameters, 3.7M, ran as fast on one thread, one of 6,177, 20M, 30 % slower).
+    # bench/bench_threads.py sets both to 0 to time every size at every thread count.
+    one_blas_thread_below_work = None
+    one_numba_thread_below_work = 4_000_000
 
     @staticmethod
     def to_host(a):
@@ -51,7 +54,8 @@ class CPUBackend:
 
     @contextlib.contextmanager
     def kernel_threads(self, work, numba_threads=True):
-        """Run the body's kernels and GEMMs on one thread when ``work`` is too small for a second to pay.
+        """Run the body's GEMMs (below ``one_blas_thread_below_work``) and Numba kernels (below
+        ``one_numba_thread_below_work``) on one thread, where ``work`` is too small for a second to pay.
 
         Each parallel kernel or threaded GEMM wakes sleeping threads and waits for the slowest at
         its end. On a shared machine those waits were most of a small model's step (measured on
@@ -64,16 +68,18 @@ class CPUBackend:
         OPENBLAS_NUM_THREADS is kept.
         """
         import numba
-        threshold = self.one_thread_below_work
-        if threshold is None:
+        blas_threshold = self.one_blas_thread_below_work
+        if blas_threshold is None:
             from elmcore.training.threads import WORK_PER_THREAD
-            threshold = 2 * WORK_PER_THREAD
-        if work >= threshold:
+            blas_threshold = 2 * WORK_PER_THREAD
+        # Counts the user exported are kept, as the trainer keeps them.
+        lower_numba = numba_threads and work < self.one_numba_thread_below_work and \
+            not os.environ.get("NUMBA_NUM_THREADS")
+        blas = _openblas_threads() if work < blas_threshold and not os.environ.get("OPENBLAS_NUM_THREADS") else None
+        if not lower_numba and blas is None:
             yield
             return
-        # Counts the user exported are kept, as the trainer keeps them.
-        numba_before = numba.get_num_threads() if numba_threads and not os.environ.get("NUMBA_NUM_THREADS") else 1
-        blas = None if os.environ.get("OPENBLAS_NUM_THREADS") else _openblas_threads()
+        numba_before = numba.get_num_threads() if lower_numba else 1
         blas_before = blas[0]() if blas else 1
         if numba_before > 1:
             numba.set_num_threads(1)
