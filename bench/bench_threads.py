@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+from elmcore.engine.backend import get_backend  # noqa: E402
 from elmcore.engine.factory import build_model  # noqa: E402
 from elmcore.neuron.config import ELMConfig  # noqa: E402
 from elmcore.training.losses import mse_last  # noqa: E402
@@ -53,6 +54,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
     args = parser.parse_args()
+    # The models drop to one thread by themselves below the rule's work; this times every size as set.
+    get_backend("cpu").one_blas_thread_below_work = get_backend("cpu").one_numba_thread_below_work = 0
     rng = np.random.default_rng(0)
     print(f"{'shape':<40} {'work/step':>10} {'1 thread':>10} {f'{args.threads} threads':>11} {'ratio':>6}")
     for name, fields, B, T in SHAPES:

@@ -265,6 +265,19 @@ def test_check_memory_names_the_need_and_the_limit():
     check_memory(1024, "a small thing")
 
 
+def test_the_memory_limit_follows_a_resource_limit_lowered_after_the_first_check():
+    # The cgroup files are read once per process; a resource limit the process lowers later still counts.
+    import subprocess
+    import sys
+    code = ("import resource; from elmcore.engine.memory import memory_limit_bytes; "
+            "first = memory_limit_bytes(); limit = min(first, 2 ** 40) // 2; "
+            "resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1])); "
+            "print(memory_limit_bytes() == limit, first > limit)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
 def test_check_memory_on_a_gpu_checks_the_gpu_not_the_host(monkeypatch):
     import types
     monkeypatch.setattr(memory_module, "memory_limit_bytes", lambda: 2 ** 40)  # a roomy host

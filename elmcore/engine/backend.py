@@ -9,6 +9,9 @@ neuron, ``network_kernels`` for the ELM Network; ``kernels/contract.py``): model
 the backend for them and never look at its name.
 """
 
+import contextlib
+import os
+
 import numpy as np
 
 from elmcore.errors import ELMError
@@ -33,6 +36,14 @@ class CPUBackend:
         from elmcore.kernels import network_cpu
         return network_cpu
 
+    # Work (batch × steps × trainable parameters) below which a pass runs on one thread (see
+    # ``kernel_threads``). GEMMs: None, the trainer's rule (``training/threads.py``). Numba kernels:
+    # lower, since two threads already paid from ~4M on 2 cores at load average 1 (bench/bench_sizes.py:
+    # a network of 1,169 parameters, 3.7M, ran as fast on one thread, one of 6,177, 20M, 30 % slower).
+    # bench/bench_threads.py sets both to 0 to time every size at every thread count.
+    one_blas_thread_below_work = None
+    one_numba_thread_below_work = 4_000_000
+
     @staticmethod
     def to_host(a):
         return np.asarray(a)
@@ -41,8 +52,83 @@ class CPUBackend:
     def synchronize():
         """CPU work is done when the call returns."""
 
+    @contextlib.contextmanager
+    def kernel_threads(self, work, numba_threads=True):
+        """Run the body's GEMMs (below ``one_blas_thread_below_work``) and Numba kernels (below
+        ``one_numba_thread_below_work``) on one thread, where ``work`` is too small for a second to pay.
+
+        Each parallel kernel or threaded GEMM wakes sleeping threads and waits for the slowest at
+        its end. On a shared machine those waits were most of a small model's step (measured on
+        2 busy cores: a 173-parameter network's step at one time step, 2.3 ms, took 0.7 on one
+        thread; a single neuron with d_m = 10, B = 32, T = 100, whose MLP weight gradients are
+        GEMMs long enough for OpenBLAS to thread, 128 ms, 3.3 with one BLAS thread).
+        ``numba_threads=False`` leaves Numba's count alone, for a model whose results depend on
+        it (an OpenBLAS GEMM's rounding may also differ with its thread count). Only ever lowers
+        the thread counts, and only for the body; an exported NUMBA_NUM_THREADS or
+        OPENBLAS_NUM_THREADS is kept.
+        """
+        import numba
+        blas_threshold = self.one_blas_thread_below_work
+        if blas_threshold is None:
+            from elmcore.training.threads import WORK_PER_THREAD
+            blas_threshold = 2 * WORK_PER_THREAD
+        # Counts the user exported are kept, as the trainer keeps them.
+        lower_numba = numba_threads and work < self.one_numba_thread_below_work and \
+            not os.environ.get("NUMBA_NUM_THREADS")
+        blas = _openblas_threads() if work < blas_threshold and not os.environ.get("OPENBLAS_NUM_THREADS") else None
+        if not lower_numba and blas is None:
+            yield
+            return
+        numba_before = numba.get_num_threads() if lower_numba else 1
+        blas_before = blas[0]() if blas else 1
+        if numba_before > 1:
+            numba.set_num_threads(1)
+        if blas_before > 1:
+            blas[1](1)
+        try:
+            yield
+        finally:
+            if numba_before > 1:
+                numba.set_num_threads(numba_before)
+            if blas_before > 1:
+                blas[1](blas_before)
+
 
 _BACKENDS = {}
+
+
+def _openblas_threads():
+    """(get, set) of the thread count of the OpenBLAS NumPy loaded, through its C API; None where
+    there is none to be found (another BLAS, or no /proc/self/maps)."""
+    if "openblas" not in _OPENBLAS:
+        _OPENBLAS["openblas"] = _find_openblas_threads()
+    return _OPENBLAS["openblas"]
+
+
+_OPENBLAS = {}
+
+
+def _find_openblas_threads():
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        # OpenBLAS's own names, and those of the builds NumPy's wheels bundle (scipy-openblas, 64-bit ints).
+        for prefix, suffix in (("openblas", ""), ("scipy_openblas", "64_"), ("scipy_openblas", ""),
+                               ("openblas", "64_")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, set_
+    return None
 
 
 def get_backend(device="cpu"):

@@ -11,8 +11,30 @@ ARRAY_OVERHEAD_BYTES = 112  # sys.getsizeof(np.empty(0)): what each tensor costs
 def memory_limit_bytes():
     """What this process may allocate: physical memory, lowered by a cgroup limit or RLIMIT_AS / RLIMIT_DATA.
 
-    ``None`` where none of them can be read.
+    ``None`` where none of them can be read. Every forward pass checks its size against this,
+    and reading the cgroup files took 50 µs, a few per cent of a small model's pass: they and
+    the physical memory are read once per process; the resource limits, which the process
+    itself may lower at any time, at every call (two system calls).
     """
+    if _machine_limits.get("pid") != os.getpid():  # a forked child may sit in another cgroup
+        _machine_limits.update(pid=os.getpid(), limits=_read_machine_limits())
+    limits = list(_machine_limits["limits"])
+    try:
+        import resource
+        for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+            soft, _ = resource.getrlimit(which)
+            if soft != resource.RLIM_INFINITY and soft > 0:
+                limits.append(soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return min(limits) if limits else None
+
+
+_machine_limits = {}
+
+
+def _read_machine_limits():
+    """Physical memory and the cgroup's limit, those that can be read."""
     limits = []
     try:
         limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -26,15 +48,7 @@ def memory_limit_bytes():
             continue
         if text.isdigit():
             limits.append(int(text))
-    try:
-        import resource
-        for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
-            soft, _ = resource.getrlimit(which)
-            if soft != resource.RLIM_INFINITY and soft > 0:
-                limits.append(soft)
-    except (ImportError, ValueError, OSError):
-        pass
-    return min(limits) if limits else None
+    return limits
 
 
 def format_bytes(n):

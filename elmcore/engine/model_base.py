@@ -1,6 +1,8 @@
 """What every model family shares: dtype resolution, input/output checks, parameter bookkeeping,
 streaming one step at a time."""
 
+import functools
+
 import numpy as np
 
 from elmcore.errors import DataError, ELMError, NonFiniteOutputError
@@ -17,6 +19,26 @@ def resolve_dtype(dtype):
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ELMError(f"dtype must be float32 or float64, got {dt}")
     return dt
+
+
+def threads_by_work(method):
+    """Decorates a model method whose first argument is shaped (B, T, ...) (``forward``'s X,
+    ``backward``'s dY): its kernels run on the threads the backend's ``kernel_threads`` chooses
+    for the pass's work, B × T × trainable parameters (backends without it: as they are).
+
+    A model whose kernels' results depend on Numba's thread count (per-thread partial sums)
+    sets ``results_follow_numba_threads``; only its GEMMs' threads are then chosen.
+    """
+    @functools.wraps(method)
+    def run_with_chosen_threads(self, data, *args, **kwargs):
+        choose = getattr(self.backend, "kernel_threads", None)
+        shape = getattr(data, "shape", ())
+        if choose is None or len(shape) < 2:
+            return method(self, data, *args, **kwargs)
+        with choose(shape[0] * shape[1] * self.num_parameters,
+                    numba_threads=not getattr(self, "results_follow_numba_threads", False)):
+            return method(self, data, *args, **kwargs)
+    return run_with_chosen_threads
 
 
 class InputChecks:

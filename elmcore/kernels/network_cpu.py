@@ -30,7 +30,10 @@ Float arrays of one call share the model dtype; ``phi_*`` scalars have it too.
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array, populate_array
 
 from . import pointwise as pw
 from .cpu import _accumulate_product
@@ -97,12 +100,34 @@ def _dense_transposed_rows(dz, W, out, n):
                         out[r, j, i] += W[j, o, i] * dz[r, o, i]
 
 
+@intrinsic
+def _flat(typingctx, arr):
+    """A C-contiguous array as a 1-D view of its items.
+
+    ``arr.reshape(-1)`` calls a C helper that LLVM cannot see into; the walks flatten a few
+    arrays per batch row and step, and with few neurons those calls were a large part of a
+    step's time.
+    """
+    if not (isinstance(arr, types.Array) and arr.layout == "C"):
+        return None
+    flat_type = arr.copy(ndim=1, layout="C")
+
+    def codegen(context, builder, signature, args):
+        src = make_array(signature.args[0])(context, builder, args[0])
+        dst = make_array(flat_type)(context, builder)
+        populate_array(dst, data=src.data, shape=[src.nitems], strides=[src.itemsize], itemsize=src.itemsize,
+                       meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(context, builder, flat_type, dst._getvalue())
+
+    return flat_type(arr), codegen
+
+
 @njit(inline="always", **_JIT)
 def _copy(src, dst):
     """dst[...] = src[...] for two C-contiguous arrays of one size, as one unit-stride loop
     (Numba's generic slice assignment did not vectorise: a third of the forward's time)."""
-    s = src.reshape(-1)
-    d = dst.reshape(-1)
+    s = _flat(src)
+    d = _flat(dst)
     for x in range(s.shape[0]):
         d[x] = s[x]
 
@@ -221,15 +246,15 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
                 _dense_rows(a0, W_in, c_in, z0, n)
                 for r in range(n):
                     _copy(z0[r], Z_out[0, first + r, t])
-                pw.activate_all(z0.reshape(-1), a.reshape(-1), n * H * N, activation)
+                pw.activate_all(_flat(z0), _flat(a), n * H * N, activation)
                 for l in range(1, L):
                     _dense_rows(a, W_hid[l - 1], c_hid[l - 1], z, n)
                     for r in range(n):
                         _copy(z[r], Z_out[l, first + r, t])
-                    pw.activate_all(z.reshape(-1), a.reshape(-1), n * H * N, activation)
+                    pw.activate_all(_flat(z), _flat(a), n * H * N, activation)
                 _dense_rows(a, W_out, c_out, pre, n)
             # φ on its own flat loop over the tile: one array in and out, so it vectorises.
-            pre_flat = pre.reshape(-1)
+            pre_flat = _flat(pre)
             for x in range(n * Dm * N):
                 pre_flat[x] = pw.phi(pre_flat[x], phi_scale, phi_slope)
             for r in range(n):
@@ -347,8 +372,8 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                 for l in range(L - 1, -1, -1):
                     for r in range(n):
                         bb = first + r
-                        pw.activation_backward_all(Z[l, bb, t].reshape(-1), da[r].reshape(-1), dz[r].reshape(-1),
-                                                   act_out[l, bb, t].reshape(-1), H * N, activation)
+                        pw.activation_backward_all(_flat(Z[l, bb, t]), _flat(da[r]), _flat(dz[r]),
+                                                   _flat(act_out[l, bb, t]), H * N, activation)
                         _copy(dz[r], dZ_out[l, bb, t])
                     if l > 0:
                         _dense_transposed_rows(dz, W_hid[l - 1], da, n)
@@ -481,7 +506,7 @@ def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
             for tt in range(steps):
                 t = t0 + tt
                 o_prev = O[bb, t - 1] if t > 0 else o0[bb]
-                gb_flat = GB[bb, t].reshape(-1)
+                gb_flat = _flat(GB[bb, t])
                 for c in range(nb * N):
                     gT[c, tt] = gb_flat[c]
                 for j in range(N):

@@ -23,7 +23,7 @@ from elmcore.network import params as NP
 from elmcore.network.config import NetworkConfig
 from elmcore.engine.memory import check_memory
 from elmcore.errors import DataError, ELMError
-from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype
+from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
 from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
 from elmcore.kernels.pointwise import activation_code
@@ -178,6 +178,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
                 "m": xp.zeros((n, batch_size, cfg.num_memory, N), self.dtype),
                 "o": xp.zeros((n, batch_size, N), self.dtype)}
 
+    @threads_by_work
     def forward(self, X, return_cache=False, state=None):
         """Outputs Y (B, T, num_output) for inputs X (B, T, num_input), from the zero state or ``state``.
 
@@ -212,6 +213,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         Y = self._readout_forward(inp)
         return Y, dict(layers=layers, final_state=final, shape=(B, T))
 
+    @threads_by_work
     def backward(self, dY, cache, input_grad=False):
         """∂loss/∂θ for every trainable key, given dY = ∂loss/∂Y (B, T, num_output).
 
@@ -382,6 +384,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         return grads, dO.reshape(B, T, N)
 
     # ---- traces and streaming -------------------------------------------------
+    @threads_by_work
     def traces(self, X):
         """Y plus every layer's outputs and memory after each step, in the spec's layout:
         {"layers.ℓ.o": (B, T, N), "layers.ℓ.m": (B, T, N, Dm)}."""
@@ -404,6 +407,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
                                 f"{batch_size} need {tuple(expect[key].shape)}")
         return {key: self.xp.ascontiguousarray(state[key], dtype=self.dtype) for key in ("b", "m", "o")}
 
+    @threads_by_work
     def run(self, X, state):
         """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
         X = self.prepare_input(X)

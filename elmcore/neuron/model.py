@@ -18,7 +18,7 @@ from elmcore.neuron import params as P
 from elmcore.neuron.config import ELMConfig
 from elmcore.engine.memory import check_memory
 from elmcore.errors import DataError, ELMError
-from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype
+from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
 from elmcore.kernels import contract as kernel_contract
 from elmcore.kernels.pointwise import activation_code
@@ -71,6 +71,8 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
     ∂loss/∂X on request). Arrays are NumPy on ``cpu`` and CuPy on ``cuda``.
     """
     param_module = P
+    # The sparse first layer's weight gradient keeps one partial sum per Numba thread (batch_chunks).
+    results_follow_numba_threads = True
 
     def __init__(self, config: ELMConfig, params=None, seed=0, dtype="float32", device="cpu"):
         from elmcore.engine.backend import get_backend
@@ -118,6 +120,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         return [(self.params[wk], self.params[bk]) for wk, bk in P.mlp_layer_keys(self.config.mlp_num_layers)]
 
     # ---- forward and backward: the stages in order, each a forward/backward pair below ----
+    @threads_by_work
     def forward(self, X, return_cache=False, state=None):
         """Outputs Y (B, T, num_output) for inputs X (B, T, num_input).
 
@@ -159,6 +162,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
                      final_state=dict(u=final_u, m=M[:, -1].copy()))
         return Y, cache
 
+    @threads_by_work
     def backward(self, dY, cache, input_grad=False):
         """∂loss/∂θ for every trainable key, given dY = ∂loss/∂Y (B, T, num_output).
 
@@ -359,6 +363,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         return grads, dM
 
     # ---- traces and streaming -------------------------------------------------
+    @threads_by_work
     def traces(self, X):
         """Y plus the state after every step: {"m": (B,T,Dm), "s" (v1, B,T,S) or "b" (v2, B,T,nb)}."""
         X = self.prepare_input(X)
@@ -400,6 +405,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
                                 f"{tuple(expect[key].shape)}")
         return {key: self.xp.ascontiguousarray(state[key], dtype=self.dtype) for key in ("u", "m")}
 
+    @threads_by_work
     def run(self, X, state):
         """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
         X = self.prepare_input(X)

@@ -7,6 +7,11 @@ is taken as batch × time steps × trainable parameters; ``bench/bench_threads.p
 steps at 1 and at 2 threads over model sizes, and the rule gives a thread every
 ``WORK_PER_THREAD`` of it: below 2 × ``WORK_PER_THREAD`` one thread runs the step.
 
+A model called directly applies the rule to each pass's GEMMs by itself
+(``CPUBackend.kernel_threads``): below 2 × ``WORK_PER_THREAD`` they run on one thread,
+whatever count is set (an exported one excepted, as below); an ELM Network's Numba
+kernels likewise, below a lower work.
+
 An exported ``NUMBA_NUM_THREADS`` (the user's, or set per rank by ``elm_cli.launch``
 and per job by ``elm sweep --jobs``) is always kept. The choice depends only on the
 run's shapes and the cores, so a resumed run makes the same one (the batch reductions

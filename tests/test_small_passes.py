@@ -1,0 +1,112 @@
+"""Small models' passes: one thread below the trainer's work rule, the same numbers as on every
+thread, and the walks' flat views of their buffers."""
+
+import numba
+import numpy as np
+import pytest
+from numba import njit
+
+from elmcore.engine.backend import _openblas_threads, get_backend
+from elmcore.engine.factory import build_model, load_config_dict
+from elmcore.kernels import cpu as cpu_kernels
+from elmcore.kernels import network_cpu
+from elmcore.training.losses import mse_last
+from elmcore.training.threads import WORK_PER_THREAD
+
+needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one Numba thread here")
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    cpu = get_backend("cpu")
+    monkeypatch.setattr(cpu, "one_blas_thread_below_work", None)
+    monkeypatch.setattr(cpu, "one_numba_thread_below_work", 4_000_000)
+    before = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    yield cpu
+    numba.set_num_threads(before)
+
+
+@needs_two_threads
+def test_small_work_runs_on_one_thread_and_the_count_comes_back(backend, monkeypatch):
+    every = numba.config.NUMBA_NUM_THREADS
+    with backend.kernel_threads(backend.one_numba_thread_below_work - 1):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == every
+    with backend.kernel_threads(backend.one_numba_thread_below_work):
+        assert numba.get_num_threads() == every
+    with backend.kernel_threads(2 * WORK_PER_THREAD - 1):  # below the GEMMs' rule, not the kernels'
+        assert numba.get_num_threads() == every
+    with backend.kernel_threads(10, numba_threads=False):
+        assert numba.get_num_threads() == every
+    with pytest.raises(ValueError):
+        with backend.kernel_threads(10):
+            raise ValueError("the count must come back after an error too")
+    assert numba.get_num_threads() == every
+    monkeypatch.setenv("NUMBA_NUM_THREADS", str(every))  # the user's count is kept
+    with backend.kernel_threads(10):
+        assert numba.get_num_threads() == every
+
+
+def _train_pass(model, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.random((6, 23, model.config.num_input))
+    Y, cache = model.forward(X, return_cache=True)
+    _, dY = mse_last(Y, rng.random((6, model.config.num_output)))
+    return Y, model.backward(dY, cache, input_grad=True)
+
+
+@needs_two_threads
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_small_network_computes_the_same_numbers_on_one_thread(backend, monkeypatch, dtype):
+    model = build_model(load_config_dict({"version": "elm_network", "num_input": 3, "num_output": 2,
+                                          "num_neurons": 5, "num_memory": 2, "num_branch": 2,
+                                          "num_synapse_per_branch": 3}), seed=1, dtype=dtype)
+    seen = []
+    walk = network_cpu.network_forward
+    monkeypatch.setattr(network_cpu, "network_forward", lambda *a: (seen.append(numba.get_num_threads()), walk(*a)))
+    backend.one_numba_thread_below_work = backend.one_blas_thread_below_work = 0
+    Y_all, grads_all = _train_pass(model)
+    backend.one_numba_thread_below_work, backend.one_blas_thread_below_work = 4_000_000, None
+    Y_one, grads_one = _train_pass(model)
+    assert seen == [numba.config.NUMBA_NUM_THREADS, 1]
+    assert np.array_equal(Y_all, Y_one)
+    assert grads_all.keys() == grads_one.keys()
+    for key in grads_all:
+        assert np.array_equal(grads_all[key], grads_one[key]), key
+
+
+@needs_two_threads
+def test_a_single_neuron_keeps_its_numba_threads(backend, monkeypatch):
+    # Its sparse first layer keeps one partial sum per Numba thread: the count must not change under it.
+    model = build_model(load_config_dict({"version": "branch_elm_v2", "num_input": 2, "num_output": 1,
+                                          "num_memory": 3}), seed=0)
+    blas = _openblas_threads()
+    blas_count = blas[0] if blas else (lambda: None)
+    seen = []
+    recur = cpu_kernels.recur_forward
+    monkeypatch.setattr(cpu_kernels, "recur_forward",
+                        lambda *a: (seen.append((numba.get_num_threads(), blas_count())), recur(*a)))
+    blas_before = blas_count()
+    _train_pass(model)
+    # Its GEMMs (OpenBLAS, where NumPy uses it) run on one thread.
+    assert seen == [(numba.config.NUMBA_NUM_THREADS, None if blas_before is None else 1)]
+    assert blas_count() == blas_before
+
+
+@njit(cache=False)
+def _flat_and_mark(a):
+    flat = network_cpu._flat(a)
+    flat[flat.shape[0] - 1] = -1.0
+    return flat.copy()
+
+
+def test_the_walks_flat_view_is_the_array_in_order_and_writes_through():
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    expect = a.reshape(-1).copy()
+    expect[-1] = -1
+    assert np.array_equal(_flat_and_mark(a), expect)
+    assert a[1, 2, 3] == -1
+    assert np.array_equal(_flat_and_mark(a[1]), expect[12:])  # a C-contiguous slice of a larger array
