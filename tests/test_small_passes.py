@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from elmcore.engine.backend import _openblas_threads, get_backend
+from elmcore.engine.backend import BLAS_THREAD_ENV, blas_pools, get_backend
 from elmcore.engine.factory import build_model, load_config_dict
 from elmcore.kernels import cpu as cpu_kernels
 from elmcore.kernels import network_cpu
@@ -19,7 +19,8 @@ needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reaso
 @pytest.fixture
 def backend(monkeypatch):
     monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    for name in BLAS_THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
     cpu = get_backend("cpu")
     monkeypatch.setattr(cpu, "one_blas_thread_below_work", None)
     monkeypatch.setattr(cpu, "one_numba_thread_below_work", 4_000_000)
@@ -83,15 +84,17 @@ def test_a_single_neuron_keeps_its_numba_threads(backend, monkeypatch):
     # Its sparse first layer keeps one partial sum per Numba thread: the count must not change under it.
     model = build_model(load_config_dict({"version": "branch_elm_v2", "num_input": 2, "num_output": 1,
                                           "num_memory": 3}), seed=0)
-    blas = _openblas_threads()
-    blas_count = blas[0] if blas else (lambda: None)
+    pools = blas_pools().lib_controllers
+
+    def blas_count():
+        return max((pool.num_threads for pool in pools), default=None)
     seen = []
     recur = cpu_kernels.recur_forward
     monkeypatch.setattr(cpu_kernels, "recur_forward",
                         lambda *a: (seen.append((numba.get_num_threads(), blas_count())), recur(*a)))
     blas_before = blas_count()
     _train_pass(model)
-    # Its GEMMs (OpenBLAS, where NumPy uses it) run on one thread.
+    # Its GEMMs (NumPy's BLAS) run on one thread.
     assert seen == [(numba.config.NUMBA_NUM_THREADS, None if blas_before is None else 1)]
     assert blas_count() == blas_before
 

@@ -65,7 +65,8 @@ class CPUBackend:
         ``numba_threads=False`` leaves Numba's count alone, for a model whose results depend on
         it (an OpenBLAS GEMM's rounding may also differ with its thread count). Only ever lowers
         the thread counts, and only for the body; an exported NUMBA_NUM_THREADS or
-        OPENBLAS_NUM_THREADS is kept.
+        OPENBLAS_NUM_THREADS (MKL_, BLIS_) is kept. The BLAS counts go through threadpoolctl, which
+        knows every BLAS NumPy may be built with.
         """
         import numba
         blas_threshold = self.one_blas_thread_below_work
@@ -75,23 +76,39 @@ class CPUBackend:
         # Counts the user exported are kept, as the trainer keeps them.
         lower_numba = numba_threads and work < self.one_numba_thread_below_work and \
             not os.environ.get("NUMBA_NUM_THREADS")
-        blas = _openblas_threads() if work < blas_threshold and not os.environ.get("OPENBLAS_NUM_THREADS") else None
-        if not lower_numba and blas is None:
+        blas = blas_pools() if work < blas_threshold and not any(map(os.environ.get, BLAS_THREAD_ENV)) else None
+        lower_blas = blas is not None and any(pool.num_threads > 1 for pool in blas.lib_controllers)
+        if not lower_numba and not lower_blas:
             yield
             return
         numba_before = numba.get_num_threads() if lower_numba else 1
-        blas_before = blas[0]() if blas else 1
         if numba_before > 1:
             numba.set_num_threads(1)
-        if blas_before > 1:
-            blas[1](1)
         try:
-            yield
+            if lower_blas:
+                with blas.limit(limits=1):  # restores each library's count on the way out
+                    yield
+            else:
+                yield
         finally:
             if numba_before > 1:
                 numba.set_num_threads(numba_before)
-            if blas_before > 1:
-                blas[1](blas_before)
+
+
+# A thread count the user exported for the BLAS NumPy uses is kept.
+BLAS_THREAD_ENV = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def blas_pools():
+    """threadpoolctl's controller of the BLAS libraries loaded in this process (looked up once: NumPy
+    loads its BLAS on import, before any model exists)."""
+    if "blas" not in _BLAS_POOLS:
+        from threadpoolctl import ThreadpoolController
+        _BLAS_POOLS["blas"] = ThreadpoolController().select(user_api="blas")
+    return _BLAS_POOLS["blas"]
+
+
+_BLAS_POOLS = {}
 
 
 _BACKENDS = {}
