@@ -114,40 +114,6 @@ _BLAS_POOLS = {}
 _BACKENDS = {}
 
 
-def _openblas_threads():
-    """(get, set) of the thread count of the OpenBLAS NumPy loaded, through its C API; None where
-    there is none to be found (another BLAS, or no /proc/self/maps)."""
-    if "openblas" not in _OPENBLAS:
-        _OPENBLAS["openblas"] = _find_openblas_threads()
-    return _OPENBLAS["openblas"]
-
-
-_OPENBLAS = {}
-
-
-def _find_openblas_threads():
-    import ctypes
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        # OpenBLAS's own names, and those of the builds NumPy's wheels bundle (scipy-openblas, 64-bit ints).
-        for prefix, suffix in (("openblas", ""), ("scipy_openblas", "64_"), ("scipy_openblas", ""),
-                               ("openblas", "64_")):
-            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and set_ is not None:
-                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                return get, set_
-    return None
-
-
 def get_backend(device="cpu"):
     if device not in DEVICES:
         raise ELMError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
