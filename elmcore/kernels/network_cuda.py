@@ -116,7 +116,7 @@ def _kernels(np_dtype):
     @cuda.jit
     def network_backward_kernel(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid,
                          W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, L, H,
-                         GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+                         GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b, carry_m, carry_o):
         B, T, nb, N = GB_out.shape
         Dm = kappa_m.shape[0]
         W0 = W_in.shape[1]
@@ -124,11 +124,9 @@ def _kernels(np_dtype):
         nthreads = cuda.blockDim.x
         for bb in range(cuda.blockIdx.x, B, cuda.gridDim.x):
             for i in range(tid, N, nthreads):
-                GO_out[bb, T - 1, i] = dO[bb, T - 1, i]
+                GO_out[bb, T - 1, i] = dO[bb, T - 1, i] + carry_o[bb, i]
                 for j in range(Dm):
-                    gkappa_out[bb, j, i] = ZERO
-                    gc_out[bb, j, i] = ZERO
-                    dP_out[bb, T - 1, j, i] = ZERO  # the memory carry into the last step
+                    dP_out[bb, T - 1, j, i] = carry_m[bb, j, i]  # the memory carry into the last step
             for t in range(T - 1, -1, -1):
                 for i in range(tid, N, nthreads):
                     # (a) go = dO + carry_o (GO_out[bb, t] was completed by step t + 1's pass (f))
@@ -167,7 +165,7 @@ def _kernels(np_dtype):
                             else:
                                 d = dZ_out[0, bb, t, o, i]
                             acc += W_in[k, o, i] * d
-                        carry = GB_out[bb, t + 1, k, i] if t < T - 1 else ZERO
+                        carry = GB_out[bb, t + 1, k, i] if t < T - 1 else carry_b[bb, k, i]
                         GB_out[bb, t, k, i] = acc + kappa_b[k, i] * carry
                     # (b) g = w_o ⊙ go + carry_m,  gc += g ⊙ Δm
                     # (d) total = g + da_0[nb:],  gk += total ⊙ m_{t−1},  carry_m = κ_m ⊙ total
@@ -188,6 +186,8 @@ def _kernels(np_dtype):
                         gkappa_out[bb, j, i] += total * m_prev
                         if t > 0:
                             dP_out[bb, t - 1, j, i] = kappa_m[j, i] * total
+                        else:
+                            carry_m[bb, j, i] = kappa_m[j, i] * total
                     # (b) dp = g ⊙ c_m ⊙ φ'(p)
                     # Pass C: ∂loss/∂pre replaces the carry.
                     for j in range(Dm):
@@ -196,13 +196,18 @@ def _kernels(np_dtype):
                 # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e], then (a) of step t − 1
                 # g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources.
                 cuda.syncthreads()
-                if t > 0:
-                    for j in range(tid, N, nthreads):
-                        acc = ZERO
-                        for q in range(src_ptr[j], src_ptr[j + 1]):
-                            e = src_entry[q]
-                            acc += rec_w[e] * GB_out[bb, t, rec_k[e], rec_i[e]]
+                for j in range(tid, N, nthreads):
+                    acc = ZERO
+                    for q in range(src_ptr[j], src_ptr[j + 1]):
+                        e = src_entry[q]
+                        acc += rec_w[e] * GB_out[bb, t, rec_k[e], rec_i[e]]
+                    if t > 0:
                         GO_out[bb, t - 1, j] = dO[bb, t - 1, j] + acc
+                    else:
+                        carry_o[bb, j] = acc
+            for i in range(tid, N, nthreads):
+                for k in range(nb):
+                    carry_b[bb, k, i] = GB_out[bb, 0, k, i]
 
     @cuda.jit
     def neuron_weight_grad_kernel(G, A, out, bias_out):
@@ -272,7 +277,7 @@ def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_i
 
 def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope,
-                     GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+                     GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b, carry_m, carry_o):
     """See ``network_cpu.network_backward``. One block per batch row, threads over neurons."""
     B, _, _, N = GB_out.shape
     k = kernel_set(dO.dtype)["network_backward_kernel"]
@@ -282,7 +287,7 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
     Z, dZ_out, act_out = _hidden_stand_ins(Z, dZ_out, act_out)
     launch(k, *_rows_shape(B, N), dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry,
             W_in, W_hid, W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, int(activation), phi_scale, phi_slope, L, H,
-            GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out)
+            GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b, carry_m, carry_o)
 
 
 def neuron_weight_grad(G, A, out, bias_out):
