@@ -29,12 +29,15 @@ REPO = os.path.dirname(HERE)
 NEURON = dict(version="branch_elm_v2", num_input=8, num_output=2, num_memory=100, mlp_num_layers=1,
               mlp_hidden_size=100, num_branch=16, num_synapse_per_branch=4,
               input_to_synapse_routing="random_routing", memory_tau_max=1000.0)
-NETWORK = dict(version="elm_network", num_input=8, num_output=2, num_neurons=16, num_layers=1, num_memory=8,
+NETWORK = dict(version="elm_network", num_input=8, num_output=2, num_neurons=32, num_layers=1, num_memory=8,
                mlp_num_layers=1, mlp_hidden_size=16, num_branch=4, num_synapse_per_branch=4,
                recurrent_fraction=0.5, memory_tau_max=1000.0)
-BATCH = {"neuron": 8, "network": 2}
+BATCH = {"neuron": 8, "network": 4}
 CASES = [(family, steps, segment) for family in ("neuron", "network")
-         for steps, segments in ((1000, (None, 256)), (16384, (None, 1024, 256))) for segment in segments]
+         for steps, segments in ((1000, (None, 250)), (16384, (None, 4096, 1024))) for segment in segments]
+# T = 1000 fits one default time block (1024 steps), which no segment splits: its two cases
+# both use blocks of 250 steps, so that they compute the same bits and compare like with like.
+TIME_BLOCK = {1000: 250}
 
 
 def run_case(family, steps, segment, repeat, dtype):
@@ -48,6 +51,7 @@ def run_case(family, steps, segment, repeat, dtype):
     from elmcore.engine.factory import build_model, load_config_dict
     cfg = load_config_dict(NEURON if family == "neuron" else NETWORK)
     model = build_model(cfg, seed=0, dtype=dtype)
+    model.time_block = TIME_BLOCK.get(steps, model.time_block)
     B = BATCH[family]
     rng = np.random.default_rng(0)
 
@@ -69,12 +73,15 @@ def run_case(family, steps, segment, repeat, dtype):
         t0 = time.perf_counter()
         step(X, dY, k)
         times.append(time.perf_counter() - t0)
+    if getattr(model, "_spare", None):
+        model._spare.clear()  # the network's recycled buffers: count what the step needs, not what it reuses
     tracemalloc.start()
     step(X, dY, k)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(dict(family=family, steps=steps, batch=B, segment=segment, seconds=min(times),
+    print(json.dumps(dict(family=family, steps=steps, batch=B, block=model.time_block, segment=segment,
+                          seconds=min(times),
                           traced_peak=peak, maxrss=rss, input_bytes=X.nbytes)))
 
 
@@ -90,7 +97,7 @@ def main():
         family, steps, segment = args.case
         run_case(family, int(steps), None if segment == "none" else int(segment), args.repeat, args.dtype)
         return
-    print(f"{'family':8} {'T':>6} {'B':>2} {'segment':>8} {'step s':>8} {'traced peak MiB':>16} "
+    print(f"{'family':8} {'T':>6} {'B':>2} {'block':>6} {'segment':>8} {'step s':>8} {'traced peak MiB':>16} "
           f"{'maxrss MiB':>11}")
     for family, steps, segment in CASES:
         if (args.family and family != args.family) or (args.steps and steps != args.steps):
@@ -102,7 +109,7 @@ def main():
             print(f"{family:8} {steps:>6} failed:\n{proc.stderr[-2000:]}")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{family:8} {steps:>6} {r['batch']:>2} {str(segment or 'none'):>8} {r['seconds']:>8.2f} "
+        print(f"{family:8} {steps:>6} {r['batch']:>2} {r['block']:>6} {str(segment or 'none'):>8} {r['seconds']:>8.2f} "
               f"{r['traced_peak'] / 2 ** 20:>16.1f} {r['maxrss'] / 2 ** 20:>11.1f}", flush=True)
 
 

@@ -300,7 +300,7 @@ def _setting(*decls, name, **kw):
 @_setting("--eval-batch-size", name="eval_batch_size", type=click.IntRange(min=1))
 @_setting("--recompute-segment", name="recompute_segment", type=click.IntRange(min=1),
           help="Keep the state every this many steps and recompute each segment's cache in the backward "
-               "(long sequences in bounded memory; rounded up to whole time blocks of 256 steps; the "
+               "(long sequences in bounded memory; rounded up to whole time blocks of 1024 steps; the "
                "gradients are the same bit for bit). none: only when a batch's whole cache would not fit.")
 @click.option("--log-every", type=click.IntRange(min=1), default=None, show_default="100",
               help="When stderr is not a terminal (a log file): a progress line every this many batches, "

@@ -14,7 +14,7 @@ from elmcore.errors import ELMError
 
 # Steps per time block. A sequence of at most this many steps is one block: its backward is
 # the plain one (one GEMM over all B·T rows per weight).
-TIME_BLOCK = 256
+TIME_BLOCK = 1024
 
 
 def block_bounds(t0, t1, block):
