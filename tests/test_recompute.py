@@ -203,3 +203,17 @@ def test_training_with_recomputation_follows_the_same_trajectory(tmp_path, monke
     assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
     with pytest.raises(ELMError, match="recompute_segment"):
         TrainSettings(task="sign", recompute_segment=0).validate()
+
+
+def test_cli_flag_reaches_run_json_and_may_change_on_resume(tmp_path):
+    from test_cli_train import SMALL, invoke
+    rd = tmp_path / "run"
+    result = invoke("train", *SMALL, "--epochs", "1", "--batches-per-epoch", "2", "--recompute-segment", "4",
+                    "--run-dir", rd)
+    assert result.exit_code == 0, result.output
+    assert json.loads((rd / "run.json").read_text())["recompute_segment"] == 4
+    result = invoke("train", "--resume", rd, "--recompute-segment", "8")
+    assert result.exit_code == 0, result.output
+    assert "--recompute-segment" not in result.output
+    result = invoke("train", *SMALL, "--recompute-segment", "0", "--run-dir", tmp_path / "bad")
+    assert result.exit_code == 2 and "--recompute-segment" in result.output
