@@ -171,15 +171,16 @@ def _kernels(np_dtype, weights_in_shared=False):
         for bb in range(cuda.blockIdx.x, B, cuda.gridDim.x):
             i = U(cuda.threadIdx.x)
             while i < neurons:
-                GO_out[bb, T - 1, i] = dO[bb, T - 1, i] + carry_o[bb, i]
                 for j in range(Dm):
                     dP_out[bb, T - 1, j, i] = carry_m[bb, j, i]  # the memory carry into the last step
                 i = U(i + nt)
             for t in range(T - 1, -1, -1):
                 i = U(cuda.threadIdx.x)
                 while i < neurons:
-                    # (a) go = dO + carry_o (GO_out[bb, t] was completed by step t + 1's pass (f))
-                    go = GO_out[bb, t, i]
+                    # (a) go = dO + carry_o (carry_o[bb, i]: the caller's at t = T − 1, then step t + 1's (f),
+                    # written by this same thread)
+                    go = dO[bb, t, i] + carry_o[bb, i]
+                    GO_out[bb, t, i] = go
                     # (b) g = w_o ⊙ go + carry_m;  gc += g ⊙ Δm;  dp = g ⊙ c_m ⊙ φ'(p)
                     # dP_out[bb, t] holds the memory carry from step t + 1 until dp replaces it.
                     for o in range(Dm):
@@ -224,9 +225,10 @@ def _kernels(np_dtype, weights_in_shared=False):
                         else:
                             carry_m[bb, j, i] = kappa_m[j, i] * total
                     i = U(i + nt)
-                # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e], then (a) of step t − 1
-                # g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources (at t = 0
-                # into carry_o, the adjoint of the state's o that the segment before continues from).
+                # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e], read by (a) of step
+                # t − 1: g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources (after
+                # t = 0 carry_o is the adjoint of the state's o, which the segment before continues from).
+                # Each thread gathers for the neurons it walks, so (a) reads carry_o without a barrier.
                 cuda.syncthreads()
                 j = U(cuda.threadIdx.x)
                 while j < neurons:
@@ -236,10 +238,7 @@ def _kernels(np_dtype, weights_in_shared=False):
                     while q != q_end:
                         acc += src_w[q] * GB_out[bb, t, src_chan[q]]
                         q = U(q + 1)
-                    if t > 0:
-                        GO_out[bb, t - 1, j] = dO[bb, t - 1, j] + acc
-                    else:
-                        carry_o[bb, j] = acc
+                    carry_o[bb, j] = acc
                     j = U(j + nt)
             i = U(cuda.threadIdx.x)
             while i < neurons:
