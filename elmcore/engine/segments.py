@@ -63,6 +63,26 @@ def block_view(a, t0, t1, time_axis=1):
     return _array_module(a).ascontiguousarray(a[(slice(None),) * time_axis + (slice(t0, t1),)])
 
 
+class Recomputation:
+    """What both model families share about recomputation: the time block, the segment a model was
+    told to use (None: only when the whole cache would not fit) and how a pass's segment is chosen.
+    A model says what every pass keeps whatever the segment (``_bytes_kept_whole``)."""
+    time_block = TIME_BLOCK
+    recompute_segment = None
+
+    def segment_steps(self, batch, steps, recompute_segment=None):
+        """Steps per recomputation segment for a pass over (batch, steps), or None for the whole cache."""
+        segment = self.recompute_segment if recompute_segment is None else recompute_segment
+        if segment is None:
+            itemsize = self.dtype.itemsize
+            segment = choose_segment(self.config.activation_bytes(batch, 1, itemsize),
+                                     self._bytes_kept_whole(batch, steps), steps, self.time_block, self.backend)
+            if segment is None:
+                return None
+        segment = aligned_segment(segment, self.time_block)
+        return None if segment >= steps else segment
+
+
 class BlockSums:
     """Partial sums over time blocks, added in the order they arrive (last block first).
 

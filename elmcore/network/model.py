@@ -93,7 +93,7 @@ class LayerWeights:
     c_o: np.ndarray            # [N]
 
 
-class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
+class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation):
     """An ELM Network (``version = "elm_network"``) with the single neuron's API.
 
     Parameters live in ``self.params`` under the spec's state_dict keys. ``forward``
@@ -180,25 +180,12 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
                 "m": xp.zeros((n, batch_size, cfg.num_memory, N), self.dtype),
                 "o": xp.zeros((n, batch_size, N), self.dtype)}
 
-    # ---- long sequences: time blocks and recomputation (engine/segments.py) ---------------
-    # Steps per time block of the weight-gradient sums, and the recomputation segment: None
-    # recomputes only when the whole cache would not fit (``forward``'s recompute_segment wins).
-    time_block = segments.TIME_BLOCK
-    recompute_segment = None
-
-    def segment_steps(self, batch, steps, recompute_segment=None):
-        """Steps per recomputation segment for a pass over (batch, steps), or None for the whole cache."""
-        segment = self.recompute_segment if recompute_segment is None else recompute_segment
-        if segment is None:
-            cfg, itemsize = self.config, self.dtype.itemsize
-            # Kept whatever the segment: the input, every layer's outputs and their gradients, Y and dY.
-            kept = 2 * batch * steps * (cfg.num_input + cfg.num_layers * cfg.num_neurons + cfg.num_output) * itemsize
-            segment = segments.choose_segment(cfg.activation_bytes(batch, 1, itemsize), kept, steps,
-                                              self.time_block, self.backend)
-            if segment is None:
-                return None
-        segment = segments.aligned_segment(segment, self.time_block)
-        return None if segment >= steps else segment
+    # ---- long sequences: the recomputation segment (engine/segments.py, Recomputation) -------
+    def _bytes_kept_whole(self, batch, steps):
+        """Kept whatever the segment: the input, every layer's outputs and their gradients, Y and dY."""
+        cfg = self.config
+        return 2 * batch * steps * (cfg.num_input + cfg.num_layers * cfg.num_neurons + cfg.num_output) * \
+            self.dtype.itemsize
 
     @threads_by_work
     def forward(self, X, return_cache=False, state=None, recompute_segment=None):

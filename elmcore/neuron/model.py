@@ -63,7 +63,7 @@ class Derived:
     kappa_lambda: np.ndarray   # [Dm] v2 only (None in v1)
 
 
-class ELM(InputChecks, ParameterBookkeeping, SingleStep):
+class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation):
     """An ELM neuron (``elm_v1``) or Branch-ELM (``branch_elm_v2``).
 
     Parameters live in ``self.params`` under the release's state_dict keys.
@@ -120,24 +120,11 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         """[(W, c)] of the MLP, input layer first."""
         return [(self.params[wk], self.params[bk]) for wk, bk in P.mlp_layer_keys(self.config.mlp_num_layers)]
 
-    # ---- long sequences: time blocks and recomputation (engine/segments.py) ---------------
-    # Steps per time block of the weight-gradient sums, and the recomputation segment: None
-    # recomputes only when the whole cache would not fit (``forward``'s recompute_segment wins).
-    time_block = segments.TIME_BLOCK
-    recompute_segment = None
-
-    def segment_steps(self, batch, steps, recompute_segment=None):
-        """Steps per recomputation segment for a pass over (batch, steps), or None for the whole cache."""
-        segment = self.recompute_segment if recompute_segment is None else recompute_segment
-        if segment is None:
-            cfg, itemsize = self.config, self.dtype.itemsize
-            kept = 2 * batch * steps * (cfg.num_input + cfg.num_output) * itemsize
-            segment = segments.choose_segment(cfg.activation_bytes(batch, 1, itemsize), kept, steps,
-                                              self.time_block, self.backend)
-            if segment is None:
-                return None
-        segment = segments.aligned_segment(segment, self.time_block)
-        return None if segment >= steps else segment
+    # ---- long sequences: the recomputation segment (engine/segments.py, Recomputation) -------
+    def _bytes_kept_whole(self, batch, steps):
+        """Kept whatever the segment: the input and Y, and their gradients."""
+        cfg = self.config
+        return 2 * batch * steps * (cfg.num_input + cfg.num_output) * self.dtype.itemsize
 
     # ---- forward and backward: the stages in order, each a forward/backward pair below ----
     @threads_by_work
