@@ -10,6 +10,7 @@ arrays in exactly the same order as the cached backward, and its gradients are t
 to the last bit (docs/architecture.md, "Long sequences in bounded memory").
 """
 
+from elmcore.engine.memory import available_bytes, check_memory
 from elmcore.errors import ELMError
 
 # Steps per time block. A sequence of at most this many steps is one block: its backward is
@@ -82,6 +83,16 @@ class Recomputation:
         segment = aligned_segment(segment, self.time_block)
         return None if segment >= steps else segment
 
+    def forward_segment(self, X, recompute_segment=None):
+        """The segment of a forward pass over X [B,T,…] (None: the whole cache), once its cache is known to fit."""
+        B, T = X.shape[0], X.shape[1]
+        segment = self.segment_steps(B, T, recompute_segment)
+        # Half of activation_bytes: the forward cache without the gradients.
+        check_memory(self.config.activation_bytes(B, segment or T, self.dtype.itemsize) // 2,
+                     f"a forward pass over {B} sequences of {T} steps"
+                     + (f" in segments of {segment}" if segment else ""), self.backend)
+        return segment
+
 
 class BlockSums:
     """Partial sums over time blocks, added in the order they arrive (last block first).
@@ -115,7 +126,6 @@ def choose_segment(step_bytes, kept_bytes, T, block, backend=None):
     Otherwise the largest whole number of time blocks whose cache fits beside kept_bytes
     (at least one block; the memory check then names what does not fit).
     """
-    from elmcore.engine.memory import available_bytes
     limit = available_bytes(backend)
     if limit is None or step_bytes * T <= limit:
         return None

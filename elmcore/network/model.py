@@ -22,7 +22,6 @@ import numpy as np
 from elmcore.network import params as NP
 from elmcore.network.config import NetworkConfig
 from elmcore.engine import segments
-from elmcore.engine.memory import check_memory
 from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
@@ -202,13 +201,8 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         stream; ``backward`` then treats it as a constant (truncated BPTT).
         """
         X = self.prepare_input(X)
-        B, T = X.shape[0], X.shape[1]
-        segment = self.segment_steps(B, T, recompute_segment)
-        # Half of activation_bytes: the forward cache without the gradients.
-        check_memory(self.config.activation_bytes(B, segment or T, self.dtype.itemsize) // 2,
-                     f"a forward pass over {B} sequences of {T} steps"
-                     + (f" in segments of {segment}" if segment else ""), self.backend)
-        Y, cache = self._forward(X, None if state is None else self._checked_state(state, B), segment)
+        segment = self.forward_segment(X, recompute_segment)
+        Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]), segment)
         self._check_output(Y, X)
         if return_cache:
             return Y, cache
