@@ -98,7 +98,7 @@ def _routing_samples(dt):
 def _scan_samples(dt):
     f = _f(dt)
     return dict(scan_forward_kernel=(f(B, T, C), f(C), f(B, C), f(B, T, C)),
-                scan_backward_kernel=(f(B, T, C), f(C), f(B, T, C)))
+                scan_backward_kernel=(f(B, T, C), f(C), f(B, C), f(B, T, C)))
 
 
 def _recurrence_samples(dt):
@@ -107,7 +107,7 @@ def _recurrence_samples(dt):
                                f(B, T, Dm), f(L, B, T, H), f(B, T, Dm)),
                 recur_backward_kernel=(f(B, T, Dm), f(99), f(Dm), f(Dm), f(B, Dm), f(B, T, Dm), f(L, B, T, H),
                                 f(B, T, Dm), ACT, x, x, L, H, 1, 2, f(L, B, T, H), f(B, T, Dm), f(B, Dm),
-                                f(B, Dm)))
+                                f(B, Dm), f(B, Dm)))
 
 
 # The network's sample shapes: nb branches, N neurons, R recurrent entries, I0 = nb + Dm first-layer inputs.
@@ -131,7 +131,8 @@ def _network_samples(dt):
                                  f(Dm, N), f(Dm, N), f(Dm, N), f(B, Dm, N), f(L, B, T, H, N), f(B, T, Dm, N),
                                  f(B, T, Dm, N), ACT, x, x, L, H, 15, f(B, T, NB * N),
                                  f(L, B, T, H, N), f(B, T, Dm, N),
-                                 f(B, T, N), f(L, B, T, H, N), f(B, Dm, N), f(B, Dm, N)),
+                                 f(B, T, N), f(L, B, T, H, N), f(B, Dm, N), f(B, Dm, N), f(B, NB, N),
+                                 f(B, Dm, N), f(B, N)),
         neuron_weight_grad_kernel=(f(B * T, H, N), f(B * T, I0, N), f(I0, H, N), f(H, N)),
         recurrent_weight_grad_kernel=(f(B, T, NB, N), f(B, T, N), f(B, N), _i(R), _i(R), _i(R), f(B, R)))
 

@@ -298,6 +298,10 @@ def _setting(*decls, name, **kw):
 @_setting("--device", name="device", type=click.Choice(["cpu", "cuda", "auto"]))
 @_setting("--checkpoint-every", name="checkpoint_every", type=click.IntRange(min=1), help="Steps between checkpoints.")
 @_setting("--eval-batch-size", name="eval_batch_size", type=click.IntRange(min=1))
+@_setting("--recompute-segment", name="recompute_segment", type=click.IntRange(min=1),
+          help="Keep the state every this many steps and recompute each segment's cache in the backward "
+               "(long sequences in bounded memory; rounded up to whole time blocks of 1024 steps; the "
+               "gradients are the same bit for bit). none: only when a batch's whole cache would not fit.")
 @click.option("--log-every", type=click.IntRange(min=1), default=None, show_default="100",
               help="When stderr is not a terminal (a log file): a progress line every this many batches, "
                    "instead of a progress bar.")
@@ -328,10 +332,10 @@ def train(ctx, run_config, model_config, model_sets, task_sets, resume_dir, exte
     if extend and not resume_dir:
         raise UserError("--extend continues a finished run: give it with --resume RUN_DIR and --epochs N")
     if resume_dir:
-        extra = set(given) - {"epochs", "device"}
+        extra = set(given) - {"epochs", "device", "recompute_segment"}
         if extra or run_config or model_config or model_sets or task_sets:
-            raise UserError("--resume continues a run with its saved settings; only --device may change "
-                            "(and --epochs, with --extend)")
+            raise UserError("--resume continues a run with its saved settings; only --device and "
+                            "--recompute-segment may change (and --epochs, with --extend)")
         try:
             trainer = Trainer.resume(resume_dir, progress=progress, log=log, log_every=log_every, extend=extend,
                                      **given)

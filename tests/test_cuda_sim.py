@@ -345,8 +345,9 @@ def test_scan_kernels_match_cpu_in_place_and_from_u0(dtype):
     gpu.scan_forward(U_got, kappa_, u0_, U_got)  # in place, as the model calls it
     assert relative_error(_to_host(U_got), U_ref) <= tol
     dA_ref, dA_got = np.empty_like(A), xp.array(A)
-    cpu.scan_backward(A, kappa, dA_ref)
-    gpu.scan_backward(dA_got, kappa_, dA_got)
+    dA_next = rng.normal(size=(B, C)).astype(dtype)  # the adjoint from a later segment
+    cpu.scan_backward(A, kappa, dA_next, dA_ref)
+    gpu.scan_backward(dA_got, kappa_, xp.asarray(dA_next), dA_got)
     assert relative_error(_to_host(dA_got), dA_ref) <= tol
 
 
@@ -358,7 +359,9 @@ def _recurrence_inputs(rng, dtype, B, T, Dm, H, L):
     return dict(Zb=f(B, T, W0), W0m=f(W0, Dm), Wh=f(max(L - 1, 0), H, H), ch=f(max(L - 1, 0), H),
                 Wo=f(Dm, H) if L else np.zeros((1, 1), dtype), co=f(Dm),
                 kappa_m=rng.uniform(0.3, 0.99, Dm).astype(dtype), c_m=rng.uniform(0.1, 2, Dm).astype(dtype),
-                m0=f(B, Dm), dM=f(B, T, Dm))
+                m0=f(B, Dm), dM=f(B, T, Dm),
+                # A later segment's adjoint and sums so far: the backward adds to them.
+                carry=f(B, Dm), gk=f(B, Dm), gc=f(B, Dm))
 
 
 def _run_recurrence(k, inp, activation, L, H, tile=2, xp=np):
@@ -375,11 +378,12 @@ def _run_recurrence(k, inp, activation, L, H, tile=2, xp=np):
     forward_plan = k.recur_forward(inp["Zb"], xp.ascontiguousarray(inp["W0m"].T), WhT, inp["ch"], WoT, inp["co"],
                                    inp["kappa_m"], inp["c_m"], inp["m0"], activation, scale, slope, tile, M, Z,
                                    DM, KM)
-    dZ, dO, gk, gc, A = (xp.full(s, np.nan, dt) for s in ((L, B, T, H), (B, T, Dm), (B, Dm), (B, Dm), (L, B, T, H)))
+    dZ, dO, A = (xp.full(s, np.nan, dt) for s in ((L, B, T, H), (B, T, Dm), (L, B, T, H)))
+    gk, gc, carry = inp["gk"].copy(), inp["gc"].copy(), inp["carry"].copy()
     backward_plan = k.recur_backward(inp["dM"], inp["W0m"], inp["Wh"], inp["Wo"], inp["kappa_m"], inp["c_m"],
-                                     inp["m0"], M, Z, DM, activation, scale, slope, tile, dZ, dO, gk, gc, A)
+                                     inp["m0"], M, Z, DM, activation, scale, slope, tile, carry, dZ, dO, gk, gc, A)
     outputs = {key: _to_host(v) for key, v in dict(M=M, DM=DM, Z=Z, KM=KM, dZ=dZ, dO=dO, gk=gk, gc=gc,
-                                                    A=A).items()}
+                                                    A=A, carry=carry).items()}
     return outputs, (forward_plan, backward_plan)
 
 

@@ -174,7 +174,9 @@ def _walk_inputs(rng, dtype, B, T, N, nb, Dm, H, L, entries):
         c_hid=f(Lh, H, N) if Lh else np.zeros((1, 1, N), dtype),
         W_out=f(H, Dm, N) if L else np.zeros((H, 1, N), dtype), c_out=f(Dm, N) if L else np.zeros((1, N), dtype),
         kappa_m=rng.uniform(0.3, 0.95, (Dm, N)).astype(dtype), c_m=rng.uniform(0.2, 1.5, (Dm, N)).astype(dtype),
-        w_o=f(Dm, N), c_o=f(N), b0=f(B, nb, N), m0=f(B, Dm, N), o0=f(B, N), dO=f(B, T, N))
+        w_o=f(Dm, N), c_o=f(N), b0=f(B, nb, N), m0=f(B, Dm, N), o0=f(B, N), dO=f(B, T, N),
+        # The backward's in/out carries (the adjoints of a later segment's start) and the sums it adds to.
+        carry_b=f(B, nb, N), carry_m=f(B, Dm, N), carry_o=f(B, N), gk=f(B, Dm, N), gc=f(B, Dm, N))
 
 
 def _walk(k, inp, L, H, activation, xp):
@@ -196,12 +198,13 @@ def _walk(k, inp, L, H, activation, xp):
                                a["c_m"], a["w_o"], a["c_o"], a["b0"], a["m0"], a["o0"], activation, scale, slope,
                                fwd["A0"], fwd["Z"], fwd["DM"], fwd["M"], fwd["O"], fwd["b"])]
     bwd = dict(GB=nan(B, T, nb, N), dZ=nan(L, B, T, H, N), dP=nan(B, T, Dm, N), GO=nan(B, T, N),
-               act=nan(L, B, T, H, N), gk=nan(B, Dm, N), gc=nan(B, Dm, N))
+               act=nan(L, B, T, H, N), **{key: a[key].copy() for key in ("gk", "gc", "carry_b", "carry_m", "carry_o")})
     plans.append(k.network_backward(a["dO"], a["kappa_b"], a["rec_ptr"], a["rec_i"], a["rec_k"], a["rec_src"],
                                     a["rec_w"], a["src_ptr"], a["src_entry"], a["W_in"], a["W_hid"], a["W_out"],
                                     a["kappa_m"], a["c_m"], a["w_o"], a["m0"], fwd["A0"], fwd["Z"], fwd["DM"],
                                     fwd["M"], activation, scale, slope, bwd["GB"], bwd["dZ"], bwd["dP"], bwd["GO"],
-                                    bwd["act"], bwd["gk"], bwd["gc"]))
+                                    bwd["act"], bwd["gk"], bwd["gc"], bwd["carry_b"], bwd["carry_m"],
+                                    bwd["carry_o"]))
     out = {key: v if isinstance(v, np.ndarray) else v.get() for key, v in {**fwd, **bwd}.items()}
     return out, plans
 

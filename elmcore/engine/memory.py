@@ -76,6 +76,14 @@ def on_real_gpu(backend):
     return getattr(backend, "name", "cpu") == "cuda" and not getattr(backend, "simulated", False)
 
 
+def available_bytes(backend=None):
+    """What a pass on ``backend`` may allocate: the GPU's free memory on a real GPU, else the host's limit
+    (``None`` where it cannot be read)."""
+    if on_real_gpu(backend):
+        return gpu_memory_bytes()[0]
+    return memory_limit_bytes()
+
+
 def check_memory(nbytes, what, backend=None):
     """Refuse, before allocating, work that cannot fit in this machine's memory.
 

@@ -25,11 +25,12 @@ REQUIRED = {
     "route_weight_grad": ("X", "indptr", "entry_syn", "entry_mask", "syn_per_channel", "dA", "partial_out"),
     "route_input_grad": ("dA", "indptr", "entry_syn", "entry_weight", "syn_per_channel", "dX_out"),
     "scan_forward": ("A", "kappa", "u0", "U_out"),
-    "scan_backward": ("dU", "kappa", "dA_out"),
+    "scan_backward": ("dU", "kappa", "dA_next", "dA_out"),
     "recur_forward": ("Zb", "W0mT", "WhT", "ch", "WoT", "co", "kappa_m", "c_m", "m0", "activation",
                       "phi_scale", "phi_slope", "tile", "M_out", "Z_out", "DM_out", "KM_out"),
     "recur_backward": ("dM", "W0m", "Wh", "Wo", "kappa_m", "c_m", "m0", "M", "Z", "DM", "activation",
-                       "phi_scale", "phi_slope", "tile", "dZ_out", "dO_out", "gkappa_out", "gc_out", "act_out"),
+                       "phi_scale", "phi_slope", "tile", "carry", "dZ_out", "dO_out", "gkappa_out", "gc_out",
+                       "act_out"),
     "batch_tile": ("B",),
 }
 
@@ -44,7 +45,7 @@ NETWORK_REQUIRED = {
     "network_backward": ("dO", "kappa_b", "rec_ptr", "rec_i", "rec_k", "rec_src", "rec_w", "src_ptr", "src_entry",
                          "W_in", "W_hid", "W_out", "kappa_m", "c_m", "w_o", "m0", "A0", "Z", "DM", "M", "activation",
                          "phi_scale", "phi_slope", "GB_out", "dZ_out", "dP_out", "GO_out", "act_out", "gkappa_out",
-                         "gc_out"),
+                         "gc_out", "carry_b", "carry_m", "carry_o"),
     "neuron_weight_grad": ("G", "A", "out", "bias_out"),
     "recurrent_weight_grad": ("GB", "O", "o0", "rec_i", "rec_k", "rec_src", "partial_out"),
     "rows_product": ("A", "Bt", "bias", "out"),

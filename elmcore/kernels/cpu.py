@@ -260,14 +260,16 @@ def scan_forward(A, kappa, u0, U_out):
 
 
 @njit(parallel=True, **_JIT)
-def scan_backward(dU, kappa, dA_out):
+def scan_backward(dU, kappa, dA_next, dA_out):
     """Adjoint of scan_forward: dA_out[:,t] = dU[:,t] + kappa ⊙ dA_out[:,t+1].
 
+    dA_next [B,C] stands for dA_out[:,T], the adjoint from steps after this walk: zeros for
+    a whole sequence, the later segment's dA_out[:,0] when the backward walks segments.
     dU may be the same array as dA_out. The gradient w.r.t. u0 is kappa ⊙ dA_out[:,0].
     """
     B, T, C = dU.shape
     for b in prange(B):
-        nxt = np.zeros(C, dU.dtype)
+        nxt = dA_next[b].copy()
         for t in range(T - 1, -1, -1):
             for c in range(C):
                 nxt[c] = dU[b, t, c] + kappa[c] * nxt[c]
@@ -413,7 +415,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_
 
 
 @njit(parallel=True, **_JIT)
-def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope, tile,
+def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope, tile, carry,
                    dZ_out, dO_out, gkappa_out, gc_out, act_out):
     """Backpropagation through time of recur_forward.
 
@@ -425,12 +427,15 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_
     tile              batch rows walked together; any value ≥ 1 is correct.
     dZ_out [L,B,T,H]  ∂loss/∂z_l for every step (for the weight GEMMs).
     dO_out [B,T,Dm]   ∂loss/∂o, the output-layer pre-activation (with L = 0 it is also ∂loss/∂z_0).
-    gkappa_out [B,Dm] per-batch Σ_t ∂loss/∂κ_m through both κ_m ⊙ m_{t−1} uses.
-    gc_out     [B,Dm] per-batch Σ_t ∂loss/∂c_m.
+    gkappa_out [B,Dm] per-batch Σ_t ∂loss/∂κ_m through both κ_m ⊙ m_{t−1} uses, ADDED to what
+                      it holds (zero it for a whole sequence): a backward walked in segments,
+                      last first, then sums in exactly the order of one walk over all T.
+    gc_out     [B,Dm] per-batch Σ_t ∂loss/∂c_m, added to likewise.
     act_out [L,B,T,H] the activations act(z_l), the inputs of the weight GEMMs; written
                       here because the SiLU slope needs σ(z_l) anyway (may alias nothing else).
-    The gradient w.r.t. m0 is not returned (the model always starts from zero
-    when training).
+    carry  [B,Dm]     in: ∂loss/∂m_{T−1} through steps after this walk (zeros for a whole
+                      sequence); out: ∂loss/∂m_{−1}, the gradient reaching m0 (what the
+                      walk of the segment before needs).
     """
     B, T, Dm = dM.shape
     L = Z.shape[0]
@@ -441,7 +446,7 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_
     for ti in prange(n_tiles):
         b0 = ti * tile
         n = min(tile, B - b0)
-        carry = np.zeros((n, Dm), dt)
+        carry_t = carry[b0:b0 + n].copy()
         g = np.empty((n, Dm), dt)
         do = np.empty((n, Dm), dt)
         da = np.empty((n, H), dt)
@@ -450,14 +455,12 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_
         r_m = np.empty((n, Dm), dt)
         gk = gkappa_out[b0:b0 + n]
         gc = gc_out[b0:b0 + n]
-        gk[:] = 0
-        gc[:] = 0
         for t in range(T - 1, -1, -1):
             for r in range(n):
                 b = b0 + r
                 for i in range(Dm):
                     # (a) g = dM + carry
-                    g[r, i] = dM[b, t, i] + carry[r, i]
+                    g[r, i] = dM[b, t, i] + carry_t[r, i]
                     # (b) gc += g ⊙ Δm
                     dm = DM[b, t, i]
                     gc[r, i] += g[r, i] * dm
@@ -489,4 +492,5 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_
                     m_prev = M[b, t - 1, i] if t > 0 else m0[b, i]
                     total = g[r, i] + r_m[r, i]
                     gk[r, i] += total * m_prev
-                    carry[r, i] = kappa_m[i] * total
+                    carry_t[r, i] = kappa_m[i] * total
+        carry[b0:b0 + n] = carry_t

@@ -25,7 +25,9 @@ M_out, Z_out, DM_out   caller      written by ``recur_forward`` and handed UNCHA
                                    ``recur_backward`` as M, Z, DM (together with the
                                    same m0, kappa_m, c_m and weights)
 dZ_out, dO_out         caller      overwritten; consumed by the weight GEMMs
-gkappa_out, gc_out     caller      overwritten; per-batch rows [B,Dm]
+gkappa_out, gc_out     caller      added to (zeroed by the caller); per-batch rows [B,Dm]
+carry, dA_next         caller      the adjoint of the state after the walk (in; zeros for a
+                                   whole sequence); ``carry`` returns the one before it
 packed weights         this file   a device copy made per recurrence call (a few
                                    hundred KB at most), freed when the call returns
 =====================  ==========  =====================================================
@@ -283,13 +285,13 @@ def _scan_kernels(np_dtype):
                 U_out[b, t, c] = prev
 
     @cuda.jit
-    def scan_backward_kernel(dU, kappa, dA_out):
+    def scan_backward_kernel(dU, kappa, dA_next, dA_out):
         B, T, C = dU.shape
         for k in range(cuda.grid(1), B * C, cuda.gridsize(1)):
             b = k // C
             c = k - b * C
             decay = kappa[c]
-            nxt = ZERO
+            nxt = dA_next[b, c]
             ahead = dU[b, T - 1, c] if T > 0 else ZERO  # read-ahead, as in scan_forward_kernel
             for t in range(T - 1, -1, -1):
                 g = ahead
@@ -315,11 +317,11 @@ def scan_forward(A, kappa, u0, U_out):
         U_out[...] = target
 
 
-def scan_backward(dU, kappa, dA_out):
+def scan_backward(dU, kappa, dA_next, dA_out):
     """See ``kernels.cpu.scan_backward``. One thread per (b, channel); dU may alias dA_out."""
     B, _, C = dU.shape
     kernel = _scan_kernels(float_type(dA_out.dtype))["scan_backward_kernel"]
-    launch(kernel, *flat_shape(B * C), dU, kappa, dA_out)
+    launch(kernel, *flat_shape(B * C), dU, kappa, dA_next, dA_out)
 
 
 # ---- the MLP-and-memory recurrence ---------------------------------------------------
@@ -424,7 +426,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
 
     @cuda.jit(**_RECUR_BACKWARD_JIT)
     def recur_backward_kernel(dM, packed, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope,
-                       L, H, o_wh, o_wo, dZ_out, dO_out, gkappa_out, gc_out):
+                       L, H, o_wh, o_wo, dZ_out, dO_out, gkappa_out, gc_out, carry):
         # Shared layout per row r, at base + r·(6·Dm + 2·H): ∂o ping-pong [2,Dm],
         # g [Dm], carry [Dm], Σ∂κ [Dm], Σ∂c [Dm], ∂z ping-pong [2,H].
         smem = cuda.shared.array(0, nb_dtype)
@@ -444,9 +446,9 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
         dz0 = row + 6 * Dm
         if active:
             for i in range(lane, Dm, nlanes):
-                smem[carry_at + i] = ZERO
-                smem[gk_at + i] = ZERO
-                smem[gc_at + i] = ZERO
+                smem[carry_at + i] = carry[b, i]
+                smem[gk_at + i] = gkappa_out[b, i]
+                smem[gc_at + i] = gc_out[b, i]
         cuda.syncthreads()
         p = 0
         for t in range(T - 1, -1, -1):
@@ -501,6 +503,7 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
             for i in range(lane, Dm, nlanes):
                 gkappa_out[b, i] = smem[gk_at + i]
                 gc_out[b, i] = smem[gc_at + i]
+                carry[b, i] = smem[carry_at + i]
 
     return dict(recur_forward_kernel=recur_forward_kernel, recur_backward_kernel=recur_backward_kernel)
 
@@ -694,7 +697,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_
     return plan
 
 
-def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope, tile,
+def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_scale, phi_slope, tile, carry,
                    dZ_out, dO_out, gkappa_out, gc_out, act_out):
     """See ``kernels.cpu.recur_backward`` (same arguments, same outputs).
 
@@ -702,7 +705,8 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_
     here into one flat buffer (staged in shared memory when it fits).
     M, Z, DM, m0, kappa_m, c_m: exactly what recur_forward was given / wrote.
     tile             batch rows per thread block; any value >= 1 is correct.
-    dZ_out [L,B,T,H], dO_out [B,T,Dm], gkappa_out, gc_out [B,Dm]: overwritten.
+    dZ_out [L,B,T,H], dO_out [B,T,Dm]: overwritten; gkappa_out, gc_out [B,Dm]: added to;
+    carry [B,Dm]: in ∂loss/∂m_{T−1} from later steps, out ∂loss/∂m_{−1}.
     act_out [L,B,T,H]  act(Z), written by one elementwise kernel after the launch (on the
                      GPU that pass is bandwidth-bound and cheap; the recurrence kernel keeps
                      its registers for the time loop).
@@ -721,7 +725,7 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_
     plan = _launch_recurrence("recur_backward_kernel", B, tile, max(W0, Dm), row_floats, (
         dM, packed, kappa_m, c_m, m0, M, Z if L else placeholder, DM, int(activation),
         dt.type(phi_scale), dt.type(phi_slope), L, H, o_wh, o_wo,
-        dZ_out if L else placeholder, dO_out, gkappa_out, gc_out))
+        dZ_out if L else placeholder, dO_out, gkappa_out, gc_out, carry))
     if L:
         kernel = _activation_kernels(float_type(dt))["activate_kernel"]
         launch(kernel, *flat_shape(Z.size), Z.reshape(-1), int(activation), act_out.reshape(-1))

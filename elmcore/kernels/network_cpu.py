@@ -283,7 +283,7 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
 
 def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope,
-                     GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+                     GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b, carry_m, carry_o):
     """Backpropagation through time of ``network_forward`` for one layer (docs/gradients.md, ELM Network).
 
     dO      [B,T,N]      ∂loss/∂o_t from outside the layer (readout or the next layer), not
@@ -299,18 +299,23 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
                          (with L = 0 that is also the first layer's ∂z).
     GO_out  [B,T,N]      ∂loss/∂o_t in total (outside plus the recurrent path).
     act_out [L,B,T,H,N]  act(z_l), the hidden layers' outputs, for the weight gradients.
-    gkappa_out, gc_out [B,Dm,N]  per batch row Σ_t ∂loss/∂κ_m and Σ_t ∂loss/∂c_m.
-    The gradient w.r.t. the initial state is not formed (training starts from zero).
+    gkappa_out, gc_out [B,Dm,N]  per batch row Σ_t ∂loss/∂κ_m and Σ_t ∂loss/∂c_m, ADDED to what
+                         they hold (zero them for a whole sequence), so that a backward walked in
+                         segments, last first, sums in the order of one walk over all T.
+    carry_b [B,nb,N], carry_m [B,Dm,N], carry_o [B,N]  the three adjoints carried between steps
+                         (g_b(t+1), κ_m ⊙ (g + r) and the recurrent part of ∂loss/∂o_t): in, their
+                         values after step T−1 (zeros for a whole sequence); out, what reaches the
+                         initial state b0, m0, o0 (what the walk of the segment before needs).
     """
     _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
                       kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, batch_tile(dO.shape[0]),
-                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out)
+                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b, carry_m, carry_o)
 
 
 @njit(parallel=True, **_JIT)
 def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
                       kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R,
-                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b_io, carry_m_io, carry_o_io):
     B, T, nb, N = GB_out.shape
     Dm = kappa_m.shape[0]
     I0, W0, _ = W_in.shape
@@ -338,14 +343,16 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
         # g_b and the recurrent path's ∂loss/∂o_{t−1}, row-minor as in the forward (module docstring).
         gbT = np.empty((nb * N, R), dt)
         carry_oT = np.zeros((N, R), dt)
+        for r in range(n):
+            carry_m[r] = carry_m_io[first + r]
+            carry_b[r] = carry_b_io[first + r]
+            for i in range(N):
+                carry_oT[i, r] = carry_o_io[first + r, i]
         g = np.empty((R, Dm, N), dt)
         dpre = np.empty((R, Dm, N), dt)
         da = np.empty((R, H, N), dt)
         dz = np.empty((R, H, N), dt)
         da0 = np.empty((R, I0, N), dt)
-        for r in range(n):
-            gkappa_out[first + r] = 0
-            gc_out[first + r] = 0
         for t in range(T - 1, -1, -1):
             for r in range(n):
                 bb = first + r
@@ -404,6 +411,11 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
                 for r in range(n):
                     carry_oT[j, r] = 0
             _add_recurrent(carry_oT, neuron_by_src, w_by_src, chan_by_src, gbT, n)
+        for r in range(n):
+            carry_m_io[first + r] = carry_m[r]
+            carry_b_io[first + r] = carry_b[r]
+            for i in range(N):
+                carry_o_io[first + r, i] = carry_oT[i, r]
 
 
 # Row chunks of the weight-gradient sums: a constant, so the sums' order (and the

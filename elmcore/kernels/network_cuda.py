@@ -149,7 +149,8 @@ def _kernels(np_dtype, weights_in_shared=False):
     @cuda.jit
     def network_backward_kernel(dO, kappa_b, src_ptr, src_chan, src_w, packed, o_whid, o_wout,
                                 kappa_m, c_m, w_o, m0, Z, DM, M, activation, phi_scale, phi_slope, L, H,
-                                row_stride, GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+                                row_stride, GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out,
+                                carry_b, carry_m, carry_o):
         # packed: W_in [I0,W0,N] | W_hid [Lh,H,H,N] | W_out [H,Dm,N] at 0, o_whid, o_wout (W_in only when
         # L = 0). Shared memory: [packed (if staged)] then a row per thread, every row_stride values:
         # g [Dm], ∂pre [Dm], ∂z ping-pong [2,H]. GB_out is [B,T,nb·N] here (channel k·N + i); the
@@ -170,17 +171,16 @@ def _kernels(np_dtype, weights_in_shared=False):
         for bb in range(cuda.blockIdx.x, B, cuda.gridDim.x):
             i = U(cuda.threadIdx.x)
             while i < neurons:
-                GO_out[bb, T - 1, i] = dO[bb, T - 1, i]
                 for j in range(Dm):
-                    gkappa_out[bb, j, i] = ZERO
-                    gc_out[bb, j, i] = ZERO
-                    dP_out[bb, T - 1, j, i] = ZERO  # the memory carry into the last step
+                    dP_out[bb, T - 1, j, i] = carry_m[bb, j, i]  # the memory carry into the last step
                 i = U(i + nt)
             for t in range(T - 1, -1, -1):
                 i = U(cuda.threadIdx.x)
                 while i < neurons:
-                    # (a) go = dO + carry_o (GO_out[bb, t] was completed by step t + 1's pass (f))
-                    go = GO_out[bb, t, i]
+                    # (a) go = dO + carry_o (carry_o[bb, i]: the caller's at t = T − 1, then step t + 1's (f),
+                    # written by this same thread)
+                    go = dO[bb, t, i] + carry_o[bb, i]
+                    GO_out[bb, t, i] = go
                     # (b) g = w_o ⊙ go + carry_m;  gc += g ⊙ Δm;  dp = g ⊙ c_m ⊙ φ'(p)
                     # dP_out[bb, t] holds the memory carry from step t + 1 until dp replaces it.
                     for o in range(Dm):
@@ -211,7 +211,7 @@ def _kernels(np_dtype, weights_in_shared=False):
                     # (c) da_0 = W_0ᵀ dz_0 (dz_0 = dp when L = 0);  (e) g_b(t) = da_0[:nb] + κ_b ⊙ g_b(t+1)
                     for k in range(nb):
                         acc = dot(ZERO, smem, d_at, one, W, U(k * W0 * N + i), neurons, U(W0))
-                        carry = GB_out[bb, t + 1, k * N + i] if t < T - 1 else ZERO
+                        carry = GB_out[bb, t + 1, k * N + i] if t < T - 1 else carry_b[bb, k, i]
                         GB_out[bb, t, k * N + i] = acc + kappa_b[k, i] * carry
                     # (d) total = g + da_0[nb:],  gk += total ⊙ m_{t−1},  carry_m = κ_m ⊙ total
                     # (the carry for step t − 1 goes to dP_out[bb, t − 1]).
@@ -222,21 +222,29 @@ def _kernels(np_dtype, weights_in_shared=False):
                         gkappa_out[bb, j, i] += total * m_prev
                         if t > 0:
                             dP_out[bb, t - 1, j, i] = kappa_m[j, i] * total
+                        else:
+                            carry_m[bb, j, i] = kappa_m[j, i] * total
                     i = U(i + nt)
-                # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e], then (a) of step t − 1
-                # g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources.
+                # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e], read by (a) of step
+                # t − 1: g_b of every neuron at step t is gathered into ∂loss/∂o_{t−1} of its sources (after
+                # t = 0 carry_o is the adjoint of the state's o, which the segment before continues from).
+                # Each thread gathers for the neurons it walks, so (a) reads carry_o without a barrier.
                 cuda.syncthreads()
-                if t > 0:
-                    j = U(cuda.threadIdx.x)
-                    while j < neurons:
-                        acc = ZERO
-                        q = U(src_ptr[j])
-                        q_end = U(src_ptr[j + 1])
-                        while q != q_end:
-                            acc += src_w[q] * GB_out[bb, t, src_chan[q]]
-                            q = U(q + 1)
-                        GO_out[bb, t - 1, j] = dO[bb, t - 1, j] + acc
-                        j = U(j + nt)
+                j = U(cuda.threadIdx.x)
+                while j < neurons:
+                    acc = ZERO
+                    q = U(src_ptr[j])
+                    q_end = U(src_ptr[j + 1])
+                    while q != q_end:
+                        acc += src_w[q] * GB_out[bb, t, src_chan[q]]
+                        q = U(q + 1)
+                    carry_o[bb, j] = acc
+                    j = U(j + nt)
+            i = U(cuda.threadIdx.x)
+            while i < neurons:
+                for k in range(nb):
+                    carry_b[bb, k, i] = GB_out[bb, 0, k * N + i]
+                i = U(i + nt)
 
     @cuda.jit
     def neuron_weight_grad_kernel(G, A, out, bias_out):
@@ -393,7 +401,7 @@ def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_i
 
 def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope,
-                     GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out):
+                     GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b, carry_m, carry_o):
     """See ``network_cpu.network_backward``. One block per batch row, a thread per neuron; the MLP
     weights are packed as in ``network_forward``. Returns the WalkLaunch used."""
     xp, dt = array_module(dO), dO.dtype
@@ -414,7 +422,7 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
     plan = _launch_walk("network_backward_kernel", B, N, row_floats, packed, (
         dO, kappa_b, src_ptr, src_chan, src_w, packed, o_whid, o_wout,
         kappa_m, c_m, w_o, m0, Z, DM, M, int(activation), phi_scale, phi_slope, L, H, row_stride(row_floats),
-        gb.reshape(B, -1, nb * N), dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out))
+        gb.reshape(B, -1, nb * N), dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b, carry_m, carry_o))
     if gb is not GB_out:
         GB_out[...] = gb
     return plan

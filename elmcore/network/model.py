@@ -21,7 +21,7 @@ import numpy as np
 
 from elmcore.network import params as NP
 from elmcore.network.config import NetworkConfig
-from elmcore.engine.memory import check_memory
+from elmcore.engine import segments
 from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
@@ -92,7 +92,7 @@ class LayerWeights:
     c_o: np.ndarray            # [N]
 
 
-class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
+class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation):
     """An ELM Network (``version = "elm_network"``) with the single neuron's API.
 
     Parameters live in ``self.params`` under the spec's state_dict keys. ``forward``
@@ -162,7 +162,8 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         Only the final state stays: it is no recycled buffer, and a stateful trainer reads it
         after the backward."""
         for layer_cache in cache.get("layers") or []:
-            self._recycle(layer_cache["A0"], layer_cache["Z"], layer_cache["DM"], layer_cache["M"], layer_cache["O"])
+            if "A0" in layer_cache:
+                self._recycle_layer(layer_cache)
         final = cache.get("final_state")
         cache.clear()
         cache["consumed"] = True
@@ -178,28 +179,37 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
                 "m": xp.zeros((n, batch_size, cfg.num_memory, N), self.dtype),
                 "o": xp.zeros((n, batch_size, N), self.dtype)}
 
+    # ---- long sequences: the recomputation segment (engine/segments.py, Recomputation) -------
+    def _bytes_kept_whole(self, batch, steps):
+        """Kept whatever the segment: the input, every layer's outputs and their gradients, Y and dY."""
+        cfg = self.config
+        return 2 * batch * steps * (cfg.num_input + cfg.num_layers * cfg.num_neurons + cfg.num_output) * \
+            self.dtype.itemsize
+
     @threads_by_work
-    def forward(self, X, return_cache=False, state=None):
+    def forward(self, X, return_cache=False, state=None, recompute_segment=None):
         """Outputs Y (B, T, num_output) for inputs X (B, T, num_input), from the zero state or ``state``.
 
         The cache holds, per layer, the input, the first MLP layer's input A0 (B·T·(nb + Dm)·N),
         the hidden pre-activations Z (L·B·T·H·N), Δm and m (B·T·Dm·N each) and o (B·T·N),
         and "final_state", the state after the last step (what ``run`` returns).
+        With ``recompute_segment`` k (or the model's ``recompute_segment``, or when the whole
+        cache would not fit) it keeps per layer only o and the state every k steps (k rounded
+        up to whole time blocks), and ``backward`` recomputes each segment's arrays, with the
+        same gradients bit for bit (docs/architecture.md, "Long sequences in bounded memory").
         ``state`` (from ``init_state`` / ``run`` / an earlier cache's "final_state") continues a
         stream; ``backward`` then treats it as a constant (truncated BPTT).
         """
         X = self.prepare_input(X)
-        # Half of activation_bytes: the forward cache without the gradients.
-        check_memory(self.config.activation_bytes(X.shape[0], X.shape[1], self.dtype.itemsize) // 2,
-                     f"a forward pass over {X.shape[0]} sequences of {X.shape[1]} steps", self.backend)
-        Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]))
+        segment = self.forward_segment(X, recompute_segment)
+        Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]), segment)
         self._check_output(Y, X)
         if return_cache:
             return Y, cache
         self._recycle_cache(cache)
         return Y
 
-    def _forward(self, X, state):
+    def _forward(self, X, state, segment=None):
         cfg, xp = self.config, self.xp
         B, T, _ = X.shape
         if state is None:
@@ -208,8 +218,22 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         final = {"b": xp.empty_like(state["b"]), "m": xp.empty_like(state["m"]), "o": xp.empty_like(state["o"])}
         inp = X
         for layer in range(cfg.num_layers):
-            layers.append(self._layer_forward(layer, inp, state, final))
-            inp = layers[-1]["O"]
+            w = self.layer_weights(layer)
+            start = (state["b"][layer], state["m"][layer], state["o"][layer])
+            if segment is None:
+                layer_cache, end = self._layer_forward(layer, w, inp, start)
+            else:
+                O = xp.empty((B, T, cfg.num_neurons), self.dtype)
+                starts = []
+                for s0, s1 in segments.segment_bounds(T, segment):
+                    starts.append((s0, s1, start))
+                    seg_cache, start = self._layer_forward(layer, w, xp.ascontiguousarray(inp[:, s0:s1]), start)
+                    O[:, s0:s1] = seg_cache["O"]
+                    self._recycle_layer(seg_cache)
+                layer_cache, end = dict(X=inp, O=O, weights=w, segments=starts), start
+            final["b"][layer], final["m"][layer], final["o"][layer] = end
+            layers.append(layer_cache)
+            inp = layer_cache["O"]
         Y = self._readout_forward(inp)
         return Y, dict(layers=layers, final_state=final, shape=(B, T))
 
@@ -218,6 +242,8 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         """∂loss/∂θ for every trainable key, given dY = ∂loss/∂Y (B, T, num_output).
 
         With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
+        A layer kept in segments is recomputed one segment at a time, last first; every
+        weight gradient is summed over time blocks, last first, in both cases.
         """
         cfg, xp = self.config, self.xp
         if cache.get("consumed"):
@@ -242,16 +268,16 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         return out
 
     # ---- one layer: routing, the time walk, the weight gradients ----------------------------
-    def _layer_forward(self, layer, X, state, final):
-        """One layer over all T steps from ``state``; returns its cache entry and writes its ``final`` state.
+    def _layer_forward(self, layer, w, X, start):
+        """One layer over the steps of X from the state ``start`` = (b0, m0, o0) [B,nb,N], [B,Dm,N], [B,N].
 
-        X [B,T,D] is the layer's input: the network's input, or the layer below's outputs O.
+        X [B,T,D] is the layer's input over those steps: the network's input, or the layer
+        below's outputs O. Returns (its cache entry, the state (b, m, o) after the last step).
         """
         cfg, k = self.config, self.kernels
         B, T, _ = X.shape
         N, nb, Dm, L, H = cfg.num_neurons, cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, cfg.hidden_size
         activation = activation_code(cfg.mlp_activation)
-        w = self.layer_weights(layer)
         syn = self.synapses[layer]
         R = self._buffer((B, T, nb * N))
         k.route_forward(X, syn.indptr, syn.entry_syn, w.entry_weight, cfg.num_synapse_per_branch, R)
@@ -262,23 +288,57 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         DM = self._buffer((B, T, Dm, N))
         M = self._buffer((B, T, Dm, N))
         O = self._buffer((B, T, N))
-        m0, o0 = state["m"][layer], state["o"][layer]
+        b0, m0, o0 = start
+        b_end = self.xp.empty_like(b0)
         k.network_forward(R.reshape(B, T, nb, N), w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src,
                           w.rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out, w.kappa_m, w.c_m, w.w_o, w.c_o,
-                          state["b"][layer], m0, o0, activation, self.dtype.type(PHI_SCALE),
-                          self.dtype.type(PHI_SLOPE), A0, Z, DM, M, O, final["b"][layer])
-        final["m"][layer] = M[:, -1]
-        final["o"][layer] = O[:, -1]
+                          b0, m0, o0, activation, self.dtype.type(PHI_SCALE),
+                          self.dtype.type(PHI_SLOPE), A0, Z, DM, M, O, b_end)
         self._recycle(R)
-        return dict(X=X, A0=A0, Z=Z, DM=DM, M=M, O=O, m0=m0, o0=o0, weights=w)
+        end = (b_end, M[:, -1].copy(), O[:, -1].copy())
+        return dict(X=X, A0=A0, Z=Z, DM=DM, M=M, O=O, m0=m0, o0=o0, weights=w), end
+
+    def _recycle_layer(self, layer_cache):
+        self._recycle(layer_cache["A0"], layer_cache["Z"], layer_cache["DM"], layer_cache["M"], layer_cache["O"])
 
     def _layer_backward(self, layer, layer_cache, dO, need_input_grad):
         """One layer back over all T steps; returns (its gradients, dX or None).
 
         dO [B,T,N]  ∂loss/∂o_t from outside the layer (the readout, or the layer above's dX).
         dX [B,T,D]  ∂loss/∂(the layer's input), when ``need_input_grad``.
+        A layer kept in segments is recomputed segment by segment, last first, the adjoints
+        of the state carried from each segment into the one before.
         """
-        cfg, xp, k = self.config, self.xp, self.kernels
+        cfg, xp = self.config, self.xp
+        B, T, N = dO.shape
+        nb, Dm = cfg.num_branch, cfg.num_memory
+        w, X = layer_cache["weights"], layer_cache["X"]
+        sums = segments.BlockSums()
+        carry = (xp.zeros((B, nb, N), self.dtype), xp.zeros((B, Dm, N), self.dtype), xp.zeros((B, N), self.dtype))
+        gk = xp.zeros((B, Dm, N), self.dtype)
+        gc = xp.zeros((B, Dm, N), self.dtype)
+        dX = xp.empty(X.shape, self.dtype) if need_input_grad else None
+        if "segments" not in layer_cache:
+            self._segment_backward(layer, layer_cache, dO, carry, gk, gc, sums, dX)
+        else:
+            for s0, s1, start in reversed(layer_cache["segments"]):
+                seg_cache, _ = self._layer_forward(layer, w, xp.ascontiguousarray(X[:, s0:s1]), start)
+                dX_seg = None if dX is None else xp.empty(seg_cache["X"].shape, self.dtype)
+                self._segment_backward(layer, seg_cache, xp.ascontiguousarray(dO[:, s0:s1]), carry, gk, gc, sums,
+                                       dX_seg)
+                if dX is not None:
+                    dX[:, s0:s1] = dX_seg
+                self._recycle_layer(seg_cache)
+        return self._layer_weight_grads(layer, w, sums, gk, gc), dX
+
+    def _segment_backward(self, layer, layer_cache, dO, carry, gk, gc, sums, dX):
+        """The walk back over the steps of ``layer_cache`` (a whole sequence, or one segment of it).
+
+        Adds every weight gradient's time blocks (last first) to ``sums`` and, per batch row,
+        Σ_t ∂loss/∂κ_m and Σ_t ∂loss/∂c_m to gk, gc; carries the state's adjoints in ``carry``
+        (b, m, o) into the steps before; writes ∂loss/∂X of these steps into dX unless None.
+        """
+        cfg, k = self.config, self.kernels
         B, T, N = dO.shape
         nb, Dm, L, H = cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, cfg.hidden_size
         activation = activation_code(cfg.mlp_activation)
@@ -290,58 +350,71 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep):
         dP = self._buffer((B, T, Dm, N))
         GO = self._buffer((B, T, N))
         act = self._buffer((L, B, T, H, N))
-        gk = xp.empty((B, Dm, N), self.dtype)
-        gc = xp.empty((B, Dm, N), self.dtype)
         k.network_backward(dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w,
                            syn.src_ptr, syn.src_entry, W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o,
                            layer_cache["m0"], layer_cache["A0"], layer_cache["Z"], layer_cache["DM"],
                            layer_cache["M"], activation, self.dtype.type(PHI_SCALE),
-                           self.dtype.type(PHI_SLOPE), GB, dZ, dP, GO, act, gk, gc)
-        grads = self._layer_weight_grads(layer, layer_cache, w, syn, GB, dZ, dP, GO, act, gk, gc)
-        dX = None
-        if need_input_grad:
-            X = layer_cache["X"]
-            dX = xp.empty(X.shape, self.dtype)
+                           self.dtype.type(PHI_SLOPE), GB, dZ, dP, GO, act, gk, gc, *carry)
+        self._block_weight_grads(layer, layer_cache, syn, GB, dZ, dP, GO, act, sums)
+        if dX is not None:
             k.route_input_grad(GB.reshape(B, T, nb * N), syn.indptr, syn.entry_syn, w.entry_weight,
                                cfg.num_synapse_per_branch, dX)
         self._recycle(GB, dZ, dP, GO, act)
-        return grads, dX
 
-    def _layer_weight_grads(self, layer, layer_cache, w, syn, GB, dZ, dP, GO, act, gk, gc):
-        """Every weight gradient of one layer, each a reduction over all B·T rows."""
+    def _block_weight_grads(self, layer, layer_cache, syn, GB, dZ, dP, GO, act, sums):
+        """Every weight gradient of one layer over these steps, one reduction per time block, last first."""
         cfg, xp, k = self.config, self.xp, self.kernels
         B, T, nb, N = GB.shape
-        BT, Dm, L, k_c = B * T, cfg.num_memory, cfg.mlp_num_layers, cfg.num_synapse
-        pre = NP.layer_prefix(layer)
-        grads = {}
-        # w_o: ∂o_t/∂w_o = m_t, ∂o_t/∂c_o = 1.
-        g_wo = xp.empty((Dm, 1, N), self.dtype)
-        g_co = xp.empty((1, N), self.dtype)
-        k.neuron_weight_grad(GO.reshape(BT, 1, N), layer_cache["M"].reshape(BT, Dm, N), g_wo, g_co)
-        grads[pre + "w_o.weight"] = xp.ascontiguousarray(g_wo[:, 0, :].T)
-        grads[pre + "w_o.bias"] = g_co[0]
-        # The MLP: layer l's weight gradient is Σ_rows (its output gradient) ⊗ (its input).
+        Dm, L, k_c = cfg.num_memory, cfg.mlp_num_layers, cfg.num_synapse
+        rows = segments.rows
         inputs = [layer_cache["A0"]] + [act[l] for l in range(L)]
         outputs = [dZ[l] for l in range(L)] + [dP]
+        O = layer_cache["O"]
+        for t0, t1 in segments.block_bounds(0, T, self.time_block)[::-1]:
+            R = B * (t1 - t0)
+            # w_o: ∂o_t/∂w_o = m_t, ∂o_t/∂c_o = 1.
+            g_wo = xp.empty((Dm, 1, N), self.dtype)
+            g_co = xp.empty((1, N), self.dtype)
+            k.neuron_weight_grad(rows(GO, t0, t1).reshape(R, 1, N), rows(layer_cache["M"], t0, t1), g_wo, g_co)
+            sums.add("w_o", g_wo)
+            sums.add("c_o", g_co)
+            # The MLP: layer l's weight gradient is Σ_rows (its output gradient) ⊗ (its input).
+            for l in range(L + 1):
+                a = rows(inputs[l], t0, t1)
+                g = rows(outputs[l], t0, t1)
+                gw = xp.empty((a.shape[1], g.shape[1], N), self.dtype)
+                g_bias = xp.empty((g.shape[1], N), self.dtype)
+                k.neuron_weight_grad(g, a, gw, g_bias)
+                sums.add(f"mlp.{l}.weight", gw)
+                sums.add(f"mlp.{l}.bias", g_bias)
+            # w_s: external synapses through the routing, recurrent ones against o_{t−1}.
+            GB_block = segments.block_view(GB, t0, t1)
+            partial = xp.empty((B, N * k_c), self.dtype)
+            k.route_weight_grad(segments.block_view(layer_cache["X"], t0, t1), syn.indptr, syn.entry_syn,
+                                xp.ones(syn.entry_syn.shape[0], self.dtype), cfg.num_synapse_per_branch,
+                                GB_block.reshape(B, t1 - t0, nb * N), partial)
+            sums.add("w_s.external", partial)
+            if syn.rec_i.shape[0]:
+                partial_rec = xp.empty((B, syn.rec_i.shape[0]), self.dtype)
+                o_before = layer_cache["o0"] if t0 == 0 else xp.ascontiguousarray(O[:, t0 - 1])
+                k.recurrent_weight_grad(GB_block, segments.block_view(O, t0, t1), o_before, syn.rec_i, syn.rec_k,
+                                        syn.rec_src, partial_rec)
+                sums.add("w_s.recurrent", partial_rec)
+
+    def _layer_weight_grads(self, layer, w, sums, gk, gc):
+        """Every weight gradient of one layer, from its sums over time blocks."""
+        cfg, xp = self.config, self.xp
+        L, k_c, N = cfg.mlp_num_layers, cfg.num_synapse, cfg.num_neurons
+        syn = self.synapses[layer]
+        pre = NP.layer_prefix(layer)
+        grads = {pre + "w_o.weight": xp.ascontiguousarray(sums["w_o"][:, 0, :].T), pre + "w_o.bias": sums["c_o"][0]}
         for l in range(L + 1):
-            a = inputs[l].reshape(BT, -1, N)
-            g = outputs[l].reshape(BT, -1, N)
-            gw = xp.empty((a.shape[1], g.shape[1], N), self.dtype)
-            g_bias = xp.empty((g.shape[1], N), self.dtype)
-            k.neuron_weight_grad(g, a, gw, g_bias)
-            grads[f"{pre}mlp.{l}.weight"] = xp.ascontiguousarray(gw.transpose(2, 1, 0))
-            grads[f"{pre}mlp.{l}.bias"] = xp.ascontiguousarray(g_bias.T)
-        # w_s: external synapses through the routing, recurrent ones against o_{t−1}.
+            grads[f"{pre}mlp.{l}.weight"] = xp.ascontiguousarray(sums[f"mlp.{l}.weight"].transpose(2, 1, 0))
+            grads[f"{pre}mlp.{l}.bias"] = xp.ascontiguousarray(sums[f"mlp.{l}.bias"].T)
         g_ws = xp.zeros(N * k_c, self.dtype)
-        partial = xp.empty((B, N * k_c), self.dtype)
-        k.route_weight_grad(layer_cache["X"], syn.indptr, syn.entry_syn, xp.ones(syn.entry_syn.shape[0], self.dtype),
-                            cfg.num_synapse_per_branch, GB.reshape(B, T, nb * N), partial)
-        g_ws[syn.entry_flat] = partial.sum(0)[syn.entry_syn]
+        g_ws[syn.entry_flat] = sums["w_s.external"].sum(0)[syn.entry_syn]
         if syn.rec_i.shape[0]:
-            partial_rec = xp.empty((B, syn.rec_i.shape[0]), self.dtype)
-            k.recurrent_weight_grad(GB, layer_cache["O"], layer_cache["o0"], syn.rec_i, syn.rec_k, syn.rec_src,
-                                    partial_rec)
-            g_ws[syn.rec_flat] = partial_rec.sum(0)
+            g_ws[syn.rec_flat] = sums["w_s.recurrent"].sum(0)
         grads[pre + "w_s"] = g_ws.reshape(N, k_c)
         if cfg.learn_memory_tau:
             # The kernel layout is [Dm,N]; the parameter is [N,Dm].

@@ -16,7 +16,7 @@ import numpy as np
 
 from elmcore.neuron import params as P
 from elmcore.neuron.config import ELMConfig
-from elmcore.engine.memory import check_memory
+from elmcore.engine import segments
 from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
@@ -62,7 +62,7 @@ class Derived:
     kappa_lambda: np.ndarray   # [Dm] v2 only (None in v1)
 
 
-class ELM(InputChecks, ParameterBookkeeping, SingleStep):
+class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation):
     """An ELM neuron (``elm_v1``) or Branch-ELM (``branch_elm_v2``).
 
     Parameters live in ``self.params`` under the release's state_dict keys.
@@ -119,9 +119,15 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         """[(W, c)] of the MLP, input layer first."""
         return [(self.params[wk], self.params[bk]) for wk, bk in P.mlp_layer_keys(self.config.mlp_num_layers)]
 
+    # ---- long sequences: the recomputation segment (engine/segments.py, Recomputation) -------
+    def _bytes_kept_whole(self, batch, steps):
+        """Kept whatever the segment: the input and Y, and their gradients."""
+        cfg = self.config
+        return 2 * batch * steps * (cfg.num_input + cfg.num_output) * self.dtype.itemsize
+
     # ---- forward and backward: the stages in order, each a forward/backward pair below ----
     @threads_by_work
-    def forward(self, X, return_cache=False, state=None):
+    def forward(self, X, return_cache=False, state=None, recompute_segment=None):
         """Outputs Y (B, T, num_output) for inputs X (B, T, num_input).
 
         With ``return_cache`` also returns the cache ``backward`` needs. It holds
@@ -131,42 +137,77 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         input R (B·T·nb) when the input stage took its sparse path (``cache["input_path"]``
         is "dense" or "sparse"; see ``_input_forward``), and "final_state", the state after the
         last step (what ``run`` returns).
+        With ``recompute_segment`` k (or the model's ``recompute_segment``, or when the whole
+        cache would not fit) the cache keeps only the state every k steps (k rounded up to
+        whole time blocks) and ``backward`` recomputes each segment's arrays, with the same
+        gradients bit for bit (docs/architecture.md, "Long sequences in bounded memory").
         ``state`` (from ``init_state`` / ``run`` / an earlier cache's "final_state") continues a
         stream instead of starting at zero; ``backward`` then treats it as a constant
         (truncated BPTT).
         """
         X = self.prepare_input(X)
-        # Half of activation_bytes: the forward cache without the gradients.
-        check_memory(self.config.activation_bytes(X.shape[0], X.shape[1], self.dtype.itemsize) // 2,
-                     f"a forward pass over {X.shape[0]} sequences of {X.shape[1]} steps", self.backend)
-        Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]))
+        segment = self.forward_segment(X, recompute_segment)
+        Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]), segment)
         self._check_output(Y, X)
         return (Y, cache) if return_cache else Y
 
-    def _forward(self, X, state=None):
+    def _forward(self, X, state=None, segment=None):
         cfg, xp = self.config, self.xp
         d = self.derived()
         B, T, _ = X.shape
         C = d.kappa_channel.shape[0]
         u0 = xp.zeros((B, C), self.dtype) if state is None else state["u"]
         m0 = xp.zeros((B, cfg.num_memory), self.dtype) if state is None else state["m"]
+        start = dict(u=u0, m=m0, z=None)
+        if segment is None:
+            seg_cache, Y, end = self._segment_forward(X, d, start, None)
+            return Y, dict(X=X, derived=d, m0=m0, u0=u0, final_state=dict(u=end["u"], m=end["m"]), **seg_cache)
+        sparse = self._sparse_over_segments(X, d, segment)
+        Y = xp.empty((B, T, cfg.num_output), self.dtype)
+        starts = []
+        for s0, s1 in segments.segment_bounds(T, segment):
+            starts.append((s0, s1, start))
+            _, Y[:, s0:s1], start = self._segment_forward(xp.ascontiguousarray(X[:, s0:s1]), d, start, sparse)
+        return Y, dict(X=X, derived=d, m0=m0, u0=u0, segments=starts,
+                       input_path="sparse" if sparse else "dense", final_state=dict(u=start["u"], m=start["m"]))
+
+    def _segment_forward(self, X, d, start, sparse):
+        """The forward over X (a whole sequence, or one segment of it) from the state ``start``.
+
+        Returns (the segment's cache entries, Y, the state after its last step). ``sparse``
+        None lets the input stage choose its path from this X's routed input.
+        """
+        cfg, xp = self.config, self.xp
+        B, T, _ = X.shape
         nb, Dm = cfg.branches, cfg.num_memory
         # The first MLP layer's whole input [u_t, κ_m ⊙ m_{t−1}] in one buffer: the input
         # stage fills the branch columns, the recurrence the memory columns, and the
         # backward takes the layer's weight gradient as one GEMM over it.
         A0 = xp.empty((B, T, nb + Dm), self.dtype)
-        Zb, final_u, input_cache = self._input_forward(X, d, u0, A0[:, :, :nb])
-        M, Z, DM = self._recurrence_forward(Zb, d, m0, A0)
+        Zb, end_u, end_z, input_cache = self._input_forward(X, d, start, A0[:, :, :nb], sparse)
+        M, Z, DM = self._recurrence_forward(Zb, d, start["m"], A0)
         Y = self._readout_forward(M)
-        cache = dict(X=X, A0=A0, M=M, Z=Z, DM=DM, m0=m0, u0=u0, derived=d, **input_cache,
-                     final_state=dict(u=final_u, m=M[:, -1].copy()))
-        return Y, cache
+        cache = dict(A0=A0, M=M, Z=Z, DM=DM, seg_m0=start["m"], seg_u0=start["u"], **input_cache)
+        return cache, Y, dict(u=end_u, m=M[:, -1].copy(), z=end_z)
+
+    def _block_product(self, A, W, bias=None):
+        """A (B, T, K) @ W (+ bias) → (B, T, ·), one product per time block (``engine/segments.py``)."""
+        B, T, _ = A.shape
+        out = self.xp.empty((B, T, W.shape[1]), self.dtype)
+        for t0, t1 in segments.block_bounds(0, T, self.time_block):
+            rows = segments.rows(A, t0, t1) @ W
+            if bias is not None:
+                rows += bias
+            out[:, t0:t1] = rows.reshape(B, t1 - t0, -1)
+        return out
 
     @threads_by_work
     def backward(self, dY, cache, input_grad=False):
         """∂loss/∂θ for every trainable key, given dY = ∂loss/∂Y (B, T, num_output).
 
         With ``input_grad`` the result also holds "X": ∂loss/∂X (B, T, num_input).
+        A cache kept in segments is recomputed one segment at a time, last first; every
+        weight gradient is summed over time blocks, last first, in both cases.
         """
         cfg, xp = self.config, self.xp
         X, d = cache["X"], cache["derived"]
@@ -174,15 +215,62 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         dY = xp.ascontiguousarray(xp.asarray(dY), dtype=self.dtype)
         if dY.shape != (B, T, cfg.num_output):
             raise ELMError(f"dY must have shape {(B, T, cfg.num_output)}, got {tuple(dY.shape)}")
-        grads, dM = self._readout_backward(dY, cache["M"])
-        mlp_grads, dZ0, gk, gc = self._recurrence_backward(dM, cache)
-        grads.update(mlp_grads)
-        grads.update(self._input_backward(dZ0, cache, input_grad))
+        sums = segments.BlockSums()
+        W0 = self._layers()[0][0].shape[0]
+        C = d.kappa_channel.shape[0]
+        # The adjoints carried from each segment into the one before: of m, and of the scan's state.
+        carry = dict(m=xp.zeros((B, cfg.num_memory), self.dtype),
+                     scan=xp.zeros((B, W0 if cache["input_path"] == "sparse" else C), self.dtype))
+        gk = xp.zeros((B, cfg.num_memory), self.dtype)
+        gc = xp.zeros((B, cfg.num_memory), self.dtype)
+        dX = xp.empty(X.shape, self.dtype) if input_grad else None
+        if "segments" in cache:
+            sparse = cache["input_path"] == "sparse"
+            for s0, s1, start in reversed(cache["segments"]):
+                seg_cache = self._segment_forward(xp.ascontiguousarray(X[:, s0:s1]), d, start, sparse)[0]
+                self._segment_backward(dY, X, seg_cache, d, s0, s1, carry, gk, gc, sums, dX)
+        else:
+            self._segment_backward(dY, X, cache, d, 0, T, carry, gk, gc, sums, dX)
+        grads = {"w_y.bias": dY.reshape(B * T, -1).sum(0)}
+        grads.update(self._assemble_grads(sums, cache, d))
+        if input_grad:
+            grads["X"] = dX
         if cfg.learn_memory_tau:
             grads["_proto_tau_m"] = memory_time_constants_backward(
                 gk.sum(0), gc.sum(0), d.tau_m, d.kappa_m, d.kappa_lambda, self.params["_proto_tau_m"], cfg,
                 xp).astype(self.dtype)
         return {key: grads[key] for key in self.trainable_keys + (["X"] if input_grad else [])}
+
+    def _segment_backward(self, dY, X, seg_cache, d, s0, s1, carry, gk, gc, sums, dX):
+        """The backward over steps [s0, s1) from that stretch's forward cache, adding to ``sums``, gk, gc and dX."""
+        xp = self.xp
+        dM = self._readout_backward(dY, seg_cache["M"], s0, sums)
+        dZ0 = self._recurrence_backward(dM, seg_cache, d, carry, gk, gc, sums)
+        whole = (s0, s1) == (0, X.shape[1])
+        Xs = X if whole else xp.ascontiguousarray(X[:, s0:s1])
+        dXs = dX if whole or dX is None else xp.empty(Xs.shape, self.dtype)
+        self._input_backward(dZ0, Xs, seg_cache, d, s0, carry, sums, dXs)
+        if dXs is not dX:
+            dX[:, s0:s1] = dXs
+
+    def _assemble_grads(self, sums, cache, d):
+        """The gradients of every weight from their sums over time blocks."""
+        cfg, xp = self.config, self.xp
+        L = cfg.mlp_num_layers
+        grads = {"w_y.weight": sums["w_y.weight"]}
+        keys = P.mlp_layer_keys(L)
+        for wk, bk in keys[1:]:
+            grads[wk], grads[bk] = sums[wk], sums[bk]
+        wk, bk = keys[0]
+        grads[bk] = sums[bk]
+        if cache["input_path"] == "dense":
+            grads[wk] = sums[wk]
+        else:
+            # U_t also holds κ^{t+1}·u0, a stream's starting state: Σ_t κ^{t+1} dZ0_tᵀ u0 = κ·G_0ᵀ u0.
+            dW0b = sums["partial_w"].sum(0).T + d.kappa_channel[0] * sums["state_term"]
+            grads[wk] = xp.concatenate([dW0b, sums[wk + ".memory"]], axis=1)
+        grads["_proto_w_s"] = sums["partial"].sum(0) * (self.params["_proto_w_s"] > 0)
+        return grads
 
     # ---- the input stage: routing, branch scan, the first layer's branch columns ----
     #
@@ -194,27 +282,45 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
     # forward records its choice in the cache as "input_path"; the backward follows it.
     SPARSE_FIRST_LAYER_DENSITY = 0.25
 
-    def _use_sparse_first_layer(self, R, d):
+    def _sparse_possible(self, d):
         if "sparse_first_layer" not in kernel_contract.capabilities(self.backend.kernels) or self._per_synapse_scan:
             return False
         kappa = d.kappa_channel
-        if not bool((kappa == kappa[0]).all()):
+        return bool((kappa == kappa[0]).all())
+
+    def _use_sparse_first_layer(self, R, d):
+        return self._sparse_possible(d) and np.count_nonzero(R) < self.SPARSE_FIRST_LAYER_DENSITY * R.size
+
+    def _sparse_over_segments(self, X, d, segment):
+        """The input path a whole-sequence forward would take, decided by routing X one segment at a time."""
+        if not self._sparse_possible(d):
             return False
-        return np.count_nonzero(R) < self.SPARSE_FIRST_LAYER_DENSITY * R.size
+        k = self.backend.kernels
+        B, T, _ = X.shape
+        nonzero = 0
+        for s0, s1 in segments.segment_bounds(T, segment):
+            R = self.xp.empty((B, s1 - s0, d.kappa_channel.shape[0]), self.dtype)
+            k.route_forward(self.xp.ascontiguousarray(X[:, s0:s1]), self.routing.indptr, self.routing.entry_syn,
+                            d.entry_weight, d.syn_per_channel, R)
+            nonzero += int(np.count_nonzero(R))
+        return nonzero < self.SPARSE_FIRST_LAYER_DENSITY * (B * T * d.kappa_channel.shape[0])
 
-    def _input_forward(self, X, d, u0, U):
-        """Route X, scan it into U and form the first layer's branch part; returns (Zb, u_T, cache entries).
+    def _input_forward(self, X, d, start, U, sparse=None):
+        """Route X, scan it into U and form the first layer's branch part; returns (Zb, u_T, z_T, cache entries).
 
+        start     the state before the first step: "u" the scan channels [B,C] and, on the sparse
+                  path, "z" the scan of the first layer's branch part [B,W0] (None: from u).
         U   [B,T,nb]  the branch columns of the first layer's input buffer, overwritten with u_t.
         Zb  [B,T,W0]  W0b u_t + c_0: the first layer's pre-activation without its memory columns.
-        u_T [B,C]     the scan channels after the last step (the streaming state).
+        u_T [B,C]     the scan channels after the last step (the streaming state); z_T likewise
+                      the sparse path's scan (None on the dense path).
         cache entries: "input_path" ("dense" or "sparse") and, on the sparse path, "R", the
-        routed input [B,T,C] its backward multiplies by (the forward caches "u0", the scan's
-        starting state, for both paths).
+        routed input [B,T,C] its backward multiplies by. ``sparse`` None decides from R.
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
         B, T, _ = X.shape
         nb = cfg.branches
+        u0 = start["u"]
         R = xp.empty((B, T, d.kappa_channel.shape[0]), self.dtype)
         k.route_forward(X, self.routing.indptr, self.routing.entry_syn, d.entry_weight, d.syn_per_channel, R)
         if self._per_synapse_scan:
@@ -225,63 +331,79 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         final_u = (R if self._per_synapse_scan else U)[:, -1].copy()
         W_in, c_in = self._layers()[0]
         W0b = W_in[:, :nb]
-        if self._use_sparse_first_layer(R, d):
+        if self._use_sparse_first_layer(R, d) if sparse is None else sparse:
             # scan_κ(R) @ W0bᵀ = scan_κ(R @ W0bᵀ) for one shared κ.
             Zb = xp.empty((B, T, W_in.shape[0]), self.dtype)
             k.sparse_rows_product(R, xp.ascontiguousarray(W0b.T), Zb)
-            k.scan_forward(Zb, xp.full(W_in.shape[0], d.kappa_channel[0], self.dtype), u0 @ W0b.T, Zb)
+            z0 = u0 @ W0b.T if start.get("z") is None else start["z"]
+            k.scan_forward(Zb, xp.full(W_in.shape[0], d.kappa_channel[0], self.dtype), z0, Zb)
+            final_z = Zb[:, -1].copy()
             Zb += c_in
-            return Zb, final_u, dict(input_path="sparse", R=R)
-        Zb = (U.reshape(B * T, nb) @ W0b.T + c_in).reshape(B, T, -1)
-        return Zb, final_u, dict(input_path="dense")
+            return Zb, final_u, final_z, dict(input_path="sparse", R=R)
+        Zb = self._block_product(U, W0b.T, c_in)
+        return Zb, final_u, None, dict(input_path="dense")
 
-    def _input_backward(self, dZ0, cache, input_grad):
-        """Gradients of the input stage: the first layer's weight and bias, _proto_w_s and, on request, X.
+    def _input_backward(self, dZ0, X, cache, d, s0, carry, sums, dX):
+        """The input stage's backward over one stretch of steps (the whole sequence, or a segment from s0).
 
-        dZ0 [B·T,W0]  ∂loss/∂z_0 (∂loss/∂p when the MLP has no hidden layer).
+        dZ0 [B,T,W0]  ∂loss/∂z_0 (∂loss/∂p when the MLP has no hidden layer) over the stretch.
+        Adds the first layer's weight and bias and the routing's per-row sums to ``sums``
+        (one term per time block, last first), carries the scan's adjoint into the stretch
+        before in ``carry["scan"]``, and writes ∂loss/∂X of the stretch into dX unless it is None.
         Follows the path ``_input_forward`` recorded in ``cache["input_path"]``.
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
-        X, A0, d = cache["X"], cache["A0"], cache["derived"]
-        B, T, _ = X.shape
-        BT, nb, Dm = B * T, cfg.branches, cfg.num_memory
+        A0 = cache["A0"]
+        B, T, _ = dZ0.shape
+        nb = cfg.branches
         wk, bk = P.mlp_layer_keys(cfg.mlp_num_layers)[0]
         W0b = self.params[wk][:, :nb]
         routing = self.routing
-        grads = {bk: dZ0.sum(0)}
-        partial = xp.empty((B, cfg.num_synapse), self.dtype)
+        blocks = segments.block_bounds(0, T, self.time_block)[::-1]
         dR = None
         if cache["input_path"] == "dense":
-            grads[wk] = dZ0.T @ A0.reshape(BT, nb + Dm)
+            for t0, t1 in blocks:
+                g = segments.rows(dZ0, t0, t1)
+                sums.add(bk, g.sum(0))
+                sums.add(wk, g.T @ segments.rows(A0, t0, t1))
             # Back through the first layer's branch columns, the scan and the routing.
-            dU = (dZ0 @ W0b).reshape(B, T, nb)
+            dU = self._block_product(dZ0, W0b)
             if self._per_synapse_scan:
                 dU = xp.repeat(dU, cfg.num_synapse_per_branch, axis=2)
             dR = xp.ascontiguousarray(dU)
-            k.scan_backward(dR, d.kappa_channel, dR)
-            k.route_weight_grad(X, routing.indptr, routing.entry_syn, routing.entry_mask,
-                                d.syn_per_channel, dR, partial)
+            k.scan_backward(dR, d.kappa_channel, carry["scan"], dR)
+            carry["scan"] = dR[:, 0].copy()
+            for t0, t1 in blocks:
+                partial = xp.empty((B, cfg.num_synapse), self.dtype)
+                k.route_weight_grad(segments.block_view(X, t0, t1), routing.indptr, routing.entry_syn,
+                                    routing.entry_mask, d.syn_per_channel, segments.block_view(dR, t0, t1), partial)
+                sums.add("partial", partial)
         elif cache["input_path"] == "sparse":
             # G = revscan_κ(∂z_0); dW0b = Gᵀ R; dR = G W0b only where inputs spiked.
-            G = dZ0.reshape(B, T, -1).copy()
-            k.scan_backward(G, xp.full(G.shape[2], d.kappa_channel[0], self.dtype), G)
-            partial_w = xp.empty((min(B, k.batch_chunks()), nb, G.shape[2]), self.dtype)
-            k.sparse_rows_weight_grad(cache["R"], G, partial_w)
-            # U_t also holds κ^{t+1}·u0, a stream's starting state: Σ_t κ^{t+1} dZ0_tᵀ u0 = κ·G_0ᵀ u0.
-            dW0b = partial_w.sum(0).T + d.kappa_channel[0] * (G[:, 0].T @ cache["u0"])
-            grads[wk] = xp.concatenate([dW0b, dZ0.T @ A0[:, :, nb:].reshape(BT, Dm)], axis=1)
-            k.route_weight_grad_projected(X, routing.indptr, routing.entry_syn, routing.entry_mask,
-                                          d.syn_per_channel, G, xp.ascontiguousarray(W0b.T), partial)
-            if input_grad:
-                dR = (G.reshape(BT, -1) @ W0b).reshape(B, T, nb)
+            G = dZ0.copy()
+            k.scan_backward(G, xp.full(G.shape[2], d.kappa_channel[0], self.dtype), carry["scan"], G)
+            carry["scan"] = G[:, 0].copy()
+            W0bT = xp.ascontiguousarray(W0b.T)
+            for t0, t1 in blocks:
+                g = segments.rows(dZ0, t0, t1)
+                sums.add(bk, g.sum(0))
+                sums.add(wk + ".memory", g.T @ segments.rows(A0[:, :, nb:], t0, t1))
+                partial_w = xp.empty((min(B, k.batch_chunks()), nb, G.shape[2]), self.dtype)
+                G_block = segments.block_view(G, t0, t1)
+                k.sparse_rows_weight_grad(segments.block_view(cache["R"], t0, t1), G_block, partial_w)
+                sums.add("partial_w", partial_w)
+                partial = xp.empty((B, cfg.num_synapse), self.dtype)
+                k.route_weight_grad_projected(segments.block_view(X, t0, t1), routing.indptr, routing.entry_syn,
+                                              routing.entry_mask, d.syn_per_channel, G_block, W0bT, partial)
+                sums.add("partial", partial)
+            if s0 == 0:
+                sums.add("state_term", G[:, 0].T @ cache["seg_u0"])
+            if dX is not None:
+                dR = self._block_product(G, W0b)
         else:
             raise ELMError(f"unknown input path {cache['input_path']!r} in the forward cache")
-        grads["_proto_w_s"] = partial.sum(0) * (self.params["_proto_w_s"] > 0)
-        if input_grad:
-            dX = xp.empty(X.shape, self.dtype)
+        if dX is not None:
             k.route_input_grad(dR, routing.indptr, routing.entry_syn, d.entry_weight, d.syn_per_channel, dX)
-            grads["X"] = dX
-        return grads
 
     # ---- the recurrence: the MLP and the memory, the one stage that walks time -------------
     def _recurrence_forward(self, Zb, d, m0, A0):
@@ -311,17 +433,18 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
                         self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM, A0[:, :, nb:])
         return M, Z, DM
 
-    def _recurrence_backward(self, dM, cache):
-        """Back through the recurrence; returns (grads, dZ0, gk, gc).
+    def _recurrence_backward(self, dM, cache, d, carry, gk, gc, sums):
+        """Back through the recurrence over one stretch of steps; returns dZ0 [B,T,W0] for the input stage.
 
-        grads   the weights and biases of the MLP's layers after the first.
-        dZ0     [B·T,W0] ∂loss/∂z_0 (∂loss/∂p when the MLP has no hidden layer), for the input stage.
-        gk, gc  [B,Dm] per batch row Σ_t ∂loss/∂κ_m (explicit uses) and Σ_t ∂loss/∂c_m.
+        Adds the weights and biases of the MLP's layers after the first to ``sums`` (one term
+        per time block, last first) and, per batch row, Σ_t ∂loss/∂κ_m (explicit uses) and
+        Σ_t ∂loss/∂c_m to gk, gc [B,Dm]; carry["m"] is ∂loss/∂m after the stretch on entry and
+        ∂loss/∂m before it on return.
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
-        M, Z, DM, m0, d = (cache[n] for n in ("M", "Z", "DM", "m0", "derived"))
+        M, Z, DM, m0 = (cache[n] for n in ("M", "Z", "DM", "seg_m0"))
         B, T, _ = M.shape
-        BT, Dm, nb, L = B * T, cfg.num_memory, cfg.branches, cfg.mlp_num_layers
+        nb, L = cfg.branches, cfg.mlp_num_layers
         layers = self._layers()
         W0m = layers[0][0][:, nb:]
         Wh = xp.stack([W for W, _ in layers[1:L]]) if L > 1 else xp.zeros((0, Z.shape[3], Z.shape[3]), self.dtype)
@@ -329,38 +452,34 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep):
         dZ = xp.empty_like(Z)
         act = xp.empty_like(Z)
         dP = xp.empty_like(M)
-        gk = xp.empty((B, Dm), self.dtype)
-        gc = xp.empty((B, Dm), self.dtype)
         k.recur_backward(dM, xp.ascontiguousarray(W0m), xp.ascontiguousarray(Wh), xp.ascontiguousarray(Wo),
                          d.kappa_m, d.c_m, m0, M, Z, DM, activation_code(cfg.mlp_activation),
                          self.dtype.type(P.PHI_SCALE), self.dtype.type(P.PHI_SLOPE), k.batch_tile(B),
-                         dZ, dP, gk, gc, act)
+                         carry["m"], dZ, dP, gk, gc, act)
 
         # ∂loss/∂z_l of every MLP layer (the output layer's is ∂loss/∂p); the layers after
-        # the first take their weight gradients as one GEMM each over all B·T rows.
-        layer_grads = [dZ[l].reshape(BT, -1) for l in range(L)] + [dP.reshape(BT, Dm)]
-        grads = {}
-        for l, (wk, bk) in enumerate(P.mlp_layer_keys(L)[1:], start=1):
-            grads[wk] = layer_grads[l].T @ act[l - 1].reshape(BT, -1)
-            grads[bk] = layer_grads[l].sum(0)
-        return grads, layer_grads[0], gk, gc
+        # the first take their weight gradients as one GEMM each per time block.
+        layer_grads = [dZ[l] for l in range(L)] + [dP]
+        for t0, t1 in segments.block_bounds(0, T, self.time_block)[::-1]:
+            for l, (wk, bk) in enumerate(P.mlp_layer_keys(L)[1:], start=1):
+                g = segments.rows(layer_grads[l], t0, t1)
+                sums.add(wk, g.T @ segments.rows(act[l - 1], t0, t1))
+                sums.add(bk, g.sum(0))
+        return layer_grads[0]
 
     # ---- the readout --------------------------------------------------------------------
     def _readout_forward(self, M):
-        """Y = M W_yᵀ + b_y, one GEMM over all B·T rows."""
-        B, T, _ = M.shape
-        Wy, by = self.params["w_y.weight"], self.params["w_y.bias"]
-        return (M.reshape(B * T, -1) @ Wy.T + by).reshape(B, T, -1)
+        """Y = M W_yᵀ + b_y, one GEMM per time block."""
+        return self._block_product(M, self.params["w_y.weight"].T, self.params["w_y.bias"])
 
-    def _readout_backward(self, dY, M):
-        """The readout's gradients and dM = ∂loss/∂m_t through y_t (B, T, Dm); returns (grads, dM)."""
+    def _readout_backward(self, dY, M, s0, sums):
+        """dW_y over steps [s0, s0 + T) of dY into ``sums``; returns dM = ∂loss/∂m_t through y_t (B, T, Dm)."""
         B, T, Dm = M.shape
-        BT = B * T
         Wy = self.params["w_y.weight"]
-        dY2 = dY.reshape(BT, -1)
-        grads = {"w_y.weight": dY2.T @ M.reshape(BT, Dm), "w_y.bias": dY2.sum(0)}
-        dM = (dY2 @ Wy).reshape(B, T, Dm)
-        return grads, dM
+        dY_part = dY if (s0, T) == (0, dY.shape[1]) else dY[:, s0:s0 + T]
+        for t0, t1 in segments.block_bounds(0, T, self.time_block)[::-1]:
+            sums.add("w_y.weight", segments.rows(dY_part, t0, t1).T @ segments.rows(M, t0, t1))
+        return self._block_product(dY_part, Wy)
 
     # ---- traces and streaming -------------------------------------------------
     @threads_by_work

@@ -142,6 +142,9 @@ class TrainSettings:
     device: str = "cpu"
     checkpoint_every: int = 50
     run_dir: Optional[str] = None
+    # Steps per recomputation segment of the backward (docs/architecture.md, "Long sequences in
+    # bounded memory"); None: recompute only when a batch's whole cache would not fit in memory.
+    recompute_segment: Optional[int] = None
 
     def validate(self):
         """Check every setting's type (from its annotation) and range; errors name the setting."""
@@ -160,7 +163,7 @@ class TrainSettings:
                   ("checkpoint_every", self.checkpoint_every >= 1), ("warmup_steps", self.warmup_steps >= 0),
                   ("eval_batch_size", self.eval_batch_size >= 1), ("seed", self.seed >= 0),
                   ("weight_decay", self.weight_decay >= 0)]
-        for name, minimum in (("batches_per_epoch", 1), ("valid_max_batches", 1)):
+        for name, minimum in (("batches_per_epoch", 1), ("valid_max_batches", 1), ("recompute_segment", 1)):
             if getattr(self, name) is not None:
                 checks.append((name, getattr(self, name) >= minimum))
         if self.clip_norm is not None:
@@ -483,6 +486,7 @@ class Trainer:
         s = self.settings
         cfg = self.model_config()
         model = build_model(cfg, seed=s.seed, dtype=s.dtype, device=s.device)  # a bad config fails before any mkdir
+        model.recompute_segment = s.recompute_segment
         self._open_run_dir(must_exist=False)
         self.model = model
         self.optimizer = self._make_optimizer()
@@ -542,6 +546,7 @@ class Trainer:
         self._open_run_dir(must_exist=True)
         self.position = _checked_position(loaded.meta.get("position"), path)
         self.model = loaded.build_model(dtype=self.settings.dtype, device=self.settings.device)
+        self.model.recompute_segment = self.settings.recompute_segment
         self.optimizer = self._make_optimizer()
         try:
             self.optimizer.load_state_dict(_checked_optim_state(loaded.optim_state, path))
@@ -574,7 +579,8 @@ class Trainer:
     def resume(cls, run_dir, progress="auto", log=print, task=None, log_every=None, extend=False, **overrides):
         """A trainer that continues ``run_dir`` from its last checkpoint with its saved settings.
 
-        ``overrides`` may change ``device``; ``epochs`` only with ``extend``, which continues a
+        ``overrides`` may change ``device`` and ``recompute_segment`` (the gradients are the same
+        bit for bit); ``epochs`` only with ``extend``, which continues a
         finished run for more epochs on a new cosine cycle of the learning rate (``lr_restarts``).
         A finished run without ``extend`` raises :class:`RunFinished`.
         """
