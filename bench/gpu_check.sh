@@ -11,6 +11,8 @@
 #   verify_all.log           every oracle file, both precisions, in one process (bench/verify_all.py)
 #   cuda_tests.xml           JUnit report of tests/test_cuda_sim.py
 #   network_cuda_tests.xml   JUnit report of tests/test_network_cuda.py
+#   recompute_tests.xml      JUnit report of tests/test_recompute.py's CUDA cases (recomputed
+#                            gradients equal to the cached ones bit for bit, on the device)
 #
 # Order: smoke test, timings (the only figures a short lease can give, so they come
 # first), correctness, test files. A fresh machine compiles every kernel in every
@@ -44,24 +46,28 @@ if (( DRY_RUN )); then
     # step limits (s); their sum is the budget
     # (the timing steps also compile the CPU kernels, minutes on a loaded machine with a cold cache)
     L_SMOKE=20 L_TIMING_NEURON=90 L_TIMING_NETWORK=100 L_VERIFY=45 L_CUDA_TESTS=30 L_NETWORK_TESTS=30
+    L_RECOMPUTE_TESTS=60
     NEURON_ARGS=(--configs shd --batch 1 --steps 2 --repeats 1 --warmup 0)
     NETWORK_ARGS=(--configs shd-adding char-lm --batch 1 --steps 2 --neurons 4 --repeats 1 --warmup 0)
     VERIFY_FILES=(tests/data/golden/v1_basic.npz tests/data/golden_network/net_basic.npz)
     # one test that runs on CUDA and one gpu-marked test (skipped on the simulator) per file
     CUDA_TEST_ARGS=(-k "test_backend_under_simulator_or_gpu or test_gpu_non_default_cupy_stream")
     NETWORK_TEST_ARGS=(-k "test_cuda_reads_one_byte_spikes or test_cuda_tests_pass_under_the_simulator")
+    RECOMPUTE_TEST_ARGS=(-k "test_on_cuda_network_recomputes_exactly and 0")
 else
     unset NUMBA_ENABLE_CUDASIM  # the real GPU, not the simulator
     # a silent fall-back to the simulator would hide a broken GPU
     export ELM_TEST_REQUIRE_GPU=1
     L_SMOKE=45 L_TIMING_NEURON=100 L_TIMING_NETWORK=100 L_VERIFY=95 L_CUDA_TESTS=90 L_NETWORK_TESTS=50
+    L_RECOMPUTE_TESTS=40
     NEURON_ARGS=(--configs neuronio-best shd --steps 100 --repeats 3 --warmup 1)
     NETWORK_ARGS=(--configs shd-adding char-lm --steps 64 --repeats 3 --warmup 1)
     VERIFY_FILES=()
     CUDA_TEST_ARGS=()
     NETWORK_TEST_ARGS=()
+    RECOMPUTE_TEST_ARGS=(-k on_cuda)
 fi
-BUDGET_S=$(( L_SMOKE + L_TIMING_NEURON + L_TIMING_NETWORK + L_VERIFY + L_CUDA_TESTS + L_NETWORK_TESTS ))
+BUDGET_S=$(( L_SMOKE + L_TIMING_NEURON + L_TIMING_NETWORK + L_VERIFY + L_CUDA_TESTS + L_NETWORK_TESTS + L_RECOMPUTE_TESTS ))
 START=$(date +%s)
 failures=0
 
@@ -177,6 +183,7 @@ step timing_network "$L_TIMING_NETWORK" bash -c "$TIMING" bench_network.py timin
 step verify_all "$L_VERIFY" python bench/verify_all.py --device cuda "${VERIFY_FILES[@]}"
 pytest_step cuda_tests "$L_CUDA_TESTS" tests/test_cuda_sim.py "${CUDA_TEST_ARGS[@]}"
 pytest_step network_cuda_tests "$L_NETWORK_TESTS" tests/test_network_cuda.py "${NETWORK_TEST_ARGS[@]}"
+pytest_step recompute_tests "$L_RECOMPUTE_TESTS" tests/test_recompute.py "${RECOMPUTE_TEST_ARGS[@]}"
 
 echo "gpu_check: $failures failing step(s), $(( $(date +%s) - START ))s of ${BUDGET_S}s" | tee -a "$OUT/summary.txt"
 (( failures == 0 ))

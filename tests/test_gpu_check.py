@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["smoke", "timing_neuron", "timing_network", "verify_all", "cuda_tests", "network_cuda_tests"]
+STEPS = ["smoke", "timing_neuron", "timing_network", "verify_all", "cuda_tests", "network_cuda_tests",
+         "recompute_tests"]
 
 
 @pytest.mark.slow
@@ -41,6 +42,8 @@ def test_dry_run_runs_every_step_in_order_within_its_budget(tmp_path):
         assert (out / f"{name}.xml").exists()
         line = next(line for line in lines if line.startswith(name))
         assert re.search(r"tests: [1-9]\d* passed, 0 failed, 0 errors, 1 skipped", line), line
+    recompute = next(line for line in lines if line.startswith("recompute_tests"))
+    assert re.search(r"tests: 1 passed, 0 failed, 0 errors, 0 skipped", recompute), recompute
     assert (out / "timing_neuron_cuda.json").exists() and (out / "timing_network_cuda.json").exists()
     failing = sum(v[1] != "PASS" for v in verdicts)
     assert lines[-1].startswith(f"gpu_check: {failing} failing step(s)")
