@@ -53,6 +53,13 @@ def _entry(parameters, mean, budget=1000):
     return {"parameters": parameters, "stat": R.mean_spread([mean]), "budget": budget}
 
 
+@pytest.mark.parametrize("seconds, shown", [(41.23, "41.2"), (1.0, "1.0"), (0.01234, "0.012"), (0.0, "0"),
+                                             (None, ""), (float("nan"), "")])
+def test_seconds_keep_their_figures_below_one_second(seconds, shown):
+    # A few-step point finishes in milliseconds: "0.0 s" would say nothing.
+    assert R.format_seconds(seconds) == shown
+
+
 def test_pareto_frontier_keeps_only_undominated_shapes():
     entries = [_entry(100, 0.5), _entry(200, 0.6), _entry(300, 0.3), _entry(300, 0.4), _entry(400, 0.35),
                _entry(500, 0.1)]

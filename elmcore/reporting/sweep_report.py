@@ -275,6 +275,14 @@ def analyse(sweep_dir):
     return SweepReport(os.fspath(sweep_dir), rows, fields, metric, split, shapes, optima, fit, note)
 
 
+def format_seconds(seconds):
+    """A run's seconds as people read them: tenths from one second up, two significant digits below
+    (a 5-step point takes 0.012 s, not "0.0 s"); "" when there is no number."""
+    if not _number(seconds):
+        return ""
+    return f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2g}"
+
+
 def _fmt(value, spec=".4g"):
     if value is None or value == "":
         return ""
@@ -305,7 +313,7 @@ def markdown(report, figures):
     for r in report.rows:
         lines.append(f"| {r['point']} | " + " | ".join(_fmt(r["overrides"].get(f)) for f in shown)
                      + f" | {r['status']} | {_fmt(r.get('parameters'), 'd')} | {_fmt(r.get('best_valid'))} | "
-                       f"{_fmt(r.get('test'))} | {_fmt(r.get('steps'), 'd')} | {_fmt(r.get('seconds'), '.1f')} |")
+                       f"{_fmt(r.get('test'))} | {_fmt(r.get('steps'), 'd')} | {format_seconds(r.get('seconds'))} |")
     done = finished(report.rows)
     if done:
         pick = max if higher_is_better(m) else min
@@ -342,7 +350,7 @@ def describe_sweep(sweep_dir):
         best = pick(done, key=lambda r: r["best_valid"])
         lines.append(f"best point: {best['point']}: {split} {m} {best['best_valid']:.4g}"
                      + (f", test {m} {best['test']:.4g}" if _number(best.get("test")) else "")
-                     + f", {best.get('parameters')} parameters, {_fmt(best.get('seconds'), '.1f')} s")
+                     + f", {best.get('parameters')} parameters, {format_seconds(best.get('seconds'))} s")
     for budget, e in report.optima.items():
         lines.append(f"budget {_fmt(budget, 'g')}: best N={e['N']}, d_m={e['d_m']}, k_c={e['k_c']}, k_e={e['k_e']} "
                      f"({e['parameters']} parameters): {split} {m} {e['stat'].mean:.4g}")

@@ -548,7 +548,8 @@ def done_line(point_dir):
     if _finite(test):
         parts.append(f"test {metric} {test:.4g}")
     if _finite(summary.get("seconds")):
-        parts.append(f"{summary['seconds']:.1f} s")
+        from elmcore.reporting.sweep_report import format_seconds
+        parts.append(f"{format_seconds(summary['seconds'])} s")
     return f"point {name} done: {', '.join(parts)}"
 
 
