@@ -133,7 +133,7 @@ def _network_samples(dt):
                                  f(L, B, T, H, N), f(B, T, Dm, N),
                                  f(B, T, N), f(L, B, T, H, N), f(B, Dm, N), f(B, Dm, N), f(B, NB, N),
                                  f(B, Dm, N), f(B, N)),
-        neuron_weight_grad_kernel=(f(B * T, H, N), f(B * T, I0, N), f(I0, H, N), f(H, N)),
+        neuron_weight_grad_kernel=(f(B, T, H, N), f(B, T, I0, N), 0, T, f(I0, H, N), f(H, N)),
         recurrent_weight_grad_kernel=(f(B, T, NB, N), f(B, T, N), f(B, N), _i(R), _i(R), _i(R), f(B, R)))
 
 

@@ -468,12 +468,19 @@ def test_batch_tiling_does_not_change_the_numbers(monkeypatch):
         assert all(np.array_equal(grads[k], results[0][1][k]) for k in grads)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 13, 40])
-def test_neuron_weight_grad_is_the_per_neuron_outer_product_sum(rows):
+@pytest.mark.parametrize("batch, steps, t0, t1", [(1, 1, 0, 1), (1, 3, 0, 3), (13, 1, 0, 1), (4, 10, 0, 10),
+                                                 (3, 11, 4, 9), (2, 7, 6, 7)])
+def test_neuron_weight_grad_is_the_per_neuron_outer_product_sum(batch, steps, t0, t1):
     from elmcore.kernels import network_cpu
-    rng = np.random.default_rng(rows)
-    G, A = rng.normal(size=(rows, 5, 7)), rng.normal(size=(rows, 3, 7))
+    rng = np.random.default_rng(batch * 100 + steps)
+    G, A = rng.normal(size=(batch, steps, 5, 7)), rng.normal(size=(batch, steps, 3, 7))
     out, bias = np.empty((3, 5, 7)), np.empty((5, 7))
-    network_cpu.neuron_weight_grad(G, A, out, bias)
-    assert np.allclose(out, np.einsum("rji,roi->joi", A, G), rtol=1e-13, atol=1e-13)
-    assert np.allclose(bias, G.sum(0), rtol=1e-13, atol=1e-13)
+    network_cpu.neuron_weight_grad(G, A, t0, t1, out, bias)
+    Gb, Ab = G[:, t0:t1], A[:, t0:t1]
+    assert np.allclose(out, np.einsum("btji,btoi->joi", Ab, Gb), rtol=1e-13, atol=1e-13)
+    assert np.allclose(bias, Gb.sum((0, 1)), rtol=1e-13, atol=1e-13)
+    # In place over a time block, the same bits as over a copy of the block's rows.
+    copy_out, copy_bias = np.empty_like(out), np.empty_like(bias)
+    network_cpu.neuron_weight_grad(np.ascontiguousarray(Gb), np.ascontiguousarray(Ab), 0, t1 - t0, copy_out,
+                                   copy_bias)
+    assert np.array_equal(out, copy_out) and np.array_equal(bias, copy_bias)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from elm_cli.main import cli
 from elmcore.storage import fileio as fileio
-from elmcore.training.checkpoint import load_file, save_model
+from elmcore.training.checkpoint import load_file, load_model, save_model
 from elmcore.engine import memory as memory_module
 from elmcore.neuron.config import ELMConfig
 from elmcore.engine.memory import check_memory
@@ -791,10 +791,23 @@ def test_two_trainer_processes_on_one_run_directory(tmp_path):
 
 
 def test_a_forward_pass_that_cannot_fit_is_refused_before_allocating(files, tmp_path, monkeypatch):
-    # A machine with 64 MiB, so that a modest input stands for one far longer than memory.
-    monkeypatch.setattr("elmcore.engine.memory.memory_limit_bytes", lambda: 2 ** 26)
+    # A machine with 64 KiB: not even one time block's cache (1024 steps, 112 KiB for this model) fits.
+    monkeypatch.setattr("elmcore.engine.memory.memory_limit_bytes", lambda: 2 ** 16)
     np.save(tmp_path / "long.npy", np.zeros((1, 2 ** 20, 2), np.float32))
     assert_refused(invoke("predict", files / "model.npz", "--input", tmp_path / "long.npy", "--output",
-                          tmp_path / "out.npy"), "forward pass over 1 sequences of 1048576 steps",
-                   "would need at least", "allows 64 MiB")
+                          tmp_path / "out.npy"), "forward pass over 1 sequences of 1048576 steps in segments of 1024",
+                   "would need at least", "allows 64 KiB")
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_a_forward_pass_longer_than_memory_runs_in_segments(files, tmp_path, monkeypatch):
+    # A machine with 64 MiB, where the whole cache of 2^20 steps (224 MiB) does not fit: the pass keeps
+    # the state every few blocks instead (engine/segments.py) and gives the whole sequence's outputs.
+    monkeypatch.setattr("elmcore.engine.memory.memory_limit_bytes", lambda: 2 ** 26)
+    X = np.random.default_rng(0).random((1, 2 ** 20, 2)).astype(np.float32)
+    np.save(tmp_path / "long.npy", X)
+    result = invoke("predict", files / "model.npz", "--input", tmp_path / "long.npy", "--output", tmp_path / "out.npy")
+    assert result.exit_code == 0, result.output
+    model = load_model(files / "model.npz")
+    expected = model.forward(X[:, :2048])  # the first two time blocks, without segments
+    assert np.array_equal(np.load(tmp_path / "out.npy")[:, :2048], expected)

@@ -10,6 +10,7 @@ arrays in exactly the same order as the cached backward, and its gradients are t
 to the last bit (docs/architecture.md, "Long sequences in bounded memory").
 """
 
+from elmcore.engine.backend import array_module
 from elmcore.engine.memory import available_bytes, check_memory
 from elmcore.errors import ELMError
 
@@ -44,24 +45,13 @@ def rows(a, t0, t1, time_axis=1):
     """
     view = a[(slice(None),) * time_axis + (slice(t0, t1),)]
     shape = a.shape[:time_axis - 1] + (a.shape[time_axis - 1] * (t1 - t0),) + a.shape[time_axis + 1:]
-    return _array_module(a).ascontiguousarray(view).reshape(shape)
-
-
-def _array_module(a):
-    try:
-        import cupy
-        if isinstance(a, cupy.ndarray):
-            return cupy
-    except ImportError:
-        pass
-    import numpy
-    return numpy
+    return array_module(a).ascontiguousarray(view).reshape(shape)
 
 
 def block_view(a, t0, t1, time_axis=1):
     """Time block [t0, t1) of ``a`` as a C-contiguous array of the same rank (a copy unless ``a`` is
     contiguous and the block is the whole time axis)."""
-    return _array_module(a).ascontiguousarray(a[(slice(None),) * time_axis + (slice(t0, t1),)])
+    return array_module(a).ascontiguousarray(a[(slice(None),) * time_axis + (slice(t0, t1),)])
 
 
 class Recomputation:

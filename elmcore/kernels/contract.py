@@ -46,7 +46,7 @@ NETWORK_REQUIRED = {
                          "W_in", "W_hid", "W_out", "kappa_m", "c_m", "w_o", "m0", "A0", "Z", "DM", "M", "activation",
                          "phi_scale", "phi_slope", "GB_out", "dZ_out", "dP_out", "GO_out", "act_out", "gkappa_out",
                          "gc_out", "carry_b", "carry_m", "carry_o"),
-    "neuron_weight_grad": ("G", "A", "out", "bias_out"),
+    "neuron_weight_grad": ("G", "A", "t0", "t1", "out", "bias_out"),
     "recurrent_weight_grad": ("GB", "O", "o0", "rec_i", "rec_k", "rec_src", "partial_out"),
     "rows_product": ("A", "Bt", "bias", "out"),
     "rows_transposed_product": ("A", "G", "out"),

@@ -440,19 +440,24 @@ def _sum_chunks(partial, out):
 
 
 @njit(parallel=True, **_JIT)
-def neuron_weight_grad(G, A, out, bias_out):
+def neuron_weight_grad(G, A, t0, t1, out, bias_out):
     """out[j, o, :] = Σ_r A[r, j, :] · G[r, o, :] and bias_out[o, :] = Σ_r G[r, o, :]: every
-    neuron's weight and bias gradient over all B·T rows.
+    neuron's weight and bias gradient over the rows r = (b, t) of steps [t0, t1), batch row
+    major (the rows of a time block, engine/segments.py, in the order a copy of them has).
 
-    G [R,O,N] gradients of a layer's outputs, A [R,J,N] its inputs; out [J,O,N] (the weight
-    layout) and bias_out [O,N] are overwritten. The rows are cut into WEIGHT_GRAD_CHUNKS
-    contiguous chunks summed in parallel (each reads its rows of A and G once, four rows per
-    pass over its [J,O,N] partial sum: the sum over rows is long, so the vector blocks of the
-    walks' products, which hold their accumulators over a short sum, would stream the rows
-    once per block; measured 2-4x slower), then the partials are added in chunk order.
+    G [B,T,O,N] gradients of a layer's outputs, A [B,T,J,N] its inputs; out [J,O,N] (the weight
+    layout) and bias_out [O,N] are overwritten. The block's rows are read in place: a copy of
+    them per weight gradient cost the long-sequence backward a fifth of its time. The rows are
+    cut into WEIGHT_GRAD_CHUNKS contiguous chunks summed in parallel (each reads its rows of A
+    and G once, four rows per pass over its [J,O,N] partial sum: the sum over rows is long, so
+    the vector blocks of the walks' products, which hold their accumulators over a short sum,
+    would stream the rows once per block; measured 2-4x slower), then the partials are added
+    in chunk order.
     """
-    R, O, N = G.shape
-    J = A.shape[1]
+    B, _, O, N = G.shape
+    J = A.shape[2]
+    steps = t1 - t0
+    R = B * steps
     chunks = max(1, min(WEIGHT_GRAD_CHUNKS, R))
     size = (R + chunks - 1) // chunks
     partial = np.zeros((chunks, J, O, N), G.dtype)
@@ -463,35 +468,47 @@ def neuron_weight_grad(G, A, out, bias_out):
         r = c * size
         stop = min(R, r + size)
         while r + 4 <= stop:
+            G0, G1, G2, G3 = (_block_row(G, r, steps, t0), _block_row(G, r + 1, steps, t0),
+                              _block_row(G, r + 2, steps, t0), _block_row(G, r + 3, steps, t0))
+            A0, A1, A2, A3 = (_block_row(A, r, steps, t0), _block_row(A, r + 1, steps, t0),
+                              _block_row(A, r + 2, steps, t0), _block_row(A, r + 3, steps, t0))
             for o in range(O):
                 row = bias[o]
-                g0, g1, g2, g3 = G[r, o], G[r + 1, o], G[r + 2, o], G[r + 3, o]
+                g0, g1, g2, g3 = G0[o], G1[o], G2[o], G3[o]
                 for i in range(N):
                     row[i] = (((row[i] + g0[i]) + g1[i]) + g2[i]) + g3[i]
             for j in range(J):
-                a0, a1, a2, a3 = A[r, j], A[r + 1, j], A[r + 2, j], A[r + 3, j]
+                a0, a1, a2, a3 = A0[j], A1[j], A2[j], A3[j]
                 for o in range(O):
                     row = acc[j, o]
-                    g0, g1, g2, g3 = G[r, o], G[r + 1, o], G[r + 2, o], G[r + 3, o]
+                    g0, g1, g2, g3 = G0[o], G1[o], G2[o], G3[o]
                     for i in range(N):
                         row[i] = (((row[i] + a0[i] * g0[i]) + a1[i] * g1[i]) + a2[i] * g2[i]) + a3[i] * g3[i]
             r += 4
         while r < stop:
+            Gr, Ar = _block_row(G, r, steps, t0), _block_row(A, r, steps, t0)
             for o in range(O):
                 row = bias[o]
-                g = G[r, o]
+                g = Gr[o]
                 for i in range(N):
                     row[i] += g[i]
             for j in range(J):
-                a = A[r, j]
+                a = Ar[j]
                 for o in range(O):
                     row = acc[j, o]
-                    g = G[r, o]
+                    g = Gr[o]
                     for i in range(N):
                         row[i] += a[i] * g[i]
             r += 1
     _sum_chunks(partial, out)
     _sum_chunks(partial_bias, bias_out)
+
+
+@njit(inline="always", **_JIT)
+def _block_row(X, r, steps, t0):
+    """Row r of the time block [t0, t0 + steps) of X [B,T,…]: X[r // steps, t0 + r % steps]."""
+    b = r // steps
+    return X[b, t0 + r - b * steps]
 
 
 STEP_BLOCK = 16  # time steps per vector in recurrent_weight_grad (one AVX-512 register of float32)

@@ -247,22 +247,25 @@ def _kernels(np_dtype, weights_in_shared=False):
                 i = U(i + nt)
 
     @cuda.jit
-    def neuron_weight_grad_kernel(G, A, out, bias_out):
-        R, O, N = G.shape
-        J = A.shape[1]
+    def neuron_weight_grad_kernel(G, A, t0, t1, out, bias_out):
+        B, _, O, N = G.shape
+        J = A.shape[2]
         for k in range(cuda.grid(1), J * O * N, cuda.gridsize(1)):
             j = k // (O * N)
             rest = k - j * O * N
             o = rest // N
             i = rest - o * N
+            # The rows (b, t) of the block in the CPU twin's order, batch row major.
             acc = ZERO
-            for r in range(R):
-                acc += A[r, j, i] * G[r, o, i]
+            for b in range(B):
+                for t in range(t0, t1):
+                    acc += A[b, t, j, i] * G[b, t, o, i]
             out[j, o, i] = acc
             if j == 0:  # the threads of the first input also own the bias sums (the same G column)
                 total = ZERO
-                for r in range(R):
-                    total += G[r, o, i]
+                for b in range(B):
+                    for t in range(t0, t1):
+                        total += G[b, t, o, i]
                 bias_out[o, i] = total
 
     @cuda.jit
@@ -428,10 +431,11 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
     return plan
 
 
-def neuron_weight_grad(G, A, out, bias_out):
+def neuron_weight_grad(G, A, t0, t1, out, bias_out):
     """See ``network_cpu.neuron_weight_grad``. One thread per weight element; those of input 0
     also sum the bias."""
-    launch(kernel_set(G.dtype)["neuron_weight_grad_kernel"], *flat_shape(out.size), G, A, out, bias_out)
+    launch(kernel_set(G.dtype)["neuron_weight_grad_kernel"], *flat_shape(out.size), G, A, int(t0), int(t1), out,
+           bias_out)
 
 
 def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):

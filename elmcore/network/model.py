@@ -366,25 +366,22 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         cfg, xp, k = self.config, self.xp, self.kernels
         B, T, nb, N = GB.shape
         Dm, L, k_c = cfg.num_memory, cfg.mlp_num_layers, cfg.num_synapse
-        rows = segments.rows
         inputs = [layer_cache["A0"]] + [act[l] for l in range(L)]
         outputs = [dZ[l] for l in range(L)] + [dP]
         O = layer_cache["O"]
         for t0, t1 in segments.block_bounds(0, T, self.time_block)[::-1]:
-            R = B * (t1 - t0)
             # w_o: ∂o_t/∂w_o = m_t, ∂o_t/∂c_o = 1.
             g_wo = xp.empty((Dm, 1, N), self.dtype)
             g_co = xp.empty((1, N), self.dtype)
-            k.neuron_weight_grad(rows(GO, t0, t1).reshape(R, 1, N), rows(layer_cache["M"], t0, t1), g_wo, g_co)
+            k.neuron_weight_grad(GO.reshape(B, T, 1, N), layer_cache["M"], t0, t1, g_wo, g_co)
             sums.add("w_o", g_wo)
             sums.add("c_o", g_co)
             # The MLP: layer l's weight gradient is Σ_rows (its output gradient) ⊗ (its input).
             for l in range(L + 1):
-                a = rows(inputs[l], t0, t1)
-                g = rows(outputs[l], t0, t1)
-                gw = xp.empty((a.shape[1], g.shape[1], N), self.dtype)
-                g_bias = xp.empty((g.shape[1], N), self.dtype)
-                k.neuron_weight_grad(g, a, gw, g_bias)
+                a, g = inputs[l], outputs[l]
+                gw = xp.empty((a.shape[2], g.shape[2], N), self.dtype)
+                g_bias = xp.empty((g.shape[2], N), self.dtype)
+                k.neuron_weight_grad(g, a, t0, t1, gw, g_bias)
                 sums.add(f"mlp.{l}.weight", gw)
                 sums.add(f"mlp.{l}.bias", g_bias)
             # w_s: external synapses through the routing, recurrent ones against o_{t−1}.
