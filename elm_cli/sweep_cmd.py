@@ -32,16 +32,18 @@ def sweep(sweep_file, jobs, sweep_dir, dry_run):
     """
     from elm_cli.main import _load_run_file
     from elmcore.errors import ELMError
-    from elmcore.training.sweep import check_outputs, expand_points, point_parameters, run_sweep, sweep_directory
+    from elmcore.training.sweep import (check_outputs, check_point_settings, expand_points, point_parameters, run_sweep,
+                                        sweep_directory)
     spec = _load_run_file(sweep_file)
     points = expand_points(spec)
     directory = sweep_dir or sweep_directory(spec, sweep_file)
     if dry_run:
+        check_point_settings(points)  # the sweep itself would refuse them
         check_outputs(points, directory, inputs=[sweep_file])
         for p in points:
             try:
                 count = f"{point_parameters(p):,} parameters"
-            except ELMError as e:  # e.g. a task whose data is not here: the point is still listed
+            except ELMError as e:  # a task whose data is not here: the point is still listed
                 count = f"parameters unknown ({e})"
             click.echo(f"{p.name}: {p.overrides}: {count}")
         click.echo(f"{len(points)} points in {directory}")

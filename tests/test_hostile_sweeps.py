@@ -101,6 +101,16 @@ num_synapse_per_branch = [2]
     assert_refused(invoke("sweep", sweep_file, "--dry-run"), "budget")
 
 
+@pytest.mark.parametrize("field, value", [("lr", 0), ("recompute_segment", 0), ("recompute_segment", -4),
+                                          ("recompute_segment", "x"), ("recompute_segment", 10 ** 30)])
+def test_an_impossible_point_setting_is_refused_by_the_dry_run_as_by_the_sweep(tmp_path, field, value):
+    spec = {"base": BASE, "grid": {field: [value, 8]}, "sweep_dir": str(tmp_path / "sw")}
+    sweep_file = write_sweep(tmp_path / "s.json", spec)
+    for extra in (["--dry-run"], []):
+        assert_refused(invoke("sweep", sweep_file, *extra), "sweep point", field)
+    assert not (tmp_path / "sw").exists()
+
+
 @pytest.mark.parametrize("sweep_dir,fragment", [(5, "sweep_dir"), ("a\0b", "sweep_dir"), (["x"], "sweep_dir"),
                                                 ({"a": 1}, "sweep_dir")])
 def test_a_sweep_dir_of_the_wrong_kind_is_refused(tmp_path, sweep_dir, fragment):

@@ -322,6 +322,15 @@ def check_outputs(points, sweep_dir, inputs=()):
         refuse_inputs(output, read)
 
 
+def check_point_settings(points):
+    """Refuse a sweep with an impossible setting in any point, before any point trains (or is listed)."""
+    for p in points:
+        try:
+            resolve_point(p.settings, p.overrides, p.name).settings.validate()
+        except ELMError as e:
+            raise ELMError(f"sweep point {p.name}: {e}") from None
+
+
 def point_dirs(points, sweep_dir, inputs=()):
     """Create the point directories (or check they hold the same points as before); their paths.
 
@@ -329,11 +338,7 @@ def point_dirs(points, sweep_dir, inputs=()):
     writes is one of ``inputs`` or of the points' data files, and that the points
     already there are the sweep's own and their finished summaries are readable.
     """
-    for p in points:  # an impossible setting fails the sweep before any point trains
-        try:
-            resolve_point(p.settings, p.overrides, p.name).settings.validate()
-        except ELMError as e:
-            raise ELMError(f"sweep point {p.name}: {e}") from None
+    check_point_settings(points)
     check_outputs(points, sweep_dir, inputs)
     dirs = [os.path.join(sweep_dir, p.name) for p in points]
     for p, d in zip(points, dirs):
