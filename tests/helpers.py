@@ -1,13 +1,58 @@
 """Shared test utilities (imported by test modules; not a conftest so it stays explicit)."""
 
 import os
+import re
+import subprocess
+import sys
 
+import pytest
 
+from elmcore.engine.cuda_backend import cuda_problem
 from elmcore.neuron.config import ELMConfig
 
 HERE = os.path.dirname(__file__)
 GOLDEN_DIR = os.path.join(HERE, "data", "golden")
 REFERENCE_DIR = os.path.join(HERE, "data", "reference_models")
+
+
+# The CUDA checks: run directly where CUDA is usable (a GPU, or this process under the simulator);
+# elsewhere a slow test reruns the file's CUDA tests in a child pytest under the simulator.
+SIM_ENV = "NUMBA_ENABLE_CUDASIM"
+IN_SIMULATOR = os.environ.get(SIM_ENV) == "1"
+CUDA_HERE = cuda_problem() is None
+needs_cuda = pytest.mark.skipif(not CUDA_HERE, reason="no CUDA here: run by the simulator child process")
+if IN_SIMULATOR:
+    sys.setswitchinterval(2e-4)  # the simulator's barriers busy-poll Python threads
+
+
+def run_under_simulator(test_file, *pytest_args, timeout):
+    """pytest on ``test_file`` (with ``pytest_args``) in a child process under the CUDA simulator,
+    from the repository root; (its return code, the tail of its output, the number of tests passed)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", *pytest_args],
+                          env=dict(os.environ, **{SIM_ENV: "1"}), capture_output=True, text=True, timeout=timeout,
+                          cwd=os.path.dirname(os.path.abspath(HERE)))
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    passed = re.search(r"(\d+) passed", tail)
+    return proc.returncode, tail, int(passed.group(1)) if passed else None
+
+
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing in the trainer handles it."""
+
+
+def run_killed_after(trainer, steps):
+    """Run ``trainer`` and kill it as it starts training step ``steps`` + 1 (what it saved stays on disk)."""
+    real_step, calls = trainer._train_step, {"n": 0}
+
+    def dying_step(*args):
+        if calls["n"] == steps:
+            raise Killed()
+        calls["n"] += 1
+        return real_step(*args)
+
+    trainer._train_step = dying_step
+    with pytest.raises(Killed):
+        trainer.run()
 
 
 def golden_files():

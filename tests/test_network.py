@@ -19,6 +19,7 @@ from elmcore.engine.factory import load_config_dict
 from elmcore.errors import ConfigError, DataError, ELMError
 from elmcore.verification.gradcheck import gradcheck, passes
 from elmcore.verification.oracle import TOLERANCE, load_oracle, verify_case
+from helpers import run_killed_after
 
 HERE = os.path.dirname(__file__)
 GOLDEN_NETWORK_DIR = os.path.join(HERE, "data", "golden_network")
@@ -408,23 +409,8 @@ def test_a_network_learns_the_adding_problem(tmp_path):
 def test_network_kill_and_resume_is_bit_identical(tmp_path):
     from elmcore.training.train import Trainer
     _adding_run(tmp_path, "full", epochs=1, batches_per_epoch=12)[0].run()
-
-    class Killed(BaseException):
-        pass
-
     trainer, task = _adding_run(tmp_path, "killed", epochs=1, batches_per_epoch=12)
-    real_step = trainer._train_step
-    calls = {"n": 0}
-
-    def dying_step(*args):
-        if calls["n"] == 7:
-            raise Killed()
-        calls["n"] += 1
-        return real_step(*args)
-
-    trainer._train_step = dying_step
-    with pytest.raises(Killed):
-        trainer.run()
+    run_killed_after(trainer, 7)
     Trainer.resume(str(tmp_path / "killed"), task=task, progress=False, log=lambda m: None).run()
     full, again = load_file(tmp_path / "full" / "last.npz"), load_file(tmp_path / "killed" / "last.npz")
     assert full.meta["step"] == again.meta["step"] == 12

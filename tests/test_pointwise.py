@@ -13,9 +13,6 @@ simulator on.
 """
 
 import importlib.util
-import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,11 +21,10 @@ import pytest
 from numba import cuda, njit  # cuda: a module global, as the simulator swaps it in kernels' globals
 
 from elmcore import ELM, ELMConfig, ELMError, ELMNetwork
-from elmcore.engine.cuda_backend import cuda_problem
 from elmcore.kernels import pointwise as pw
 from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
 from elmcore.verification.gradcheck import DEFAULT_NETWORK_CONFIG, gradcheck, passes, random_test_params
-from helpers import random_config
+from helpers import CUDA_HERE, needs_cuda, random_config, run_under_simulator
 
 
 def _sigmoid(z):
@@ -43,12 +39,6 @@ REFERENCES = {
 }
 
 REPO = Path(__file__).resolve().parents[1]
-SIM_ENV = "NUMBA_ENABLE_CUDASIM"
-IN_SIMULATOR = os.environ.get(SIM_ENV) == "1"
-CUDA_HERE = cuda_problem() is None
-needs_cuda = pytest.mark.skipif(not CUDA_HERE, reason="no CUDA here: run by the simulator child process")
-if IN_SIMULATOR:
-    sys.setswitchinterval(2e-4)  # the simulator's barriers busy-poll Python threads
 
 # Points away from relu's kink (its slope there is a convention, not a derivative), both signs,
 # the saturated tails and zero itself.
@@ -251,14 +241,10 @@ def test_cuda_models_equal_the_cpu_models(name, family):
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA_HERE, reason="CUDA is usable in this process: the CUDA tests run directly")
 def test_cuda_tests_pass_under_the_simulator():
-    env = dict(os.environ, **{SIM_ENV: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "cuda"],
-                          env=env, capture_output=True, text=True, timeout=1500, cwd=str(REPO))
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", tail)
+    returncode, tail, passed = run_under_simulator(__file__, "-k", "cuda", timeout=1500)
+    assert returncode == 0, tail
     # every CUDA test of this file ran: device forms and models for each activation (this test is skipped there)
-    assert passed and int(passed.group(1)) == 4 * len(pw.ACTIVATIONS), tail
+    assert passed == 4 * len(pw.ACTIVATIONS), tail
 
 
 # ---- the PyTorch baselines (only where PyTorch is installed) --------------------------------

@@ -10,9 +10,6 @@ still equal the plain reference (a wrong blocked sum would otherwise pass unnoti
 
 import json
 import os
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,8 +20,8 @@ from elmcore.neuron import params as P
 from elmcore.training.checkpoint import load_file
 from elmcore.training.train import TrainSettings
 from elmcore.verification.oracle import relative_error
-from test_reference import (CUDA_HERE, KERNEL_TOL, SEVERAL_PER_BRANCH, SIM_ENV, _engine_state, _network_setup,
-                            _neuron_setup, _reference_run, needs_cuda)
+from helpers import CUDA_HERE, needs_cuda, run_under_simulator
+from test_reference import KERNEL_TOL, SEVERAL_PER_BRANCH, _engine_state, _network_setup, _neuron_setup, _reference_run
 
 HERE = os.path.dirname(__file__)
 STEPS = 11
@@ -182,14 +179,9 @@ def test_on_cuda_network_recomputes_exactly(case):
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA_HERE, reason="CUDA is usable in this process: the CUDA checks above run directly")
 def test_simulator_runs_the_cuda_checks():
-    env = dict(os.environ, **{SIM_ENV: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                           "-k", "on_cuda"], env=env, capture_output=True, text=True, timeout=1500,
-                          cwd=os.path.dirname(HERE))
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", tail)
-    assert passed and int(passed.group(1)) == len(CUDA_NEURON_CASES) + len(CUDA_NETWORK_CASES), tail
+    returncode, tail, passed = run_under_simulator(__file__, "-k", "on_cuda", timeout=1500)
+    assert returncode == 0, tail
+    assert passed == len(CUDA_NEURON_CASES) + len(CUDA_NETWORK_CASES), tail
 
 
 def test_training_with_recomputation_follows_the_same_trajectory(tmp_path, monkeypatch):

@@ -9,9 +9,6 @@ reads the variable once, when ``numba.cuda`` is first imported.
 """
 
 import os
-import re
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -19,7 +16,6 @@ import pytest
 
 from elmcore.kernels.pointwise import ACTIVATIONS
 from elmcore import ELM, ELMError, ELMNetwork
-from elmcore.engine.cuda_backend import cuda_problem
 from elmcore.network import params as NP
 from elmcore.neuron import params as P
 from elmcore.verification import reference
@@ -28,7 +24,7 @@ from elmcore.verification.gradcheck import (GradcheckRow, passes, random_network
 from elmcore.verification.oracle import TOLERANCE, load_oracle, relative_error
 from elmcore.verification.reference import network as reference_network
 from elmcore.verification.reference import neuron as reference_neuron
-from helpers import GOLDEN_DIR, golden_files, random_config
+from helpers import CUDA_HERE, GOLDEN_DIR, golden_files, needs_cuda, random_config, run_under_simulator
 from test_network import random_network_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,12 +33,6 @@ ORACLES = golden_files() + sorted(os.path.join(GOLDEN_NETWORK_DIR, f) for f in o
                                   if f.endswith(".npz"))
 ORACLE_IDS = [os.path.basename(p)[:-4] for p in ORACLES]
 
-SIM_ENV = "NUMBA_ENABLE_CUDASIM"
-IN_SIMULATOR = os.environ.get(SIM_ENV) == "1"
-CUDA_HERE = cuda_problem() is None
-needs_cuda = pytest.mark.skipif(not CUDA_HERE, reason="no CUDA here: run by the simulator child process")
-if IN_SIMULATOR:
-    sys.setswitchinterval(2e-4)  # the simulator's barriers busy-poll Python threads
 
 # Kernel ↔ reference in float64: the same formulas summed in another order.
 KERNEL_TOL = 1e-12
@@ -380,14 +370,9 @@ def test_on_cuda_network_equals_the_reference(case):
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA_HERE, reason="CUDA is usable in this process: the CUDA checks above run directly")
 def test_simulator_runs_the_cuda_checks():
-    env = dict(os.environ, **{SIM_ENV: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                           "-k", "on_cuda"], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(HERE))
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", tail)
-    assert passed and int(passed.group(1)) == len(CUDA_NEURON_CASES) + len(CUDA_NETWORK_CASES), tail
+    returncode, tail, passed = run_under_simulator(__file__, "-k", "on_cuda", timeout=900)
+    assert returncode == 0, tail
+    assert passed == len(CUDA_NEURON_CASES) + len(CUDA_NETWORK_CASES), tail
 
 
 # ---- (4) the checks can fail --------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from elmcore.neuron.model import ELM
 from elmcore.neuron.params import expected_shapes
 from elmcore.training.train import RUN_FILES, Trainer, TrainingDiverged, TrainSettings, _lock_run_dir
 
-from helpers import REFERENCE_DIR
+from helpers import REFERENCE_DIR, run_killed_after
 
 TINY_ADDING = ["--task", "adding", "--task-option", "n=40", "--task-option", "length=6",
                "--set", "num_memory=3", "--batch-size", "8", "--quiet"]
@@ -692,22 +692,7 @@ def test_resumed_epoch_averages_the_whole_epoch(tmp_path):
         return Trainer(s, task=make_synthetic("adding", n=50, length=6), progress=False, log=lambda m: None)
 
     trainer("full").run()
-
-    class Killed(BaseException):
-        pass
-
-    dying = trainer("killed")
-    real_step, calls = dying._train_step, {"n": 0}
-
-    def step(*args):
-        if calls["n"] == 3:
-            raise Killed()
-        calls["n"] += 1
-        return real_step(*args)
-
-    dying._train_step = step
-    with pytest.raises(Killed):
-        dying.run()
+    run_killed_after(trainer("killed"), 3)
     Trainer.resume(str(tmp_path / "killed"), task=make_synthetic("adding", n=50, length=6), progress=False,
                    log=lambda m: None).run()
 

@@ -9,6 +9,7 @@ from elmcore.training.checkpoint import load_file
 from elmcore.data.base import ArrayTask
 from elmcore.errors import DataError
 from elmcore.training.train import Trainer, TrainingDiverged, TrainSettings
+from helpers import run_killed_after
 
 
 def sign_task(n=96, T=12, D=3, seed=0):
@@ -62,23 +63,8 @@ def test_same_seed_same_parameters(tmp_path):
 @pytest.mark.parametrize("kill_after", [3, 5, 7])
 def test_kill_and_resume_is_bit_identical(tmp_path, kill_after):
     run(tmp_path, "full")
-
-    class Killed(BaseException):
-        pass
-
     trainer = Trainer(settings(tmp_path, "killed"), task=sign_task(), progress=False, log=lambda m: None)
-    real_step = trainer._train_step
-    calls = {"n": 0}
-
-    def dying_step(*args):
-        if calls["n"] == kill_after:
-            raise Killed()
-        calls["n"] += 1
-        return real_step(*args)
-
-    trainer._train_step = dying_step
-    with pytest.raises(Killed):
-        trainer.run()
+    run_killed_after(trainer, kill_after)
     resumed = Trainer.resume(str(tmp_path / "killed"), task=sign_task(), progress=False, log=lambda m: None)
     summary = resumed.run()
     assert summary["steps"] == 15
@@ -214,23 +200,8 @@ def test_stateful_training_carries_the_state_within_an_epoch(tmp_path, corpus, m
 def test_stateful_kill_and_resume_is_bit_identical(tmp_path, corpus, kill_after):
     """A checkpoint taken mid-epoch holds the carried state: the resumed run goes on from it."""
     Trainer(text_settings(tmp_path, corpus, "full"), progress=False, log=lambda m: None).run()
-
-    class Killed(BaseException):
-        pass
-
     trainer = Trainer(text_settings(tmp_path, corpus, "killed"), progress=False, log=lambda m: None)
-    real_step = trainer._train_step
-    calls = {"n": 0}
-
-    def dying_step(*args):
-        if calls["n"] == kill_after:
-            raise Killed()
-        calls["n"] += 1
-        return real_step(*args)
-
-    trainer._train_step = dying_step
-    with pytest.raises(Killed):
-        trainer.run()
+    run_killed_after(trainer, kill_after)
     interrupted = load_file(tmp_path / "killed" / "last.npz")
     assert interrupted.meta["position"]["batch"] > 0 and set(interrupted.state) == {"u", "m"}
     summary = Trainer.resume(str(tmp_path / "killed"), progress=False, log=lambda m: None).run()
