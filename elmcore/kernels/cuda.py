@@ -577,11 +577,18 @@ def plan_recurrence(batch, tile, unit_width, row_floats, weight_floats, itemsize
     if scratch > limit:
         raise ELMError(f"the recurrence state ({row_floats} values per batch row) does not fit in "
                        f"{limit} bytes of GPU shared memory: reduce num_memory or mlp_hidden_size")
-    in_shared = scratch + weight_floats * itemsize <= limit
+    in_shared, shared = _place_weights(scratch, weight_floats * itemsize, limit, policy)
+    return RecurrenceLaunch(rows, units, -(-batch // rows), in_shared, shared)
+
+
+def _place_weights(scratch, weight_bytes, limit, policy):
+    """(weights in shared memory?, dynamic shared bytes) of a time walk whose per-row or per-thread
+    state takes ``scratch`` bytes: the weights are staged beside it when both fit in ``limit``,
+    unless ``policy.weights_in_shared`` decides."""
+    in_shared = scratch + weight_bytes <= limit
     if policy.weights_in_shared is not None:
         in_shared = bool(policy.weights_in_shared)
-    shared = scratch + (weight_floats * itemsize if in_shared else 0)
-    return RecurrenceLaunch(rows, units, -(-batch // rows), in_shared, shared)
+    return in_shared, scratch + (weight_bytes if in_shared else 0)
 
 
 _opted_in = set()

@@ -47,7 +47,7 @@ from numba import cuda
 
 from ..errors import ELMError
 from . import pointwise as pw
-from .cuda import _device_limits, _packed, _weight_staging, launch_planned
+from .cuda import _device_limits, _packed, _place_weights, _weight_staging, launch_planned
 from .cuda import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 from .cuda_launch import MAX_BLOCKS, SIMULATOR, U, array_module, constants, dot, flat_shape, float_type, launch
 
@@ -351,10 +351,7 @@ def plan_walk(batch, neurons, row_floats, weight_floats, itemsize, max_threads=M
     if scratch > limit:
         raise ELMError(f"the network's per-neuron scratch ({row_floats} values per neuron) does not fit in "
                        f"{limit} bytes of GPU shared memory: reduce num_memory, num_branch or mlp_hidden_size")
-    in_shared = scratch + weight_floats * itemsize <= limit
-    if policy.weights_in_shared is not None:
-        in_shared = bool(policy.weights_in_shared)
-    shared = scratch + (weight_floats * itemsize if in_shared else 0)
+    in_shared, shared = _place_weights(scratch, weight_floats * itemsize, limit, policy)
     return WalkLaunch(max(1, min(batch, MAX_BLOCKS)), threads, in_shared, shared)
 
 
