@@ -2,7 +2,7 @@
 
 Every kernel module evaluates these through this file, each function in two forms, forward beside
 its derivative: a CPU form for the Numba ``@njit`` kernels (inlined, straight-line arithmetic that
-LLVM vectorises; exp and tanh come from ``vecmath``), and a CUDA device form built per float type
+LLVM vectorises, in the precision of its arguments; exp and tanh come from ``vecmath``), and a CUDA device form built per float type
 by ``cuda_functions`` (its constants have that type, so float32 kernels stay float32). The
 derivations are in docs/gradients.md §3 (c) and (d).
 
@@ -66,8 +66,8 @@ def silu(z):
 @njit(**_INLINE)
 def silu_backward(z, da):
     """(silu(z), da·silu′(z)) with silu′(z) = σ(z)(1 + z(1 − σ(z))): one σ serves both."""
-    s = vm.sigmoid(z)
-    return z * s, da * (s * (1.0 + z * (1.0 - s)))
+    a, slope = vm.silu_with_slope(z)
+    return a, da * slope
 
 
 @njit(**_INLINE)
@@ -79,7 +79,7 @@ def tanh(z):
 def tanh_backward(z, da):
     """(tanh(z), da·tanh′(z)) with tanh′(z) = 1 − tanh²(z): one tanh serves both."""
     a = vm.tanh(z)
-    return a, da * (1.0 - a * a)
+    return a, da * (vm.one(a) - a * a)
 
 
 @njit(**_INLINE)
@@ -130,7 +130,7 @@ def phi(x, phi_scale, phi_slope):
 def phi_backward(g, dm, phi_scale, phi_slope):
     """g·φ′(x) from the stored Δm = φ(x): φ′(x) = s·k·(1 − tanh²(k·x)) = s·k·(1 − (Δm/s)²)."""
     q = dm / phi_scale
-    return g * (phi_scale * phi_slope) * (1 - q * q)
+    return g * (phi_scale * phi_slope) * (vm.one(q) - q * q)
 
 
 # ---- NumPy forms (the plain reference walk, elmcore.verification.reference) -------------------
