@@ -127,6 +127,37 @@ def test_one_byte_spike_inputs_give_the_float_results(dtype):
     assert np.array_equal(Yb, model.forward(case.X.astype(dtype)))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.bool_, np.float32])
+@pytest.mark.parametrize("num_input", [1, 7, 8, 9, 16, 37, 1278])
+def test_the_routing_finds_every_nonzero_input_in_order(dtype, num_input):
+    """Inputs of any bit pattern (255, 128, negative int8), several per 8-byte word, found in
+    ascending order: the one-byte path locates them by trailing-zero counts."""
+    from numba import njit
+
+    from elmcore.kernels import cpu
+
+    @njit
+    def nonzeros(X, words, out):
+        B, T, D = X.shape
+        idx = np.empty(D, np.int64)
+        count = 0
+        for b in range(B):
+            for t in range(T):
+                for q in range(cpu._row_nonzeros(X[b, t], words, (b * T + t) * D, idx)):
+                    out[count] = (b * T + t) * D + idx[q]
+                    count += 1
+        return count
+
+    rng = np.random.default_rng(num_input)
+    values = rng.integers(-128, 256, (3, 5, num_input))
+    X = np.where(rng.random(values.shape) < 0.3, values, 0).astype(dtype)
+    X[0, 0] = 0 if dtype != np.bool_ else False
+    X[2, 4] = 1  # a row of nothing but spikes
+    out = np.empty(X.size, np.int64)
+    count = nonzeros(X, cpu._words(X), out)
+    assert np.array_equal(out[:count], np.flatnonzero(X))
+
+
 @pytest.mark.parametrize("num_input", [1, 7, 8, 13, 37])
 def test_one_byte_inputs_of_any_width_route_like_floats(num_input):
     """The word-at-a-time zero test must handle rows that start and end off an 8-byte boundary."""

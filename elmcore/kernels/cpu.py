@@ -15,11 +15,17 @@ Routing is a sparse map "input i feeds synapses entry_syn[indptr[i]:indptr[i+1]]
 instead of running a dense (D × C) GEMM.
 """
 
+import sys
+
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import pointwise as pw
+from . import simd
 
 # Optional parts of the kernel contract (kernels/contract.py) this module provides.
 CAPABILITIES = frozenset({"sparse_first_layer"})
@@ -45,6 +51,24 @@ def _words(X):
     return flat[: flat.size // 8 * 8].view(np.uint64)
 
 
+_LITTLE_ENDIAN = sys.byteorder == "little"  # the first of a word's bytes is its lowest
+
+
+@intrinsic
+def _trailing_zeros(typingctx, word):
+    """How many zero bits a non-zero uint64 ends with (LLVM's cttz: one instruction on x86 and ARM)."""
+    if word != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        cttz = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]),
+                                              "llvm.cttz.i64")
+        return builder.call(cttz, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return types.int64(types.uint64), codegen
+
+
 @njit(inline="always", cache=True, error_model="numpy")
 def _row_nonzeros(x_row, words, start, idx):
     """Write the positions of x_row's non-zeros into idx; return how many there are.
@@ -66,7 +90,16 @@ def _row_nonzeros(x_row, words, start, idx):
             i += 1
         w = (start + i) // 8
         while i + 8 <= D:
-            if words[w] != 0:
+            word = words[w]
+            if _LITTLE_ENDIAN:
+                # Each non-zero byte in turn, lowest address first: one test per spike, not per byte
+                # (the per-byte tests' mispredicted branches were most of the routing's time).
+                while word != 0:
+                    byte = _trailing_zeros(word) >> 3
+                    idx[n] = i + byte
+                    n += 1
+                    word &= ~(np.uint64(0xFF) << np.uint64(8 * byte))
+            elif word != 0:
                 for q in range(8):
                     if x_row[i + q] != 0:
                         idx[n] = i + q
@@ -279,8 +312,10 @@ def scan_backward(dU, kappa, dA_next, dA_out):
 # ---- the MLP-and-memory recurrence ------------------------------------------------
 #
 # Both passes walk time for a tile of batch rows at once, so each weight row
-# loaded into L1 serves the whole tile, and every matrix product is the
-# register-blocked ``_accumulate_product`` below. Tiles run in parallel.
+# loaded into L1 serves the whole tile, and every matrix product is
+# ``simd.broadcast_product`` (the tile's sums held in registers). Tiles run in parallel.
+# ``_accumulate_product`` below is the plain-loop product for operands that may be strided
+# views (the ELM Network's readout takes it with a transposed A).
 
 @njit(inline="always", cache=True, error_model="numpy", fastmath={"contract"})
 def _accumulate_product(A, Wt, out):
@@ -389,7 +424,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_
                     km_m[r, i] = kappa_m[i] * m[r, i]
                 KM_out[b0 + r, t] = km_m[r]
                 z0[r] = Zb[b0 + r, t]
-            _accumulate_product(km_m, W0mT, z0)
+            simd.broadcast_product(km_m, W0mT, z0)
             if L == 0:
                 o[:] = z0
             else:
@@ -399,13 +434,13 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_
                 for l in range(1, L):
                     for r in range(n):
                         z[r] = ch[l - 1]
-                    _accumulate_product(a, WhT[l - 1], z)
+                    simd.broadcast_product(a, WhT[l - 1], z)
                     for r in range(n):
                         Z_out[l, b0 + r, t] = z[r]
                     pw.activate_all(z.reshape(-1), a.reshape(-1), n * H, activation)
                 for r in range(n):
                     o[r] = co
-                _accumulate_product(a, WoT, o)
+                simd.broadcast_product(a, WoT, o)
             for r in range(n):
                 for i in range(Dm):
                     dm = pw.phi(o[r, i], phi_scale, phi_slope)
@@ -472,7 +507,7 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_
                 dz0[:] = do
             else:
                 da[:] = 0
-                _accumulate_product(do, Wo, da)
+                simd.broadcast_product(do, Wo, da)
                 for l in range(L - 1, -1, -1):
                     for r in range(n):
                         pw.activation_backward_all(Z[l, b0 + r, t], da[r], dz[r], act_out[l, b0 + r, t], H,
@@ -480,11 +515,11 @@ def recur_backward(dM, W0m, Wh, Wo, kappa_m, c_m, m0, M, Z, DM, activation, phi_
                         dZ_out[l, b0 + r, t] = dz[r]
                     if l > 0:
                         da[:] = 0
-                        _accumulate_product(dz, Wh[l - 1], da)
+                        simd.broadcast_product(dz, Wh[l - 1], da)
                 dz0[:] = dz
             # (e) r = W0mᵀ dz0
             r_m[:] = 0
-            _accumulate_product(dz0, W0m, r_m)
+            simd.broadcast_product(dz0, W0m, r_m)
             for r in range(n):
                 b = b0 + r
                 for i in range(Dm):

@@ -1,5 +1,6 @@
-"""Register-blocked vector products for the ELM Network's per-neuron MLPs, written as LLVM
-vector code through Numba intrinsics.
+"""Register-blocked vector products, written as LLVM vector code through Numba intrinsics: the
+ELM Network's per-neuron MLPs (``blocked_product``) and the single neuron's recurrence
+(``broadcast_product``, at the end of this file).
 
 Why. Each neuron has its own small weight matrices, so the network's products are many tiny
 ones (12 × 16, 16 × 8, …) over vectors of neurons. Written as Numba loops, their accumulators
@@ -119,3 +120,135 @@ def blocked_product(x, y, out, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, ou
                 q += cols
             p += rows
     return stop
+
+
+# ---- rows times a shared matrix: the single neuron's recurrence --------------------------------
+#
+# out[r, :] += A[r, :] @ W for a tile of batch rows, every row against the same W. The
+# auto-vectorised loop this replaces (``cpu._accumulate_product``) added four products into
+# ``out`` in memory per pass over W's rows; here each block keeps R rows × one vector of outputs
+# in registers over the whole sum and broadcasts A[r, k] against W[k, j : j + lanes]. Measured on
+# one core in float32 (16 rows, K × N = 100 × 200 and 200 × 100): 40 and 35 GMAC/s, against 27
+# and 22 for the loop.
+
+def _make_row_block(R, width_bytes):
+    @intrinsic
+    def block(typingctx, A, W, out, a_off, a_sr, w_off, w_sk, out_off, out_sr, K):
+        if not all(isinstance(a, types.Array) and isinstance(a.dtype, types.Float) and a.layout == "C"
+                   for a in (A, W, out)) or not (A.dtype == W.dtype == out.dtype):
+            return None  # the offsets assume C-contiguous arrays of one float dtype
+        sig = types.void(A, W, out, *([types.intp] * 7))
+
+        def codegen(context, builder, signature, args):
+            A_arr, W_arr, out_arr = args[:3]
+            a_off, a_sr, w_off, w_sk, out_off, out_sr, K = args[3:]
+            elem = context.get_value_type(signature.args[0].dtype)
+            width = width_bytes // context.get_abi_sizeof(elem)
+            vec = ir.VectorType(elem, width)
+            vec_ptr = vec.as_pointer()
+            suffix = "f32" if isinstance(elem, ir.FloatType) else "f64"
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                                 f"llvm.fma.v{width}{suffix}")
+
+            def data(arr, aty):
+                return context.make_array(aty)(context, builder, arr).data
+
+            def times(a, k):
+                return builder.mul(a, ir.Constant(a.type, k))
+
+            a_base = builder.gep(data(A_arr, signature.args[0]), [a_off])
+            w_base = builder.gep(data(W_arr, signature.args[1]), [w_off])
+            out_base = builder.gep(data(out_arr, signature.args[2]), [out_off])
+            out_ptrs = [builder.bitcast(builder.gep(out_base, [times(out_sr, r)]), vec_ptr) for r in range(R)]
+            a_rows = [builder.gep(a_base, [times(a_sr, r)]) for r in range(R)]
+            # Accumulators live in stack slots that LLVM's mem2reg turns into registers.
+            slots = [cgutils.alloca_once(builder, vec) for _ in range(R)]
+            for r in range(R):
+                builder.store(builder.load(out_ptrs[r], align=1), slots[r])
+            undef = ir.Constant(vec, ir.Undefined)
+            lane0 = ir.Constant(ir.IntType(32), 0)
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+            with cgutils.for_range(builder, K) as loop:
+                k = loop.index
+                w = builder.load(builder.bitcast(builder.gep(w_base, [builder.mul(k, w_sk)]), vec_ptr), align=1)
+                for r in range(R):
+                    a = builder.load(builder.gep(a_rows[r], [k]))
+                    a_vec = builder.shuffle_vector(builder.insert_element(undef, a, lane0), undef, splat)
+                    builder.store(builder.call(fma, [a_vec, w, builder.load(slots[r])]), slots[r])
+            for r in range(R):
+                builder.store(builder.load(slots[r]), out_ptrs[r], align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block
+
+
+# Blocks of 4 rows (8 accumulator registers on AVX2, 4 on AVX-512) and of 1 row for the rest, each
+# one vector of 64, 32 or 16 bytes wide, so a row's tail narrower than 64 bytes still runs in
+# vectors (100 float32 outputs: six of 16 lanes, one of 4).
+_R4_64, _R4_32, _R4_16 = _make_row_block(4, 64), _make_row_block(4, 32), _make_row_block(4, 16)
+_R1_64, _R1_32, _R1_16 = _make_row_block(1, 64), _make_row_block(1, 32), _make_row_block(1, 16)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once, whatever the caller's fastmath flags (the vector blocks' arithmetic)."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        elem = context.get_value_type(signature.args[0])
+        suffix = "f32" if isinstance(elem, ir.FloatType) else "f64"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(elem, [elem, elem, elem]),
+                                             f"llvm.fma.{suffix}")
+        return builder.call(fma, list(args))
+
+    return a(a, a, a), codegen
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def broadcast_product(A, W, out):
+    """out[n, :] += A[n, :] @ W:  A [n,K], W [K,N], out [n,N], all C-contiguous, one float dtype.
+
+    Every out[r, j] adds its K products one fused multiply-add at a time, k ascending (the order
+    of the CUDA twins' dot loops).
+    """
+    n, K = A.shape
+    N = W.shape[1]
+    size = out.itemsize
+    j = 0
+    while j < N:
+        left = (N - j) * size
+        r = 0
+        if left >= 64:
+            while r + 4 <= n:
+                _R4_64(A, W, out, r * K, K, j, N, r * N + j, N, K)
+                r += 4
+            while r < n:
+                _R1_64(A, W, out, r * K, K, j, N, r * N + j, N, K)
+                r += 1
+            j += 64 // size
+        elif left >= 32:
+            while r + 4 <= n:
+                _R4_32(A, W, out, r * K, K, j, N, r * N + j, N, K)
+                r += 4
+            while r < n:
+                _R1_32(A, W, out, r * K, K, j, N, r * N + j, N, K)
+                r += 1
+            j += 32 // size
+        elif left >= 16:
+            while r + 4 <= n:
+                _R4_16(A, W, out, r * K, K, j, N, r * N + j, N, K)
+                r += 4
+            while r < n:
+                _R1_16(A, W, out, r * K, K, j, N, r * N + j, N, K)
+                r += 1
+            j += 16 // size
+        else:
+            for r in range(n):
+                acc = out[r, j]
+                for k in range(K):
+                    acc = _fma(A[r, k], W[k, j], acc)
+                out[r, j] = acc
+            j += 1

@@ -1,0 +1,69 @@
+"""The register-blocked product of the single neuron's recurrence (kernels/simd.py, broadcast_product)."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from numba import njit
+
+from elmcore.kernels import simd
+
+
+@njit(cache=False)
+def _product(A, W, out):
+    simd.broadcast_product(A, W, out)
+
+
+def _case(n, K, N, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, K)).astype(dtype), rng.normal(size=(K, N)).astype(dtype),
+            rng.normal(size=(n, N)).astype(dtype))
+
+
+# Widths around each vector width (16, 8, 4 float32 lanes; 8, 4, 2 float64 lanes) and the
+# recurrence's 100 and 200; row counts around the 4-row blocks.
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n, K, N", [(1, 1, 1), (3, 5, 7), (4, 9, 8), (5, 3, 17), (7, 13, 33), (16, 100, 200),
+                                     (16, 200, 100), (9, 2, 4), (6, 31, 21)])
+def test_adds_the_product_to_out(n, K, N, dtype):
+    A, W, out = _case(n, K, N, dtype)
+    expected = out.astype(np.float64) + A.astype(np.float64) @ W.astype(np.float64)
+    _product(A, W, out)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    assert np.abs(out - expected).max() <= tol * (1 + np.abs(expected).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_each_row_gets_the_same_bits_in_any_tile(dtype):
+    """A row's sums do not depend on the rows beside it: tiles (set by the thread count) may cut
+    the batch anywhere, and the recurrence's results must not change with them."""
+    A, W, out = _case(11, 37, 45, dtype, seed=1)
+    whole = out.copy()
+    _product(A, W, whole)
+    for cut in (1, 3, 4, 5, 8):
+        first, rest = out[:cut].copy(), out[cut:].copy()
+        _product(np.ascontiguousarray(A[:cut]), W, first)
+        _product(np.ascontiguousarray(A[cut:]), W, rest)
+        assert np.array_equal(np.concatenate([first, rest]), whole)
+
+
+def test_sums_k_in_ascending_order_one_fused_multiply_add_at_a_time():
+    """The order the CUDA twins' dot loops use: acc = fma(A[r,k], W[k,j], acc), k = 0, 1, …"""
+    A, W, out = _case(5, 23, 19, np.float64, seed=2)
+    expected = out.copy()
+    for k in range(A.shape[1]):
+        expected = np.array([[_fma(A[r, k], W[k, j], expected[r, j]) for j in range(W.shape[1])]
+                             for r in range(A.shape[0])])
+    _product(A, W, out)
+    assert np.array_equal(out, expected)
+
+
+def _fma(a, b, c):
+    """a·b + c rounded once to float64 (exact rational arithmetic, then one rounding)."""
+    return float(Fraction(a) * Fraction(b) + Fraction(c))
+
+
+def test_refuses_strided_operands():
+    A, W, out = _case(4, 6, 8, np.float64)
+    with pytest.raises(Exception, match="(?i)broadcast_product|No implementation|Invalid use"):
+        _product(A[:, ::2], W[::2], out)
