@@ -3,11 +3,14 @@
     python bench/bench_step.py                       # NeuronIO-best and SHD on the CPU
     python bench/bench_step.py --device cuda --configs neuronio-best shd pathfinder
     python bench/bench_step.py --json results.json
+    python bench/bench_step.py --release ~/elmneuron   # the official release, side by side
 
 Reports median milliseconds and sample-steps per second (B·T per second). When
 PyTorch is importable it also times ``bench/torch_baseline.py`` (plain autograd,
 looping over time like the release) on identical inputs and parameters and
-prints elmcore's speed-up over it.
+prints elmcore's speed-up over it. With ``--release PATH`` (a checkout of
+github.com/AaronSpieler/elmneuron) it times the release's own TorchScript ELM
+instead, loaded with the same parameters, in the same run.
 """
 
 import argparse
@@ -102,7 +105,7 @@ def bench_elmcore(spec, X, target, device, repeats, warmup):
     return model, timed(train_step, repeats, warmup, sync), timed(infer, repeats, warmup, sync)
 
 
-def bench_torch(spec_name, X, target, params, device, repeats, warmup):
+def bench_torch(spec_name, X, target, params, device, repeats, warmup, release=None):
     """Time the PyTorch baseline in a child process with the caller's original environment.
 
     elmcore sets OMP_WAIT_POLICY / OPENBLAS_THREAD_TIMEOUT defaults for its own
@@ -121,14 +124,28 @@ def bench_torch(spec_name, X, target, params, device, repeats, warmup):
         data = os.path.join(tmp, "case.npz")
         np.savez(data, X=X, target=target, **{f"param/{k}": v for k, v in params.items()})
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-worker", spec_name, data,
-                              device, str(repeats), str(warmup)], env=env, capture_output=True, text=True)
+                              device, str(repeats), str(warmup), release or ""],
+                             env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"torch baseline failed:\n{out.stderr}")
     times = json.loads(out.stdout.strip().splitlines()[-1])
     return times["train"], times["inference"]
 
 
-def torch_worker(spec_name, data, device, repeats, warmup):
+def release_model(release, cfg, version, params, device):
+    """The release's own ELM class from a checkout at ``release``, holding ``params``."""
+    import torch
+    sys.path.insert(0, os.path.abspath(os.path.expanduser(release)))
+    module = "expressive_leaky_memory_neuron" + ("_v2" if version == "branch_elm_v2" else "")
+    ReleaseELM = __import__(f"src.{module}", fromlist=["ELM"]).ELM
+    model = ReleaseELM(**cfg)
+    own = model.state_dict()
+    # Each tensor in the release's own dtype (routing indices int64, the mask as the release keeps it).
+    model.load_state_dict({k: torch.as_tensor(np.asarray(params[k])).to(own[k].dtype) for k in own})
+    return model.to(device)
+
+
+def torch_worker(spec_name, data, device, repeats, warmup, release=""):
     import torch
     import torch_baseline as tb
     spec = CONFIGS[spec_name]
@@ -138,7 +155,10 @@ def torch_worker(spec_name, data, device, repeats, warmup):
     cfg = dict(spec["model"])
     version = cfg.pop("version")
     tdev = "cuda" if device == "cuda" else "cpu"
-    model = tb.TorchELM(cfg, version, params, device=tdev)
+    if release:
+        model = release_model(release, cfg, version, params, tdev)
+    else:
+        model = tb.TorchELM(cfg, version, params, device=tdev)
     if spec["loss"] == "neuronio":
         loss_fn = tb.neuronio_loss_fn(torch.as_tensor(target[..., 0], device=tdev),
                                       torch.as_tensor(target[..., 1], device=tdev))
@@ -168,6 +188,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torch-repeats", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="Skip the PyTorch baseline.")
+    ap.add_argument("--release", metavar="PATH",
+                    help="Time the official release (a checkout of AaronSpieler/elmneuron) as the baseline "
+                         "instead of bench/torch_baseline.py.")
     ap.add_argument("--input-dtype", default="uint8", choices=["uint8", "float32"],
                     help="How elmcore receives the binary inputs: one byte per value (as spike data is "
                          "stored) or float32. The PyTorch baseline always gets float32.")
@@ -194,7 +217,7 @@ def main(argv=None):
               f"{row['inference']['sample_steps_per_s']:12,.0f} sample-steps/s")
         if not args.no_torch:
             torch_times = bench_torch(name, X.astype(np.float32), target, model.state_dict(), args.device,
-                                      args.torch_repeats, 1)
+                                      args.torch_repeats, 1, args.release)
             if torch_times is None:
                 print("  torch    not installed: no baseline")
             else:
@@ -202,9 +225,11 @@ def main(argv=None):
                 row["torch_inference"] = summarise(torch_times[1], bt)
                 row["speedup_train"] = row["torch_train"]["median_ms"] / row["train"]["median_ms"]
                 row["speedup_inference"] = row["torch_inference"]["median_ms"] / row["inference"]["median_ms"]
-                print(f"  torch    train step {row['torch_train']['median_ms']:9.1f} ms   "
+                label = "release" if args.release else "torch  "
+                row["baseline"] = "release" if args.release else "torch_baseline"
+                print(f"  {label}  train step {row['torch_train']['median_ms']:9.1f} ms   "
                       f"-> elmcore x{row['speedup_train']:.1f}")
-                print(f"  torch    inference  {row['torch_inference']['median_ms']:9.1f} ms   "
+                print(f"  {label}  inference  {row['torch_inference']['median_ms']:9.1f} ms   "
                       f"-> elmcore x{row['speedup_inference']:.1f}")
         results["configs"][name] = row
     if args.json:
@@ -215,7 +240,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--torch-worker":
-        name, data, device, repeats, warmup = sys.argv[2:7]
-        torch_worker(name, data, device, int(repeats), int(warmup))
+        name, data, device, repeats, warmup, release = sys.argv[2:8]
+        torch_worker(name, data, device, int(repeats), int(warmup), release)
     else:
         main()

@@ -192,13 +192,17 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
 
     def _block_product(self, A, W, bias=None):
         """A (B, T, K) @ W (+ bias) → (B, T, ·), one product per time block (``engine/segments.py``)."""
+        xp = self.xp
         B, T, _ = A.shape
-        out = self.xp.empty((B, T, W.shape[1]), self.dtype)
+        out = xp.empty((B, T, W.shape[1]), self.dtype)
         for t0, t1 in segments.block_bounds(0, T, self.time_block):
-            rows = segments.rows(A, t0, t1) @ W
+            whole = (t0, t1) == (0, T)
+            # One block: the product lands in ``out`` itself (the same GEMM, no copy).
+            rows = xp.matmul(segments.rows(A, t0, t1), W, out=out.reshape(B * T, -1) if whole else None)
             if bias is not None:
                 rows += bias
-            out[:, t0:t1] = rows.reshape(B, t1 - t0, -1)
+            if not whole:
+                out[:, t0:t1] = rows.reshape(B, t1 - t0, -1)
         return out
 
     @threads_by_work
