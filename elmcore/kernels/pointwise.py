@@ -2,9 +2,9 @@
 
 Every kernel module evaluates these through this file, each function in two forms, forward beside
 its derivative: a CPU form for the Numba ``@njit`` kernels (inlined, straight-line arithmetic that
-LLVM vectorises, in the precision of its arguments; exp and tanh come from ``vecmath``), and a CUDA device form built per float type
-by ``cuda_functions`` (its constants have that type, so float32 kernels stay float32). The
-derivations are in docs/gradients.md §3 (c) and (d).
+LLVM vectorises, in the precision of its arguments; exp and tanh come from ``vecmath``), and a CUDA
+device form built per float type by ``cuda_functions`` (its constants have that type, so float32
+kernels stay float32). The derivations are in docs/gradients.md §3 (c) and (d).
 
 The activation reaches the kernels as an integer code from ``ACTIVATION_CODES``, never by name; the
 configs accept exactly the names of that table (``ACTIVATIONS``). Adding an activation touches
