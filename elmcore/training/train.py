@@ -21,9 +21,9 @@ The test split is never used for selection.
 Determinism: every random draw comes from generators seeded by (seed, epoch):
 the data order and windows from one, input dropout from another whose state is
 saved in each checkpoint (on a GPU it draws one seed per step, and the mask is
-drawn on the device from it: ``input_keep_mask``). A resumed run therefore replays the interrupted epoch's
-batches, skips those already trained on, and ends bit-identical (on the CPU) to a
-run that was never interrupted.
+drawn on the device from it: ``input_keep_mask``). A resumed run therefore replays
+the interrupted epoch's batches, skips those already trained on, and ends
+bit-identical (on the CPU) to a run that was never interrupted.
 
 Stateful tasks (``Task.stateful``, truncated BPTT): each batch starts from the model
 state the previous batch of the epoch ended in (a constant: no gradient crosses it),
@@ -849,7 +849,8 @@ class Trainer:
         X, target, weight = self.comm.shard_batch(batch.X, batch.target)
         X = backend.upload(X)  # as the batch holds it (spikes in one byte): a quarter of float32's bytes
         if s.input_dropout > 0:
-            # The mask of the whole global batch, of which this rank keeps its rows: every rank count draws alike.
+            # The mask of the whole global batch, of which this rank keeps its rows: the same masks
+            # whatever the number of ranks.
             start, stop, _ = self.comm.shard_rows(len(batch.X))
             keep = input_keep_mask(backend, dropout_rng, batch.X.shape, s.input_dropout)[start:stop]
             X = X * keep / np.float32(1 - s.input_dropout)
