@@ -234,7 +234,7 @@ def test_train_batches_are_windows_of_the_files_with_targets(tmp_path):
     batches = list(task.batches("train", 3, rng=np.random.default_rng(7), shuffle=True))
     assert [b.X.shape[0] for b in batches] == [3, 3, 3, 1]
     for b in batches:
-        assert b.X.dtype == np.float32 and b.X.shape[1:] == (16, 6) and b.target.shape[1:] == (16, 2)
+        assert b.X.dtype == np.int8 and b.X.shape[1:] == (16, 6) and b.target.shape[1:] == (16, 2)
         for x, y in zip(b.X, b.target):
             # find the (file, sim, start) this window came from
             hits = [(f, s, t0) for f in decoded.values() for s in range(4) for t0 in range(5, 40 - 16 + 1)

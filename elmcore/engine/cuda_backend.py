@@ -160,11 +160,31 @@ class CUDABackend:
         self.kernels = kernels
         self.network_kernels = network_cuda
         self.simulated = kernels.SIMULATOR
+        self._upload = None
         if self.simulated:
             self.xp = np
         else:
             import cupy
             self.xp = cupy
+
+    def upload(self, a):
+        """A host batch on the device, copied asynchronously from page-locked memory (``PinnedUpload``);
+        as it is under the simulator, whose arrays are host arrays."""
+        if self.simulated:
+            return a
+        if self._upload is None:
+            self._upload = PinnedUpload(self.xp)
+        return self._upload(a)
+
+    def random_uniform(self, seed, shape):
+        """Uniform float32 draws in [0, 1) made on the device from ``seed``: Philox, whose seeding costs
+        nothing, so that a fresh seed per training step is cheap (the step's seed comes from the host's
+        generator, whose state checkpoints keep)."""
+        if self.simulated:
+            return np.random.default_rng(seed).random(shape, dtype=np.float32)
+        cupy = self.xp
+        generator = cupy.random.RandomState(seed, method=cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
+        return generator.random_sample(shape, dtype=cupy.float32)
 
     def synchronize(self):
         """Wait for all queued GPU work (timings must include it); nothing to wait for when simulated."""
@@ -176,3 +196,35 @@ class CUDABackend:
         if self.simulated or isinstance(a, np.ndarray):
             return np.asarray(a)
         return self.xp.asnumpy(a)
+
+
+class PinnedUpload:
+    """Host batches to the device through one page-locked (pinned) staging buffer, grown as needed.
+
+    A copy from pageable memory goes through a driver bounce buffer and makes the host wait; from
+    pinned memory it is one DMA transfer queued on the current stream (so it is ordered before the
+    kernels that read the batch and after those still using the memory it lands in), and the host
+    goes on. The staging buffer is refilled only once the event recorded after the previous copy has
+    passed. ``cupy`` is the array module (a stand-in in tests).
+    """
+
+    def __init__(self, cupy):
+        self.cupy = cupy
+        self.staging = None
+        self.copied = None  # the event after the last copy out of ``staging``
+
+    def __call__(self, a):
+        cupy = self.cupy
+        a = np.ascontiguousarray(a)
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.staging is None or self.staging.nbytes < a.nbytes:
+            memory = cupy.cuda.alloc_pinned_memory(a.nbytes)
+            self.staging = np.ndarray((a.nbytes,), np.uint8, buffer=memory)
+        host = self.staging[:a.nbytes].view(a.dtype).reshape(a.shape)
+        host[...] = a
+        stream = cupy.cuda.get_current_stream()
+        out = cupy.empty(a.shape, a.dtype)
+        out.set(host, stream=stream)
+        self.copied = stream.record()
+        return out

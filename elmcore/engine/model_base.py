@@ -1,6 +1,7 @@
 """What every model family shares: dtype resolution, input/output checks, parameter bookkeeping,
 streaming one step at a time."""
 
+import contextlib
 import functools
 
 import numpy as np
@@ -81,15 +82,33 @@ class InputChecks:
             raise DataError(f"input value {float(X[b, t, i]):g} (batch {b}, step {t}, input {i}) is beyond the "
                             f"range of {self.dtype.name} (±{limit:.3g}); use dtype float64 or rescale the input")
 
+    # Set inside ``outputs_checked_by_caller``.
+    _caller_checks_outputs = False
+
+    @contextlib.contextmanager
+    def outputs_checked_by_caller(self):
+        """Inside, ``forward`` leaves the outputs' finiteness to its caller: a training step reads it with its
+        other scalars in one device→host copy and then calls :meth:`explain_non_finite_output` itself."""
+        before, self._caller_checks_outputs = self._caller_checks_outputs, True
+        try:
+            yield
+        finally:
+            self._caller_checks_outputs = before
+
     def _check_output(self, Y, X):
         """NaNs in X reach Y (routing multiplies them in); find their source only when they do."""
-        if not bool(self.xp.all(self.xp.isfinite(Y))):
-            bad = self.xp.argwhere(~self.xp.isfinite(X)) if X.dtype.kind == "f" else []
-            if len(bad):
-                b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
-                raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
-            raise NonFiniteOutputError("the model produced non-finite outputs from finite input "
-                                       "(diverged parameters?)")
+        if not self._caller_checks_outputs and not bool(self.xp.all(self.xp.isfinite(Y))):
+            self.explain_non_finite_output(X)
+
+    def explain_non_finite_output(self, X):
+        """Raise what non-finite outputs from the prepared input X mean: a DataError naming the first
+        non-finite input, or, when X is finite, NonFiniteOutputError."""
+        bad = self.xp.argwhere(~self.xp.isfinite(X)) if X.dtype.kind == "f" else []
+        if len(bad):
+            b, t, i = (int(v) for v in self.backend.to_host(bad[0]))
+            raise DataError(f"input holds NaN or infinite values (first at batch {b}, step {t}, input {i})")
+        raise NonFiniteOutputError("the model produced non-finite outputs from finite input "
+                                   "(diverged parameters?)")
 
 
 class ParameterBookkeeping:

@@ -14,10 +14,12 @@ class; under an MPI launcher with more than one rank it is :class:`MPICommunicat
   collective and the code has no special case.
 * One all-reduce of one flat buffer per step: every gradient, then the shard's
   weighted loss, then a status slot (1 on a rank whose forward pass failed, e.g.
-  non-finite outputs, 0 elsewhere). The reduced buffer is identical on every rank,
-  so clipping and the optimiser step are too, and the parameters never drift; and a
-  failure seen by one rank is decided on every rank after the same collective, so no
-  rank raises while the others wait in the all-reduce (NCCL has no timeout).
+  non-finite outputs, 0 elsewhere; on GPUs the flag is written on the device and the
+  reduced loss and count are read with the step's other scalars, in one copy). The
+  reduced buffer is identical on every rank, so clipping and the optimiser step are
+  too, and the parameters never drift; and a failure seen by one rank is decided on
+  every rank after the same collective, so no rank raises while the others wait in
+  the all-reduce (NCCL has no timeout).
 * Validation shards batches round-robin and reduces the sums; only rank 0 writes
   logs, metrics, checkpoints and the summary. Resuming reads ``last.npz`` on every
   rank, so a multi-node run needs its run directory on a shared file system.
@@ -73,11 +75,12 @@ class Communicator:
     def allreduce_gradients(self, grads, loss, weight, failed=False):
         """(global loss, global gradients, number of ranks that failed) from this rank's shard.
 
-        A rank whose forward pass failed passes ``failed=True`` (with zero gradients and loss)
-        instead of raising, so that every rank learns of it in the same collective; see the
-        module notes.
+        A rank whose forward pass failed passes ``failed`` true instead of raising, so that every
+        rank learns of it in the same collective; see the module notes. ``loss`` and ``failed`` may
+        be 0-d arrays on the gradients' device, and the loss and the count then come back as such
+        (the trainer reads them with its other scalars, in one copy): nothing here reads the device.
         """
-        return loss, grads, int(bool(failed))
+        return loss, grads, failed
 
     # ---- validation and small values ---------------------------------------------------
     def allreduce_sum(self, values):
@@ -178,7 +181,7 @@ class MPICommunicator(Communicator):
         end = flatten_into(buffer, grads, keys)
         buffer[end] = loss
         buffer[:end + 1] *= buffer.dtype.type(weight)
-        buffer[end + 1] = 1 if failed else 0  # counted even on a rank of weight 0
+        buffer[end + 1] = failed  # counted even on a rank of weight 0 (a device flag is copied on the device)
         return keys, buffer
 
     @staticmethod
@@ -261,7 +264,8 @@ class NCCLCommunicator(MPICommunicator):
         stream = cupy.cuda.get_current_stream()
         self.nccl.allReduce(buffer.data.ptr, buffer.data.ptr, buffer.size, nccl_dtype(nccl, buffer.dtype),
                             nccl.NCCL_SUM, stream.ptr)
-        return self._unpack(buffer, grads, keys)
+        # The loss and the count stay on the device (0-d views), for the trainer's one read of the step.
+        return buffer[-2], unflatten(buffer, grads, keys), buffer[-1]
 
 
 # ---- which communicator a process uses ------------------------------------------------------

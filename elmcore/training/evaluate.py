@@ -35,7 +35,7 @@ def evaluate_batches(model, task, split, batch_size=64, max_batches=None, comm=N
         Y = model.forward(batch.X)
         loss, _ = task.loss_and_grad(Y, model.xp.asarray(batch.target))
         n = len(batch.X)
-        total_loss += loss * n
+        total_loss += float(loss) * n
         count += n
         Yh = _host(model, Y)
         if task.metric == "accuracy":

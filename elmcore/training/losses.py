@@ -1,11 +1,17 @@
 """Task losses with their gradients w.r.t. the model output Y (B, T, num_output).
 
-Each returns ``(loss, dY)`` with ``loss`` a Python float and ``dY`` an array
-shaped like Y, so ``model.backward(dY, cache)`` gives ∂loss/∂θ. All are
+Each returns ``(loss, dY)`` with ``dY`` an array shaped like Y, so
+``model.backward(dY, cache)`` gives ∂loss/∂θ, and ``loss`` a float64 scalar on Y's device:
+a NumPy float64 (a Python float) for NumPy arrays, a 0-d array for CuPy ones, which a
+training step reads to the host with its other scalars in one copy (``float(loss)`` reads it
+alone). Targets are checked where they are: host targets (as batches hold them) before they
+are copied to the device, so that checking them reads nothing back. All are
 numerically stable for any finite logits (log-sum-exp and softplus written
 so that no exp can overflow). A task with a loss of its own provides it
 through ``Task.loss_and_grad`` instead of a name here.
 """
+
+import numpy as np
 
 from elmcore.engine.backend import array_module
 from elmcore.errors import DataError
@@ -21,22 +27,34 @@ def _sigmoid(x, xp):
     return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
+def mean_as_float64(values):
+    """The mean of ``values`` in their own dtype, widened exactly to float64 on their device (what
+    ``float(values.mean())`` is, without reading it to the host)."""
+    return values.mean().astype(np.float64)
+
+
+def _where_they_are(values):
+    """``values`` as an array of the module that holds them (a list becomes a NumPy array; nothing is copied)."""
+    return array_module(values).asarray(values)
+
+
 def cross_entropy_last(Y, labels):
     """Mean cross-entropy of the last step's logits against integer labels (B,)."""
     xp = array_module(Y)
     B, _, K = Y.shape
-    labels = xp.asarray(labels)
+    labels = _where_they_are(labels)
     if labels.shape != (B,):
         raise DataError(f"class labels must have shape ({B},), got {tuple(labels.shape)}")
-    labels = labels.astype(xp.int64)
+    labels = labels.astype(np.int64)
     if B and (int(labels.min()) < 0 or int(labels.max()) >= K):
         raise DataError(f"class labels must lie in [0, {K}), got range [{int(labels.min())}, {int(labels.max())}]")
+    labels = xp.asarray(labels)
     logits = Y[:, -1, :]
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_z = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
     log_p = shifted - log_z
     rows = xp.arange(B)
-    loss = -float(log_p[rows, labels].mean())
+    loss = -mean_as_float64(log_p[rows, labels])
     dY = xp.zeros_like(Y)
     d_last = xp.exp(log_p)
     d_last[rows, labels] -= 1
@@ -52,19 +70,20 @@ def cross_entropy_all(Y, targets):
     """
     xp = array_module(Y)
     B, T, K = Y.shape
-    targets = xp.asarray(targets)
+    targets = _where_they_are(targets)
     if targets.shape != (B, T):
         raise DataError(f"next-token targets must have shape {(B, T)}, got {tuple(targets.shape)}")
     if targets.dtype.kind not in "iu":
         raise DataError(f"next-token targets must be integers, got dtype {targets.dtype}")
-    targets = targets.astype(xp.int64)
+    targets = targets.astype(np.int64)
     if targets.size and (int(targets.min()) < 0 or int(targets.max()) >= K):
         raise DataError(f"next-token targets must lie in [0, {K}), got range "
                         f"[{int(targets.min())}, {int(targets.max())}]")
+    targets = xp.asarray(targets)
     shifted = Y - Y.max(axis=2, keepdims=True)
     log_p = shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True))
     rows, steps = xp.arange(B)[:, None], xp.arange(T)[None, :]
-    loss = -float(log_p[rows, steps, targets].mean())
+    loss = -mean_as_float64(log_p[rows, steps, targets])
     dY = xp.exp(log_p)
     dY[rows, steps, targets] -= 1
     dY /= B * T
@@ -78,7 +97,7 @@ def mse(Y, target):
     if target.shape != Y.shape:
         raise DataError(f"regression targets must have shape {tuple(Y.shape)}, got {tuple(target.shape)}")
     diff = Y - target.astype(Y.dtype)
-    return float((diff * diff).mean()), 2 * diff / diff.size
+    return mean_as_float64(diff * diff), 2 * diff / diff.size
 
 
 def mse_last(Y, target):
@@ -91,7 +110,7 @@ def mse_last(Y, target):
     diff = Y[:, -1, :] - target.astype(Y.dtype)
     dY = xp.zeros_like(Y)
     dY[:, -1, :] = 2 * diff / diff.size
-    return float((diff * diff).mean()), dY
+    return mean_as_float64(diff * diff), dY
 
 
 LOSS_FUNCTIONS = {

@@ -17,24 +17,56 @@ from elmcore.errors import ELMError
 KINDS = ("adam", "adamw", "adamax")
 
 
-def global_norm(grads):
+# Added to the norm before dividing, as torch's clip_grad_norm_ does.
+CLIP_EPS = 1e-6
+
+
+def squared_norms(grads):
+    """Each gradient's squared L2 norm, in ``grads``' order, as 0-d values on the gradients' device (nothing is
+    read to the host: a training step on a GPU reads them with its other scalars, in one copy)."""
+    return [(g * g).sum() for g in grads.values()]
+
+
+def norm_from_squares(squares):
+    """The global norm from ``squared_norms`` (host numbers): summed in order in float64, as every clip does."""
     total = 0.0
-    for g in grads.values():
-        total += float((g * g).sum())
+    for square in squares:
+        total += float(square)
     return math.sqrt(total)
+
+
+def global_norm(grads):
+    return norm_from_squares(squared_norms(grads))
 
 
 def clip_by_global_norm(grads, max_norm):
     """Scale all gradients in place so their joint L2 norm is at most ``max_norm``.
 
-    Returns the norm before clipping. The 1e-6 matches torch's clip_grad_norm_.
+    Returns the norm before clipping.
     """
     norm = global_norm(grads)
     if max_norm is not None and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
+        scale = max_norm / (norm + CLIP_EPS)
         for g in grads.values():
             g *= g.dtype.type(scale)
     return norm
+
+
+def clip_on_device(grads, squares, max_norm):
+    """``clip_by_global_norm`` decided on the gradients' device from their ``squared_norms``: no value is read
+    to the host. The norm is summed in the same order in float64 and the scale formed by the same operations,
+    so the gradients come out bit for bit as ``clip_by_global_norm`` leaves them (below ``max_norm`` they are
+    multiplied by exactly 1)."""
+    if max_norm is None or not grads:
+        return
+    xp = array_module(next(iter(grads.values())))
+    total = xp.zeros((), xp.float64)
+    for square in squares:
+        total = total + square.astype(xp.float64)
+    norm = xp.sqrt(total)
+    scale = xp.where(norm > max_norm, max_norm / (norm + CLIP_EPS), 1.0)
+    for g in grads.values():
+        g *= scale.astype(g.dtype)
 
 
 def cosine_lr(step, total_steps, base_lr, min_lr=0.0, warmup_steps=0):
@@ -73,12 +105,21 @@ class Optimizer:
         self.exp_avg = {k: _zeros_like(p) for k, p in params.items()}
         self.exp_second = {k: _zeros_like(p) for k, p in params.items()}  # v (adam) or u (adamax)
 
-    def step(self, grads, lr=None):
-        """Apply one update; returns the gradient norm before clipping."""
+    def step(self, grads, lr=None, squares=None):
+        """Apply one update; returns the gradient norm before clipping.
+
+        With ``squares`` (``squared_norms(grads)``, on the gradients' device) the clipping is decided
+        there (``clip_on_device``), nothing is read to the host, and the norm is left to the caller
+        (``norm_from_squares`` of the squares once read): returns None then.
+        """
         missing = set(self.params) - set(grads)
         if missing:
             raise ELMError(f"optimizer step is missing gradients for {sorted(missing)}")
-        norm = clip_by_global_norm(grads, self.clip_norm)
+        if squares is None:
+            norm = clip_by_global_norm(grads, self.clip_norm)
+        else:
+            norm = None
+            clip_on_device(grads, squares, self.clip_norm)
         lr = self.lr if lr is None else float(lr)
         self.t += 1
         b1, b2 = self.betas

@@ -20,9 +20,10 @@ The test split is never used for selection.
 
 Determinism: every random draw comes from generators seeded by (seed, epoch):
 the data order and windows from one, input dropout from another whose state is
-saved in each checkpoint. A resumed run therefore replays the interrupted epoch's
-batches, skips those already trained on, and ends bit-identical (on the CPU) to a
-run that was never interrupted.
+saved in each checkpoint (on a GPU it draws one seed per step, and the mask is
+drawn on the device from it: ``input_keep_mask``). A resumed run therefore replays
+the interrupted epoch's batches, skips those already trained on, and ends
+bit-identical (on the CPU) to a run that was never interrupted.
 
 Stateful tasks (``Task.stateful``, truncated BPTT): each batch starts from the model
 state the previous batch of the epoch ended in (a constant: no gradient crosses it),
@@ -63,6 +64,7 @@ import numpy as np
 from elmcore.training.checkpoint import load_file, save_checkpoint, save_model
 from elmcore.neuron.config import ELMConfig
 from elmcore.engine.fields import NETWORK_VERSION, SINGLE_NEURON_ONLY_FIELDS
+from elmcore.engine.backend import host_scalars
 from elmcore.engine.memory import check_memory
 from elmcore.data.base import ArrayTask
 from elmcore.data.registry import DEFAULT_TASK
@@ -73,7 +75,7 @@ from elmcore.storage.fileio import (atomic_write_text, describe_os_error, read_j
                                     remove_stale_temporaries, write_error)
 from elmcore.engine.factory import build_model
 from elmcore.engine.fields import shown
-from elmcore.training.optim import Optimizer, cosine_lr
+from elmcore.training.optim import Optimizer, cosine_lr, norm_from_squares, squared_norms
 from elmcore.training.runlog import epochs_from_one, finite_or_none, read_records
 from elmcore.training.warmup import warm_up
 
@@ -302,6 +304,19 @@ def carve_validation(task, fraction, seed):
     held, kept = np.sort(order[:n_valid]), np.sort(order[n_valid:])
     task.splits = {**task.splits, "train": (X[kept], target[kept]), "valid": (X[held], target[held])}
     return n_valid
+
+
+def input_keep_mask(backend, rng, shape, rate):
+    """Which inputs of a training batch of ``shape`` input dropout keeps (True), each dropped with probability
+    ``rate``, on the model's device.
+
+    On the CPU the mask is ``rng.random(shape) >= rate``, as it always was. On a GPU it is drawn there
+    (``backend.random_uniform``) from one seed drawn from ``rng``, so that no mask crosses the bus and
+    ``rng``'s state, which checkpoints keep, still decides every mask of a resumed run.
+    """
+    if backend.xp is np:
+        return rng.random(shape) >= rate
+    return backend.random_uniform(int(rng.integers(2 ** 63)), shape) >= rate
 
 
 class Trainer:
@@ -830,11 +845,15 @@ class Trainer:
 
     def _train_step(self, batch, dropout_rng, total_steps):
         s = self.settings
-        X = batch.X
+        backend = self.model.backend
+        X, target, weight = self.comm.shard_batch(batch.X, batch.target)
+        X = backend.upload(X)  # as the batch holds it (spikes in one byte): a quarter of float32's bytes
         if s.input_dropout > 0:
-            keep = dropout_rng.random(X.shape) >= s.input_dropout
+            # The mask of the whole global batch, of which this rank keeps its rows: the same masks
+            # whatever the number of ranks.
+            start, stop, _ = self.comm.shard_rows(len(batch.X))
+            keep = input_keep_mask(backend, dropout_rng, batch.X.shape, s.input_dropout)[start:stop]
             X = X * keep / np.float32(1 - s.input_dropout)
-        X, target, weight = self.comm.shard_batch(X, batch.target)
         if not self._activations_checked:
             held_out = max(self.task.num_examples("valid"), self.task.num_examples("test"))
             batch_size = max(len(X), min(s.eval_batch_size, held_out))
@@ -844,41 +863,60 @@ class Trainer:
             self._activations_checked = True
         lr = scheduled_lr(s, self.position["step"], total_steps // s.epochs)
         step = self.position["step"] + 1
-        # Overflow is detected below by explicit finiteness checks, which name the step.
+        # Overflow is detected below by explicit finiteness checks, which name the step. Every scalar
+        # those checks need (the outputs' finiteness, the loss, each gradient's squared norm and
+        # finiteness, each updated parameter's finiteness) stays on the model's device until one copy
+        # reads them all (host_scalars): on a GPU each read alone would wait for the device. So the
+        # update is applied before the checks; a step that fails them raises, and no checkpoint is
+        # written after it.
+        xp = self.model.xp
         with np.errstate(over="ignore", invalid="ignore"):
             try:
-                Y, cache = self.model.forward(X, return_cache=True, state=self._carry)
+                with self.model.outputs_checked_by_caller():
+                    Y, cache = self.model.forward(X, return_cache=True, state=self._carry)
             except NonFiniteOutputError:
                 # Not raised here: the other ranks would wait in the all-reduce forever. This rank
                 # joins it with zero gradients and a failure flag, and every rank decides below.
-                failed, loss = True, 0.0
-                grads = {k: self.model.xp.zeros_like(self.model.params[k]) for k in self.model.trainable_keys}
+                failed, loss, Y = True, 0.0, None
+                grads = {k: xp.zeros_like(self.model.params[k]) for k in self.model.trainable_keys}
             else:
-                failed = False
-                target = self.model.xp.asarray(target)
+                failed = xp.logical_not(xp.all(xp.isfinite(Y)))  # explained below, after the collective
                 loss, dY = self.task.loss_and_grad(Y, target, burn_in=s.burn_in)
                 # Reduced before any check, so that every rank judges the global batch's loss alike.
                 grads = self.model.backward(dY, cache)
                 if self.task.stateful:
                     self._carry = cache["final_state"]  # the next window's start, a constant (truncated BPTT)
             loss, grads, failed_ranks = self.comm.allreduce_gradients(grads, loss, weight, failed=failed)
+            squares = squared_norms(grads)
+            grads_finite = [xp.all(xp.isfinite(g)) for g in grads.values()]
+            self.optimizer.step(grads, lr=lr, squares=squares)
+            params_finite = [xp.all(xp.isfinite(self.model.params[k])) for k in self.model.trainable_keys]
+            scalars = host_scalars(self.model.backend, [failed, failed_ranks, loss, *squares, *grads_finite,
+                                                        *params_finite])
+            local_failed, failed_ranks, loss = scalars[0], int(round(scalars[1])), scalars[2]
+            squares = scalars[3:3 + len(grads)]
+            grads_finite = dict(zip(grads, scalars[3 + len(grads):3 + 2 * len(grads)]))
+            params_finite = dict(zip(self.model.trainable_keys, scalars[3 + 2 * len(grads):]))
+            if local_failed and Y is not None:
+                try:
+                    self.model.explain_non_finite_output(self.model.prepare_input(X))  # NaN input: DataError
+                except NonFiniteOutputError:
+                    pass
             if failed_ranks:
                 where = f" on {failed_ranks} of {self.comm.size} ranks" if self.comm.size > 1 else ""
                 self._diverged(f"the model's outputs are not finite at step {step}{where}")
-            loss = float(loss)
             if not math.isfinite(loss):
                 self._diverged(f"the loss is {loss} at step {step}", loss)
             first = self.position.get("first_loss")
             if first is not None and first > 0 and loss > DIVERGENCE_FACTOR * first:
                 self._diverged(f"the loss {loss:.3g} at step {step} exceeds {DIVERGENCE_FACTOR:g} times the "
                                f"loss of the first step ({first:.3g}): training diverged", loss)
-            xp = self.model.xp
-            bad = [k for k, g in grads.items() if not bool(xp.all(xp.isfinite(g)))]
+            bad = [k for k, finite in grads_finite.items() if not finite]
             if bad:
                 self._diverged(f"the gradient of {bad[0]} is not finite at step {step}", loss)
-            norm = self.optimizer.step(grads, lr=lr)
+            norm = norm_from_squares(squares)
             # Never let a checkpoint hold an overflowed parameter.
-            bad = [k for k in self.model.trainable_keys if not bool(xp.all(xp.isfinite(self.model.params[k])))]
+            bad = [k for k, finite in params_finite.items() if not finite]
             if bad:
                 self._diverged(f"the update of step {step} made {bad[0]} non-finite", loss)
         return loss, norm, lr

@@ -79,7 +79,8 @@ class NeuronIOFile:
         return 2 * self.num_segments
 
     def input_window(self, sim, start, length, out=None):
-        """Dense ±1 input of simulation ``sim`` over ms [start, start + length): (length, num_input) float32."""
+        """Dense ±1 input of simulation ``sim`` over ms [start, start + length): (length, num_input) float32,
+        or written into ``out`` (any signed dtype: the training batches are int8)."""
         ptr = self.event_ptr[sim, start:start + length + 1]
         rows = np.repeat(np.arange(length), np.diff(ptr))
         cols = self.event_input[ptr[0]:ptr[-1]]

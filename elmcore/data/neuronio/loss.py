@@ -2,7 +2,7 @@
 
 from elmcore.engine.backend import array_module
 from elmcore.errors import DataError
-from elmcore.training.losses import _sigmoid, _softplus
+from elmcore.training.losses import _sigmoid, _softplus, mean_as_float64
 
 
 def neuronio_loss(Y, target, burn_in=0, spike_weight=0.5, soma_weight=0.5):
@@ -24,9 +24,9 @@ def neuronio_loss(Y, target, burn_in=0, spike_weight=0.5, soma_weight=0.5):
     v = Y[:, burn_in:, 1]
     soma = target[:, burn_in:, 1].astype(Y.dtype)
     n = x.size
-    bce = float((_softplus(x, xp) - x * s).mean())
+    bce = mean_as_float64(_softplus(x, xp) - x * s)
     diff = v - soma
-    mse = float((diff * diff).mean())
+    mse = mean_as_float64(diff * diff)
     dY = xp.zeros_like(Y)
     dY[:, burn_in:, 0] = spike_weight * (_sigmoid(x, xp) - s) / n
     dY[:, burn_in:, 1] = soma_weight * 2 * diff / n
