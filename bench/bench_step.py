@@ -140,8 +140,13 @@ def release_model(release, cfg, version, params, device):
     ReleaseELM = __import__(f"src.{module}", fromlist=["ELM"]).ELM
     model = ReleaseELM(**cfg)
     own = model.state_dict()
-    # Each tensor in the release's own dtype (routing indices int64, the mask as the release keeps it).
-    model.load_state_dict({k: torch.as_tensor(np.asarray(params[k])).to(own[k].dtype) for k in own})
+    missing = [k for k in own if k not in params and own[k].numel()]
+    if missing:
+        raise RuntimeError(f"the release's model has {missing}, elmcore's parameters do not")
+    # Each tensor in the release's own dtype (routing indices int64, the mask as the release keeps it);
+    # an unrouted model's empty routing tensors stay as the release made them.
+    model.load_state_dict({k: torch.as_tensor(np.asarray(params[k])).to(own[k].dtype) if k in params else own[k]
+                           for k in own})
     return model.to(device)
 
 
