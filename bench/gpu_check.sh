@@ -13,6 +13,9 @@
 #   network_cuda_tests.xml   JUnit report of tests/test_network_cuda.py
 #   recompute_tests.xml      JUnit report of tests/test_recompute.py's CUDA cases (recomputed
 #                            gradients equal to the cached ones bit for bit, on the device)
+#   host_path_tests.xml      JUnit report of tests/test_train_host_reads.py and
+#                            tests/test_neuronio_input.py (one device read per training step,
+#                            pinned one-byte uploads, input dropout drawn on the device)
 #
 # Order: smoke test, timings (the only figures a short lease can give, so they come
 # first), correctness, test files. A fresh machine compiles every kernel in every
@@ -46,7 +49,7 @@ if (( DRY_RUN )); then
     # step limits (s); their sum is the budget
     # (the timing steps also compile the CPU kernels, minutes on a loaded machine with a cold cache)
     L_SMOKE=20 L_TIMING_NEURON=90 L_TIMING_NETWORK=100 L_VERIFY=45 L_CUDA_TESTS=30 L_NETWORK_TESTS=30
-    L_RECOMPUTE_TESTS=60
+    L_RECOMPUTE_TESTS=60 L_HOST_TESTS=90
     NEURON_ARGS=(--configs shd --batch 1 --steps 2 --repeats 1 --warmup 0)
     NETWORK_ARGS=(--configs shd-adding char-lm --batch 1 --steps 2 --neurons 4 --repeats 1 --warmup 0)
     VERIFY_FILES=(tests/data/golden/v1_basic.npz tests/data/golden_network/net_basic.npz)
@@ -54,20 +57,24 @@ if (( DRY_RUN )); then
     CUDA_TEST_ARGS=(-k "test_backend_under_simulator_or_gpu or test_gpu_non_default_cupy_stream")
     NETWORK_TEST_ARGS=(-k "test_cuda_reads_one_byte_spikes or test_cuda_tests_pass_under_the_simulator")
     RECOMPUTE_TEST_ARGS=(-k "test_on_cuda_network_recomputes_exactly and 0")
+    HOST_TEST_ARGS=(-k "test_on_cuda_a_training_step_reads_the_device_once and neuron")
 else
     unset NUMBA_ENABLE_CUDASIM  # the real GPU, not the simulator
     # a silent fall-back to the simulator would hide a broken GPU
     export ELM_TEST_REQUIRE_GPU=1
-    L_SMOKE=45 L_TIMING_NEURON=100 L_TIMING_NETWORK=100 L_VERIFY=95 L_CUDA_TESTS=90 L_NETWORK_TESTS=50
-    L_RECOMPUTE_TESTS=40
+    L_SMOKE=35 L_TIMING_NEURON=100 L_TIMING_NETWORK=100 L_VERIFY=70 L_CUDA_TESTS=85 L_NETWORK_TESTS=50
+    L_RECOMPUTE_TESTS=40 L_HOST_TESTS=40
     NEURON_ARGS=(--configs neuronio-best shd --steps 100 --repeats 3 --warmup 1)
     NETWORK_ARGS=(--configs shd-adding char-lm --steps 64 --repeats 3 --warmup 1)
     VERIFY_FILES=()
     CUDA_TEST_ARGS=()
     NETWORK_TEST_ARGS=()
     RECOMPUTE_TEST_ARGS=(-k on_cuda)
+    # one device read per training step, pinned one-byte uploads, dropout drawn on the device
+    HOST_TEST_ARGS=()
 fi
-BUDGET_S=$(( L_SMOKE + L_TIMING_NEURON + L_TIMING_NETWORK + L_VERIFY + L_CUDA_TESTS + L_NETWORK_TESTS + L_RECOMPUTE_TESTS ))
+BUDGET_S=$(( L_SMOKE + L_TIMING_NEURON + L_TIMING_NETWORK + L_VERIFY + L_CUDA_TESTS + L_NETWORK_TESTS
+             + L_RECOMPUTE_TESTS + L_HOST_TESTS ))
 START=$(date +%s)
 failures=0
 
@@ -184,6 +191,8 @@ step verify_all "$L_VERIFY" python bench/verify_all.py --device cuda "${VERIFY_F
 pytest_step cuda_tests "$L_CUDA_TESTS" tests/test_cuda_sim.py "${CUDA_TEST_ARGS[@]}"
 pytest_step network_cuda_tests "$L_NETWORK_TESTS" tests/test_network_cuda.py "${NETWORK_TEST_ARGS[@]}"
 pytest_step recompute_tests "$L_RECOMPUTE_TESTS" tests/test_recompute.py "${RECOMPUTE_TEST_ARGS[@]}"
+pytest_step host_path_tests "$L_HOST_TESTS" tests/test_train_host_reads.py tests/test_neuronio_input.py \
+    "${HOST_TEST_ARGS[@]}"
 
 echo "gpu_check: $failures failing step(s), $(( $(date +%s) - START ))s of ${BUDGET_S}s" | tee -a "$OUT/summary.txt"
 (( failures == 0 ))

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["smoke", "timing_neuron", "timing_network", "verify_all", "cuda_tests", "network_cuda_tests",
-         "recompute_tests"]
+         "recompute_tests", "host_path_tests"]
 
 
 @pytest.mark.slow
@@ -44,6 +44,8 @@ def test_dry_run_runs_every_step_in_order_within_its_budget(tmp_path):
         assert re.search(r"tests: [1-9]\d* passed, 0 failed, 0 errors, 1 skipped", line), line
     recompute = next(line for line in lines if line.startswith("recompute_tests"))
     assert re.search(r"tests: 1 passed, 0 failed, 0 errors, 0 skipped", recompute), recompute
+    host = next(line for line in lines if line.startswith("host_path_tests"))
+    assert re.search(r"tests: 1 passed, 0 failed, 0 errors, 0 skipped", host), host
     assert (out / "timing_neuron_cuda.json").exists() and (out / "timing_network_cuda.json").exists()
     failing = sum(v[1] != "PASS" for v in verdicts)
     assert lines[-1].startswith(f"gpu_check: {failing} failing step(s)")
