@@ -328,6 +328,43 @@ def test_routing_kernels_match_cpu(dtype, spc):
         assert relative_error(got, ref) <= tol, key
 
 
+ROUTE_GRAD_INPUTS = [  # (fraction of non-zero inputs, input dtype)
+    (0.01, "float"), (0.01, "uint8"), (1.0, "float")]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("density,x_kind", ROUTE_GRAD_INPUTS,
+                         ids=[f"{'sparse' if d < 1 else 'dense'}-{k}" for d, k in ROUTE_GRAD_INPUTS])
+@on_cuda
+def test_route_weight_grad_on_sparse_and_dense_time_blocks(dtype, density, x_kind):
+    # route_weight_grad tests four steps at a time: T = 23 leaves a tail of three, and the forced
+    # spikes sit at either end of a group and in the tail of a time block of a longer input.
+    cpu, gpu = _kernels()
+    rng = np.random.default_rng(int(density * 100))
+    B, T, D, S, spc = 2, 23, 7, 12, 3
+    indptr, entry_syn, C = _routing(rng, D, S, spc)
+    fed = np.nonzero(np.diff(indptr))[0]
+    assert np.diff(indptr).max() > 1 and indptr[1] == 0  # an input feeding several synapses, one feeding none
+    mask = rng.uniform(0.5, 1.0, entry_syn.size).astype(dtype)
+    values = rng.integers(1, 4, (B, T + 5, D)) if x_kind == "uint8" else rng.normal(size=(B, T + 5, D))
+    X_long = values * (rng.random((B, T + 5, D)) < density)
+    X_long[0, 2 + 0, fed[0]] = X_long[1, 2 + 7, fed[-1]] = X_long[1, 2 + T - 1, fed[0]] = 2
+    X_long = X_long.astype(np.uint8 if x_kind == "uint8" else dtype)
+    dA = rng.normal(size=(B, T, C)).astype(dtype)
+    xp = _device_xp()
+    ref = np.full((B, S), np.nan, dtype)
+    X = np.ascontiguousarray(X_long[:, 2:2 + T])  # as segments.block_view hands a block over
+    cpu.route_weight_grad(X, indptr, entry_syn, mask, spc, dA, ref)
+    got = xp.full((B, S), np.nan, dtype)
+    gpu.route_weight_grad(xp.asarray(X), *(xp.asarray(a) for a in (indptr, entry_syn, mask)), spc,
+                          xp.asarray(dA), got)
+    got = _to_host(got)
+    assert got.dtype == dtype and np.all(np.isfinite(got))
+    # Synapses that no non-zero input reached stay exactly zero; the others match the CPU's sums.
+    assert np.array_equal(got == 0, ref == 0) and np.count_nonzero(ref) >= 3
+    assert relative_error(got, ref) <= TOL[np.dtype(dtype).name]
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @on_cuda
 def test_scan_kernels_match_cpu_in_place_and_from_u0(dtype):
