@@ -465,6 +465,29 @@ def test_recurrence_threads_walking_several_units(L, monkeypatch):
         assert relative_error(got[key], ref[key]) <= TOL["float64"], key
 
 
+SPLIT_OUTPUT_SHAPES = [  # (L, Dm, H, dtype): the forward's row has >= 2·Dm unit threads
+    (1, 2, 5, np.float64),  # 5 threads: 2 + 2 sum halves of lengths 2 and 3, one thread idle
+    (2, 3, 6, np.float32),  # 6 threads, all busy
+    (3, 2, 7, np.float64),
+]
+
+
+@pytest.mark.parametrize("L,Dm,H,dtype", SPLIT_OUTPUT_SHAPES,
+                         ids=[f"L{c[0]}-Dm{c[1]}-H{c[2]}" for c in SPLIT_OUTPUT_SHAPES])
+@on_cuda
+def test_recurrence_output_layer_split_over_two_threads(L, Dm, H, dtype):
+    # With twice as many unit threads as memory units, recur_forward sums each output's dot in two
+    # halves on two threads (an extra barrier between them); 3 rows in tiles of 2 leave an idle row.
+    cpu, gpu = _kernels()
+    inp = _recurrence_inputs(np.random.default_rng(Dm * H + L), dtype, 3, 4, Dm, H, L)
+    ref, _ = _run_recurrence(cpu, inp, ACT_SILU, L, H, tile=1)
+    got, (forward_plan, _) = _run_recurrence(gpu, inp, ACT_SILU, L, H, tile=2, xp=_device_xp())
+    assert forward_plan.unit_threads >= 2 * Dm and forward_plan.rows_per_block == 2
+    for key in ref:
+        assert got[key].dtype == dtype and np.all(np.isfinite(got[key])), key
+        assert relative_error(got[key], ref[key]) <= TOL[np.dtype(dtype).name], key
+
+
 @on_cuda
 def test_recurrence_tile_is_capped_by_the_batch_and_four_rows():
     _, gpu = _kernels()
