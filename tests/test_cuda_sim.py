@@ -344,11 +344,14 @@ def test_route_weight_grad_on_sparse_and_dense_time_blocks(dtype, density, x_kin
     B, T, D, S, spc = 2, 23, 7, 12, 3
     indptr, entry_syn, C = _routing(rng, D, S, spc)
     fed = np.nonzero(np.diff(indptr))[0]
-    assert np.diff(indptr).max() > 1 and indptr[1] == 0  # an input feeding several synapses, one feeding none
+    # inputs feeding several synapses, one synapse (a register sum) and none
+    assert np.diff(indptr).max() > 1 and 1 in np.diff(indptr) and indptr[1] == 0
     mask = rng.uniform(0.5, 1.0, entry_syn.size).astype(dtype)
     values = rng.integers(1, 4, (B, T + 5, D)) if x_kind == "uint8" else rng.normal(size=(B, T + 5, D))
     X_long = values * (rng.random((B, T + 5, D)) < density)
+    single = np.nonzero(np.diff(indptr) == 1)[0][0]
     X_long[0, 2 + 0, fed[0]] = X_long[1, 2 + 7, fed[-1]] = X_long[1, 2 + T - 1, fed[0]] = 2
+    X_long[0, 2 + 4, single] = X_long[1, 2 + T - 2, single] = 3
     X_long = X_long.astype(np.uint8 if x_kind == "uint8" else dtype)
     dA = rng.normal(size=(B, T, C)).astype(dtype)
     xp = _device_xp()

@@ -68,8 +68,10 @@ Design choices, and why:
   feeding several synapses is not re-read per synapse; one feeding none is not
   read at all). Steps are loaded four at a time and tested together, so the
   ~99 % zero steps cost a load and a share of one test each, with four loads in
-  flight instead of one. Each non-zero input adds x · mask · dA to every synapse
-  it feeds with a global ``atomic.add`` into ``partial_out[b, synapse]``. In the
+  flight instead of one. An input feeding one synapse (all of them without a
+  routing map) sums x · mask · dA in a register and adds it to
+  ``partial_out[b, synapse]`` with one global ``atomic.add``; one feeding several
+  adds each non-zero step's terms with an ``atomic.add`` as they come. In the
   model every synapse owns at most one entry, so one thread alone adds to each
   element, in t order, starting from zero: the CPU kernel's order, deterministic.
   (The atomics only keep the CPU kernel's contract for a general CSR map, where
@@ -230,6 +232,13 @@ def _routing_kernels(np_dtype):
             e_stop = indptr[i + 1]
             if e_start == e_stop:
                 continue  # an input that feeds no synapse is never read
+            # An input feeding one synapse (every input, without a routing map) sums in a register
+            # and adds once; one feeding several adds each term as it comes.
+            single = e_stop - e_start == 1
+            j_single = entry_syn[e_start]
+            c_single = j_single // syn_per_channel
+            mask_single = entry_mask[e_start]
+            acc = ZERO
             t = 0
             while t < T:
                 n = min(_STEP_GROUP, T - t)
@@ -241,10 +250,16 @@ def _routing_kernels(np_dtype):
                     for s in range(t, t + n):
                         x = X[b, s, i]
                         if x != ZERO:
-                            for e in range(e_start, e_stop):
-                                j = entry_syn[e]
-                                cuda.atomic.add(partial_out, (b, j), x * entry_mask[e] * dA[b, s, j // syn_per_channel])
+                            if single:
+                                acc += x * mask_single * dA[b, s, c_single]
+                            else:
+                                for e in range(e_start, e_stop):
+                                    j = entry_syn[e]
+                                    cuda.atomic.add(partial_out, (b, j),
+                                                    x * entry_mask[e] * dA[b, s, j // syn_per_channel])
                 t += n
+            if single:
+                cuda.atomic.add(partial_out, (b, j_single), acc)
 
     @cuda.jit
     def route_input_grad_kernel(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
