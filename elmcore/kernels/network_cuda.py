@@ -470,7 +470,7 @@ def weight_grad_chunks(rows, elements):
     """(chunks, rows per chunk) for ``neuron_weight_grad``: rows are split into chunks (a grid row
     each) until about ``WEIGHT_GRAD_THREADS`` threads run, chunks of at least ``MIN_CHUNK_ROWS``
     rows; an output that alone has that many elements is summed by one chunk, with no partial sums.
-    The partial sums take (chunks − 1) · elements values at most about WEIGHT_GRAD_THREADS · 2."""
+    Several chunks hold chunks · elements partial sums: fewer than WEIGHT_GRAD_THREADS + elements."""
     if rows <= 0:
         return 1, 0
     chunks = max(1, min(-(-WEIGHT_GRAD_THREADS // max(elements, 1)), -(-rows // MIN_CHUNK_ROWS), MAX_GRID_ROWS))
