@@ -133,7 +133,9 @@ def _network_samples(dt):
                                  f(L, B, T, H, N), f(B, T, Dm, N),
                                  f(B, T, N), f(L, B, T, H, N), f(B, Dm, N), f(B, Dm, N), f(B, NB, N),
                                  f(B, Dm, N), f(B, N)),
-        neuron_weight_grad_kernel=(f(B, T, H, N), f(B, T, I0, N), 0, T, f(I0, H, N), f(H, N)),
+        neuron_weight_grad_kernel=(f(B * T * H * N), f(B * T * I0 * N), T, I0, H, N, 0, T, B * T, 2, f(3, I0 * H * N),
+                                   f(3, H * N)),
+        chunk_sum_kernel=(f(3, H * N), f(H * N)),
         recurrent_weight_grad_kernel=(f(B, T, NB, N), f(B, T, N), f(B, N), _i(R), _i(R), _i(R), f(B, R)))
 
 
@@ -178,6 +180,7 @@ def kernel_table():
         entry("network_backward_kernel", network, _network_samples, NK.MAX_WALK_THREADS, (True, False),
               recurrence=True),
         entry("neuron_weight_grad_kernel", network, _network_samples, FLAT_THREADS),
+        entry("chunk_sum_kernel", network, _network_samples, FLAT_THREADS),
         entry("recurrent_weight_grad_kernel", network, _network_samples, FLAT_THREADS),
     ]
 

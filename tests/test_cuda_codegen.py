@@ -137,7 +137,7 @@ def test_every_kernel_compiles_for_hopper(report):
     compiled = {(r["kernel"], r["dtype"], r["weights"]) for r in report["rows"]}
     for kernel in ("zero_2d_kernel", "route_forward_kernel", "route_weight_grad_kernel", "route_input_grad_kernel",
                    "scan_forward_kernel", "scan_backward_kernel", "activate_kernel", "neuron_weight_grad_kernel",
-                   "recurrent_weight_grad_kernel"):
+                   "chunk_sum_kernel", "recurrent_weight_grad_kernel"):
         assert {(kernel, dt, "-") for dt in ("float32", "float64")} <= compiled
     for kernel in ("recur_forward_kernel", "recur_backward_kernel", "network_forward_kernel",
                    "network_backward_kernel"):

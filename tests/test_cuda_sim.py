@@ -328,6 +328,46 @@ def test_routing_kernels_match_cpu(dtype, spc):
         assert relative_error(got, ref) <= tol, key
 
 
+ROUTE_GRAD_INPUTS = [  # (fraction of non-zero inputs, input dtype)
+    (0.01, "float"), (0.01, "uint8"), (1.0, "float")]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("density,x_kind", ROUTE_GRAD_INPUTS,
+                         ids=[f"{'sparse' if d < 1 else 'dense'}-{k}" for d, k in ROUTE_GRAD_INPUTS])
+@on_cuda
+def test_route_weight_grad_on_sparse_and_dense_time_blocks(dtype, density, x_kind):
+    # route_weight_grad tests four steps at a time: T = 23 leaves a tail of three, and the forced
+    # spikes sit at either end of a group and in the tail of a time block of a longer input.
+    cpu, gpu = _kernels()
+    rng = np.random.default_rng(int(density * 100))
+    B, T, D, S, spc = 2, 23, 7, 12, 3
+    indptr, entry_syn, C = _routing(rng, D, S, spc)
+    fed = np.nonzero(np.diff(indptr))[0]
+    # inputs feeding several synapses, one synapse (a register sum) and none
+    assert np.diff(indptr).max() > 1 and 1 in np.diff(indptr) and indptr[1] == 0
+    mask = rng.uniform(0.5, 1.0, entry_syn.size).astype(dtype)
+    values = rng.integers(1, 4, (B, T + 5, D)) if x_kind == "uint8" else rng.normal(size=(B, T + 5, D))
+    X_long = values * (rng.random((B, T + 5, D)) < density)
+    single = np.nonzero(np.diff(indptr) == 1)[0][0]
+    X_long[0, 2 + 0, fed[0]] = X_long[1, 2 + 7, fed[-1]] = X_long[1, 2 + T - 1, fed[0]] = 2
+    X_long[0, 2 + 4, single] = X_long[1, 2 + T - 2, single] = 3
+    X_long = X_long.astype(np.uint8 if x_kind == "uint8" else dtype)
+    dA = rng.normal(size=(B, T, C)).astype(dtype)
+    xp = _device_xp()
+    ref = np.full((B, S), np.nan, dtype)
+    X = np.ascontiguousarray(X_long[:, 2:2 + T])  # as segments.block_view hands a block over
+    cpu.route_weight_grad(X, indptr, entry_syn, mask, spc, dA, ref)
+    got = xp.full((B, S), np.nan, dtype)
+    gpu.route_weight_grad(xp.asarray(X), *(xp.asarray(a) for a in (indptr, entry_syn, mask)), spc,
+                          xp.asarray(dA), got)
+    got = _to_host(got)
+    assert got.dtype == dtype and np.all(np.isfinite(got))
+    # Synapses that no non-zero input reached stay exactly zero; the others match the CPU's sums.
+    assert np.array_equal(got == 0, ref == 0) and np.count_nonzero(ref) >= 3
+    assert relative_error(got, ref) <= TOL[np.dtype(dtype).name]
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @on_cuda
 def test_scan_kernels_match_cpu_in_place_and_from_u0(dtype):
@@ -426,6 +466,29 @@ def test_recurrence_threads_walking_several_units(L, monkeypatch):
     assert all(p.unit_threads == cap and p.rows_per_block == 1 for p in plans)
     for key in ref:
         assert relative_error(got[key], ref[key]) <= TOL["float64"], key
+
+
+SPLIT_OUTPUT_SHAPES = [  # (L, Dm, H, dtype): the forward's row has >= 2·Dm unit threads
+    (1, 2, 5, np.float64),  # 5 threads: 2 + 2 sum halves of lengths 2 and 3, one thread idle
+    (2, 3, 6, np.float32),  # 6 threads, all busy
+    (3, 2, 7, np.float64),
+]
+
+
+@pytest.mark.parametrize("L,Dm,H,dtype", SPLIT_OUTPUT_SHAPES,
+                         ids=[f"L{c[0]}-Dm{c[1]}-H{c[2]}" for c in SPLIT_OUTPUT_SHAPES])
+@on_cuda
+def test_recurrence_output_layer_split_over_two_threads(L, Dm, H, dtype):
+    # With twice as many unit threads as memory units, recur_forward sums each output's dot in two
+    # halves on two threads (an extra barrier between them); 3 rows in tiles of 2 leave an idle row.
+    cpu, gpu = _kernels()
+    inp = _recurrence_inputs(np.random.default_rng(Dm * H + L), dtype, 3, 4, Dm, H, L)
+    ref, _ = _run_recurrence(cpu, inp, ACT_SILU, L, H, tile=1)
+    got, (forward_plan, _) = _run_recurrence(gpu, inp, ACT_SILU, L, H, tile=2, xp=_device_xp())
+    assert forward_plan.unit_threads >= 2 * Dm and forward_plan.rows_per_block == 2
+    for key in ref:
+        assert got[key].dtype == dtype and np.all(np.isfinite(got[key])), key
+        assert relative_error(got[key], ref[key]) <= TOL[np.dtype(dtype).name], key
 
 
 @on_cuda

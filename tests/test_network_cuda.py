@@ -264,3 +264,39 @@ def test_time_walk_plan_one_thread_per_neuron_and_weights_by_size(monkeypatch):
     assert tight.threads == 32 * (48 * 1024 // (101 * 8 * 32)) and tight.threads * 101 * 8 <= 48 * 1024
     with pytest.raises(ELMError, match="shared memory"):
         NK.plan_walk(8, 64, 1000, 10, 8, limits=(132, 48 * 1024))
+
+
+WEIGHT_GRAD_BLOCKS = [  # (batch, steps, time block [t0, t1), threads to aim at): the rows b-major
+    (3, 7, (0, 7), 10**6),  # a whole sequence, its 21 rows split into chunks of 2 (the last has one)
+    (3, 9, (2, 7), 10**6),  # a time block: 15 rows, chunks of 2 crossing batch rows (the last has one)
+    (2, 5, (1, 4), 1),      # one chunk: the sums written directly
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("B,T,block,aim", WEIGHT_GRAD_BLOCKS, ids=["whole", "block", "one-chunk"])
+def test_neuron_weight_grad_row_chunks_equal_the_cpu_kernel(B, T, block, aim, dtype, monkeypatch):
+    from elmcore.kernels import network_cpu, network_cuda
+    monkeypatch.setattr(network_cuda, "WEIGHT_GRAD_THREADS", aim)
+    monkeypatch.setattr(network_cuda, "MIN_CHUNK_ROWS", 2)
+    rng = np.random.default_rng(B * T)
+    n_in, n_out, N = 3, 2, 5
+    G, A = rng.normal(size=(B, T, n_out, N)).astype(dtype), rng.normal(size=(B, T, n_in, N)).astype(dtype)
+    t0, t1 = block
+    rows = B * (t1 - t0)
+    chunks, per = network_cuda.weight_grad_chunks(rows, n_in * n_out * N)
+    assert (chunks > 1 and rows % per) if aim > 1 else chunks == 1
+    ref, ref_bias = np.full((n_in, n_out, N), np.nan, dtype), np.full((n_out, N), np.nan, dtype)
+    network_cpu.neuron_weight_grad(G, A, t0, t1, ref, ref_bias)
+    # the definition, in float64: Σ over the block's rows of A ⊗ G per neuron
+    rows_A, rows_G = A[:, t0:t1].reshape(rows, n_in, N), G[:, t0:t1].reshape(rows, n_out, N)
+    exact = np.einsum("rjn,ron->jon", rows_A.astype(np.float64), rows_G.astype(np.float64))
+    assert np.abs(ref - exact).max() <= 10 * TOL[dtype] * np.abs(exact).max()
+    xp = _device_xp()
+    out, bias = xp.full((n_in, n_out, N), np.nan, dtype), xp.full((n_out, N), np.nan, dtype)
+    assert network_cuda.neuron_weight_grad(xp.asarray(G), xp.asarray(A), t0, t1, out, bias) == chunks
+    for got, want in ((out, ref), (bias, ref_bias)):
+        got = got if isinstance(got, np.ndarray) else got.get()
+        assert got.dtype == dtype and np.all(np.isfinite(got))
+        assert np.abs(got - want).max() <= TOL[dtype] * np.abs(want).max()

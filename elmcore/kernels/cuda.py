@@ -49,7 +49,8 @@ phi_scale, _slope   model dtype   φ(x) = phi_scale · tanh(phi_slope · x)
 dynamic shared      see kernels   [staged weights] + R rows of per-row state
 ==================  ============  =================================================
 
-Forward per-row state: κ_m⊙m ping-pong [2,Dm], activations ping-pong [2,H].
+Forward per-row state: κ_m⊙m ping-pong [2,Dm], activations ping-pong [2,H], the output
+sums' second halves [Dm] (the last two only when L > 0).
 Backward per-row state: ∂o ping-pong [2,Dm], g, carry, Σ∂κ_m, Σ∂c_m [Dm each],
 ∂z ping-pong [2,H]. Each thread owns the same units in every phase, so the
 element-wise values (g, carry, the two sums) never cross threads.
@@ -63,11 +64,18 @@ Design choices, and why:
   the number of non-zero inputs feeding one channel in one step. The order of
   those additions is not fixed, so the last bits of A may differ between runs
   and from the CPU kernel (tests compare with a relative tolerance).
-* Routing weight gradient: one thread per (b, input). Each entry's sum over t
-  is formed in a register and added to ``partial_out[b, synapse]`` once. In the
-  model every synapse owns at most one entry, so these atomics never collide
-  (they exist only to keep the CPU kernel's contract for a general CSR map) and
-  the result is deterministic. No atomics run inside the time loop.
+* Routing weight gradient: one thread per (b, input), walking t once (an input
+  feeding several synapses is not re-read per synapse; one feeding none is not
+  read at all). Steps are loaded four at a time and tested together, so the
+  ~99 % zero steps cost a load and a share of one test each, with four loads in
+  flight instead of one. An input feeding one synapse (all of them without a
+  routing map) sums x · mask · dA in a register and adds it to
+  ``partial_out[b, synapse]`` with one global ``atomic.add``; one feeding several
+  adds each non-zero step's terms with an ``atomic.add`` as they come. In the
+  model every synapse owns at most one entry, so one thread alone adds to each
+  element, in t order, starting from zero: the CPU kernel's order, deterministic.
+  (The atomics only keep the CPU kernel's contract for a general CSR map, where
+  two inputs may feed one synapse and their order would not be fixed.)
 * Routing input gradient: one thread per (b, t, input); a gather, no conflicts.
 * Linear scans: one thread per (b, channel), looping over T; neighbouring
   threads touch neighbouring channels, so every step is a coalesced access.
@@ -82,7 +90,14 @@ Design choices, and why:
   than the 227 KB a Hopper block may opt in to. Per-row state vectors always
   live in shared memory. The block synchronises once per layer per step
   (L + 1 times with L hidden layers; once when L = 0, where ping-pong buffers
-  remove the second barrier). Weight gradients are NOT accumulated here: the
+  remove the second barrier), and once more in the forward when its output
+  layer is split: the output layer has Dm dot products of length H, but a row
+  has max(W0, Dm) unit threads (e.g. 100 outputs on 224 threads for Dm = 100,
+  H = 200, where it was about 55 % of a step), so when the row has 2·Dm threads
+  thread Dm + j sums the second half of output j's dot into shared memory and,
+  after the barrier, thread j adds it to its own first half (a shuffle would
+  save the barrier, but the CUDA simulator has none, and every kernel path is
+  tested there). Weight gradients are NOT accumulated here: the
   model forms them afterwards as GEMMs over all B·T rows, from Z, M and dZ.
   Every dot product is ``cuda_launch.dot``: uint32 offsets advanced by addition in a
   ``while`` loop, about 7.5 SASS instructions per FMA where ``range`` with Python's
@@ -111,17 +126,23 @@ CAPABILITIES = frozenset()
 
 # The largest routing block (route_forward: threads over the inputs of one row).
 _ROUTE_THREADS = 256
+# Time steps route_weight_grad loads before one zero test (the kernel is written for 4).
+_STEP_GROUP = 4
 # Register budget of the recurrence (docs/architecture.md, "CUDA register budget";
 # tests/test_cuda_codegen.py checks it with the real compiler): blocks of up to 512
 # threads. Unbounded, ptxas gives recur_backward 151-152 registers per thread with
 # the weights in shared memory, which fits only 384 threads and would halve the batch
 # rows per block of a 200-wide layer; compiled with launch bounds of 512 threads it
-# fits in 120-127 registers without spilling. recur_forward needs at most 94
-# registers unbounded (640 threads fit); a bound there made ptxas aim at 64 registers
-# and spill, so it has none.
+# fits in 120-127 registers without spilling. recur_forward needed at most 94
+# registers unbounded until its output layer was split over two threads, then 104-134
+# (ptxas unrolls and schedules the extra dot differently per variant; 132 allow only
+# 384 threads). Launch bounds there make ptxas aim at 64 registers and spill, so it is
+# capped at the 128 registers that 512 threads allow instead: 123-128, no spills.
 _MAX_RECURRENCE_THREADS = 512
-# The simulator's cuda.jit takes no launch bounds.
+_RECUR_FORWARD_MAX_REGISTERS = 128
+# The simulator's cuda.jit takes neither.
 _RECUR_BACKWARD_JIT = {} if SIMULATOR else dict(launch_bounds=_MAX_RECURRENCE_THREADS)
+_RECUR_FORWARD_JIT = {} if SIMULATOR else dict(max_registers=_RECUR_FORWARD_MAX_REGISTERS)
 
 # The register file, as CUDA's occupancy calculator (cuda_occupancy.h) models it for
 # every architecture from sm_70 to sm_120: 65,536 registers per multiprocessor and
@@ -200,20 +221,45 @@ def _routing_kernels(np_dtype):
 
     @cuda.jit
     def route_weight_grad_kernel(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
+        # One thread per (b, input) walks t once, _STEP_GROUP steps per test: their loads are
+        # independent (in flight together) and one test passes over them all when all are zero;
+        # a group with a non-zero step (or the last, short group) is then walked step by step.
         B, T, D = X.shape
         for k in range(cuda.grid(1), B * D, cuda.gridsize(1)):
             b = k // D
             i = k - b * D
-            for e in range(indptr[i], indptr[i + 1]):
-                j = entry_syn[e]
-                c = j // syn_per_channel
-                mask = entry_mask[e]
-                acc = ZERO
-                for t in range(T):
-                    x = X[b, t, i]
-                    if x != ZERO:
-                        acc += x * mask * dA[b, t, c]
-                cuda.atomic.add(partial_out, (b, j), acc)
+            e_start = indptr[i]
+            e_stop = indptr[i + 1]
+            if e_start == e_stop:
+                continue  # an input that feeds no synapse is never read
+            # An input feeding one synapse (every input, without a routing map) sums in a register
+            # and adds once; one feeding several adds each term as it comes.
+            single = e_stop - e_start == 1
+            j_single = entry_syn[e_start]
+            c_single = j_single // syn_per_channel
+            mask_single = entry_mask[e_start]
+            acc = ZERO
+            t = 0
+            while t < T:
+                n = min(_STEP_GROUP, T - t)
+                hit = n < _STEP_GROUP
+                if not hit:
+                    hit = ((X[b, t, i] != ZERO) | (X[b, t + 1, i] != ZERO) | (X[b, t + 2, i] != ZERO)
+                           | (X[b, t + 3, i] != ZERO))
+                if hit:
+                    for s in range(t, t + n):
+                        x = X[b, s, i]
+                        if x != ZERO:
+                            if single:
+                                acc += x * mask_single * dA[b, s, c_single]
+                            else:
+                                for e in range(e_start, e_stop):
+                                    j = entry_syn[e]
+                                    cuda.atomic.add(partial_out, (b, j),
+                                                    x * entry_mask[e] * dA[b, s, j // syn_per_channel])
+                t += n
+            if single:
+                cuda.atomic.add(partial_out, (b, j_single), acc)
 
     @cuda.jit
     def route_input_grad_kernel(dA, indptr, entry_syn, entry_weight, syn_per_channel, dX_out):
@@ -245,7 +291,7 @@ def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
 
 
 def route_weight_grad(X, indptr, entry_syn, entry_mask, syn_per_channel, dA, partial_out):
-    """See ``kernels.cpu.route_weight_grad``. One thread per (b, input)."""
+    """See ``kernels.cpu.route_weight_grad``. One thread per (b, input), walking t once."""
     B, T, D = X.shape
     ks = _routing_kernels(float_type(partial_out.dtype))
     launch(ks["zero_2d_kernel"], *flat_shape(partial_out.size), partial_out)
@@ -367,11 +413,12 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                                                      pointwise.phi, pointwise.phi_backward)
     stage_weights = _weight_staging(weights_in_shared)
 
-    @cuda.jit
+    @cuda.jit(**_RECUR_FORWARD_JIT)
     def recur_forward_kernel(Zb, packed, kappa_m, c_m, m0, activation, phi_scale, phi_slope,
                       L, H, o_wh, o_wo, o_ch, o_co, M_out, Z_out, DM_out):
         # Shared layout: [packed weights (if staged)] then per row r, at
-        # base + r·(2·Dm + 2·H): κ_m⊙m ping-pong [2,Dm], activations ping-pong [2,H].
+        # base + r·(3·Dm + 2·H) (2·Dm when L = 0): κ_m⊙m ping-pong [2,Dm], activations
+        # ping-pong [2,H], the output sums' second halves [Dm].
         smem = cuda.shared.array(0, nb_dtype)
         B, T, W0 = Zb.shape
         Dm = kappa_m.shape[0]
@@ -381,9 +428,15 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
         active = b < B
         W, base = stage_weights(packed, smem)
         width_a = H if L > 0 else 0
-        row = base + cuda.threadIdx.y * (2 * Dm + 2 * width_a)
+        row = base + cuda.threadIdx.y * (2 * Dm + (2 * H + Dm if L > 0 else 0))
         act0 = row + 2 * Dm
         last = act0 + ((L - 1) % 2) * H  # activations the output layer reads
+        # The output layer's Dm dot products of length H would keep only Dm of the row's threads
+        # busy: when it has 2·Dm, thread Dm + j sums the second half of output j's dot into
+        # second_at + j, and after one more barrier thread j adds it to its first half.
+        split = L > 0 and 2 * Dm <= nlanes
+        half_h = H // 2
+        second_at = act0 + 2 * width_a
         if active:
             for j in range(lane, Dm, nlanes):
                 smem[row + j] = kappa_m[j] * m0[b, j]
@@ -409,9 +462,24 @@ def _recurrence_kernels(np_dtype, weights_in_shared):
                             Z_out[l, b, t, j] = acc
                             smem[dst + j] = activate(acc, activation)
                     cuda.syncthreads()
+            first = ZERO
+            if split:
+                if active and lane < 2 * Dm:
+                    second = lane >= Dm  # one call of dot for both halves: fewer registers
+                    j = lane - Dm if second else lane
+                    k0 = half_h if second else 0
+                    part = dot(ZERO if second else W[o_co + j], smem, U(last + k0), U(1), W,
+                               U(o_wo + k0 * Dm + j), U(Dm), U(H - half_h if second else half_h))
+                    if second:
+                        smem[second_at + j] = part
+                    else:
+                        first = part
+                cuda.syncthreads()
             if active:
-                for j in range(lane, Dm, nlanes):
-                    if L > 0:
+                for j in range(lane, Dm, nlanes):  # split: j = lane, threads lane < Dm only
+                    if split:
+                        o = first + smem[second_at + j]
+                    elif L > 0:
                         o = dot(W[o_co + j], smem, U(last), U(1), W, U(o_wo + j), U(Dm), U(H))
                     else:
                         # No hidden layer: o = z_0, whose bias Zb already carries.
@@ -695,7 +763,7 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_
     o_ch = o_wo + H * Dm
     o_co = o_ch + Lh * H
     packed = _packed(xp, dt, parts)
-    row_floats = 2 * Dm + (2 * H if L else 0)
+    row_floats = 2 * Dm + (2 * H + Dm if L else 0)
     plan = _launch_recurrence("recur_forward_kernel", B, tile, max(W0, Dm), row_floats, (
         Zb, packed, kappa_m, c_m, m0, int(activation), dt.type(phi_scale), dt.type(phi_slope),
         L, H, o_wh, o_wo, o_ch, o_co, M_out, Z_out if L else _placeholder(xp, dt), DM_out))

@@ -36,6 +36,8 @@ MAX_BLOCKS = 2 if SIMULATOR else 65535
 # advance is written U(a + b), which compiles to one 32-bit add; indexing with an unsigned
 # value skips Numba's negative-index wrap-around.
 U = np.uint32
+# The same for offsets into arrays that may hold 2^31 elements or more.
+U64 = np.uint64
 
 
 def array_module(a):

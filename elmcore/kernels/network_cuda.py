@@ -32,8 +32,12 @@ Design, and why:
   several neurons needs one scratch row only.
 * Sums run in the CPU kernels' order (over inputs j ascending, then over o ascending),
   so CPU and CUDA agree to rounding.
-* Weight gradients (``neuron_weight_grad``, ``recurrent_weight_grad``): one thread per
-  output element, summing over all rows in order: deterministic, no atomics.
+* Weight gradients: ``neuron_weight_grad`` sums over all B·T rows of a time block, so its rows are
+  split into chunks, one grid row (blockIdx.y) each, with one thread per output element and chunk
+  (``weight_grad_chunks``: one thread per element alone filled a GPU only for very large layers);
+  each chunk's partial sums are added in chunk order by one more pass: deterministic, no atomics.
+  Its flat offsets are uint64: B·T·J·N may exceed 2^31. ``recurrent_weight_grad``: one thread per
+  (batch row, entry), summing over t in order.
 * The external-input routing reuses ``kernels/cuda.py``'s routing kernels.
 
 Streams: launched on CuPy's current stream with ``sync=False`` arrays (``cuda_launch.py``).
@@ -49,7 +53,7 @@ from ..errors import ELMError
 from . import pointwise as pw
 from .cuda import _device_limits, _packed, _place_weights, _weight_staging, launch_planned
 from .cuda import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
-from .cuda_launch import MAX_BLOCKS, SIMULATOR, U, array_module, constants, dot, flat_shape, float_type, launch
+from .cuda_launch import MAX_BLOCKS, SIMULATOR, U, U64, array_module, constants, dot, flat_shape, float_type, launch
 
 # Optional parts of the kernel contract (kernels/contract.py): the network's kernels have none.
 CAPABILITIES = frozenset()
@@ -59,6 +63,12 @@ CAPABILITIES = frozenset()
 # thread: few threads keep it fast (tests raise it through ``policy``).
 MAX_WALK_THREADS = 256
 _SIMULATOR_THREADS = 4
+# neuron_weight_grad's split of the rows (weight_grad_chunks): enough threads to fill an H100 or
+# H200 (132 multiprocessors · 2,048 threads), chunks of at least MIN_CHUNK_ROWS rows. The simulator
+# aims low, so that its small test shapes are split too.
+WEIGHT_GRAD_THREADS = 64 if SIMULATOR else 1 << 18
+MIN_CHUNK_ROWS = 2 if SIMULATOR else 32
+MAX_GRID_ROWS = 65535  # CUDA's limit on gridDim.y
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,26 +257,54 @@ def _kernels(np_dtype, weights_in_shared=False):
                 i = U(i + nt)
 
     @cuda.jit
-    def neuron_weight_grad_kernel(G, A, t0, t1, out, bias_out):
-        B, _, O, N = G.shape
-        J = A.shape[2]
-        for k in range(cuda.grid(1), J * O * N, cuda.gridsize(1)):
+    def neuron_weight_grad_kernel(G, A, T, J, O, N, t0, t1, rows, rows_per_chunk, part, part_bias):
+        # G [B·T·O·N], A [B·T·J·N] flat. Grid row y sums its chunk of the time block's rows (b, t),
+        # t0 <= t < t1, b-major (rows = B·(t1 − t0)), into part[y] [J·O·N] and, the threads of input 0,
+        # part_bias[y] [O·N]. Offsets are uint64 (B·T·J·N may exceed 2^31), advanced by addition: no
+        # wrap-around check and no multiply per row.
+        chunk = cuda.blockIdx.y
+        steps = t1 - t0
+        r_start = chunk * rows_per_chunk
+        r_stop = min(rows, r_start + rows_per_chunk)
+        jn = U64(J * N)
+        on = U64(O * N)
+        for k in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, J * O * N,
+                       cuda.gridDim.x * cuda.blockDim.x):
             j = k // (O * N)
             rest = k - j * O * N
             o = rest // N
-            i = rest - o * N
-            # The rows (b, t) of the block in the CPU twin's order, batch row major.
+            a_col = U64(j * N + rest - o * N)  # j·N + i
             acc = ZERO
-            for b in range(B):
-                for t in range(t0, t1):
-                    acc += A[b, t, j, i] * G[b, t, o, i]
-            out[j, o, i] = acc
-            if j == 0:  # the threads of the first input also own the bias sums (the same G column)
-                total = ZERO
-                for b in range(B):
-                    for t in range(t0, t1):
-                        total += G[b, t, o, i]
-                bias_out[o, i] = total
+            bias = ZERO
+            r = r_start
+            while r < r_stop:
+                b = r // steps
+                t = t0 + r - b * steps
+                n = min(r_stop - r, t1 - t)  # this chunk's rows of batch row b
+                row = U64(b * T + t)
+                a_at = U64(U64(row * jn) + a_col)
+                g_at = U64(U64(row * on) + U64(rest))
+                a_end = U64(a_at + U64(U64(n) * jn))
+                while a_at != a_end:
+                    g = G[g_at]
+                    acc += A[a_at] * g
+                    bias += g
+                    a_at = U64(a_at + jn)
+                    g_at = U64(g_at + on)
+                r += n
+            part[chunk, k] = acc
+            if j == 0:  # every thread sums its G column; those of input 0 own the bias
+                part_bias[chunk, rest] = bias
+
+    @cuda.jit
+    def chunk_sum_kernel(part, out):
+        # out[k] = Σ_c part[c, k], chunks in order: the same bits on every run.
+        chunks, K = part.shape
+        for k in range(cuda.grid(1), K, cuda.gridsize(1)):
+            acc = part[0, k]
+            for c in range(1, chunks):
+                acc += part[c, k]
+            out[k] = acc
 
     @cuda.jit
     def recurrent_weight_grad_kernel(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
@@ -282,13 +320,13 @@ def _kernels(np_dtype, weights_in_shared=False):
             partial_out[bb, e] = acc
 
     return dict(network_forward_kernel=network_forward_kernel, network_backward_kernel=network_backward_kernel,
-                neuron_weight_grad_kernel=neuron_weight_grad_kernel,
+                neuron_weight_grad_kernel=neuron_weight_grad_kernel, chunk_sum_kernel=chunk_sum_kernel,
                 recurrent_weight_grad_kernel=recurrent_weight_grad_kernel)
 
 
 # The network's own CUDA kernels, compiled per dtype by ``kernel_set`` (the codegen probe
 # compiles every one of them); the routing kernels are kernels/cuda.py's.
-KERNELS = ("network_forward_kernel", "network_backward_kernel", "neuron_weight_grad_kernel",
+KERNELS = ("network_forward_kernel", "network_backward_kernel", "neuron_weight_grad_kernel", "chunk_sum_kernel",
            "recurrent_weight_grad_kernel")
 
 
@@ -428,11 +466,44 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
     return plan
 
 
+def weight_grad_chunks(rows, elements):
+    """(chunks, rows per chunk) for ``neuron_weight_grad``: rows are split into chunks (a grid row
+    each) until about ``WEIGHT_GRAD_THREADS`` threads run, chunks of at least ``MIN_CHUNK_ROWS``
+    rows; an output that alone has that many elements is summed by one chunk, with no partial sums.
+    Several chunks hold chunks · elements partial sums: fewer than WEIGHT_GRAD_THREADS + elements."""
+    if rows <= 0:
+        return 1, 0
+    chunks = max(1, min(-(-WEIGHT_GRAD_THREADS // max(elements, 1)), -(-rows // MIN_CHUNK_ROWS), MAX_GRID_ROWS))
+    per = -(-rows // chunks)
+    return -(-rows // per), per
+
+
 def neuron_weight_grad(G, A, t0, t1, out, bias_out):
-    """See ``network_cpu.neuron_weight_grad``. One thread per weight element; those of input 0
-    also sum the bias."""
-    launch(kernel_set(G.dtype)["neuron_weight_grad_kernel"], *flat_shape(out.size), G, A, int(t0), int(t1), out,
-           bias_out)
+    """See ``network_cpu.neuron_weight_grad``. One thread per weight element per chunk of the rows
+    (``weight_grad_chunks``); the threads of input 0 also sum the bias. With several chunks, each
+    writes partial sums that one more pass adds in chunk order (deterministic, no atomics).
+    Returns the number of chunks."""
+    xp = array_module(out)
+    B, T, O, N = G.shape
+    J = A.shape[2]
+    chunks, per = weight_grad_chunks(B * (t1 - t0), J * O * N)
+    ks = kernel_set(G.dtype)
+    G_flat, A_flat = (xp.ascontiguousarray(a).reshape(-1) for a in (G, A))
+    direct = chunks == 1 and out.flags.c_contiguous and bias_out.flags.c_contiguous
+    if direct:
+        part, part_bias = out.reshape(1, -1), bias_out.reshape(1, -1)
+    else:
+        part, part_bias = xp.empty((chunks, out.size), out.dtype), xp.empty((chunks, bias_out.size), out.dtype)
+    blocks, threads = flat_shape(out.size)
+    launch(ks["neuron_weight_grad_kernel"], (blocks, chunks), threads, G_flat, A_flat, T, J, O, N, int(t0), int(t1),
+           B * (int(t1) - int(t0)), per, part, part_bias)
+    if not direct:
+        for p, target in ((part, out), (part_bias, bias_out)):
+            flat = target.reshape(-1) if target.flags.c_contiguous else xp.empty(target.size, target.dtype)
+            launch(ks["chunk_sum_kernel"], *flat_shape(target.size), p, flat)
+            if not target.flags.c_contiguous:
+                target[...] = flat.reshape(target.shape)
+    return chunks
 
 
 def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
