@@ -184,11 +184,27 @@ def _make_row_block(R, width_bytes):
     return block
 
 
-# Blocks of 4 rows (8 accumulator registers on AVX2, 4 on AVX-512) and of 1 row for the rest, each
-# one vector of 64, 32 or 16 bytes wide, so a row's tail narrower than 64 bytes still runs in
-# vectors (100 float32 outputs: six of 16 lanes, one of 4).
-_R4_64, _R4_32, _R4_16 = _make_row_block(4, 64), _make_row_block(4, 32), _make_row_block(4, 16)
-_R1_64, _R1_32, _R1_16 = _make_row_block(1, 64), _make_row_block(1, 32), _make_row_block(1, 16)
+def _make_columns(width_bytes):
+    """The tile's rows times one vector of W's columns: blocks of 4 rows (8 accumulator registers
+    on AVX2, 4 on AVX-512), then single rows."""
+    rows4, rows1 = _make_row_block(4, width_bytes), _make_row_block(1, width_bytes)
+
+    @njit(inline="always", error_model="numpy")
+    def columns(A, W, out, j, n, K, N):
+        r = 0
+        while r + 4 <= n:
+            rows4(A, W, out, r * K, K, j, N, r * N + j, N, K)
+            r += 4
+        while r < n:
+            rows1(A, W, out, r * K, K, j, N, r * N + j, N, K)
+            r += 1
+
+    return columns
+
+
+# Vectors of 64, 32 and 16 bytes, so a row's tail narrower than 64 bytes still runs in vectors
+# (100 float32 outputs: six of 16 lanes, one of 4).
+_COLUMNS_64, _COLUMNS_32, _COLUMNS_16 = _make_columns(64), _make_columns(32), _make_columns(16)
 
 
 @intrinsic
@@ -220,30 +236,14 @@ def broadcast_product(A, W, out):
     j = 0
     while j < N:
         left = (N - j) * size
-        r = 0
         if left >= 64:
-            while r + 4 <= n:
-                _R4_64(A, W, out, r * K, K, j, N, r * N + j, N, K)
-                r += 4
-            while r < n:
-                _R1_64(A, W, out, r * K, K, j, N, r * N + j, N, K)
-                r += 1
+            _COLUMNS_64(A, W, out, j, n, K, N)
             j += 64 // size
         elif left >= 32:
-            while r + 4 <= n:
-                _R4_32(A, W, out, r * K, K, j, N, r * N + j, N, K)
-                r += 4
-            while r < n:
-                _R1_32(A, W, out, r * K, K, j, N, r * N + j, N, K)
-                r += 1
+            _COLUMNS_32(A, W, out, j, n, K, N)
             j += 32 // size
         elif left >= 16:
-            while r + 4 <= n:
-                _R4_16(A, W, out, r * K, K, j, N, r * N + j, N, K)
-                r += 4
-            while r < n:
-                _R1_16(A, W, out, r * K, K, j, N, r * N + j, N, K)
-                r += 1
+            _COLUMNS_16(A, W, out, j, n, K, N)
             j += 16 // size
         else:
             for r in range(n):
