@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import tempfile
 import threading
@@ -94,6 +95,44 @@ def test_device_node_output_is_written_through_not_replaced(tmp_path):
         np.save(tmp, np.arange(10))
     assert stat.S_ISCHR(os.lstat(node).st_mode) and link.is_symlink()
     assert leftovers(tmp_path) == []
+
+
+def test_a_ctrl_c_in_the_middle_of_a_write_waits_until_the_file_is_in_place(tmp_path):
+    """np.savez interrupted inside its zip raised ValueError ("Can't close the ZIP file ...") instead of
+    KeyboardInterrupt, and a training run ended in a traceback instead of its resume line."""
+    path = tmp_path / "ckpt.npz"
+    arrays = {f"a{i}": np.arange(1000.0) + i for i in range(20)}
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.atomic_output(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **dict(list(arrays.items())[:10]))
+                os.kill(os.getpid(), signal.SIGINT)  # arrives mid-write
+                f.seek(0)
+                np.savez(f, **arrays)
+    with np.load(path) as saved:  # complete, in place, before the interrupt was delivered
+        assert sorted(saved.files) == sorted(arrays) and np.array_equal(saved["a19"], arrays["a19"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]
+
+
+def test_interrupts_deferred_hands_the_signal_to_the_handler_that_was_in_place():
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with fileio.interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert seen == []
+        assert seen == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with fileio.interrupts_deferred():  # an ignored SIGINT stays ignored
+            os.kill(os.getpid(), signal.SIGINT)
+        assert seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs /proc")

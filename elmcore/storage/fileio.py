@@ -17,9 +17,11 @@ import glob
 import json
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import zipfile
 
 import numpy as np
@@ -123,6 +125,14 @@ def atomic_output(path, suffix="", inputs=()):
     except OSError as e:
         raise write_error(path, e) from None
     os.close(fd)
+    # A Ctrl-C in the middle of a writer (np.savez's zip, say) can leave it raising its own error
+    # instead of KeyboardInterrupt: the run would end in a traceback, not its resume line. A regular
+    # file's write is short and cannot block, so the interrupt waits for the file to be in place.
+    with interrupts_deferred():
+        yield from _write_and_replace(path, tmp, target, info)
+
+
+def _write_and_replace(path, tmp, target, info):
     try:
         try:
             yield tmp
@@ -140,6 +150,34 @@ def atomic_output(path, suffix="", inputs=()):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold a SIGINT (Ctrl-C) that arrives inside the block and deliver it when the block ends.
+
+    The handler in place before the block then runs as the signal would have run it (Python's
+    raises KeyboardInterrupt). Outside the main thread, or when SIGINT is ignored or handled
+    outside Python, the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or previous == signal.SIG_IGN:
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(signal.SIGINT, held[0])
+            else:  # SIG_DFL: the default action, now that it is back in place
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def _proc_link(path):
