@@ -143,8 +143,9 @@ def _tanh64(y):
     """tanh through exp of a non-positive argument, so nothing overflows; absolute error ~1 ulp."""
     y = np.float64(y)
     e = exp64(-2.0 * abs(y))
-    t = (1.0 - e) / (1.0 + e)
-    return t if y >= 0 else -t
+    # copysign, not a branch: inlined through the dispatching ``tanh``, a branch here broke
+    # Numba's SSA pass (NumbaIRAssumptionWarning) and kept the loop around it scalar.
+    return math.copysign((1.0 - e) / (1.0 + e), y)
 
 
 @njit(**_OPTIONS)
