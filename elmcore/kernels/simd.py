@@ -29,31 +29,37 @@ from numba.extending import intrinsic
 VECTOR_BYTES = 64
 
 
+def _same_float_c_arrays(*arrays):
+    """The blocks' typing rule: C-contiguous arrays of one float dtype (their offsets assume it)."""
+    return all(isinstance(a, types.Array) and isinstance(a.dtype, types.Float) and a.layout == "C"
+               for a in arrays) and len({a.dtype for a in arrays}) == 1
+
+
+def _vector_setup(context, builder, signature, args, offsets, width_bytes):
+    """(vector type, its pointer type, llvm.fma over it, [the first len(offsets) arrays' data
+    pointers advanced by their offsets]) for a block over vectors of ``width_bytes`` bytes."""
+    elem = context.get_value_type(signature.args[0].dtype)
+    width = width_bytes // context.get_abi_sizeof(elem)
+    vec = ir.VectorType(elem, width)
+    suffix = "f32" if isinstance(elem, ir.FloatType) else "f64"
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                         f"llvm.fma.v{width}{suffix}")
+    bases = [builder.gep(context.make_array(aty)(context, builder, arr).data, [offset])
+             for arr, aty, offset in zip(args, signature.args, offsets)]
+    return vec, vec.as_pointer(), fma, bases
+
+
 def _make_block(P, Q):
     @intrinsic
     def block(typingctx, x, y, out, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K):
-        if not all(isinstance(a, types.Array) and isinstance(a.dtype, types.Float) and a.layout == "C"
-                   for a in (x, y, out)) or not (x.dtype == y.dtype == out.dtype):
-            return None  # the offsets assume C-contiguous arrays of one float dtype
+        if not _same_float_c_arrays(x, y, out):
+            return None
         sig = types.void(x, y, out, *([types.intp] * 10))
 
         def codegen(context, builder, signature, args):
-            x_arr, y_arr, out_arr = args[:3]
             x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K = args[3:]
-            elem = context.get_value_type(signature.args[0].dtype)
-            width = VECTOR_BYTES // context.get_abi_sizeof(elem)
-            vec = ir.VectorType(elem, width)
-            vec_ptr = vec.as_pointer()
-            suffix = "f32" if isinstance(elem, ir.FloatType) else "f64"
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                                 f"llvm.fma.v{width}{suffix}")
-
-            def data(arr, aty):
-                return context.make_array(aty)(context, builder, arr).data
-
-            x_base = builder.gep(data(x_arr, signature.args[0]), [x_off])
-            y_base = builder.gep(data(y_arr, signature.args[1]), [y_off])
-            out_base = builder.gep(data(out_arr, signature.args[2]), [out_off])
+            vec, vec_ptr, fma, (x_base, y_base, out_base) = _vector_setup(
+                context, builder, signature, args, (x_off, y_off, out_off), VECTOR_BYTES)
 
             def vector_at(base, offset):
                 return builder.bitcast(builder.gep(base, [offset]), vec_ptr)
@@ -134,31 +140,18 @@ def blocked_product(x, y, out, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, ou
 def _make_row_block(R, width_bytes):
     @intrinsic
     def block(typingctx, A, W, out, a_off, a_sr, w_off, w_sk, out_off, out_sr, K):
-        if not all(isinstance(a, types.Array) and isinstance(a.dtype, types.Float) and a.layout == "C"
-                   for a in (A, W, out)) or not (A.dtype == W.dtype == out.dtype):
-            return None  # the offsets assume C-contiguous arrays of one float dtype
+        if not _same_float_c_arrays(A, W, out):
+            return None
         sig = types.void(A, W, out, *([types.intp] * 7))
 
         def codegen(context, builder, signature, args):
-            A_arr, W_arr, out_arr = args[:3]
             a_off, a_sr, w_off, w_sk, out_off, out_sr, K = args[3:]
-            elem = context.get_value_type(signature.args[0].dtype)
-            width = width_bytes // context.get_abi_sizeof(elem)
-            vec = ir.VectorType(elem, width)
-            vec_ptr = vec.as_pointer()
-            suffix = "f32" if isinstance(elem, ir.FloatType) else "f64"
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                                 f"llvm.fma.v{width}{suffix}")
-
-            def data(arr, aty):
-                return context.make_array(aty)(context, builder, arr).data
+            vec, vec_ptr, fma, (a_base, w_base, out_base) = _vector_setup(
+                context, builder, signature, args, (a_off, w_off, out_off), width_bytes)
+            width = vec.count
 
             def times(a, k):
                 return builder.mul(a, ir.Constant(a.type, k))
-
-            a_base = builder.gep(data(A_arr, signature.args[0]), [a_off])
-            w_base = builder.gep(data(W_arr, signature.args[1]), [w_off])
-            out_base = builder.gep(data(out_arr, signature.args[2]), [out_off])
             out_ptrs = [builder.bitcast(builder.gep(out_base, [times(out_sr, r)]), vec_ptr) for r in range(R)]
             a_rows = [builder.gep(a_base, [times(a_sr, r)]) for r in range(R)]
             # Accumulators live in stack slots that LLVM's mem2reg turns into registers.
