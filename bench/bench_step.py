@@ -203,6 +203,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, help="Override every config's batch size (short checks).")
     ap.add_argument("--steps", type=int, help="Override every config's sequence length (short checks).")
     args = ap.parse_args(argv)
+    if args.release and not os.path.isfile(os.path.join(os.path.expanduser(args.release), "src",
+                                                        "expressive_leaky_memory_neuron.py")):
+        ap.exit(2, f"error: --release {args.release}: not a checkout of the release "
+                   "(no src/expressive_leaky_memory_neuron.py)\n")
 
     results = {"device": args.device, "configs": {}}
     for name in args.configs:
