@@ -7,8 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from numba import njit
 
 from elmcore import ELM
+from elmcore.kernels import cpu as cpu_kernels
 from elmcore.verification.oracle import TOLERANCE, load_oracle, relative_error, verify_case
 from helpers import golden_files
 
@@ -127,34 +129,32 @@ def test_one_byte_spike_inputs_give_the_float_results(dtype):
     assert np.array_equal(Yb, model.forward(case.X.astype(dtype)))
 
 
+@njit
+def _nonzeros(X, words, out):
+    """The flat positions of X's non-zeros, row by row, as the routing kernels find them."""
+    B, T, D = X.shape
+    idx = np.empty(D, np.int64)
+    count = 0
+    for b in range(B):
+        for t in range(T):
+            for q in range(cpu_kernels._row_nonzeros(X[b, t], words, (b * T + t) * D, idx)):
+                out[count] = (b * T + t) * D + idx[q]
+                count += 1
+    return count
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.bool_, np.float32])
 @pytest.mark.parametrize("num_input", [1, 7, 8, 9, 16, 37, 1278])
 def test_the_routing_finds_every_nonzero_input_in_order(dtype, num_input):
     """Inputs of any bit pattern (255, 128, negative int8), several per 8-byte word, found in
     ascending order: the one-byte path locates them by trailing-zero counts."""
-    from numba import njit
-
-    from elmcore.kernels import cpu
-
-    @njit
-    def nonzeros(X, words, out):
-        B, T, D = X.shape
-        idx = np.empty(D, np.int64)
-        count = 0
-        for b in range(B):
-            for t in range(T):
-                for q in range(cpu._row_nonzeros(X[b, t], words, (b * T + t) * D, idx)):
-                    out[count] = (b * T + t) * D + idx[q]
-                    count += 1
-        return count
-
     rng = np.random.default_rng(num_input)
     values = rng.integers(-128, 256, (3, 5, num_input))
     X = np.where(rng.random(values.shape) < 0.3, values, 0).astype(dtype)
     X[0, 0] = 0 if dtype != np.bool_ else False
     X[2, 4] = 1  # a row of nothing but spikes
     out = np.empty(X.size, np.int64)
-    count = nonzeros(X, cpu._words(X), out)
+    count = _nonzeros(X, cpu_kernels._words(X), out)
     assert np.array_equal(out[:count], np.flatnonzero(X))
 
 
