@@ -1,6 +1,8 @@
 """The training loop: learning, checkpoints, bit-identical resume, divergence handling."""
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -209,3 +211,23 @@ def test_stateful_kill_and_resume_is_bit_identical(tmp_path, corpus, kill_after)
     full, again = load_file(tmp_path / "full" / "last.npz"), load_file(tmp_path / "killed" / "last.npz")
     for k in full.params:
         assert np.array_equal(full.params[k], again.params[k]), k
+
+
+def test_a_ctrl_c_during_a_checkpoint_write_names_that_checkpoint(tmp_path, monkeypatch):
+    """The interrupt is held until the file is in place; it was delivered before the trainer recorded the
+    step, so the resume line named the checkpoint before the one on disk (seen in CI: "step 20" for 30)."""
+    from elmcore.training import train as train_module
+    real_save = train_module.save_checkpoint
+    trainer = Trainer(settings(tmp_path), task=sign_task(), progress=False, log=lambda m: None)
+
+    def interrupted_save(*args, **kwargs):
+        if trainer.position["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the write
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    on_disk = load_file(tmp_path / "run" / "last.npz").meta["step"]
+    assert on_disk == 4
+    assert f"last.npz (step {on_disk})" in trainer.interrupted_message()

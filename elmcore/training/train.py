@@ -71,8 +71,8 @@ from elmcore.data.registry import DEFAULT_TASK
 from elmcore.training.distributed import announce_run_dir, communicator
 from elmcore.errors import CheckpointError, ELMError, NonFiniteOutputError, did_you_mean
 from elmcore.training.evaluate import evaluate, metric_value
-from elmcore.storage.fileio import (atomic_write_text, describe_os_error, read_json, refuse_inputs,
-                                    remove_stale_temporaries, write_error)
+from elmcore.storage.fileio import (atomic_write_text, describe_os_error, interrupts_deferred, read_json,
+                                    refuse_inputs, remove_stale_temporaries, write_error)
 from elmcore.engine.factory import build_model
 from elmcore.engine.fields import shown
 from elmcore.training.optim import Optimizer, cosine_lr, norm_from_squares, squared_norms
@@ -691,12 +691,16 @@ class Trainer:
                 "selection_split": self.selection_split, "task": self.task.name}
 
     def _save_checkpoint(self):
-        if self.comm.is_root:
-            carry = None if self._carry is None else {k: self.model.backend.to_host(v) for k, v in self._carry.items()}
-            save_checkpoint(os.path.join(self.run_dir, LAST), self.model.config, self.model.state_dict(),
-                            self.optimizer.state_dict(), self._meta(), dtype=self.settings.dtype,
-                            vocab=self.task.vocabulary, state=carry)
-        self._last_checkpoint_step = self.position["step"]  # on every rank: they report divergence alike
+        # A Ctrl-C during the write is held until the file is in place (fileio.atomic_output); it must
+        # also wait for the step to be recorded, or the resume line would name the checkpoint before.
+        with interrupts_deferred():
+            if self.comm.is_root:
+                carry = (None if self._carry is None
+                         else {k: self.model.backend.to_host(v) for k, v in self._carry.items()})
+                save_checkpoint(os.path.join(self.run_dir, LAST), self.model.config, self.model.state_dict(),
+                                self.optimizer.state_dict(), self._meta(), dtype=self.settings.dtype,
+                                vocab=self.task.vocabulary, state=carry)
+            self._last_checkpoint_step = self.position["step"]  # on every rank: they report divergence alike
 
     # ---- the loop ---------------------------------------------------------------
     def run(self):
