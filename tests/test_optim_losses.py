@@ -44,6 +44,38 @@ def test_optimisers_match_reference_formulas(kind, wd):
     np.testing.assert_allclose(p, _reference_adam(p0, grads, 0.01, 0.8, 0.95, 1e-6, wd, kind), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind, wd", [("adam", 0.0), ("adam", 0.1), ("adamw", 0.1), ("adamax", 0.0),
+                                      ("adamax", 0.1)])
+def test_the_one_pass_update_equals_the_array_operations_bit_for_bit(kind, wd, dtype, monkeypatch):
+    """NumPy parameters are updated by one compiled pass, other arrays (CuPy) by array operations: the
+    same bits, step after step, including a NaN gradient entry, zeros and huge values."""
+    from elmcore.training import optim
+    rng = np.random.default_rng(5)
+    p0 = rng.normal(size=(7, 33)).astype(dtype)
+    grads = [rng.normal(scale=10.0 ** rng.integers(-6, 6), size=p0.shape).astype(dtype) for _ in range(6)]
+    grads[2][0, :3] = 0
+    grads[4][1, 1] = np.nan
+    results = {}
+    for form in ("one pass", "array ops"):
+        p = p0.copy()
+        params = {"w": p}
+        if form == "array ops":
+            monkeypatch.setattr(optim, "_one_layout", lambda *arrays: False)
+        calls = []
+        real = optim._update_in_one_pass
+        monkeypatch.setattr(optim, "_update_in_one_pass", lambda *a: calls.append(1) or real(*a))
+        opt = Optimizer(params, kind=kind, lr=3e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=wd)
+        for g in grads:
+            opt.step({"w": g.copy()})
+        assert len(calls) == (len(grads) if form == "one pass" else 0)
+        results[form] = (p, opt.exp_avg["w"], opt.exp_second["w"])
+        monkeypatch.undo()
+    for one, ops in zip(results["one pass"], results["array ops"]):
+        assert one.dtype == dtype and np.array_equal(one, ops, equal_nan=True)
+    assert np.isnan(results["one pass"][0][1, 1]) and np.isfinite(results["one pass"][0][0]).all()
+
+
 def test_optimizer_state_round_trip_continues_identically():
     rng = np.random.default_rng(1)
     grads = [rng.normal(size=5) for _ in range(6)]

@@ -10,6 +10,7 @@ arrays' own module, NumPy or CuPy).
 import math
 
 import numpy as np
+from numba import njit
 
 from elmcore.engine.backend import array_module
 from elmcore.errors import ELMError
@@ -124,26 +125,20 @@ class Optimizer:
         self.t += 1
         b1, b2 = self.betas
         bc1 = 1 - b1 ** self.t
+        bc2 = 1 - b2 ** self.t
         for name, p in self.params.items():
-            xp = array_module(p)
-            g = grads[name].astype(p.dtype, copy=True)
             cast = p.dtype.type
-            if self.weight_decay and self.kind == "adamw":
-                p *= cast(1 - lr * self.weight_decay)
-            elif self.weight_decay:
-                g += cast(self.weight_decay) * p
+            g = grads[name]
             m, s = self.exp_avg[name], self.exp_second[name]
-            m *= cast(b1)
-            m += cast(1 - b1) * g
-            if self.kind == "adamax":
-                xp.maximum(s * cast(b2), xp.abs(g) + cast(self.eps), out=s)
-                p -= cast(lr / bc1) * m / s
+            # Every constant rounded to the parameter's dtype before use, as the array form below needs.
+            decay = cast(1 - lr * self.weight_decay) if self.kind == "adamw" else cast(1)
+            l2 = cast(self.weight_decay) if self.kind != "adamw" else cast(0)
+            constants = (decay, l2, cast(b1), cast(1 - b1), cast(b2), cast(1 - b2), cast(math.sqrt(bc2)),
+                         cast(self.eps), cast(lr / bc1), self.kind == "adamax")
+            if isinstance(p, np.ndarray) and _one_layout(p, g, m, s):
+                _update_in_one_pass(p.reshape(-1), g.reshape(-1), m.reshape(-1), s.reshape(-1), *constants)
             else:
-                s *= cast(b2)
-                s += cast(1 - b2) * g * g
-                bc2 = 1 - b2 ** self.t
-                denom = xp.sqrt(s) / cast(math.sqrt(bc2)) + cast(self.eps)
-                p -= cast(lr / bc1) * m / denom
+                _update_by_array_ops(array_module(p), p, g, m, s, *constants)
         return norm
 
     def state_dict(self):
@@ -163,6 +158,57 @@ class Optimizer:
                 if arr.shape != p.shape:
                     raise ELMError(f"optimizer state '{name}/{k}' has shape {arr.shape}, parameter has {p.shape}")
                 store[k] = xp.asarray(arr.astype(p.dtype))
+
+
+# ---- the update of one parameter array -------------------------------------------------------
+# Two forms of the same arithmetic, operation for operation (tests/test_optim_losses.py holds them to
+# the same bits): one pass over each array for NumPy (one compiled call per array, where the array
+# operations cost a dozen temporaries and calls: most of Adam's time on small models), and array
+# operations for any other module (CuPy). No fastmath: a fused multiply-add would change the bits.
+
+def _one_layout(p, g, m, s):
+    return g.dtype == p.dtype and all(a.flags.c_contiguous and a.shape == p.shape for a in (g, m, s))
+
+
+@njit(cache=True, nogil=True)
+def _update_in_one_pass(p, g, m, s, decay, l2, b1, one_minus_b1, b2, one_minus_b2, sqrt_bc2, eps, step,
+                        adamax):
+    for i in range(p.shape[0]):
+        gi = g[i]
+        if decay != 1:
+            p[i] *= decay
+        if l2 != 0:
+            gi += l2 * p[i]
+        mi = m[i] * b1 + one_minus_b1 * gi
+        m[i] = mi
+        if adamax:
+            decayed = s[i] * b2
+            floor = abs(gi) + eps
+            si = decayed if (decayed >= floor or decayed != decayed) else floor  # np.maximum: NaN wins
+            s[i] = si
+            p[i] -= step * mi / si
+        else:
+            si = s[i] * b2 + one_minus_b2 * gi * gi
+            s[i] = si
+            p[i] -= step * mi / (math.sqrt(si) / sqrt_bc2 + eps)
+
+
+def _update_by_array_ops(xp, p, g, m, s, decay, l2, b1, one_minus_b1, b2, one_minus_b2, sqrt_bc2, eps, step,
+                         adamax):
+    g = g.astype(p.dtype, copy=True)
+    if decay != 1:
+        p *= decay
+    if l2 != 0:
+        g += l2 * p
+    m *= b1
+    m += one_minus_b1 * g
+    if adamax:
+        xp.maximum(s * b2, xp.abs(g) + eps, out=s)
+        p -= step * m / s
+    else:
+        s *= b2
+        s += one_minus_b2 * g * g
+        p -= step * m / (xp.sqrt(s) / sqrt_bc2 + eps)
 
 
 def _zeros_like(p):
