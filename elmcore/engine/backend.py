@@ -38,11 +38,14 @@ class CPUBackend:
 
     # Work (batch × steps × trainable parameters) below which a pass runs on one thread (see
     # ``kernel_threads``). GEMMs: None, the trainer's rule (``training/threads.py``). Numba kernels:
-    # lower, since two threads already paid from ~4M on 2 cores at load average 1 (bench/bench_sizes.py:
-    # a network of 1,169 parameters, 3.7M, ran as fast on one thread, one of 6,177, 20M, 30 % slower).
+    # far lower, since a network's time walk is one parallel region long enough to split. Measured on
+    # 2 cores (bench/bench_sizes.py, 2026-12-07, one thread against two): 55k and 146k of work ran
+    # faster on one (1.5 against 2.1 ms), 138k tied, and from 366k two won (3.9 against 3.1 ms; the
+    # 173-parameter network's 554k: 6.5 against 4.4 ms, and 3.7M: 21 against 14 ms), idle and with
+    # both cores kept busy alike. An earlier rule of 4M had been set from one day's runs at load 1.
     # bench/bench_threads.py sets both to 0 to time every size at every thread count.
     one_blas_thread_below_work = None
-    one_numba_thread_below_work = 4_000_000
+    one_numba_thread_below_work = 300_000
 
     @staticmethod
     def to_host(a):
