@@ -126,19 +126,21 @@ class Optimizer:
         b1, b2 = self.betas
         bc1 = 1 - b1 ** self.t
         bc2 = 1 - b2 ** self.t
+        # Every constant rounded to the parameters' dtype once per step, as both forms below use it.
+        constants = {}
         for name, p in self.params.items():
-            cast = p.dtype.type
+            if p.dtype not in constants:
+                constants[p.dtype] = np.array(
+                    [1 - lr * self.weight_decay if self.kind == "adamw" else 1,   # decay of p
+                     self.weight_decay if self.kind != "adamw" else 0,             # L2 added to g
+                     b1, 1 - b1, b2, 1 - b2, math.sqrt(bc2), self.eps, lr / bc1], p.dtype)
             g = grads[name]
             m, s = self.exp_avg[name], self.exp_second[name]
-            # Every constant rounded to the parameter's dtype before use, as the array form below needs.
-            decay = cast(1 - lr * self.weight_decay) if self.kind == "adamw" else cast(1)
-            l2 = cast(self.weight_decay) if self.kind != "adamw" else cast(0)
-            constants = (decay, l2, cast(b1), cast(1 - b1), cast(b2), cast(1 - b2), cast(math.sqrt(bc2)),
-                         cast(self.eps), cast(lr / bc1), self.kind == "adamax")
             if isinstance(p, np.ndarray) and _one_layout(p, g, m, s):
-                _update_in_one_pass(p.reshape(-1), g.reshape(-1), m.reshape(-1), s.reshape(-1), *constants)
+                _update_in_one_pass(p.reshape(-1), g.reshape(-1), m.reshape(-1), s.reshape(-1), constants[p.dtype],
+                                    self.kind == "adamax")
             else:
-                _update_by_array_ops(array_module(p), p, g, m, s, *constants)
+                _update_by_array_ops(array_module(p), p, g, m, s, *constants[p.dtype], self.kind == "adamax")
         return norm
 
     def state_dict(self):
@@ -171,8 +173,11 @@ def _one_layout(p, g, m, s):
 
 
 @njit(cache=True, nogil=True)
-def _update_in_one_pass(p, g, m, s, decay, l2, b1, one_minus_b1, b2, one_minus_b2, sqrt_bc2, eps, step,
-                        adamax):
+def _update_in_one_pass(p, g, m, s, constants, adamax):
+    # One array of constants, not nine arguments: each argument costs the call its type check.
+    decay, l2, b1, one_minus_b1, b2, one_minus_b2, sqrt_bc2, eps, step = (
+        constants[0], constants[1], constants[2], constants[3], constants[4], constants[5], constants[6],
+        constants[7], constants[8])
     for i in range(p.shape[0]):
         gi = g[i]
         if decay != 1:
