@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 SUPERVISED = "ELMCORE_RANK_SUPERVISED"
 WATCHED_COMMANDS = ("train", "sweep")
@@ -38,6 +39,9 @@ THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREAD
 RUN_DIR_FD = "ELMCORE_RUN_DIR_FD"
 # Seconds a rank has, after Ctrl-C, to stop by itself before its parent kills it.
 INTERRUPT_GRACE_S = 5.0
+# Seconds more that ranks other than 0 stay after an interrupt, for rank 0 (killed itself after
+# INTERRUPT_GRACE_S at worst) to print how to go on.
+REPORT_GRACE_S = 2.0
 
 # (rank, world size, ranks on this node) as each launcher names them.
 LAUNCHER_VARIABLES = (
@@ -179,6 +183,12 @@ def supervise(rank, size, argv):
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, forward)
     code = child.wait()
+    if interrupted and rank != 0:
+        # The launcher kills every rank the moment one exits with a failure (Hydra: SIGKILL, no
+        # handler runs), so a rank that stopped first would end rank 0 before it printed how to go
+        # on (seen when rank 0 was still writing a checkpoint). Rank 0 ends the job itself once it
+        # has reported; this wait only bounds the case where it never does.
+        time.sleep(INTERRUPT_GRACE_S + REPORT_GRACE_S)
     run_dir = _read_announced(reader) or argv_run_dir(argv)
     if interrupted and code < 0:
         if rank == 0 and command == "train":  # the child could not say it: it was stuck, and killed

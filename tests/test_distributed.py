@@ -228,6 +228,47 @@ def test_two_ranks_give_the_single_process_parameters(tmp_path):
     assert s2["best_metric"] == pytest.approx(s1["best_metric"], rel=1e-10)
 
 
+@pytest.mark.slow
+@needs_mpiexec
+def test_rank_0_reports_a_ctrl_c_even_when_it_stops_last(tmp_path):
+    """The launcher kills every rank the moment one exits with a failure: rank 1 stopping at once
+    while rank 0 still waited in the gradient all-reduce (or wrote a checkpoint) ended the job
+    without the resume line (seen in CI). Here rank 1 spends each step in a sleep, which Ctrl-C
+    interrupts at once, so rank 0 is nearly always the one waiting."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('PMI_RANK') == '1' and os.environ.get('ELMCORE_RANK_SUPERVISED') == '1':\n"
+        "    import time\n"
+        "    from elmcore.neuron.model import ELM\n"
+        "    backward = ELM.backward\n"
+        "    def slow_backward(self, *args, **kwargs):\n"
+        "        time.sleep(0.3)\n"
+        "        return backward(self, *args, **kwargs)\n"
+        "    ELM.backward = slow_backward\n")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    args = TINY + ["--epochs", "200", "--checkpoint-every", "2", "--task-option", "length=40"]
+    rd = str(tmp_path / "cut")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2"] + ELM_COMMAND + ["train", *args, "--run-dir", rd],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, env=env, start_new_session=True)
+    metrics, deadline = os.path.join(rd, "metrics.jsonl"), time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and open(metrics).read().count('"type": "step"') >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.time()
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 30
+    assert proc.returncode != 0, err
+    assert f"elm train --resume {rd}" in err, err
+    assert _worker_pid(rd, 0) is None and _worker_pid(rd, 1) is None
+
+
 def _worker_pid(run_dir, rank):
     """The training process of ``rank`` (the child of the rank's supervising parent)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
