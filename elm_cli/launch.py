@@ -37,6 +37,8 @@ THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREAD
 # The pipe a rank writes its run directory to; the same name as elmcore.training.distributed.RUN_DIR_FD
 # (not imported: this module must not import NumPy before the thread variables are set).
 RUN_DIR_FD = "ELMCORE_RUN_DIR_FD"
+# The trainer's lock file in a run directory: elmcore.training.train.LOCK (not imported, as above).
+LOCK_FILE = ".lock"
 # Seconds a rank has, after Ctrl-C, to stop by itself before its parent kills it.
 INTERRUPT_GRACE_S = 5.0
 # Seconds more that ranks other than 0 stay after an interrupt, for rank 0 (killed itself after
@@ -192,6 +194,8 @@ def supervise(rank, size, argv):
     run_dir = _read_announced(reader) or argv_run_dir(argv)
     if interrupted and code < 0:
         if rank == 0 and command == "train":  # the child could not say it: it was stuck, and killed
+            if run_dir:
+                _remove_lock_left_by(child.pid, run_dir)
             where = (f"continue with: {resume_command(size, run_dir)} (from its last checkpoint, last.npz)"
                      if run_dir else "no run directory was made yet: nothing to resume")
             sys.stderr.write(f"interrupted; {where}\n")
@@ -202,6 +206,18 @@ def supervise(rank, size, argv):
         sys.stderr.flush()
         return 128 - code
     return code
+
+
+def _remove_lock_left_by(pid, run_dir):
+    """Remove the run directory's lock file if the killed trainer ``pid`` wrote it. Its lock died with
+    it (an flock), so the file would only be clutter; a trainer that holds it now has written its own pid."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read().strip() == str(pid):
+                os.unlink(path)
+    except OSError:
+        pass
 
 
 def _interrupt_once(signum, frame):

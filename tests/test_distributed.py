@@ -267,6 +267,14 @@ def test_rank_0_reports_a_ctrl_c_even_when_it_stops_last(tmp_path):
     assert proc.returncode != 0, err
     assert f"elm train --resume {rd}" in err, err
     assert _worker_pid(rd, 0) is None and _worker_pid(rd, 1) is None
+    # rank 0, stuck in the all-reduce, was killed by its parent, which removed the lock file it left
+    assert not os.path.exists(os.path.join(rd, ".lock"))
+
+
+def test_the_launcher_names_the_trainers_lock_file():
+    from elm_cli import launch
+    from elmcore.training import train
+    assert launch.LOCK_FILE == train.LOCK
 
 
 def _worker_pid(run_dir, rank):
