@@ -249,8 +249,24 @@ def test_rank_0_reports_a_ctrl_c_even_when_it_stops_last(tmp_path):
         "    ELM.backward = slow_backward\n")
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
-    args = TINY + ["--epochs", "200", "--checkpoint-every", "2", "--task-option", "length=40"]
     rd = str(tmp_path / "cut")
+    err = _ctrl_c_after_five_steps(["--checkpoint-every", "2"], rd, env)
+    assert f"elm train --resume {rd}" in err, err
+    assert _worker_pid(rd, 0) is None and _worker_pid(rd, 1) is None
+    # rank 0, stuck in the all-reduce, was killed by its parent, which removed the lock file it left
+    assert not os.path.exists(os.path.join(rd, ".lock"))
+
+
+def test_the_launcher_names_the_trainers_lock_file():
+    from elm_cli import launch
+    from elmcore.training import train
+    assert launch.LOCK_FILE == train.LOCK
+
+
+def _ctrl_c_after_five_steps(extra_args, rd, env):
+    """Start a two-rank run, send one Ctrl-C to its whole process group (as a terminal does) once
+    five steps are logged, check that it ends promptly and non-zero; return its stderr."""
+    args = TINY + ["--epochs", "200", "--task-option", "length=40", *extra_args]
     proc = subprocess.Popen([MPIEXEC, "-n", "2"] + ELM_COMMAND + ["train", *args, "--run-dir", rd],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, env=env, start_new_session=True)
@@ -262,19 +278,10 @@ def test_rank_0_reports_a_ctrl_c_even_when_it_stops_last(tmp_path):
     assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, signal.SIGINT)
     sent = time.time()
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert time.time() - sent < 30
     assert proc.returncode != 0, err
-    assert f"elm train --resume {rd}" in err, err
-    assert _worker_pid(rd, 0) is None and _worker_pid(rd, 1) is None
-    # rank 0, stuck in the all-reduce, was killed by its parent, which removed the lock file it left
-    assert not os.path.exists(os.path.join(rd, ".lock"))
-
-
-def test_the_launcher_names_the_trainers_lock_file():
-    from elm_cli import launch
-    from elmcore.training import train
-    assert launch.LOCK_FILE == train.LOCK
+    return err
 
 
 def _worker_pid(run_dir, rank):
@@ -329,22 +336,8 @@ def test_a_killed_rank_is_named_and_resume_matches_an_uninterrupted_run(tmp_path
 @needs_mpiexec
 def test_one_ctrl_c_ends_every_rank_with_the_resume_line(tmp_path):
     """Ctrl-C at a terminal sends SIGINT to the whole foreground process group: mpiexec and every rank."""
-    args = TINY + ["--epochs", "200", "--checkpoint-every", "3", "--task-option", "length=40"]
     rd = str(tmp_path / "cut")
-    proc = subprocess.Popen([MPIEXEC, "-n", "2"] + ELM_COMMAND + ["train", *args, "--run-dir", rd],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            text=True, env=_env(), start_new_session=True)
-    metrics, deadline = os.path.join(rd, "metrics.jsonl"), time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if os.path.exists(metrics) and open(metrics).read().count('"type": "step"') >= 5:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    os.killpg(proc.pid, signal.SIGINT)
-    sent = time.time()
-    out, err = proc.communicate(timeout=60)
-    assert time.time() - sent < 30
-    assert proc.returncode != 0, err
+    err = _ctrl_c_after_five_steps(["--checkpoint-every", "3"], rd, _env())
     assert f"elm train --resume {rd}" in err, err
     assert "RUN_DIR" not in err and "Traceback" not in err
     assert _worker_pid(rd, 0) is None and _worker_pid(rd, 1) is None  # no rank left behind
