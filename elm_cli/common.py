@@ -24,10 +24,12 @@ class UserError(click.ClickException):
 
     def show(self, file=None):
         from elmcore.training.distributed import end_job_after
-        if self.silent:
-            return
-        end_job_after(lambda: click.echo(f"error: {self.format_message()}", err=True), self.exit_code,
-                      self.collective)
+
+        def report():
+            if not self.silent:
+                click.echo(f"error: {self.format_message()}", err=True)
+        # A silent rank still takes part in ending the job: rank 0 reports only once the others wait.
+        end_job_after(report, self.exit_code, self.collective)
 
     @classmethod
     def of(cls, error, message=None):

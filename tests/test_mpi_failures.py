@@ -136,3 +136,28 @@ def test_a_rank_whose_forward_pass_is_not_finite_does_not_hang_the_others(tmp_pa
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     assert "not finite at step 1 on 1 of 2 ranks" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and result.seconds < PROMPT_S / 2
+
+
+_RANK_0_REPORTS_LATE = """
+import os, sys, time
+from elmcore.training.distributed import communicator
+from elmcore.training.train import Trainer
+if communicator().rank == 0:
+    diverged = Trainer._diverged
+    def late(self, *args, **kwargs):
+        time.sleep(3)  # rank 0 still busy (a loaded machine) when rank 1 has stopped
+        return diverged(self, *args, **kwargs)
+    Trainer._diverged = late
+else:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # so the one line can only be rank 0's
+""" + _RANK_1_DIVERGES
+
+
+@pytest.mark.slow
+@needs_mpiexec
+def test_rank_0_reports_an_error_every_rank_raised_even_when_it_gets_there_last(tmp_path):
+    # Before, every rank raised the divergence on its own: rank 1 waited 2 s, then aborted the job
+    # and rank 0, still 1 s from its line, was killed silently. Now the others wait for rank 0's line.
+    result = mpirun([sys.executable, "-c", _RANK_0_REPORTS_LATE, "train", *TINY, "--run-dir", str(tmp_path / "run")])
+    assert_one_error(result, "not finite at step 1 on 1 of 2 ranks")
+    assert result.seconds < PROMPT_S / 2

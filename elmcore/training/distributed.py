@@ -30,6 +30,8 @@ single-process run to rounding (the test suite checks float64 to 1e-10).
 
 import contextlib
 import os
+import sys
+import time
 
 import numpy as np
 
@@ -330,6 +332,12 @@ def announce_run_dir(run_dir):
 # A rank other than 0 that fails waits this long before it reports and aborts: when rank 0 fails
 # too (most errors reach every rank alike), rank 0's abort ends the job first, so it reports once.
 REPORT_GRACE_S = 2.0
+# Seconds between flushing the error line and MPI_Abort. Hydra's proxy can take the abort before
+# the line still in its pipe, and then drops the line (seen on a loaded CI machine, not on an idle one).
+FORWARD_GRACE_S = 0.5
+# Seconds the other ranks wait for rank 0 to report an error every rank raised. Rank 0 is at the
+# same point already, so only a bug (an error marked collective that is not) lets this run out.
+ROOT_REPORT_TIMEOUT_S = 60.0
 
 
 def in_parallel_job():
@@ -340,21 +348,33 @@ def in_parallel_job():
 def end_job_after(report, code=2, collective=False):
     """Call ``report()`` (which prints the one error line); then, in a job of several ranks, end every rank.
 
-    One rank's error would leave the others waiting forever in their next collective, so
-    the job is aborted, unless the error is ``collective`` (every rank raised it and exits).
-    MPI's own abort banner is held back: the error line is the whole message.
+    A ``collective`` error was raised by every rank at the same point: rank 0 alone reports
+    it, and the others wait until it has, because the launcher kills every rank the moment
+    one exits with a failure (Hydra: SIGKILL), and a rank that exited first would silence
+    rank 0. Any other error would leave the others waiting forever in their next collective,
+    so the job is aborted, with MPI's own abort banner held back: the error line is the
+    whole message.
     """
-    if not in_parallel_job() or collective:
+    if not in_parallel_job():
         report()
         return
-    import sys
-    import time
-    if _world.Get_rank() != 0:
+    rank = _world.Get_rank()
+    reported = False
+    if collective:
+        if rank == 0:
+            report()
+            _flush_output()
+            reported = True
+        if _wait_for_every_rank(ROOT_REPORT_TIMEOUT_S):
+            if rank != 0:
+                time.sleep(REPORT_GRACE_S)  # for rank 0's exit to end the job first (launchers that kill)
+            return
+    elif rank != 0:
         time.sleep(REPORT_GRACE_S)
-    report()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    if not reported:
+        report()
+        _flush_output()
+    time.sleep(FORWARD_GRACE_S)
     with contextlib.suppress(OSError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
@@ -362,9 +382,25 @@ def end_job_after(report, code=2, collective=False):
     _world.Abort(code)
 
 
+def _flush_output():
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _wait_for_every_rank(timeout_s):
+    """A barrier that gives up after ``timeout_s``; whether every rank reached it."""
+    request = _world.Ibarrier()
+    deadline = time.monotonic() + timeout_s
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _end_the_job_on_uncaught_errors():
     """A traceback on one rank ends the whole job (exit 1), instead of leaving the others waiting."""
-    import sys
     previous = sys.excepthook
 
     def hook(kind, value, tb):

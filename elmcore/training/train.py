@@ -68,7 +68,7 @@ from elmcore.engine.backend import host_scalars
 from elmcore.engine.memory import check_memory
 from elmcore.data.base import ArrayTask
 from elmcore.data.registry import DEFAULT_TASK
-from elmcore.training.distributed import announce_run_dir, communicator
+from elmcore.training.distributed import announce_run_dir, communicator, mark_collective
 from elmcore.errors import CheckpointError, ELMError, NonFiniteOutputError, did_you_mean
 from elmcore.training.evaluate import evaluate, metric_value
 from elmcore.storage.fileio import (atomic_write_text, describe_os_error, interrupts_deferred, read_json,
@@ -822,8 +822,9 @@ class Trainer:
                 with np.errstate(over="ignore", invalid="ignore"):
                     valid = self._validate()
             except NonFiniteOutputError:
+                # Raised on the rank whose share of the validation batches failed: not a collective error.
                 self._diverged(f"the model's outputs on validation data are not finite after step "
-                               f"{self.position['step']}", step=self.position["step"])
+                               f"{self.position['step']}", step=self.position["step"], every_rank=False)
             last_valid = metric_value(self.task, valid)
             improved = self._is_better(last_valid)
             if improved:
@@ -941,11 +942,13 @@ class Trainer:
             parts.append(f"stateful: {self.settings.batch_size} streams carry their state from batch to batch")
         return f"{task.name}: " + "; ".join(parts) if parts else None
 
-    def _diverged(self, what, loss=None, step=None):
+    def _diverged(self, what, loss=None, step=None, every_rank=True):
         """Record and raise the divergence of ``step`` (default: the step being taken).
 
         The message is built from what every rank of a data-parallel run holds alike (the steps
         checkpointed, the best step), never from the file system, so every rank reports the same.
+        A step's checks judge the reduced loss and gradients, so every rank raises at once
+        (``every_rank``) and rank 0 alone reports.
         """
         last = os.path.join(self.run_dir, LAST)
         if self._last_checkpoint_step is not None:
@@ -958,8 +961,9 @@ class Trainer:
         self._record({"type": "diverged", "step": self.position["step"] + 1 if step is None else step,
                       "epoch": self.position["epoch"] + 1,
                       "loss": finite_or_none(loss), "message": what})
-        raise TrainingDiverged(f"training stopped: {what} (epoch {self.position['epoch'] + 1}); {where}. "
-                               "Try a lower --lr or --clip-norm.")
+        error = TrainingDiverged(f"training stopped: {what} (epoch {self.position['epoch'] + 1}); {where}. "
+                                 "Try a lower --lr or --clip-norm.")
+        raise mark_collective(error) if every_rank else error
 
     def _validate(self):
         return self.task.validation_metrics(self.model, self.selection_split, self.settings.eval_batch_size,
