@@ -123,10 +123,11 @@ def test_gradcheck_with_neurons_in_vector_blocks():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("rows, neurons", [(7, 37), (4, 16), (3, 5)])
+@pytest.mark.parametrize("rows, neurons", [(7, 37), (4, 16), (3, 5), (5, 29), (2, 8), (4, 4), (3, 14)])
 def test_per_neuron_products_match_einsum(dtype, rows, neurons):
     """The walks' products: vector blocks of 4 rows x 4 outputs, their 1-row / 1-output
-    remainders and the loop over the neurons past the last whole vector."""
+    remainders, vectors of 64, 32 and 16 bytes (29 float32 neurons: 16 + 8 + 4 and one left)
+    and the loop over the neurons past the last whole vector."""
     from elmcore.kernels import network_cpu
     rng = np.random.default_rng(rows * neurons)
     J, K_out = 6, 5

@@ -17,8 +17,9 @@ One block call computes P × Q accumulator vectors, each ``lanes`` consecutive n
 where the vector x[k, p] starts at element ``x_off + k·x_sk + p·x_sp`` of the C-contiguous
 array x (y[k, q] and out[p, q] alike). The sum runs over k in ascending order, one fused
 multiply-add per step: the order of the loops it replaces and of the CUDA twins. A vector is
-64 bytes (16 float32 or 8 float64 values: one AVX-512 register); LLVM splits it where the CPU
-has narrower vectors, so the code is correct on any machine Numba supports.
+64 bytes (16 float32 or 8 float64 values: one AVX-512 register), then 32 and 16 bytes for what
+is left of the neurons; LLVM splits a vector where the CPU has narrower ones, so the code is
+correct on any machine Numba supports.
 """
 
 from llvmlite import ir
@@ -49,7 +50,7 @@ def _vector_setup(context, builder, signature, args, offsets, width_bytes):
     return vec, vec.as_pointer(), fma, bases
 
 
-def _make_block(P, Q):
+def _make_block(P, Q, width_bytes):
     @intrinsic
     def block(typingctx, x, y, out, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K):
         if not _same_float_c_arrays(x, y, out):
@@ -59,7 +60,7 @@ def _make_block(P, Q):
         def codegen(context, builder, signature, args):
             x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K = args[3:]
             vec, vec_ptr, fma, (x_base, y_base, out_base) = _vector_setup(
-                context, builder, signature, args, (x_off, y_off, out_off), VECTOR_BYTES)
+                context, builder, signature, args, (x_off, y_off, out_off), width_bytes)
 
             def vector_at(base, offset):
                 return builder.bitcast(builder.gep(base, [offset]), vec_ptr)
@@ -93,18 +94,15 @@ def _make_block(P, Q):
     return block
 
 
-# 4 x 4 blocks (16 accumulators and 8 operand vectors: within AVX-512's 32 vector registers),
-# narrower ones for the remainders.
-_B44, _B41, _B14, _B11 = _make_block(4, 4), _make_block(4, 1), _make_block(1, 4), _make_block(1, 1)
+def _make_blocks(width_bytes):
+    """The P × Q accumulator vectors of ``width_bytes`` each that start at neuron i: 4 x 4 blocks
+    (16 accumulators and 8 operand vectors: within AVX-512's 32 vector registers), narrower ones
+    for the remainders of P and Q."""
+    b44, b41 = _make_block(4, 4, width_bytes), _make_block(4, 1, width_bytes)
+    b14, b11 = _make_block(1, 4, width_bytes), _make_block(1, 1, width_bytes)
 
-
-@njit(inline="always", cache=True, error_model="numpy")
-def blocked_product(x, y, out, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K, P, Q, N):
-    """The block products over P x Q accumulator vectors for the neurons [0, N - N mod lanes)
-    (offsets advance by one per neuron); returns where the neurons left to a scalar loop begin."""
-    V = VECTOR_BYTES // out.itemsize
-    stop = N - N % V
-    for i in range(0, stop, V):
+    @njit(inline="always", error_model="numpy")
+    def blocks(x, y, out, i, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K, P, Q):
         p = 0
         while p < P:
             rows = 4 if p + 4 <= P else 1
@@ -116,15 +114,39 @@ def blocked_product(x, y, out, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, ou
                 yo = y_off + i + q * y_sq
                 o2 = oo + q * out_sq
                 if rows == 4 and cols == 4:
-                    _B44(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
+                    b44(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
                 elif rows == 4:
-                    _B41(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
+                    b41(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
                 elif cols == 4:
-                    _B14(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
+                    b14(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
                 else:
-                    _B11(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
+                    b11(x, y, out, xo, x_sk, x_sp, yo, y_sk, y_sq, o2, out_sp, out_sq, K)
                 q += cols
             p += rows
+
+    return blocks
+
+
+# Vectors of 64, 32 and 16 bytes: fewer neurons than one 64-byte vector (a budget sweep's
+# smallest networks: 4 or 8 float32 neurons) and the remainders of wider layers still run in
+# vectors, not in the scalar loop after them.
+_BLOCKS_64, _BLOCKS_32, _BLOCKS_16 = _make_blocks(64), _make_blocks(32), _make_blocks(16)
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def blocked_product(x, y, out, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K, P, Q, N):
+    """The block products over P x Q accumulator vectors for the neurons [0, N − N mod (16 bytes))
+    (offsets advance by one per neuron); returns where the neurons left to a scalar loop begin."""
+    V = VECTOR_BYTES // out.itemsize
+    stop = N - N % V
+    for i in range(0, stop, V):
+        _BLOCKS_64(x, y, out, i, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K, P, Q)
+    if N - stop >= V // 2:
+        _BLOCKS_32(x, y, out, stop, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K, P, Q)
+        stop += V // 2
+    if N - stop >= V // 4:
+        _BLOCKS_16(x, y, out, stop, x_off, x_sk, x_sp, y_off, y_sk, y_sq, out_off, out_sp, out_sq, K, P, Q)
+        stop += V // 4
     return stop
 
 
