@@ -366,9 +366,7 @@ def end_job_after(report, code=2, collective=False):
             _flush_output()
             reported = True
         if _wait_for_every_rank(ROOT_REPORT_TIMEOUT_S):
-            if rank != 0:
-                time.sleep(REPORT_GRACE_S)  # for rank 0's exit to end the job first (launchers that kill)
-            return
+            return  # every rank exits through MPI_Finalize, which none leaves before all are in it
     elif rank != 0:
         time.sleep(REPORT_GRACE_S)
     if not reported:
