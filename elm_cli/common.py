@@ -28,7 +28,7 @@ class UserError(click.ClickException):
         def report():
             if not self.silent:
                 click.echo(f"error: {self.format_message()}", err=True)
-        # A silent rank still takes part in ending the job: rank 0 reports only once the others wait.
+        # A silent rank still takes part in ending the job: it must not exit before rank 0 has reported.
         end_job_after(report, self.exit_code, self.collective)
 
     @classmethod

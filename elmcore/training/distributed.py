@@ -333,7 +333,8 @@ def announce_run_dir(run_dir):
 # too (most errors reach every rank alike), rank 0's abort ends the job first, so it reports once.
 REPORT_GRACE_S = 2.0
 # Seconds between flushing the error line and MPI_Abort. Hydra's proxy can take the abort before
-# the line still in its pipe, and then drops the line (seen on a loaded CI machine, not on an idle one).
+# the line still in its pipe and drop the line: the likely cause of a line lost on a loaded CI
+# machine (not reproduced on an idle one).
 FORWARD_GRACE_S = 0.5
 # Seconds the other ranks wait for rank 0 to report an error every rank raised. Rank 0 is at the
 # same point already, so only a bug (an error marked collective that is not) lets this run out.
@@ -359,17 +360,18 @@ def end_job_after(report, code=2, collective=False):
         report()
         return
     rank = _world.Get_rank()
-    reported = False
     if collective:
         if rank == 0:
             report()
             _flush_output()
-            reported = True
         if _wait_for_every_rank(ROOT_REPORT_TIMEOUT_S):
             return  # every rank exits through MPI_Finalize, which none leaves before all are in it
-    elif rank != 0:
-        time.sleep(REPORT_GRACE_S)
-    if not reported:
+        if rank != 0:  # rank 0 never came: this rank's line is the only one
+            report()
+            _flush_output()
+    else:
+        if rank != 0:
+            time.sleep(REPORT_GRACE_S)
         report()
         _flush_output()
     time.sleep(FORWARD_GRACE_S)
