@@ -455,6 +455,29 @@ def test_batch_tiling_does_not_change_the_numbers(monkeypatch):
         assert all(np.array_equal(grads[k], results[0][1][k]) for k in grads)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_weight_gradients_summed_in_the_walk_equal_the_sums_after_it(seed, monkeypatch):
+    from elmcore.kernels import network_cpu
+    rng = np.random.default_rng(40 + seed)
+    # 0 … 3 MLP layers (no hidden layer, one, and hidden-to-hidden weights); 1 … 9 rows: groups of 4 and a rest.
+    cfg = random_network_config(rng, mlp_num_layers=seed, recurrent_fraction=0.5)
+    net = ELMNetwork(cfg, seed=seed, dtype="float64")
+    net.time_block = 4  # 11 steps: three time blocks, each walked by its own call
+    X, G = rng.normal(size=(2 * seed + 3, 11, cfg.num_input)), rng.normal(size=(2 * seed + 3, 11, cfg.num_output))
+    blocks = []
+    walk = network_cpu.network_backward_block
+    monkeypatch.setattr(network_cpu, "network_backward_block", lambda *a: (blocks.append(a[23:25]), walk(*a)))
+    grads = {}
+    for separate in (False, True):
+        net.separate_weight_grads = separate
+        Y, cache = net.forward(X, return_cache=True)
+        grads[separate] = net.backward(G, cache, input_grad=True)
+    assert blocks == [(8, 11), (4, 8), (0, 4)] * cfg.num_layers
+    for key in grads[True]:
+        scale = max(np.abs(grads[True][key]).max(), 1e-300)
+        assert np.abs(grads[False][key] - grads[True][key]).max() <= 1e-13 * scale, key
+
+
 @pytest.mark.parametrize("batch, steps, t0, t1", [(1, 1, 0, 1), (1, 3, 0, 3), (13, 1, 0, 1), (4, 10, 0, 10),
                                                  (3, 11, 4, 9), (2, 7, 6, 7)])
 def test_neuron_weight_grad_is_the_per_neuron_outer_product_sum(batch, steps, t0, t1):

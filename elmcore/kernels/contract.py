@@ -66,10 +66,21 @@ CAPABILITY_FUNCTIONS = {
 }
 
 
+NETWORK_CAPABILITY_FUNCTIONS = {
+    # The backward walk over one time block sums the MLP's, w_o's and the recurrent synapses'
+    # weight gradients itself, instead of writing ∂z, act(z), ∂(pre-φ) and ∂o for
+    # neuron_weight_grad to read back, and g_b for recurrent_weight_grad.
+    "weight_grads_in_walk": {
+        "network_backward_block": NETWORK_REQUIRED["network_backward"][:23] + (
+            "t0", "t1", "O", "o0", "GB_out", "gkappa_out", "gc_out", "carry_b", "carry_m", "carry_o", "grad_W_in",
+            "grad_c_in", "grad_W_hid", "grad_c_hid", "grad_W_out", "grad_c_out", "grad_w_o", "grad_c_o", "grad_w_rec"),
+    },
+}
+
 # family -> (required functions, capability -> its functions).
 FAMILIES = {
     "neuron": (REQUIRED, CAPABILITY_FUNCTIONS),
-    "network": (NETWORK_REQUIRED, {}),
+    "network": (NETWORK_REQUIRED, NETWORK_CAPABILITY_FUNCTIONS),
 }
 
 

@@ -37,13 +37,13 @@ from numba.np.arrayobj import make_array, populate_array
 
 from . import pointwise as pw
 from .cpu import _accumulate_product
-from .simd import blocked_product
+from .simd import STREAM_BYTES, blocked_product, data_address, store_fence, stream_store
 from .cpu import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 
-# Optional parts of the kernel contract (kernels/contract.py): the network's kernels have none.
-CAPABILITIES = frozenset()
+# Optional parts of the kernel contract (kernels/contract.py).
+CAPABILITIES = frozenset({"weight_grads_in_walk"})
 
 
 # ---- per-neuron matrix products over a tile of batch rows ---------------------------------
@@ -133,6 +133,40 @@ def _copy(src, dst):
 
 
 @njit(inline="always", **_JIT)
+def _stream_copy(src, dst):
+    """``_copy`` with non-temporal stores (``simd.stream_store``) for dst's aligned whole vectors:
+    for a cache read back only much later, by the backward. The writing thread must
+    ``store_fence`` before another thread reads dst."""
+    s = _flat(src)
+    d = _flat(dst)
+    n = s.shape[0]
+    lanes = STREAM_BYTES // d.itemsize
+    head = min(n, ((-data_address(d)) % STREAM_BYTES) // d.itemsize)
+    for x in range(head):
+        d[x] = s[x]
+    x = head
+    while x + lanes <= n:
+        stream_store(s, x, d, x)
+        x += lanes
+    for y in range(x, n):
+        d[y] = s[y]
+
+
+@njit(inline="always", **_JIT)
+def _write_cache(src, dst, stream):
+    if stream:
+        _stream_copy(src, dst)
+    else:
+        _copy(src, dst)
+
+
+# A forward cache larger than this is written with non-temporal stores: it cannot stay in the
+# caches until the backward reads it (32 MB: all of the test machine's L3). A smaller one is
+# written normally, so the backward finds it in L2/L3.
+STREAM_CACHE_BYTES = 32 << 20
+
+
+@njit(inline="always", **_JIT)
 def _add_recurrent(accT, rec_chan, rec_w, rec_src, srcT, n):
     """accT[rec_chan[e], :n] += rec_w[e] · srcT[rec_src[e], :n] for every entry e, in entry order.
 
@@ -145,6 +179,18 @@ def _add_recurrent(accT, rec_chan, rec_w, rec_src, srcT, n):
         w = rec_w[e]
         for r in range(n):
             acc[r] += w * src[r]
+
+
+@njit(inline="always", **_JIT)
+def _add_recurrent_products(accT, a_chan, b_src, aT, bT, n):
+    """accT[e, :n] += aT[a_chan[e], :n] · bT[b_src[e], :n] for every entry e (all row-minor, as in
+    ``_add_recurrent``): each entry's weight gradient, one vector FMA over the tile's rows."""
+    for e in range(a_chan.shape[0]):
+        acc = accT[e]
+        a = aT[a_chan[e]]
+        b = bT[b_src[e]]
+        for r in range(n):
+            acc[r] += a[r] * b[r]
 
 
 # Batch rows walked together (None: one tile per thread, at most MAX_TILE rows). Measured one-threaded
@@ -184,101 +230,115 @@ def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_i
     DM_out, M_out [B,T,Dm,N]  Δm_t and m_t;  O_out [B,T,N] o_t;  b_out [B,nb,N] the last b_t.
     Tiles of batch rows (``batch_tile``) run in parallel; the result does not depend on the tiling.
     """
+    stream = A0_out.nbytes + Z_out.nbytes + DM_out.nbytes + M_out.nbytes + O_out.nbytes > STREAM_CACHE_BYTES
     _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
                      kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, batch_tile(E.shape[0]),
-                     A0_out, Z_out, DM_out, M_out, O_out, b_out)
+                     stream, A0_out, Z_out, DM_out, M_out, O_out, b_out)
 
 
 @njit(parallel=True, **_JIT)
 def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
-                     kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R,
+                     kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R, stream,
                      A0_out, Z_out, DM_out, M_out, O_out, b_out):
-    B, T, nb, N = E.shape
+    B, _, _, N = E.shape
+    rec_chan = rec_k * N + rec_i  # flat index into a [nb,N] block: one index load per entry, not two
+    n_tiles = (B + R - 1) // R
+    for ti in prange(n_tiles):
+        _forward_tile(ti * R, min(R, B - ti * R), E, kappa_b, rec_chan, rec_src, rec_w, W_in, c_in, W_hid, c_hid,
+                      W_out, c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R, stream,
+                      A0_out, Z_out, DM_out, M_out, O_out, b_out)
+
+
+@njit(**_JIT)
+def _forward_tile(first, n, E, kappa_b, rec_chan, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out, kappa_m,
+                  c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R, stream, A0_out, Z_out, DM_out, M_out,
+                  O_out, b_out):
+    """The batch rows [first, first + n) of ``_network_forward`` through all T steps (rec_chan: the
+    entries' flat [nb,N] channels). A function called from the parallel loop, not its body:
+    Numba's parallel passes then see a small loop (the walk inlined into it took minutes to compile)."""
+    _, T, nb, N = E.shape
     Dm = kappa_m.shape[0]
     I0, W0, _ = W_in.shape
     L = Z_out.shape[0]
     H = Z_out.shape[3]
     dt = E.dtype
-    rec_chan = rec_k * N + rec_i  # flat index into a [nb,N] block: one index load per entry, not two
-    n_tiles = (B + R - 1) // R
-    for ti in prange(n_tiles):
-        first = ti * R
-        n = min(R, B - first)
-        # The branch sums and o_{t−1} are kept source- / channel-major with the tile's rows
-        # contiguous, so each recurrent entry is one vector FMA over the rows (module docstring).
-        brT = np.empty((nb * N, R), dt)
-        oT = np.empty((N, R), dt)
-        m = np.empty((R, Dm, N), dt)
-        o = np.empty((R, N), dt)
-        a0 = np.empty((R, I0, N), dt)
-        z0 = np.empty((R, W0, N), dt)
-        a = np.empty((R, H, N), dt)
-        z = np.empty((R, H, N), dt)
-        pre = np.empty((R, Dm, N), dt)
-        for r in range(n):
-            for k in range(nb):
-                for i in range(N):
-                    brT[k * N + i, r] = b0[first + r, k, i]
+    # The branch sums and o_{t−1} are kept source- / channel-major with the tile's rows
+    # contiguous, so each recurrent entry is one vector FMA over the rows (module docstring).
+    brT = np.empty((nb * N, R), dt)
+    oT = np.empty((N, R), dt)
+    m = np.empty((R, Dm, N), dt)
+    o = np.empty((R, N), dt)
+    a0 = np.empty((R, I0, N), dt)
+    z0 = np.empty((R, W0, N), dt)
+    a = np.empty((R, H, N), dt)
+    z = np.empty((R, H, N), dt)
+    pre = np.empty((R, Dm, N), dt)
+    for r in range(n):
+        for k in range(nb):
             for i in range(N):
-                oT[i, r] = o0[first + r, i]
-            m[r] = m0[first + r]
-        for t in range(T):
-            for r in range(n):
-                e_t = E[first + r, t]
-                for k in range(nb):
-                    for i in range(N):
-                        c = k * N + i
-                        brT[c, r] = kappa_b[k, i] * brT[c, r] + e_t[k, i]
-            _add_recurrent(brT, rec_chan, rec_w, rec_src, oT, n)
-            for r in range(n):
-                bb = first + r
-                a0r = a0[r]
-                for k in range(nb):
-                    for i in range(N):
-                        a0r[k, i] = brT[k * N + i, r]
-                for j in range(Dm):
-                    for i in range(N):
-                        a0r[nb + j, i] = kappa_m[j, i] * m[r, j, i]
-                _copy(a0r, A0_out[bb, t])
-            if L == 0:
-                _dense_rows(a0, W_in, c_in, pre, n)
-            else:
-                _dense_rows(a0, W_in, c_in, z0, n)
-                for r in range(n):
-                    _copy(z0[r], Z_out[0, first + r, t])
-                pw.activate_all(_flat(z0), _flat(a), n * H * N, activation)
-                for l in range(1, L):
-                    _dense_rows(a, W_hid[l - 1], c_hid[l - 1], z, n)
-                    for r in range(n):
-                        _copy(z[r], Z_out[l, first + r, t])
-                    pw.activate_all(_flat(z), _flat(a), n * H * N, activation)
-                _dense_rows(a, W_out, c_out, pre, n)
-            # φ on its own flat loop over the tile: one array in and out, so it vectorises.
-            pre_flat = _flat(pre)
-            for x in range(n * Dm * N):
-                pre_flat[x] = pw.phi(pre_flat[x], phi_scale, phi_slope)
-            for r in range(n):
-                bb = first + r
-                mr = m[r]
-                o_r = o[r]
-                dm_r = pre[r]
-                _copy(dm_r, DM_out[bb, t])
-                for j in range(Dm):
-                    for i in range(N):
-                        mr[j, i] = a0[r, nb + j, i] + c_m[j, i] * dm_r[j, i]
-                _copy(mr, M_out[bb, t])
-                for i in range(N):
-                    o_r[i] = c_o[i]
-                for j in range(Dm):
-                    for i in range(N):
-                        o_r[i] += w_o[j, i] * mr[j, i]
-                _copy(o_r, O_out[bb, t])
-                for i in range(N):
-                    oT[i, r] = o_r[i]
+                brT[k * N + i, r] = b0[first + r, k, i]
+        for i in range(N):
+            oT[i, r] = o0[first + r, i]
+        m[r] = m0[first + r]
+    for t in range(T):
         for r in range(n):
+            e_t = E[first + r, t]
             for k in range(nb):
                 for i in range(N):
-                    b_out[first + r, k, i] = brT[k * N + i, r]
+                    c = k * N + i
+                    brT[c, r] = kappa_b[k, i] * brT[c, r] + e_t[k, i]
+        _add_recurrent(brT, rec_chan, rec_w, rec_src, oT, n)
+        for r in range(n):
+            bb = first + r
+            a0r = a0[r]
+            for k in range(nb):
+                for i in range(N):
+                    a0r[k, i] = brT[k * N + i, r]
+            for j in range(Dm):
+                for i in range(N):
+                    a0r[nb + j, i] = kappa_m[j, i] * m[r, j, i]
+            _write_cache(a0r, A0_out[bb, t], stream)
+        if L == 0:
+            _dense_rows(a0, W_in, c_in, pre, n)
+        else:
+            _dense_rows(a0, W_in, c_in, z0, n)
+            for r in range(n):
+                _write_cache(z0[r], Z_out[0, first + r, t], stream)
+            pw.activate_all(_flat(z0), _flat(a), n * H * N, activation)
+            for l in range(1, L):
+                _dense_rows(a, W_hid[l - 1], c_hid[l - 1], z, n)
+                for r in range(n):
+                    _write_cache(z[r], Z_out[l, first + r, t], stream)
+                pw.activate_all(_flat(z), _flat(a), n * H * N, activation)
+            _dense_rows(a, W_out, c_out, pre, n)
+        # φ on its own flat loop over the tile: one array in and out, so it vectorises.
+        pre_flat = _flat(pre)
+        for x in range(n * Dm * N):
+            pre_flat[x] = pw.phi(pre_flat[x], phi_scale, phi_slope)
+        for r in range(n):
+            bb = first + r
+            mr = m[r]
+            o_r = o[r]
+            dm_r = pre[r]
+            _write_cache(dm_r, DM_out[bb, t], stream)
+            for j in range(Dm):
+                for i in range(N):
+                    mr[j, i] = a0[r, nb + j, i] + c_m[j, i] * dm_r[j, i]
+            _write_cache(mr, M_out[bb, t], stream)
+            for i in range(N):
+                o_r[i] = c_o[i]
+            for j in range(Dm):
+                for i in range(N):
+                    o_r[i] += w_o[j, i] * mr[j, i]
+            _copy(o_r, O_out[bb, t])  # read again soon: by the layer above or the readout
+            for i in range(N):
+                oT[i, r] = o_r[i]
+    for r in range(n):
+        for k in range(nb):
+            for i in range(N):
+                b_out[first + r, k, i] = brT[k * N + i, r]
+    if stream:
+        store_fence()
 
 
 def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
@@ -307,20 +367,137 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
                          values after step T−1 (zeros for a whole sequence); out, what reaches the
                          initial state b0, m0, o0 (what the walk of the segment before needs).
     """
+    B, T = dO.shape[0], dO.shape[1]
+    dt = dO.dtype  # no grad_* arrays: the weight gradients are summed afterwards, by neuron_weight_grad
     _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
-                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, batch_tile(dO.shape[0]),
-                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b, carry_m, carry_o)
+                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, batch_tile(B), 0, T,
+                      False, GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b, carry_m, carry_o,
+                      _none(3, dt), _none(2, dt), _none(4, dt), _none(3, dt), _none(3, dt), _none(2, dt), _none(3, dt),
+                      _none(2, dt), _none(3, dt), _none(2, dt), _none(2, dt))
+
+
+def _none(ndim, dtype):
+    """An empty array in place of an output the walk does not write."""
+    return np.empty((0,) * ndim, dtype)
+
+
+# Batch rows whose weight gradients the walk of ``network_backward_block`` sums together, four
+# rows per pass over a partial sum, like ``neuron_weight_grad``: a constant, so the sums' order
+# does not depend on the thread count (a tile is a whole number of such groups).
+GROUP_ROWS = 4
+
+
+def network_backward_block(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid,
+                           W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, t0, t1, O,
+                           o0, GB_out, gkappa_out, gc_out, carry_b, carry_m, carry_o, grad_W_in, grad_c_in, grad_W_hid,
+                           grad_c_hid, grad_W_out, grad_c_out, grad_w_o, grad_c_o, grad_w_rec):
+    """``network_backward`` over the time block [t0, t1) of its arrays, summing the block's
+    weight gradients in the walk (capability "weight_grads_in_walk").
+
+    Each step's ∂z, act(z), ∂(pre-φ) and ∂o are still in the tile's buffers when the walk
+    adds them into the weight gradients, so they are never written out and read back: on the
+    SHD-Adding shape that traffic (~100 MB a step) cost more than the products themselves.
+
+    Arguments as in ``network_backward`` (without dZ_out, dP_out, GO_out, act_out), and:
+    t0, t1    the steps walked, last first: the carries come in as after step t1−1 and leave as
+              what reaches step t0−1 (m_{t0−1} is M[:, t0−1], or m0 when t0 = 0).
+    O [B,T,N], o0 [B,N]  the forward's O_out and the o0 it was given: what the recurrent synapses read.
+    grad_W_in [I0,W0,N], grad_c_in [W0,N], grad_W_hid [Lh,H,H,N], grad_c_hid [Lh,H,N],
+    grad_W_out [H,Dm,N], grad_c_out [Dm,N]  Σ over the block's rows of each MLP layer's
+              (input ⊗ output gradient) and output gradient, shaped like the weights given
+              (the placeholders of absent layers get zeros); grad_w_o [Dm,1,N] Σ m_t ⊗ ∂o_t,
+              grad_c_o [1,N] Σ ∂o_t; grad_w_rec [B,E] per batch row Σ_t g_b(t)[k_e, i_e] · o_{t−1}[src_e],
+              the recurrent entries' gradient (``recurrent_weight_grad``'s partial_out). All overwritten.
+    Every sum over rows runs per group of GROUP_ROWS batch rows, steps last first, the rows of
+    a group four at a time; the groups' partial sums are then added in group order. grad_w_rec
+    sums each row's steps, last first.
+    """
+    B = dO.shape[0]
+    tile = GROUP_ROWS * -(-batch_tile(B) // GROUP_ROWS)
+    _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
+                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, tile, t0, t1, True,
+                      GB_out, _none(5, dO.dtype), _none(4, dO.dtype), _none(3, dO.dtype), _none(5, dO.dtype),
+                      gkappa_out, gc_out, carry_b, carry_m, carry_o, grad_W_in, grad_c_in, grad_W_hid, grad_c_hid,
+                      grad_W_out, grad_c_out, grad_w_o, grad_c_o, O, o0, grad_w_rec)
+
+
+@njit(inline="always", **_JIT)
+def _add_outer4(acc, bias, x0, x1, x2, x3, y0, y1, y2, y3):
+    """acc[j, o, :] += Σ_r x_r[j, :] · y_r[o, :] and bias[o, :] += Σ_r y_r[o, :] over four rows r,
+    added row after row: x_r [J,N] a row's inputs, y_r [O,N] its output gradients."""
+    J, O, N = acc.shape
+    for o in range(O):
+        row = bias[o]
+        g0, g1, g2, g3 = y0[o], y1[o], y2[o], y3[o]
+        for i in range(N):
+            row[i] = (((row[i] + g0[i]) + g1[i]) + g2[i]) + g3[i]
+    for j in range(J):
+        a0, a1, a2, a3 = x0[j], x1[j], x2[j], x3[j]
+        for o in range(O):
+            row = acc[j, o]
+            g0, g1, g2, g3 = y0[o], y1[o], y2[o], y3[o]
+            for i in range(N):
+                row[i] = (((row[i] + a0[i] * g0[i]) + a1[i] * g1[i]) + a2[i] * g2[i]) + a3[i] * g3[i]
+
+
+@njit(inline="always", **_JIT)
+def _add_outer1(acc, bias, x, y):
+    """``_add_outer4`` for one row."""
+    J, O, N = acc.shape
+    for o in range(O):
+        row = bias[o]
+        g = y[o]
+        for i in range(N):
+            row[i] += g[i]
+    for j in range(J):
+        a = x[j]
+        for o in range(O):
+            row = acc[j, o]
+            g = y[o]
+            for i in range(N):
+                row[i] += a[i] * g[i]
+
+
+@njit(**_JIT)
+def _add_outer_tile(P, Pc, group0, X, x_first, x_t, Y, n):
+    """Adds the tile's n rows into the partial sums of their groups: P[group0 + q] and Pc[group0 + q]
+    get the rows r of group q (``_add_outer4``), whose inputs are X[x_first + r, x_t] and output
+    gradients Y[r]. A call, not inlined: five inlined copies made the walk take minutes to compile."""
+    for q0 in range(0, n, GROUP_ROWS):
+        acc = P[group0 + q0 // GROUP_ROWS]
+        bias = Pc[group0 + q0 // GROUP_ROWS]
+        if q0 + GROUP_ROWS <= n:
+            _add_outer4(acc, bias, X[x_first + q0, x_t], X[x_first + q0 + 1, x_t], X[x_first + q0 + 2, x_t],
+                        X[x_first + q0 + 3, x_t], Y[q0], Y[q0 + 1], Y[q0 + 2], Y[q0 + 3])
+        else:
+            for r in range(q0, n):
+                _add_outer1(acc, bias, X[x_first + r, x_t], Y[r])
+
+
+@njit(inline="always", **_JIT)
+def _sum_groups(P, out):
+    """out = Σ_g P[g], added in group order (P [G,...] and out [...] C-contiguous, G ≥ 1)."""
+    dst = _flat(out)
+    first = _flat(P[0])
+    for x in range(dst.shape[0]):
+        dst[x] = first[x]
+    for g in range(1, P.shape[0]):
+        src = _flat(P[g])
+        for x in range(dst.shape[0]):
+            dst[x] += src[x]
 
 
 @njit(parallel=True, **_JIT)
 def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr, src_entry, W_in, W_hid, W_out,
-                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R,
-                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b_io, carry_m_io, carry_o_io):
-    B, T, nb, N = GB_out.shape
+                      kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R, t0, t1, in_walk,
+                      GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b_io, carry_m_io, carry_o_io,
+                      grad_W_in, grad_c_in, grad_W_hid, grad_c_hid, grad_W_out, grad_c_out, grad_w_o, grad_c_o, O, o0,
+                      grad_w_rec):
+    """The walk of ``network_backward`` (in_walk False: it writes dZ_out … act_out for the weight
+    gradients) and of ``network_backward_block`` (in_walk True: it sums them itself into grad_*)."""
+    B, _, nb, N = GB_out.shape
     Dm = kappa_m.shape[0]
     I0, W0, _ = W_in.shape
-    L = Z.shape[0]
-    H = Z.shape[3]
     dt = dO.dtype
     # The recurrent entries in source order, their weight and flat [nb,N] channel side by side:
     # the transposed synapses, through which g_b flows back to the source neurons.
@@ -334,88 +511,165 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
             w_by_src[q] = rec_w[e]
             chan_by_src[q] = rec_k[e] * N + rec_i[e]
             neuron_by_src[q] = j
+    rec_chan = rec_k * N + rec_i  # the entries in their own order, for grad_w_rec
+    # Per group of GROUP_ROWS batch rows, a partial sum of every weight gradient (none without in_walk).
+    groups = (B + GROUP_ROWS - 1) // GROUP_ROWS if in_walk else 0
+    P_in = np.zeros((groups, I0, W0, N), dt)
+    Pc_in = np.zeros((groups, W0, N), dt)
+    P_hid = np.zeros((W_hid.shape[0], groups, W_hid.shape[1], W_hid.shape[2], N), dt)
+    Pc_hid = np.zeros((W_hid.shape[0], groups, W_hid.shape[2], N), dt)
+    P_out = np.zeros((groups, W_out.shape[0], W_out.shape[1], N), dt)
+    Pc_out = np.zeros((groups, W_out.shape[1], N), dt)
+    P_wo = np.zeros((groups, Dm, 1, N), dt)
+    Pc_o = np.zeros((groups, 1, N), dt)
     n_tiles = (B + R - 1) // R
     for ti in prange(n_tiles):
-        first = ti * R
-        n = min(R, B - first)
-        carry_m = np.zeros((R, Dm, N), dt)
-        carry_b = np.zeros((R, nb, N), dt)
-        # g_b and the recurrent path's ∂loss/∂o_{t−1}, row-minor as in the forward (module docstring).
-        gbT = np.empty((nb * N, R), dt)
-        carry_oT = np.zeros((N, R), dt)
+        _backward_tile(ti * R, min(R, B - ti * R), dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, W_in, W_hid,
+                       W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R, t0, t1,
+                       in_walk, GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b_io, carry_m_io,
+                       carry_o_io, P_in, Pc_in, P_hid, Pc_hid, P_out, Pc_out, P_wo, Pc_o, O, o0, rec_chan, rec_src,
+                       grad_w_rec)
+    if in_walk:
+        _sum_groups(P_in, grad_W_in)
+        _sum_groups(Pc_in, grad_c_in)
+        for l in range(W_hid.shape[0]):
+            _sum_groups(P_hid[l], grad_W_hid[l])
+            _sum_groups(Pc_hid[l], grad_c_hid[l])
+        _sum_groups(P_out, grad_W_out)
+        _sum_groups(Pc_out, grad_c_out)
+        _sum_groups(P_wo, grad_w_o)
+        _sum_groups(Pc_o, grad_c_o)
+
+
+@njit(**_JIT)
+def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, W_in, W_hid, W_out, kappa_m, c_m,
+                   w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R, t0, t1, in_walk, GB_out, dZ_out,
+                   dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b_io, carry_m_io, carry_o_io, P_in, Pc_in,
+                   P_hid, Pc_hid, P_out, Pc_out, P_wo, Pc_o, O, o0, rec_chan, rec_src, grad_w_rec):
+    """The batch rows [first, first + n) of ``_network_backward`` through steps t1−1 … t0 (the
+    entries by source: w_by_src, chan_by_src, neuron_by_src, and in their own order: rec_chan,
+    rec_src; P_*: the groups' partial sums). A function called from the parallel loop, as
+    ``_forward_tile`` is."""
+    _, _, nb, N = GB_out.shape
+    Dm = kappa_m.shape[0]
+    I0, W0, _ = W_in.shape
+    L = Z.shape[0]
+    H = Z.shape[3]
+    dt = dO.dtype
+    group0 = first // GROUP_ROWS
+    carry_m = np.zeros((R, Dm, N), dt)
+    carry_b = np.zeros((R, nb, N), dt)
+    # g_b and the recurrent path's ∂loss/∂o_{t−1}, row-minor as in the forward (module docstring).
+    gbT = np.empty((nb * N, R), dt)
+    carry_oT = np.zeros((N, R), dt)
+    for r in range(n):
+        carry_m[r] = carry_m_io[first + r]
+        carry_b[r] = carry_b_io[first + r]
+        for i in range(N):
+            carry_oT[i, r] = carry_o_io[first + r, i]
+    go = np.empty((R, 1, N), dt)  # [R,1,N]: the output gradients of w_o's (Dm → 1) product
+    g = np.empty((R, Dm, N), dt)
+    dpre = np.empty((R, Dm, N), dt)
+    da = np.empty((R, H, N), dt)
+    # ∂z of two consecutive layers: layer l's and the one above it, whose weight gradient needs act(z_l).
+    dz_even = np.empty((R, H, N), dt)
+    dz_odd = np.empty((R, H, N), dt)
+    act = np.empty((R, 1, H, N), dt)  # [R,1,…]: indexed [r, 0] as the cache's rows are [b, t]
+    da0 = np.empty((R, I0, N), dt)
+    # Per recurrent entry and row, Σ_t g_b(t) · o_{t−1}: row-minor like g_b, so an entry is one vector FMA.
+    rec_grad_T = np.zeros((rec_src.shape[0] if in_walk else 0, R), dt)
+    o_prevT = np.empty((N, R), dt)
+    for t in range(t1 - 1, t0 - 1, -1):
         for r in range(n):
-            carry_m[r] = carry_m_io[first + r]
-            carry_b[r] = carry_b_io[first + r]
+            bb = first + r
+            # (a) go = dO + carry_o
+            go_r = go[r, 0]
             for i in range(N):
-                carry_oT[i, r] = carry_o_io[first + r, i]
-        g = np.empty((R, Dm, N), dt)
-        dpre = np.empty((R, Dm, N), dt)
-        da = np.empty((R, H, N), dt)
-        dz = np.empty((R, H, N), dt)
-        da0 = np.empty((R, I0, N), dt)
-        for t in range(T - 1, -1, -1):
-            for r in range(n):
-                bb = first + r
-                # (a) go = dO + carry_o
-                go = GO_out[bb, t]
+                go_r[i] = dO[bb, t, i] + carry_oT[i, r]
+            # (b) g = w_o ⊙ go + carry_m;  gc += g ⊙ Δm;  dp = g ⊙ c_m ⊙ φ'(p)
+            dm_t = DM[bb, t]
+            gc = gc_out[bb]
+            for j in range(Dm):
                 for i in range(N):
-                    go[i] = dO[bb, t, i] + carry_oT[i, r]
-                # (b) g = w_o ⊙ go + carry_m;  gc += g ⊙ Δm;  dp = g ⊙ c_m ⊙ φ'(p)
-                dm_t = DM[bb, t]
-                gc = gc_out[bb]
-                for j in range(Dm):
-                    for i in range(N):
-                        gji = w_o[j, i] * go[i] + carry_m[r, j, i]
-                        g[r, j, i] = gji
-                        dm = dm_t[j, i]
-                        gc[j, i] += gji * dm
-                        dpre[r, j, i] = pw.phi_backward(gji * c_m[j, i], dm, phi_scale, phi_slope)
+                    gji = w_o[j, i] * go_r[i] + carry_m[r, j, i]
+                    g[r, j, i] = gji
+                    dm = dm_t[j, i]
+                    gc[j, i] += gji * dm
+                    dpre[r, j, i] = pw.phi_backward(gji * c_m[j, i], dm, phi_scale, phi_slope)
+            if not in_walk:
+                _copy(go[r], GO_out[bb, t])
                 _copy(dpre[r], dP_out[bb, t])
-            # (c) da = W_Lᵀ dp; for l = L−1 … 0: dz_l = da ⊙ act'(z_l), da = W_lᵀ dz_l;  da_0 = W_0ᵀ dz_0
-            if L == 0:
-                _dense_transposed_rows(dpre, W_in, da0, n)
-            else:
-                _dense_transposed_rows(dpre, W_out, da, n)
-                for l in range(L - 1, -1, -1):
-                    for r in range(n):
-                        bb = first + r
-                        pw.activation_backward_all(_flat(Z[l, bb, t]), _flat(da[r]), _flat(dz[r]),
-                                                   _flat(act_out[l, bb, t]), H * N, activation)
-                        _copy(dz[r], dZ_out[l, bb, t])
-                    if l > 0:
-                        _dense_transposed_rows(dz, W_hid[l - 1], da, n)
-                _dense_transposed_rows(dz, W_in, da0, n)
-            for r in range(n):
-                bb = first + r
-                # (d) total = g + r, r = da_0[nb:];  gk += total ⊙ m_{t−1};  carry_m = κ_m ⊙ total
-                # Memory: m_{t−1} reaches the loss through κ_m ⊙ m_{t−1} in both m_t and a_0.
-                gk = gkappa_out[bb]
-                m_prev = M[bb, t - 1] if t > 0 else m0[bb]
-                for j in range(Dm):
-                    for i in range(N):
-                        total = g[r, j, i] + da0[r, nb + j, i]
-                        gk[j, i] += total * m_prev[j, i]
-                        carry_m[r, j, i] = kappa_m[j, i] * total
-                # (e) g_b(t) = da_0[:nb] + κ_b ⊙ g_b(t+1)
-                gb = GB_out[bb, t]
-                for k in range(nb):
-                    for i in range(N):
-                        carry_b[r, k, i] = da0[r, k, i] + kappa_b[k, i] * carry_b[r, k, i]
-                        gb[k, i] = carry_b[r, k, i]
-                for k in range(nb):
-                    for i in range(N):
-                        gbT[k * N + i, r] = carry_b[r, k, i]
-            # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e]
-            # The recurrent synapses of step t read o_{t−1}: their gradient joins ∂loss/∂o_{t−1}.
-            for j in range(N):
+        if in_walk:  # w_o: ∂o_t/∂w_o = m_t, ∂o_t/∂c_o = 1
+            _add_outer_tile(P_wo, Pc_o, group0, M, first, t, go, n)
+        # (c) da = W_Lᵀ dp; for l = L−1 … 0: dz_l = da ⊙ act'(z_l), da = W_lᵀ dz_l;  da_0 = W_0ᵀ dz_0
+        # Each layer's weight gradient is Σ_rows (its input) ⊗ (its output gradient).
+        if L == 0:
+            _dense_transposed_rows(dpre, W_in, da0, n)
+            if in_walk:
+                _add_outer_tile(P_in, Pc_in, group0, A0, first, t, dpre, n)
+        else:
+            _dense_transposed_rows(dpre, W_out, da, n)
+            above = dpre
+            for l in range(L - 1, -1, -1):
+                dz = dz_even if l % 2 == 0 else dz_odd
                 for r in range(n):
-                    carry_oT[j, r] = 0
-            _add_recurrent(carry_oT, neuron_by_src, w_by_src, chan_by_src, gbT, n)
+                    bb = first + r
+                    pw.activation_backward_all(_flat(Z[l, bb, t]), _flat(da[r]), _flat(dz[r]), _flat(act[r]),
+                                               H * N, activation)
+                    if not in_walk:
+                        _copy(dz[r], dZ_out[l, bb, t])
+                        _copy(act[r], act_out[l, bb, t])
+                if in_walk:
+                    if l == L - 1:
+                        _add_outer_tile(P_out, Pc_out, group0, act, 0, 0, above, n)
+                    else:
+                        _add_outer_tile(P_hid[l], Pc_hid[l], group0, act, 0, 0, above, n)
+                above = dz
+                if l > 0:
+                    _dense_transposed_rows(dz, W_hid[l - 1], da, n)
+            _dense_transposed_rows(above, W_in, da0, n)
+            if in_walk:
+                _add_outer_tile(P_in, Pc_in, group0, A0, first, t, above, n)
         for r in range(n):
-            carry_m_io[first + r] = carry_m[r]
-            carry_b_io[first + r] = carry_b[r]
-            for i in range(N):
-                carry_o_io[first + r, i] = carry_oT[i, r]
+            bb = first + r
+            # (d) total = g + r, r = da_0[nb:];  gk += total ⊙ m_{t−1};  carry_m = κ_m ⊙ total
+            # Memory: m_{t−1} reaches the loss through κ_m ⊙ m_{t−1} in both m_t and a_0.
+            gk = gkappa_out[bb]
+            m_prev = M[bb, t - 1] if t > 0 else m0[bb]
+            for j in range(Dm):
+                for i in range(N):
+                    total = g[r, j, i] + da0[r, nb + j, i]
+                    gk[j, i] += total * m_prev[j, i]
+                    carry_m[r, j, i] = kappa_m[j, i] * total
+            # (e) g_b(t) = da_0[:nb] + κ_b ⊙ g_b(t+1)
+            gb = GB_out[bb, t]
+            for k in range(nb):
+                for i in range(N):
+                    carry_b[r, k, i] = da0[r, k, i] + kappa_b[k, i] * carry_b[r, k, i]
+                    gb[k, i] = carry_b[r, k, i]
+            for k in range(nb):
+                for i in range(N):
+                    gbT[k * N + i, r] = carry_b[r, k, i]
+        # ∂loss/∂w_e += g_b(t)[k_e, i_e] · o_{t−1}[src_e]
+        if rec_grad_T.shape[0]:
+            for r in range(n):
+                o_prev = O[first + r, t - 1] if t > 0 else o0[first + r]
+                for i in range(N):
+                    o_prevT[i, r] = o_prev[i]
+            _add_recurrent_products(rec_grad_T, rec_chan, rec_src, gbT, o_prevT, n)
+        # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e]
+        # The recurrent synapses of step t read o_{t−1}: their gradient joins ∂loss/∂o_{t−1}.
+        for j in range(N):
+            for r in range(n):
+                carry_oT[j, r] = 0
+        _add_recurrent(carry_oT, neuron_by_src, w_by_src, chan_by_src, gbT, n)
+    for r in range(n):
+        carry_m_io[first + r] = carry_m[r]
+        carry_b_io[first + r] = carry_b[r]
+        for i in range(N):
+            carry_o_io[first + r, i] = carry_oT[i, r]
+        for e in range(rec_grad_T.shape[0]):
+            grad_w_rec[first + r, e] = rec_grad_T[e, r]
 
 
 # Row chunks of the weight-gradient sums: a constant, so the sums' order (and the
@@ -468,37 +722,13 @@ def neuron_weight_grad(G, A, t0, t1, out, bias_out):
         r = c * size
         stop = min(R, r + size)
         while r + 4 <= stop:
-            G0, G1, G2, G3 = (_block_row(G, r, steps, t0), _block_row(G, r + 1, steps, t0),
-                              _block_row(G, r + 2, steps, t0), _block_row(G, r + 3, steps, t0))
-            A0, A1, A2, A3 = (_block_row(A, r, steps, t0), _block_row(A, r + 1, steps, t0),
-                              _block_row(A, r + 2, steps, t0), _block_row(A, r + 3, steps, t0))
-            for o in range(O):
-                row = bias[o]
-                g0, g1, g2, g3 = G0[o], G1[o], G2[o], G3[o]
-                for i in range(N):
-                    row[i] = (((row[i] + g0[i]) + g1[i]) + g2[i]) + g3[i]
-            for j in range(J):
-                a0, a1, a2, a3 = A0[j], A1[j], A2[j], A3[j]
-                for o in range(O):
-                    row = acc[j, o]
-                    g0, g1, g2, g3 = G0[o], G1[o], G2[o], G3[o]
-                    for i in range(N):
-                        row[i] = (((row[i] + a0[i] * g0[i]) + a1[i] * g1[i]) + a2[i] * g2[i]) + a3[i] * g3[i]
+            _add_outer4(acc, bias, _block_row(A, r, steps, t0), _block_row(A, r + 1, steps, t0),
+                        _block_row(A, r + 2, steps, t0), _block_row(A, r + 3, steps, t0),
+                        _block_row(G, r, steps, t0), _block_row(G, r + 1, steps, t0),
+                        _block_row(G, r + 2, steps, t0), _block_row(G, r + 3, steps, t0))
             r += 4
         while r < stop:
-            Gr, Ar = _block_row(G, r, steps, t0), _block_row(A, r, steps, t0)
-            for o in range(O):
-                row = bias[o]
-                g = Gr[o]
-                for i in range(N):
-                    row[i] += g[i]
-            for j in range(J):
-                a = Ar[j]
-                for o in range(O):
-                    row = acc[j, o]
-                    g = Gr[o]
-                    for i in range(N):
-                        row[i] += a[i] * g[i]
+            _add_outer1(acc, bias, _block_row(A, r, steps, t0), _block_row(G, r, steps, t0))
             r += 1
     _sum_chunks(partial, out)
     _sum_chunks(partial_bias, bias_out)

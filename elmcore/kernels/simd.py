@@ -267,3 +267,65 @@ def broadcast_product(A, W, out):
                     acc = _fma(A[r, k], W[k, j], acc)
                 out[r, j] = acc
             j += 1
+
+
+# ---- non-temporal stores: caches written now and read back much later --------------------
+#
+# A training forward writes its cache (tens to hundreds of MB) and reads none of it until the
+# backward. Ordinary stores first read every line they write into the caches (a write
+# allocate), so such a cache costs twice its size in memory traffic and evicts the weights the
+# walk is using. Non-temporal stores send whole lines straight to memory: measured on the
+# 2-core test machine, 74 MB written in 180 KB pieces between other work took 14 ms instead of
+# 19 (docs/architecture.md, "Backends": ELM Network, CPU).
+
+STREAM_BYTES = 32  # one AVX register; LLVM splits it on machines with narrower vectors
+
+
+@intrinsic
+def stream_store(typingctx, src, src_off, dst, dst_off):
+    """dst[dst_off : dst_off + STREAM_BYTES / itemsize] = src[src_off : …] with a non-temporal
+    store (1-D C arrays of one float dtype; dst's element dst_off must be STREAM_BYTES-aligned)."""
+    if not (_same_float_c_arrays(src, dst) and src.ndim == 1 and dst.ndim == 1):
+        return None
+    sig = types.void(src, types.intp, dst, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src, src_off, dst, dst_off = args
+        src_ty, _, dst_ty, _ = signature.args
+        elem = context.get_value_type(src_ty.dtype)
+        vec_ptr = ir.VectorType(elem, STREAM_BYTES // context.get_abi_sizeof(elem)).as_pointer()
+        src_at = builder.gep(context.make_array(src_ty)(context, builder, src).data, [src_off])
+        dst_at = builder.gep(context.make_array(dst_ty)(context, builder, dst).data, [dst_off])
+        value = builder.load(builder.bitcast(src_at, vec_ptr), align=1)
+        store = builder.store(value, builder.bitcast(dst_at, vec_ptr), align=STREAM_BYTES)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def data_address(typingctx, arr):
+    """The address of an array's first element, as an integer (for alignment arithmetic)."""
+    if not isinstance(arr, types.Array):
+        return None
+    sig = types.intp(arr)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, context.get_value_type(types.intp))
+
+    return sig, codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """A full memory fence: non-temporal stores are weakly ordered, so a thread fences them before
+    another thread may read what they wrote (on x86 an ``mfence``)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -26,6 +26,7 @@ from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
 from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
+from elmcore.kernels import contract as kernel_contract
 from elmcore.kernels.pointwise import activation_code
 
 
@@ -338,60 +339,101 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         Σ_t ∂loss/∂κ_m and Σ_t ∂loss/∂c_m to gk, gc; carries the state's adjoints in ``carry``
         (b, m, o) into the steps before; writes ∂loss/∂X of these steps into dX unless None.
         """
-        cfg, k = self.config, self.kernels
+        cfg, xp, k = self.config, self.xp, self.kernels
         B, T, N = dO.shape
         nb, Dm, L, H = cfg.num_branch, cfg.num_memory, cfg.mlp_num_layers, cfg.hidden_size
         activation = activation_code(cfg.mlp_activation)
         w, syn = layer_cache["weights"], self.synapses[layer]
         W_in, _ = w.mlp[0]
         W_hid, _, W_out, _ = self._hidden_and_output(w)
+        walk = (dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w, syn.src_ptr, syn.src_entry,
+                W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o, layer_cache["m0"], layer_cache["A0"], layer_cache["Z"],
+                layer_cache["DM"], layer_cache["M"], activation, self.dtype.type(PHI_SCALE),
+                self.dtype.type(PHI_SLOPE))
         GB = self._buffer((B, T, nb, N))
-        dZ = self._buffer((L, B, T, H, N))
-        dP = self._buffer((B, T, Dm, N))
-        GO = self._buffer((B, T, N))
-        act = self._buffer((L, B, T, H, N))
-        k.network_backward(dO, w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w,
-                           syn.src_ptr, syn.src_entry, W_in, W_hid, W_out, w.kappa_m, w.c_m, w.w_o,
-                           layer_cache["m0"], layer_cache["A0"], layer_cache["Z"], layer_cache["DM"],
-                           layer_cache["M"], activation, self.dtype.type(PHI_SCALE),
-                           self.dtype.type(PHI_SLOPE), GB, dZ, dP, GO, act, gk, gc, *carry)
-        self._block_weight_grads(layer, layer_cache, syn, GB, dZ, dP, GO, act, sums)
+        if self.weight_grads_in_walk:
+            for t0, t1 in segments.block_bounds(0, T, self.time_block)[::-1]:
+                grad_in = (xp.empty_like(W_in), xp.empty(W_in.shape[1:], self.dtype))
+                grad_hid = (xp.empty_like(W_hid), xp.empty(W_hid.shape[:1] + W_hid.shape[2:], self.dtype))
+                grad_out = (xp.empty_like(W_out), xp.empty(W_out.shape[1:], self.dtype))
+                grad_wo = (xp.empty((Dm, 1, N), self.dtype), xp.empty((1, N), self.dtype))
+                grad_rec = xp.empty((B, syn.rec_i.shape[0]), self.dtype)
+                k.network_backward_block(*walk, t0, t1, layer_cache["O"], layer_cache["o0"], GB, gk, gc, *carry,
+                                         *grad_in, *grad_hid, *grad_out, *grad_wo, grad_rec)
+                hidden = [(grad_hid[0][l], grad_hid[1][l]) for l in range(L - 1)]
+                self._add_mlp_block_grads(sums, grad_wo, [grad_in] + hidden + ([grad_out] if L else []))
+                if syn.rec_i.shape[0]:
+                    sums.add("w_s.recurrent", grad_rec)
+        else:
+            dZ = self._buffer((L, B, T, H, N))
+            dP = self._buffer((B, T, Dm, N))
+            GO = self._buffer((B, T, N))
+            act = self._buffer((L, B, T, H, N))
+            k.network_backward(*walk, GB, dZ, dP, GO, act, gk, gc, *carry)
+            self._mlp_weight_grads(layer_cache, dZ, dP, GO, act, sums)
+            self._recycle(dZ, dP, GO, act)
+        self._synapse_weight_grads(layer_cache, syn, GB, sums, recurrent=not self.weight_grads_in_walk)
         if dX is not None:
             k.route_input_grad(GB.reshape(B, T, nb * N), syn.indptr, syn.entry_syn, w.entry_weight,
                                cfg.num_synapse_per_branch, dX)
-        self._recycle(GB, dZ, dP, GO, act)
+        self._recycle(GB)
 
-    def _block_weight_grads(self, layer, layer_cache, syn, GB, dZ, dP, GO, act, sums):
-        """Every weight gradient of one layer over these steps, one reduction per time block, last first."""
-        cfg, xp, k = self.config, self.xp, self.kernels
-        B, T, nb, N = GB.shape
-        Dm, L, k_c = cfg.num_memory, cfg.mlp_num_layers, cfg.num_synapse
+    @property
+    def weight_grads_in_walk(self):
+        """Whether the backward walk sums the weight gradients of the MLP, w_o and the recurrent synapses
+        itself (a kernel capability)."""
+        return not self.separate_weight_grads and \
+            "weight_grads_in_walk" in kernel_contract.capabilities(self.kernels)
+
+    # Set to compute the MLP's weight gradients after the walk even where the kernels could do it in the walk.
+    separate_weight_grads = False
+
+    @staticmethod
+    def _add_mlp_block_grads(sums, w_o_grads, layer_grads):
+        """One time block's weight gradients of w_o and of every MLP layer (weight, bias) into ``sums``."""
+        sums.add("w_o", w_o_grads[0])
+        sums.add("c_o", w_o_grads[1])
+        for l, (gw, g_bias) in enumerate(layer_grads):
+            sums.add(f"mlp.{l}.weight", gw)
+            sums.add(f"mlp.{l}.bias", g_bias)
+
+    def _mlp_weight_grads(self, layer_cache, dZ, dP, GO, act, sums):
+        """The MLP's and w_o's weight gradients from the walk's dZ, dP, GO and act, one reduction per time block,
+        last first."""
+        xp, k = self.xp, self.kernels
+        B, T, N = GO.shape
+        Dm, L = self.config.num_memory, self.config.mlp_num_layers
         inputs = [layer_cache["A0"]] + [act[l] for l in range(L)]
         outputs = [dZ[l] for l in range(L)] + [dP]
-        O = layer_cache["O"]
         for t0, t1 in segments.block_bounds(0, T, self.time_block)[::-1]:
             # w_o: ∂o_t/∂w_o = m_t, ∂o_t/∂c_o = 1.
             g_wo = xp.empty((Dm, 1, N), self.dtype)
             g_co = xp.empty((1, N), self.dtype)
             k.neuron_weight_grad(GO.reshape(B, T, 1, N), layer_cache["M"], t0, t1, g_wo, g_co)
-            sums.add("w_o", g_wo)
-            sums.add("c_o", g_co)
             # The MLP: layer l's weight gradient is Σ_rows (its output gradient) ⊗ (its input).
+            layer_grads = []
             for l in range(L + 1):
                 a, g = inputs[l], outputs[l]
-                gw = xp.empty((a.shape[2], g.shape[2], N), self.dtype)
-                g_bias = xp.empty((g.shape[2], N), self.dtype)
-                k.neuron_weight_grad(g, a, t0, t1, gw, g_bias)
-                sums.add(f"mlp.{l}.weight", gw)
-                sums.add(f"mlp.{l}.bias", g_bias)
-            # w_s: external synapses through the routing, recurrent ones against o_{t−1}.
+                layer_grads.append((xp.empty((a.shape[2], g.shape[2], N), self.dtype),
+                                    xp.empty((g.shape[2], N), self.dtype)))
+                k.neuron_weight_grad(g, a, t0, t1, *layer_grads[-1])
+            self._add_mlp_block_grads(sums, (g_wo, g_co), layer_grads)
+
+    def _synapse_weight_grads(self, layer_cache, syn, GB, sums, recurrent=True):
+        """w_s's gradient over these steps, one reduction per time block, last first: external synapses
+        through the routing, recurrent ones (unless the walk summed them) against o_{t−1}."""
+        cfg, xp, k = self.config, self.xp, self.kernels
+        B, T, nb, N = GB.shape
+        k_c = cfg.num_synapse
+        O = layer_cache["O"]
+        for t0, t1 in segments.block_bounds(0, T, self.time_block)[::-1]:
             GB_block = segments.block_view(GB, t0, t1)
             partial = xp.empty((B, N * k_c), self.dtype)
             k.route_weight_grad(segments.block_view(layer_cache["X"], t0, t1), syn.indptr, syn.entry_syn,
                                 xp.ones(syn.entry_syn.shape[0], self.dtype), cfg.num_synapse_per_branch,
                                 GB_block.reshape(B, t1 - t0, nb * N), partial)
             sums.add("w_s.external", partial)
-            if syn.rec_i.shape[0]:
+            if recurrent and syn.rec_i.shape[0]:
                 partial_rec = xp.empty((B, syn.rec_i.shape[0]), self.dtype)
                 o_before = layer_cache["o0"] if t0 == 0 else xp.ascontiguousarray(O[:, t0 - 1])
                 k.recurrent_weight_grad(GB_block, segments.block_view(O, t0, t1), o_before, syn.rec_i, syn.rec_k,
