@@ -455,6 +455,29 @@ def test_batch_tiling_does_not_change_the_numbers(monkeypatch):
         assert all(np.array_equal(grads[k], results[0][1][k]) for k in grads)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_cache_written_with_non_temporal_stores_holds_the_same_bits(dtype, monkeypatch):
+    from elmcore.kernels import network_cpu
+    rng = np.random.default_rng(9)
+    # 7 neurons: rows of 7·k items, so most rows start and end off the 32-byte vectors.
+    cfg = random_network_config(rng, num_neurons=7, num_layers=2, mlp_num_layers=2, recurrent_fraction=0.5)
+    net = ELMNetwork(cfg, seed=3, dtype=dtype)
+    X, G = rng.normal(size=(5, 9, cfg.num_input)), rng.normal(size=(5, 9, cfg.num_output))
+    results, streamed = [], []
+    walk = network_cpu._network_forward
+    monkeypatch.setattr(network_cpu, "_network_forward", lambda *a: (streamed.append(a[24]), walk(*a)))
+    for limit in (network_cpu.STREAM_CACHE_BYTES, 0):
+        monkeypatch.setattr(network_cpu, "STREAM_CACHE_BYTES", limit)
+        Y, cache = net.forward(X, return_cache=True)
+        kept = {key: cache["layers"][0][key].copy() for key in ("A0", "Z", "DM", "M", "O")}
+        results.append((Y, kept, net.backward(G, cache, input_grad=True)))
+    assert streamed == [False, False, True, True]  # two layers, each pass
+    (Y, kept, grads), (Y_streamed, kept_streamed, grads_streamed) = results
+    assert np.array_equal(Y, Y_streamed)
+    assert all(np.array_equal(kept[key], kept_streamed[key]) for key in kept)
+    assert all(np.array_equal(grads[key], grads_streamed[key]) for key in grads)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_weight_gradients_summed_in_the_walk_equal_the_sums_after_it(seed, monkeypatch):
     from elmcore.kernels import network_cpu

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from elmcore.kernels import simd
+from elmcore.kernels import network_cpu, simd
 
 
 @njit(cache=False)
@@ -67,3 +67,22 @@ def test_refuses_strided_operands():
     A, W, out = _case(4, 6, 8, np.float64)
     with pytest.raises(Exception, match="(?i)broadcast_product|No implementation|Invalid use"):
         _product(A[:, ::2], W[::2], out)
+
+
+@njit(cache=False)
+def _stream_copy(src, dst):
+    network_cpu._stream_copy(src, dst)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("offset", range(9))
+@pytest.mark.parametrize("count", [0, 1, 3, 8, 17, 64, 101])
+def test_a_streamed_copy_writes_every_item_and_nothing_else(offset, count, dtype):
+    """Non-temporal stores only for whole aligned vectors: the items before the first aligned one
+    and after the last whole vector are copied one by one, wherever the destination starts."""
+    rng = np.random.default_rng(count)
+    src = rng.normal(size=count).astype(dtype)
+    buffer = np.full(count + 20, -7.0, dtype)
+    _stream_copy(src, buffer[offset:offset + count])
+    assert np.array_equal(buffer[offset:offset + count], src)
+    assert (buffer[:offset] == -7).all() and (buffer[offset + count:] == -7).all()
