@@ -317,6 +317,29 @@ def test_cross_entropy_all_value_and_finite_difference_gradient():
     np.testing.assert_allclose(dY, numeric, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-14), (np.float32, 2e-6)])
+def test_cross_entropy_all_kernel_computes_what_the_array_form_does(dtype, tol):
+    from elmcore.training import losses
+    rng = np.random.default_rng(1)
+    Y = (rng.normal(size=(3, 7, 33)) * 4).astype(dtype)
+    Y[1, 2] += 90  # a row far from zero: the shift by its maximum matters
+    Y[2, 5, 4] = np.nan
+    Y[0, 6, 0] = np.inf
+    Y[1, 1, 3] = -np.inf  # a logit of probability 0: the row stays defined
+    targets = rng.integers(0, 33, (3, 7))
+    loss, dY = cross_entropy_all(Y, targets)  # the kernel (kernels/softmax.py)
+    finite = np.ones((3, 7), bool)
+    finite[2, 5] = finite[0, 6] = False
+    with np.errstate(invalid="ignore"):  # inf − inf in the array form
+        ref_loss, ref_dY = losses._cross_entropy_all_arrays(np, Y, targets)
+    assert np.isnan(loss) and np.isnan(ref_loss)
+    assert np.isnan(dY[~finite]).all() and np.isnan(ref_dY[~finite]).all()
+    assert dY.dtype == Y.dtype and np.abs(dY[finite] - ref_dY[finite]).max() <= tol * np.abs(ref_dY[finite]).max()
+    Y[2, 5, 4] = Y[0, 6, 0] = 0
+    loss, _ = cross_entropy_all(Y, targets)
+    assert loss == pytest.approx(float(losses._cross_entropy_all_arrays(np, Y, targets)[0]), rel=tol)
+
+
 def test_cross_entropy_all_is_stable_and_checks_targets():
     Y = np.array([[[1000.0, 0.0], [-1000.0, 0.0]]])
     loss, dY = cross_entropy_all(Y, np.array([[1, 0]]))
