@@ -351,7 +351,8 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
                 layer_cache["DM"], layer_cache["M"], activation, self.dtype.type(PHI_SCALE),
                 self.dtype.type(PHI_SLOPE))
         GB = self._buffer((B, T, nb, N))
-        if self.weight_grads_in_walk:
+        in_walk = self.weight_grads_in_walk
+        if in_walk:
             for t0, t1 in segments.block_bounds(0, T, self.time_block)[::-1]:
                 grad_in = (xp.empty_like(W_in), xp.empty(W_in.shape[1:], self.dtype))
                 grad_hid = (xp.empty_like(W_hid), xp.empty(W_hid.shape[:1] + W_hid.shape[2:], self.dtype))
@@ -372,7 +373,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
             k.network_backward(*walk, GB, dZ, dP, GO, act, gk, gc, *carry)
             self._mlp_weight_grads(layer_cache, dZ, dP, GO, act, sums)
             self._recycle(dZ, dP, GO, act)
-        self._synapse_weight_grads(layer_cache, syn, GB, sums, recurrent=not self.weight_grads_in_walk)
+        self._synapse_weight_grads(layer_cache, syn, GB, sums, recurrent=not in_walk)
         if dX is not None:
             k.route_input_grad(GB.reshape(B, T, nb * N), syn.indptr, syn.entry_syn, w.entry_weight,
                                cfg.num_synapse_per_branch, dX)
@@ -385,7 +386,8 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         return not self.separate_weight_grads and \
             "weight_grads_in_walk" in kernel_contract.capabilities(self.kernels)
 
-    # Set to compute the MLP's weight gradients after the walk even where the kernels could do it in the walk.
+    # Set to sum the weight gradients after the walk (neuron_weight_grad, recurrent_weight_grad) even where
+    # the kernels could sum them in the walk.
     separate_weight_grads = False
 
     @staticmethod
