@@ -1,6 +1,7 @@
 """The ELM Network (docs/spec.md §7): oracle files, finite differences, streaming, init, config
 checks, and the rest of the tool chain (info, gradcheck, checkpoints, training, eval, predict)."""
 
+import functools
 import json
 import math
 import os
@@ -465,7 +466,7 @@ def test_a_cache_written_with_non_temporal_stores_holds_the_same_bits(dtype, mon
     X, G = rng.normal(size=(5, 9, cfg.num_input)), rng.normal(size=(5, 9, cfg.num_output))
     results, streamed = [], []
     walk = network_cpu._network_forward
-    monkeypatch.setattr(network_cpu, "_network_forward", lambda *a: (streamed.append(a[24]), walk(*a)))
+    monkeypatch.setattr(network_cpu, "_network_forward", lambda *a: (streamed.append(a[25]), walk(*a)))
     for limit in (network_cpu.STREAM_CACHE_BYTES, 0):
         monkeypatch.setattr(network_cpu, "STREAM_CACHE_BYTES", limit)
         Y, cache = net.forward(X, return_cache=True)
@@ -476,6 +477,34 @@ def test_a_cache_written_with_non_temporal_stores_holds_the_same_bits(dtype, mon
     assert np.array_equal(Y, Y_streamed)
     assert all(np.array_equal(kept[key], kept_streamed[key]) for key in kept)
     assert all(np.array_equal(grads[key], grads_streamed[key]) for key in grads)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mlp_layers", [0, 1, 2])
+def test_a_pass_without_cache_gives_the_cached_walks_outputs_and_state_bit_for_bit(dtype, mlp_layers, monkeypatch):
+    from elmcore.kernels import network_cpu
+    rng = np.random.default_rng(60 + mlp_layers)
+    cfg = random_network_config(rng, num_neurons=7, num_layers=2, mlp_num_layers=mlp_layers, recurrent_fraction=0.5)
+    net = ELMNetwork(cfg, seed=5, dtype=dtype)
+    X = rng.normal(size=(9, 6, cfg.num_input))  # 9 rows: whole tiles and a rest
+    state = {key: rng.normal(size=a.shape).astype(dtype) for key, a in net.init_state(9).items()}
+    walks = []
+    for name in ("network_forward", "network_forward_without_cache"):
+        monkeypatch.setattr(network_cpu, name, functools.partial(
+            lambda walk, name, *a: (walks.append(name), walk(*a)), getattr(network_cpu, name), name))
+    Y_cached, cache = net.forward(X, return_cache=True, state=state)
+    final_cached = {key: a.copy() for key, a in cache["final_state"].items()}
+    Y = net.forward(X, state=state)
+    Y_streamed, final = net.run(X, state)
+    assert walks == ["network_forward"] * 2 + ["network_forward_without_cache"] * 4  # two layers, three passes
+    assert np.array_equal(Y, Y_cached) and np.array_equal(Y_streamed, Y_cached)
+    assert all(np.array_equal(final[key], final_cached[key]) for key in final_cached)
+    # Kernels without the capability (the CUDA module's): the cached walk, the same numbers.
+    monkeypatch.setattr(network_cpu, "CAPABILITIES", network_cpu.CAPABILITIES - {"forward_without_cache"})
+    walks.clear()
+    Y_fallback, final_fallback = net.run(X, state)
+    assert walks == ["network_forward"] * 2 and np.array_equal(Y_fallback, Y_cached)
+    assert all(np.array_equal(final_fallback[key], final_cached[key]) for key in final_cached)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -75,6 +75,12 @@ NETWORK_CAPABILITY_FUNCTIONS = {
             "t0", "t1", "O", "o0", "GB_out", "gkappa_out", "gc_out", "carry_b", "carry_m", "carry_o", "grad_W_in",
             "grad_c_in", "grad_W_hid", "grad_c_hid", "grad_W_out", "grad_c_out", "grad_w_o", "grad_c_o", "grad_w_rec"),
     },
+    # The forward walk for inference and streaming keeps no cache: it writes the outputs and
+    # the last state, not a_0, z, Δm and m of every step.
+    "forward_without_cache": {
+        "network_forward_without_cache": NETWORK_REQUIRED["network_forward"][:23] + (
+            "num_hidden_layers", "O_out", "b_out", "m_out"),
+    },
 }
 
 # family -> (required functions, capability -> its functions).

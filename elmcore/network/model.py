@@ -23,6 +23,7 @@ from elmcore.network import params as NP
 from elmcore.network.config import NetworkConfig
 from elmcore.engine import segments
 from elmcore.errors import DataError, ELMError
+from elmcore.engine.memory import check_memory
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
 from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
@@ -200,15 +201,49 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         same gradients bit for bit (docs/architecture.md, "Long sequences in bounded memory").
         ``state`` (from ``init_state`` / ``run`` / an earlier cache's "final_state") continues a
         stream; ``backward`` then treats it as a constant (truncated BPTT).
+        Without ``return_cache``, kernels with the capability "forward_without_cache" keep no cache
+        at all (the same Y, bit for bit; ``recompute_segment`` then has nothing to bound).
         """
         X = self.prepare_input(X)
+        start = None if state is None else self._checked_state(state, X.shape[0])
+        if not return_cache and self.forward_without_cache:
+            Y, _ = self._forward_without_cache(X, start)
+            self._check_output(Y, X)
+            return Y
         segment = self.forward_segment(X, recompute_segment)
-        Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]), segment)
+        Y, cache = self._forward(X, start, segment)
         self._check_output(Y, X)
         if return_cache:
             return Y, cache
         self._recycle_cache(cache)
         return Y
+
+    @property
+    def forward_without_cache(self):
+        """Whether a pass that needs no backward can skip the cache (a kernel capability)."""
+        return "forward_without_cache" in kernel_contract.capabilities(self.kernels)
+
+    def _forward_without_cache(self, X, state):
+        """(Y, the state after the last step) for a pass no backward reads: every layer's walk keeps
+        only its outputs, so the memory it needs is the input's and the outputs' whatever T."""
+        cfg, xp = self.config, self.xp
+        B, T, _ = X.shape
+        check_memory(self._bytes_kept_whole(B, T) // 2, f"a forward pass over {B} sequences of {T} steps",
+                     self.backend)
+        if state is None:
+            state = self.init_state(B)
+        final = {"b": xp.empty_like(state["b"]), "m": xp.empty_like(state["m"]), "o": xp.empty_like(state["o"])}
+        inp = X
+        for layer in range(cfg.num_layers):
+            start = (state["b"][layer], state["m"][layer], state["o"][layer])
+            O, end = self._layer_forward(layer, self.layer_weights(layer), inp, start, keep_cache=False)
+            final["b"][layer], final["m"][layer], final["o"][layer] = end
+            if layer > 0:
+                self._recycle(inp)
+            inp = O
+        Y = self._readout_forward(inp)
+        self._recycle(inp)
+        return Y, final
 
     def _forward(self, X, state, segment=None):
         cfg, xp = self.config, self.xp
@@ -269,11 +304,13 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         return out
 
     # ---- one layer: routing, the time walk, the weight gradients ----------------------------
-    def _layer_forward(self, layer, w, X, start):
+    def _layer_forward(self, layer, w, X, start, keep_cache=True):
         """One layer over the steps of X from the state ``start`` = (b0, m0, o0) [B,nb,N], [B,Dm,N], [B,N].
 
         X [B,T,D] is the layer's input over those steps: the network's input, or the layer
-        below's outputs O. Returns (its cache entry, the state (b, m, o) after the last step).
+        below's outputs O. Returns (its cache entry, the state (b, m, o) after the last step);
+        without ``keep_cache`` (kernels with the capability "forward_without_cache"), (its outputs
+        O [B,T,N], that state).
         """
         cfg, k = self.config, self.kernels
         B, T, _ = X.shape
@@ -284,18 +321,23 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         k.route_forward(X, syn.indptr, syn.entry_syn, w.entry_weight, cfg.num_synapse_per_branch, R)
         W_in, c_in = w.mlp[0]
         W_hid, c_hid, W_out, c_out = self._hidden_and_output(w)
+        walk = (R.reshape(B, T, nb, N), w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src, w.rec_w, W_in,
+                c_in, W_hid, c_hid, W_out, c_out, w.kappa_m, w.c_m, w.w_o, w.c_o, *start, activation,
+                self.dtype.type(PHI_SCALE), self.dtype.type(PHI_SLOPE))
+        b_end = self.xp.empty_like(start[0])
+        O = self._buffer((B, T, N))
+        if not keep_cache:
+            m_end = self.xp.empty_like(start[1])
+            k.network_forward_without_cache(*walk, L, O, b_end, m_end)
+            self._recycle(R)
+            return O, (b_end, m_end, O[:, -1].copy())
         A0 = self._buffer((B, T, nb + Dm, N))
         Z = self._buffer((L, B, T, H, N))
         DM = self._buffer((B, T, Dm, N))
         M = self._buffer((B, T, Dm, N))
-        O = self._buffer((B, T, N))
-        b0, m0, o0 = start
-        b_end = self.xp.empty_like(b0)
-        k.network_forward(R.reshape(B, T, nb, N), w.kappa_b, syn.rec_ptr, syn.rec_i, syn.rec_k, syn.rec_src,
-                          w.rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out, w.kappa_m, w.c_m, w.w_o, w.c_o,
-                          b0, m0, o0, activation, self.dtype.type(PHI_SCALE),
-                          self.dtype.type(PHI_SLOPE), A0, Z, DM, M, O, b_end)
+        k.network_forward(*walk, A0, Z, DM, M, O, b_end)
         self._recycle(R)
+        b0, m0, o0 = start
         end = (b_end, M[:, -1].copy(), O[:, -1].copy())
         return dict(X=X, A0=A0, Z=Z, DM=DM, M=M, O=O, m0=m0, o0=o0, weights=w), end
 
@@ -526,8 +568,11 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
         X = self.prepare_input(X)
         state = self._checked_state(state, X.shape[0])
-        Y, cache = self._forward(X, state)
+        if self.forward_without_cache:
+            Y, final = self._forward_without_cache(X, state)
+        else:
+            Y, cache = self._forward(X, state)
+            final = cache["final_state"]
+            self._recycle_cache(cache)
         self._check_output(Y, X)
-        final = cache["final_state"]
-        self._recycle_cache(cache)
         return Y, final
