@@ -507,6 +507,30 @@ def test_a_pass_without_cache_gives_the_cached_walks_outputs_and_state_bit_for_b
     assert all(np.array_equal(final_fallback[key], final_cached[key]) for key in final_cached)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mlp_layers", [0, 1, 2])
+def test_a_cache_of_b_alone_gives_the_gradients_of_the_whole_first_layer_input_bit_for_bit(dtype, mlp_layers):
+    rng = np.random.default_rng(70 + mlp_layers)
+    cfg = random_network_config(rng, num_neurons=5, num_layers=2, mlp_num_layers=mlp_layers, recurrent_fraction=0.5,
+                                learn_memory_tau=True)
+    net = ELMNetwork(cfg, seed=2, dtype=dtype)
+    net.time_block = 4  # 11 steps in three blocks: a block's first step reads m_{t−1} from the block before
+    X, G = rng.normal(size=(6, 11, cfg.num_input)), rng.normal(size=(6, 11, cfg.num_output))
+    # A state to start from, so the rebuilt κ_m ⊙ m_{t−1} of step 0 comes from m0, not from zeros.
+    state = {key: rng.normal(size=a.shape).astype(dtype) for key, a in net.init_state(6).items()}
+    Y, cache = net.forward(X, return_cache=True, state=state)
+    assert [layer["A0"].shape[2] for layer in cache["layers"]] == [cfg.num_branch] * 2
+    rebuilt = net.backward(G, cache, input_grad=True)
+    net.separate_weight_grads = True  # a forward that keeps the whole a_0 …
+    Y_whole, cache = net.forward(X, return_cache=True, state=state)
+    assert [layer["A0"].shape[2] for layer in cache["layers"]] == [cfg.num_branch + cfg.num_memory] * 2
+    for layer in cache["layers"]:
+        layer["weight_grads_in_walk"] = True  # … read by the same walk
+    whole = net.backward(G, cache, input_grad=True)
+    assert np.array_equal(Y, Y_whole)
+    assert set(rebuilt) == set(whole) and all(np.array_equal(rebuilt[key], whole[key]) for key in whole)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_weight_gradients_summed_in_the_walk_equal_the_sums_after_it(seed, monkeypatch):
     from elmcore.kernels import network_cpu

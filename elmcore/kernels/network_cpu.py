@@ -225,7 +225,9 @@ def network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_i
     kappa_b  [nb,N];  rec_*  [E] entries (module docstring), rec_ptr [N+1].
     W_in     [I0,W0,N], c_in [W0,N];  W_hid [Lh,H,H,N], c_hid [Lh,H,N];  W_out [H,Dm,N], c_out [Dm,N].
     kappa_m, c_m, w_o [Dm,N];  c_o [N].   b0 [B,nb,N], m0 [B,Dm,N], o0 [B,N]: the state before t = 0.
-    A0_out [B,T,I0,N]   the first layer's input a_0 per step (its top nb rows are b_t).
+    A0_out [B,T,I0,N]   the first layer's input a_0 per step (its top nb rows are b_t); or
+                        [B,T,nb,N], b_t alone, for ``network_backward_block``, which rebuilds
+                        κ_m ⊙ m_{t−1} from M (the cache's largest part that is cheap to recompute).
     Z_out  [L,B,T,H,N]  hidden pre-activations (L = Z_out.shape[0]).
     DM_out, M_out [B,T,Dm,N]  Δm_t and m_t;  O_out [B,T,N] o_t;  b_out [B,nb,N] the last b_t.
     Tiles of batch rows (``batch_tile``) run in parallel; the result does not depend on the tiling.
@@ -322,7 +324,7 @@ def _forward_tile(first, n, E, kappa_b, rec_chan, rec_src, rec_w, W_in, c_in, W_
                 for i in range(N):
                     a0r[nb + j, i] = kappa_m[j, i] * m[r, j, i]
             if keep_cache:
-                _write_cache(a0r, A0_out[bb, t], stream)
+                _write_cache(a0r[:A0_out.shape[2]], A0_out[bb, t], stream)
         if L == 0:
             _dense_rows(a0, W_in, c_in, pre, n)
         else:
@@ -382,7 +384,7 @@ def network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_ptr
                          src_entry[src_ptr[j]:src_ptr[j+1]] (ascending) read neuron j. The
                          gradient reaching o_{t−1}[j] is gathered over them, so every
                          neuron's sum is formed by one owner in a fixed order.
-    A0, Z, DM, M         the forward's A0_out, Z_out, DM_out, M_out, unchanged; m0 as given to it.
+    A0, Z, DM, M         the forward's A0_out (whole), Z_out, DM_out, M_out, unchanged; m0 as given to it.
     GB_out  [B,T,nb,N]   g_b: ∂loss/∂b_t in total = ∂loss/∂(everything added into b_t), i.e. the
                          gradient of the external sums E_t and of each recurrent term.
     dZ_out  [L,B,T,H,N]  ∂loss/∂z_l;  dP_out [B,T,Dm,N] ∂loss/∂(pre-φ output of the MLP)
@@ -431,6 +433,8 @@ def network_backward_block(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, s
     Arguments as in ``network_backward`` (without dZ_out, dP_out, GO_out, act_out), and:
     t0, t1    the steps walked, last first: the carries come in as after step t1−1 and leave as
               what reaches step t0−1 (m_{t0−1} is M[:, t0−1], or m0 when t0 = 0).
+    A0        the forward's A0_out, whole [B,T,I0,N] or b_t alone [B,T,nb,N]: the walk then
+              rebuilds a_0's κ_m ⊙ m_{t−1} rows from M and m0, the same products the forward made.
     O [B,T,N], o0 [B,N]  the forward's O_out and the o0 it was given: what the recurrent synapses read.
     grad_W_in [I0,W0,N], grad_c_in [W0,N], grad_W_hid [Lh,H,H,N], grad_c_hid [Lh,H,N],
     grad_W_out [H,Dm,N], grad_c_out [Dm,N]  Σ over the block's rows of each MLP layer's
@@ -486,6 +490,26 @@ def _add_outer1(acc, bias, x, y):
             g = y[o]
             for i in range(N):
                 row[i] += a[i] * g[i]
+
+
+@njit(inline="always", **_JIT)
+def _rebuild_first_layer_input(out, A0, M, m0, kappa_m, first, t, n):
+    """out[r, 0] = a_0 = [b_t ; κ_m ⊙ m_{t−1}] of the rows first + r < first + n, from a cache A0
+    [B,T,nb,N] of b_t alone: κ_m ⊙ m_{t−1} is the forward's own product of the same two numbers
+    (m_{t−1} is M[:, t−1], or m0 at t = 0), so a_0 has the bits the forward used."""
+    nb = A0.shape[2]
+    Dm, N = kappa_m.shape
+    for r in range(n):
+        b = first + r
+        dst = out[r, 0]
+        cached = A0[b, t]
+        m_prev = M[b, t - 1] if t > 0 else m0[b]
+        for k in range(nb):
+            for i in range(N):
+                dst[k, i] = cached[k, i]
+        for j in range(Dm):
+            for i in range(N):
+                dst[nb + j, i] = kappa_m[j, i] * m_prev[j, i]
 
 
 @njit(**_JIT)
@@ -605,6 +629,7 @@ def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, 
     dz_even = np.empty((R, H, N), dt)
     dz_odd = np.empty((R, H, N), dt)
     act = np.empty((R, 1, H, N), dt)  # [R,1,…]: indexed [r, 0] as the cache's rows are [b, t]
+    a0_rebuilt = np.empty((R, 1, I0, N), dt)  # a_0 of a tile's rows, from a cache of b_t alone
     da0 = np.empty((R, I0, N), dt)
     # Per recurrent entry and row, Σ_t g_b(t) · o_{t−1}: row-minor like g_b, so an entry is one vector FMA.
     rec_grad_T = np.zeros((rec_src.shape[0] if in_walk else 0, R), dt)
@@ -631,12 +656,17 @@ def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, 
                 _copy(dpre[r], dP_out[bb, t])
         if in_walk:  # w_o: ∂o_t/∂w_o = m_t, ∂o_t/∂c_o = 1
             _add_outer_tile(P_wo, Pc_o, group0, M, first, t, go, n)
+        # The first layer's input rows: the cache's, or rebuilt where it kept b_t alone.
+        a0_src, a0_first, a0_t = A0, first, t
+        if in_walk and A0.shape[2] < I0:
+            _rebuild_first_layer_input(a0_rebuilt, A0, M, m0, kappa_m, first, t, n)
+            a0_src, a0_first, a0_t = a0_rebuilt, 0, 0
         # (c) da = W_Lᵀ dp; for l = L−1 … 0: dz_l = da ⊙ act'(z_l), da = W_lᵀ dz_l;  da_0 = W_0ᵀ dz_0
         # Each layer's weight gradient is Σ_rows (its input) ⊗ (its output gradient).
         if L == 0:
             _dense_transposed_rows(dpre, W_in, da0, n)
             if in_walk:
-                _add_outer_tile(P_in, Pc_in, group0, A0, first, t, dpre, n)
+                _add_outer_tile(P_in, Pc_in, group0, a0_src, a0_first, a0_t, dpre, n)
         else:
             _dense_transposed_rows(dpre, W_out, da, n)
             above = dpre
@@ -659,7 +689,7 @@ def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, 
                     _dense_transposed_rows(dz, W_hid[l - 1], da, n)
             _dense_transposed_rows(above, W_in, da0, n)
             if in_walk:
-                _add_outer_tile(P_in, Pc_in, group0, A0, first, t, above, n)
+                _add_outer_tile(P_in, Pc_in, group0, a0_src, a0_first, a0_t, above, n)
         for r in range(n):
             bb = first + r
             # (d) total = g + r, r = da_0[nb:];  gk += total ⊙ m_{t−1};  carry_m = κ_m ⊙ total

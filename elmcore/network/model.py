@@ -192,7 +192,8 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
     def forward(self, X, return_cache=False, state=None, recompute_segment=None):
         """Outputs Y (B, T, num_output) for inputs X (B, T, num_input), from the zero state or ``state``.
 
-        The cache holds, per layer, the input, the first MLP layer's input A0 (B·T·(nb + Dm)·N),
+        The cache holds, per layer, the input, the first MLP layer's input A0 (B·T·(nb + Dm)·N, or
+        b_t alone, B·T·nb·N, for a backward walk that rebuilds the rest from m),
         the hidden pre-activations Z (L·B·T·H·N), Δm and m (B·T·Dm·N each) and o (B·T·N),
         and "final_state", the state after the last step (what ``run`` returns).
         With ``recompute_segment`` k (or the model's ``recompute_segment``, or when the whole
@@ -331,7 +332,10 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
             k.network_forward_without_cache(*walk, L, O, b_end, m_end)
             self._recycle(R)
             return O, (b_end, m_end, O[:, -1].copy())
-        A0 = self._buffer((B, T, nb + Dm, N))
+        # A walk that sums the weight gradients itself rebuilds a_0's κ_m ⊙ m_{t−1} rows from M: the
+        # cache then keeps b_t alone (37 floats per neuron and step instead of 45 on SHD-Adding).
+        in_walk = self.weight_grads_in_walk
+        A0 = self._buffer((B, T, nb if in_walk else nb + Dm, N))
         Z = self._buffer((L, B, T, H, N))
         DM = self._buffer((B, T, Dm, N))
         M = self._buffer((B, T, Dm, N))
@@ -339,7 +343,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         self._recycle(R)
         b0, m0, o0 = start
         end = (b_end, M[:, -1].copy(), O[:, -1].copy())
-        return dict(X=X, A0=A0, Z=Z, DM=DM, M=M, O=O, m0=m0, o0=o0, weights=w), end
+        return dict(X=X, A0=A0, Z=Z, DM=DM, M=M, O=O, m0=m0, o0=o0, weights=w, weight_grads_in_walk=in_walk), end
 
     def _recycle_layer(self, layer_cache):
         self._recycle(layer_cache["A0"], layer_cache["Z"], layer_cache["DM"], layer_cache["M"], layer_cache["O"])
@@ -393,7 +397,7 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
                 layer_cache["DM"], layer_cache["M"], activation, self.dtype.type(PHI_SCALE),
                 self.dtype.type(PHI_SLOPE))
         GB = self._buffer((B, T, nb, N))
-        in_walk = self.weight_grads_in_walk
+        in_walk = layer_cache["weight_grads_in_walk"]  # as the forward chose: its A0 fits that path only
         if in_walk:
             for t0, t1 in segments.block_bounds(0, T, self.time_block)[::-1]:
                 grad_in = (xp.empty_like(W_in), xp.empty(W_in.shape[1:], self.dtype))
