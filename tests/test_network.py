@@ -507,6 +507,15 @@ def test_a_pass_without_cache_gives_the_cached_walks_outputs_and_state_bit_for_b
     assert all(np.array_equal(final_fallback[key], final_cached[key]) for key in final_cached)
 
 
+@pytest.mark.parametrize("return_cache", [False, True])
+@pytest.mark.parametrize("segment", [0, -3, 2.5, True, "4"])
+def test_a_bad_recompute_segment_is_refused_with_or_without_a_cache(return_cache, segment):
+    cfg = random_network_config(np.random.default_rng(80), num_layers=1)
+    net = ELMNetwork(cfg, seed=1, dtype="float64")
+    with pytest.raises(ELMError, match="recompute_segment"):
+        net.forward(np.zeros((2, 5, cfg.num_input)), return_cache=return_cache, recompute_segment=segment)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("mlp_layers", [0, 1, 2])
 def test_a_cache_of_b_alone_gives_the_gradients_of_the_whole_first_layer_input_bit_for_bit(dtype, mlp_layers):

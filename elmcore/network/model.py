@@ -208,6 +208,8 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         X = self.prepare_input(X)
         start = None if state is None else self._checked_state(state, X.shape[0])
         if not return_cache and self.forward_without_cache:
+            if recompute_segment is not None:  # nothing to bound here, but a bad value is still refused
+                segments.aligned_segment(recompute_segment, self.time_block)
             Y, _ = self._forward_without_cache(X, start)
             self._check_output(Y, X)
             return Y
