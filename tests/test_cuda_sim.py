@@ -523,7 +523,7 @@ def test_simulator_leaves_cpu_kernels_compiled():
     # NUMBA_ENABLE_CUDASIM swaps numba.cuda only: the @njit CPU kernels stay machine code.
     from numba.core.registry import CPUDispatcher
     cpu, _ = _kernels()
-    for name in ("_route_forward", "_route_weight_grad", "scan_forward", "recur_forward", "recur_backward"):
+    for name in ("_route_forward", "_route_weight_grad", "scan_forward", "_recur_forward", "recur_backward"):
         assert isinstance(getattr(cpu, name), CPUDispatcher), name
 
 

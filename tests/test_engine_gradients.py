@@ -1,12 +1,14 @@
 """Rung 2 of the verification ladder (docs/architecture.md §4):
 central finite differences in float64 on randomised configurations."""
 
+import functools
 import zlib
 
 import numpy as np
 import pytest
 
 from elmcore import ELM
+from elmcore.errors import ELMError
 from elmcore.verification.gradcheck import gradcheck, passes, random_test_params
 from helpers import random_config
 
@@ -101,6 +103,52 @@ def test_forward_from_a_state_continues_the_stream_and_returns_its_final_state()
     _, state = model.run(X, model.init_state(2))
     for key in ("u", "m"):
         np.testing.assert_allclose(cache2["final_state"][key], state[key], rtol=1e-12, atol=1e-14)
+
+
+# Every input path: dense (v2 and v1), sparse spikes with one shared decay, v1's per-synapse scan.
+@pytest.mark.parametrize("path", ["dense", "dense_v1", "sparse", "per_synapse"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_a_pass_without_cache_gives_the_cached_passes_outputs_and_state_bit_for_bit(path, dtype, layers,
+                                                                                     monkeypatch):
+    from elmcore.kernels import cpu as cpu_kernels
+    rng = np.random.default_rng(300 + layers)
+    version = "elm_v1" if path in ("dense_v1", "per_synapse") else "branch_elm_v2"
+    cfg = random_config(rng, version=version, routing="random_routing", layers=layers).replace(
+        num_branch=2, num_synapse_per_branch=3)
+    params = random_test_params(cfg, rng, nonuniform_tau_s=path == "per_synapse")
+    key = "tau_b" if cfg.is_v2 else "tau_s"
+    if path == "sparse":
+        params[key] = np.full_like(params[key], 3.7)  # one decay for every channel
+        monkeypatch.setattr(ELM, "SPARSE_FIRST_LAYER_DENSITY", 1.0)
+    model = ELM(cfg, params=params, dtype=dtype)
+    assert model._per_synapse_scan == (path == "per_synapse")
+    X = rng.normal(size=(19, 7, cfg.num_input)) * (rng.random((19, 7, cfg.num_input)) < 0.3)  # tiles and a rest
+    state = {key: rng.normal(size=a.shape).astype(dtype) for key, a in model.init_state(19).items()}
+    walks = []
+    for name in ("recur_forward", "recur_forward_without_cache"):
+        monkeypatch.setattr(cpu_kernels, name, functools.partial(
+            lambda walk, name, *a: (walks.append(name), walk(*a)), getattr(cpu_kernels, name), name))
+    Y_cached, cache = model.forward(X, return_cache=True, state=state)
+    assert cache["input_path"] == ("sparse" if path == "sparse" else "dense")
+    Y = model.forward(X, state=state)
+    Y_streamed, final = model.run(X, state)
+    assert walks == ["recur_forward", "recur_forward_without_cache", "recur_forward_without_cache"]
+    assert np.array_equal(Y, Y_cached) and np.array_equal(Y_streamed, Y_cached)
+    assert all(np.array_equal(final[k], cache["final_state"][k]) for k in ("u", "m"))
+    # Kernels without the capability (the CUDA module's): the cached pass, the same numbers.
+    monkeypatch.setattr(cpu_kernels, "CAPABILITIES", cpu_kernels.CAPABILITIES - {"forward_without_cache"})
+    walks.clear()
+    Y_fallback, final_fallback = model.run(X, state)
+    assert walks == ["recur_forward"] and np.array_equal(Y_fallback, Y_cached)
+    assert all(np.array_equal(final_fallback[k], cache["final_state"][k]) for k in ("u", "m"))
+
+
+@pytest.mark.parametrize("segment", [0, -3, 2.5, True, "4"])
+def test_a_bad_recompute_segment_is_refused_without_a_cache_too(segment):
+    cfg = random_config(np.random.default_rng(12), layers=1)
+    with pytest.raises(ELMError, match="recompute_segment"):
+        ELM(cfg, dtype="float64").forward(np.zeros((2, 5, cfg.num_input)), recompute_segment=segment)
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -94,10 +94,11 @@ def test_cuda_kernels_are_named_apart_from_their_launchers():
 
 def test_capabilities_are_declared_by_the_modules():
     modules = _modules()
-    assert contract.capabilities(modules["cpu"]) == {"sparse_first_layer"}
+    assert contract.capabilities(modules["cpu"]) == {"sparse_first_layer", "forward_without_cache"}
     assert contract.capabilities(modules["cuda"]) == frozenset()
-    for function in contract.CAPABILITY_FUNCTIONS["sparse_first_layer"]:
-        assert callable(getattr(modules["cpu"], function))
+    for capability in ("sparse_first_layer", "forward_without_cache"):
+        for function in contract.CAPABILITY_FUNCTIONS[capability]:
+            assert callable(getattr(modules["cpu"], function))
 
 
 def test_cpu_and_cuda_name_their_arguments_alike():

@@ -63,6 +63,11 @@ CAPABILITY_FUNCTIONS = {
                                         "W0bT", "partial_out"),
         "batch_chunks": (),
     },
+    # The recurrence for inference and streaming keeps no cache: it writes m_t, not the backward's
+    # z, Δm and κ_m ⊙ m_{t−1} of every step.
+    "forward_without_cache": {
+        "recur_forward_without_cache": REQUIRED["recur_forward"][:13] + ("num_hidden_layers", "M_out"),
+    },
 }
 
 

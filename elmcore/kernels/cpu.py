@@ -28,7 +28,7 @@ from . import pointwise as pw
 from . import simd
 
 # Optional parts of the kernel contract (kernels/contract.py) this module provides.
-CAPABILITIES = frozenset({"sparse_first_layer"})
+CAPABILITIES = frozenset({"sparse_first_layer", "forward_without_cache"})
 
 # error_model="numpy": Python's error model checks every float division for a zero
 # divisor, and that branch stops LLVM from vectorising the loops around it
@@ -378,7 +378,6 @@ def batch_tile(B):
     return max(1, min(16, -(-B // threads)))
 
 
-@njit(parallel=True, **_JIT)
 def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_scale, phi_slope,
                   tile, M_out, Z_out, DM_out, KM_out):
     """Run the MLP-and-memory recurrence over all T steps.
@@ -403,6 +402,30 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_
                       strided view (the model passes the columns beside U of one buffer, so
                       the first layer's weight gradient is a single GEMM).
     """
+    _recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_scale, phi_slope, tile, True,
+                   M_out, Z_out, DM_out, KM_out)
+
+
+def recur_forward_without_cache(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_scale, phi_slope,
+                                tile, num_hidden_layers, M_out):
+    """``recur_forward`` for inference and streaming (capability "forward_without_cache"): the same
+    walk, bit for bit, writing only M_out [B,T,Dm] (the readout's input and the last state), not the
+    backward's Z, Δm and κ_m ⊙ m_{t−1}. ``num_hidden_layers`` is L (WoT's placeholder shape does
+    not tell it). On NeuronIO-best those arrays are ~26 MB a pass.
+    """
+    B, T, W0 = Zb.shape
+    Dm = kappa_m.shape[0]
+    dt = Zb.dtype
+    # No rows: the walk reads these placeholders' shapes (L, and H = W0 when L > 0) and writes nothing into them.
+    # KM's is a strided view, as the model's KM_out is, so that both calls share one compiled walk.
+    _recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_scale, phi_slope, tile, False,
+                   M_out, np.empty((num_hidden_layers, 0, T, W0), dt), np.empty((0, T, Dm), dt),
+                   np.empty((0, T, Dm + 1), dt)[:, :, 1:])
+
+
+@njit(parallel=True, **_JIT)
+def _recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_scale, phi_slope, tile, keep_cache,
+                   M_out, Z_out, DM_out, KM_out):
     B, T, W0 = Zb.shape
     Dm = kappa_m.shape[0]
     L = Z_out.shape[0]
@@ -422,21 +445,24 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_
             for r in range(n):
                 for i in range(Dm):
                     km_m[r, i] = kappa_m[i] * m[r, i]
-                KM_out[b0 + r, t] = km_m[r]
+                if keep_cache:
+                    KM_out[b0 + r, t] = km_m[r]
                 z0[r] = Zb[b0 + r, t]
             simd.broadcast_product(km_m, W0mT, z0)
             if L == 0:
                 o[:] = z0
             else:
-                for r in range(n):
-                    Z_out[0, b0 + r, t] = z0[r]
+                if keep_cache:
+                    for r in range(n):
+                        Z_out[0, b0 + r, t] = z0[r]
                 pw.activate_all(z0.reshape(-1), a.reshape(-1), n * H, activation)
                 for l in range(1, L):
                     for r in range(n):
                         z[r] = ch[l - 1]
                     simd.broadcast_product(a, WhT[l - 1], z)
-                    for r in range(n):
-                        Z_out[l, b0 + r, t] = z[r]
+                    if keep_cache:
+                        for r in range(n):
+                            Z_out[l, b0 + r, t] = z[r]
                     pw.activate_all(z.reshape(-1), a.reshape(-1), n * H, activation)
                 for r in range(n):
                     o[r] = co
@@ -444,7 +470,8 @@ def recur_forward(Zb, W0mT, WhT, ch, WoT, co, kappa_m, c_m, m0, activation, phi_
             for r in range(n):
                 for i in range(Dm):
                     dm = pw.phi(o[r, i], phi_scale, phi_slope)
-                    DM_out[b0 + r, t, i] = dm
+                    if keep_cache:
+                        DM_out[b0 + r, t, i] = dm
                     m[r, i] = km_m[r, i] + c_m[i] * dm
                 M_out[b0 + r, t] = m[r]
 

@@ -17,6 +17,7 @@ import numpy as np
 from elmcore.neuron import params as P
 from elmcore.neuron.config import ELMConfig
 from elmcore.engine import segments
+from elmcore.engine.memory import check_memory
 from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
@@ -146,10 +147,41 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
         (truncated BPTT).
         """
         X = self.prepare_input(X)
+        start = None if state is None else self._checked_state(state, X.shape[0])
+        if not return_cache and self.forward_without_cache:
+            if recompute_segment is not None:  # nothing to bound here, but a bad value is still refused
+                segments.aligned_segment(recompute_segment, self.time_block)
+            Y, _ = self._forward_without_cache(X, start)
+            self._check_output(Y, X)
+            return Y
         segment = self.forward_segment(X, recompute_segment)
-        Y, cache = self._forward(X, None if state is None else self._checked_state(state, X.shape[0]), segment)
+        Y, cache = self._forward(X, start, segment)
         self._check_output(Y, X)
         return (Y, cache) if return_cache else Y
+
+    @property
+    def forward_without_cache(self):
+        """Whether a pass that needs no backward can skip the cache (a kernel capability)."""
+        return "forward_without_cache" in kernel_contract.capabilities(self.backend.kernels)
+
+    def _forward_without_cache(self, X, state):
+        """(Y, the state after the last step) for a pass no backward reads: the same stages as ``_forward``
+        over the whole sequence, the recurrence writing m_t alone (no Z, Δm or first-layer input kept)."""
+        cfg, xp = self.config, self.xp
+        d = self.derived()
+        B, T, _ = X.shape
+        C = d.kappa_channel.shape[0]
+        first_layer_width = cfg.hidden_size if cfg.mlp_num_layers else cfg.num_memory
+        # What the pass holds besides its input: the routed input, u_t, the first layer's branch part, m_t and Y.
+        per_step = C + cfg.branches + first_layer_width + cfg.num_memory + cfg.num_output
+        check_memory(B * T * per_step * self.dtype.itemsize, f"a forward pass over {B} sequences of {T} steps",
+                     self.backend)
+        start = dict(u=xp.zeros((B, C), self.dtype) if state is None else state["u"],
+                     m=xp.zeros((B, cfg.num_memory), self.dtype) if state is None else state["m"], z=None)
+        U = xp.empty((B, T, cfg.branches), self.dtype)
+        Zb, end_u, _, _ = self._input_forward(X, d, start, U)
+        M = self._recurrence_forward(Zb, d, start["m"], None)
+        return self._readout_forward(M), dict(u=end_u, m=M[:, -1].copy())
 
     def _forward(self, X, state=None, segment=None):
         cfg, xp = self.config, self.xp
@@ -415,6 +447,8 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
 
         Zb [B,T,W0]     the first layer's pre-activation without its memory columns.
         A0 [B,T,nb+Dm]  the first layer's input buffer: its memory columns get κ_m ⊙ m_{t−1}.
+                        None for a pass no backward reads (kernels with the capability
+                        "forward_without_cache"): then M alone is written and returned.
         M, DM [B,T,Dm]  m_t and Δm_t;  Z [L,B,T,H] the hidden pre-activations z_l.
         """
         cfg, xp, k = self.config, self.xp, self.backend.kernels
@@ -430,11 +464,15 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
         Wo, co = layers[-1]
         WoT = xp.ascontiguousarray(Wo.T) if L else xp.zeros((1, 1), self.dtype)
         M = xp.empty((B, T, Dm), self.dtype)
+        walk = (Zb, xp.ascontiguousarray(W0m.T), WhT, ch, WoT, co, d.kappa_m, d.c_m, m0,
+                activation_code(cfg.mlp_activation), self.dtype.type(P.PHI_SCALE), self.dtype.type(P.PHI_SLOPE),
+                k.batch_tile(B))
+        if A0 is None:
+            k.recur_forward_without_cache(*walk, L, M)
+            return M
         DM = xp.empty_like(M)
         Z = xp.empty((L, B, T, H), self.dtype)
-        k.recur_forward(Zb, xp.ascontiguousarray(W0m.T), WhT, ch, WoT, co, d.kappa_m, d.c_m, m0,
-                        activation_code(cfg.mlp_activation), self.dtype.type(P.PHI_SCALE),
-                        self.dtype.type(P.PHI_SLOPE), k.batch_tile(B), M, Z, DM, A0[:, :, nb:])
+        k.recur_forward(*walk, M, Z, DM, A0[:, :, nb:])
         return M, Z, DM
 
     def _recurrence_backward(self, dM, cache, d, carry, gk, gc, sums):
@@ -533,6 +571,10 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
         """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
         X = self.prepare_input(X)
         state = self._checked_state(state, X.shape[0])
-        Y, cache = self._forward(X, state)
+        if self.forward_without_cache:
+            Y, final = self._forward_without_cache(X, state)
+        else:
+            Y, cache = self._forward(X, state)
+            final = cache["final_state"]
         self._check_output(Y, X)
-        return Y, cache["final_state"]
+        return Y, final
