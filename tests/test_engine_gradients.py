@@ -122,6 +122,7 @@ def test_a_pass_without_cache_gives_the_cached_passes_outputs_and_state_bit_for_
         params[key] = np.full_like(params[key], 3.7)  # one decay for every channel
         monkeypatch.setattr(ELM, "SPARSE_FIRST_LAYER_DENSITY", 1.0)
     model = ELM(cfg, params=params, dtype=dtype)
+    model.time_block = 2  # so that a pass in segments (below) has several
     assert model._per_synapse_scan == (path == "per_synapse")
     X = rng.normal(size=(19, 7, cfg.num_input)) * (rng.random((19, 7, cfg.num_input)) < 0.3)  # tiles and a rest
     state = {key: rng.normal(size=a.shape).astype(dtype) for key, a in model.init_state(19).items()}
@@ -133,8 +134,11 @@ def test_a_pass_without_cache_gives_the_cached_passes_outputs_and_state_bit_for_
     assert cache["input_path"] == ("sparse" if path == "sparse" else "dense")
     Y = model.forward(X, state=state)
     Y_streamed, final = model.run(X, state)
-    assert walks == ["recur_forward", "recur_forward_without_cache", "recur_forward_without_cache"]
+    # In segments, as a sequence too long for memory runs: steps 0-3 and 4-6.
+    Y_segments = model.forward(X, state=state, recompute_segment=3)
+    assert walks == ["recur_forward"] + ["recur_forward_without_cache"] * 4
     assert np.array_equal(Y, Y_cached) and np.array_equal(Y_streamed, Y_cached)
+    assert np.array_equal(Y_segments, Y_cached)
     assert all(np.array_equal(final[k], cache["final_state"][k]) for k in ("u", "m"))
     # Kernels without the capability (the CUDA module's): the cached pass, the same numbers.
     monkeypatch.setattr(cpu_kernels, "CAPABILITIES", cpu_kernels.CAPABILITIES - {"forward_without_cache"})

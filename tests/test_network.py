@@ -498,8 +498,13 @@ def test_a_pass_without_cache_gives_the_cached_walks_outputs_and_state_bit_for_b
     Y_streamed, final = net.run(X, state)
     assert walks == ["network_forward"] * 2 + ["network_forward_without_cache"] * 4  # two layers, three passes
     assert np.array_equal(Y, Y_cached) and np.array_equal(Y_streamed, Y_cached)
+    # In segments, as a sequence too long for memory runs (steps 0-3 and 4-5): every layer carries its state.
+    net.time_block = 2
+    Y_segments = net.forward(X, state=state, recompute_segment=3)
+    assert walks[6:] == ["network_forward_without_cache"] * 4 and np.array_equal(Y_segments, Y_cached)
     assert all(np.array_equal(final[key], final_cached[key]) for key in final_cached)
     # Kernels without the capability (the CUDA module's): the cached walk, the same numbers.
+    net.time_block = 1024
     monkeypatch.setattr(network_cpu, "CAPABILITIES", network_cpu.CAPABILITIES - {"forward_without_cache"})
     walks.clear()
     Y_fallback, final_fallback = net.run(X, state)

@@ -23,7 +23,6 @@ from elmcore.network import params as NP
 from elmcore.network.config import NetworkConfig
 from elmcore.engine import segments
 from elmcore.errors import DataError, ELMError
-from elmcore.engine.memory import check_memory
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
 from elmcore.neuron.params import PHI_SCALE, PHI_SLOPE
@@ -203,17 +202,15 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         ``state`` (from ``init_state`` / ``run`` / an earlier cache's "final_state") continues a
         stream; ``backward`` then treats it as a constant (truncated BPTT).
         Without ``return_cache``, kernels with the capability "forward_without_cache" keep no cache
-        at all (the same Y, bit for bit; ``recompute_segment`` then has nothing to bound).
+        at all (the same Y, bit for bit), in the same segments when the sequence is too long for memory.
         """
         X = self.prepare_input(X)
         start = None if state is None else self._checked_state(state, X.shape[0])
+        segment = self.forward_segment(X, recompute_segment)
         if not return_cache and self.forward_without_cache:
-            if recompute_segment is not None:  # nothing to bound here, but a bad value is still refused
-                segments.aligned_segment(recompute_segment, self.time_block)
-            Y, _ = self._forward_without_cache(X, start)
+            Y, _ = self._forward_without_cache(X, start, segment)
             self._check_output(Y, X)
             return Y
-        segment = self.forward_segment(X, recompute_segment)
         Y, cache = self._forward(X, start, segment)
         self._check_output(Y, X)
         if return_cache:
@@ -226,26 +223,32 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         """Whether a pass that needs no backward can skip the cache (a kernel capability)."""
         return "forward_without_cache" in kernel_contract.capabilities(self.kernels)
 
-    def _forward_without_cache(self, X, state):
+    def _forward_without_cache(self, X, state, segment=None):
         """(Y, the state after the last step) for a pass no backward reads: every layer's walk keeps
-        only its outputs, so the memory it needs is the input's and the outputs' whatever T."""
+        only its outputs. With ``segment`` (a sequence whose arrays would not fit whole) the pass goes
+        segment by segment, every layer carrying its state from one into the next: the same walks
+        on the same rows as one pass over all T, so the same Y bit for bit."""
         cfg, xp = self.config, self.xp
         B, T, _ = X.shape
-        check_memory(self._bytes_kept_whole(B, T) // 2, f"a forward pass over {B} sequences of {T} steps",
-                     self.backend)
         if state is None:
             state = self.init_state(B)
-        final = {"b": xp.empty_like(state["b"]), "m": xp.empty_like(state["m"]), "o": xp.empty_like(state["o"])}
-        inp = X
-        for layer in range(cfg.num_layers):
-            start = (state["b"][layer], state["m"][layer], state["o"][layer])
-            O, end = self._layer_forward(layer, self.layer_weights(layer), inp, start, keep_cache=False)
-            final["b"][layer], final["m"][layer], final["o"][layer] = end
-            if layer > 0:
-                self._recycle(inp)
-            inp = O
-        Y = self._readout_forward(inp)
-        self._recycle(inp)
+        weights = [self.layer_weights(layer) for layer in range(cfg.num_layers)]
+        final = {key: xp.array(state[key]) for key in ("b", "m", "o")}
+        Y = xp.empty((B, T, cfg.num_output), self.dtype) if segment else None
+        for s0, s1 in segments.segment_bounds(T, segment or T):
+            inp = X if not segment else xp.ascontiguousarray(X[:, s0:s1])
+            for layer in range(cfg.num_layers):
+                start = (final["b"][layer], final["m"][layer], final["o"][layer])
+                O, end = self._layer_forward(layer, weights[layer], inp, start, keep_cache=False)
+                final["b"][layer], final["m"][layer], final["o"][layer] = end
+                if layer > 0:
+                    self._recycle(inp)
+                inp = O
+            if segment:
+                Y[:, s0:s1] = self._readout_forward(inp)
+            else:
+                Y = self._readout_forward(inp)
+            self._recycle(inp)
         return Y, final
 
     def _forward(self, X, state, segment=None):
@@ -574,10 +577,11 @@ class ELMNetwork(InputChecks, ParameterBookkeeping, SingleStep, segments.Recompu
         """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
         X = self.prepare_input(X)
         state = self._checked_state(state, X.shape[0])
+        segment = self.forward_segment(X)  # a chunk too long for memory runs in segments
         if self.forward_without_cache:
-            Y, final = self._forward_without_cache(X, state)
+            Y, final = self._forward_without_cache(X, state, segment)
         else:
-            Y, cache = self._forward(X, state)
+            Y, cache = self._forward(X, state, segment)
             final = cache["final_state"]
             self._recycle_cache(cache)
         self._check_output(Y, X)

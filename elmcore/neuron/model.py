@@ -17,7 +17,6 @@ import numpy as np
 from elmcore.neuron import params as P
 from elmcore.neuron.config import ELMConfig
 from elmcore.engine import segments
-from elmcore.engine.memory import check_memory
 from elmcore.errors import DataError, ELMError
 from elmcore.engine.model_base import InputChecks, ParameterBookkeeping, SingleStep, resolve_dtype, threads_by_work
 from elmcore.engine.time_constants import decay, memory_time_constants, memory_time_constants_backward
@@ -147,15 +146,9 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
         (truncated BPTT).
         """
         X = self.prepare_input(X)
-        start = None if state is None else self._checked_state(state, X.shape[0])
-        if not return_cache and self.forward_without_cache:
-            if recompute_segment is not None:  # nothing to bound here, but a bad value is still refused
-                segments.aligned_segment(recompute_segment, self.time_block)
-            Y, _ = self._forward_without_cache(X, start)
-            self._check_output(Y, X)
-            return Y
         segment = self.forward_segment(X, recompute_segment)
-        Y, cache = self._forward(X, start, segment)
+        start = None if state is None else self._checked_state(state, X.shape[0])
+        Y, cache = self._forward(X, start, segment, keep_cache=return_cache or not self.forward_without_cache)
         self._check_output(Y, X)
         return (Y, cache) if return_cache else Y
 
@@ -164,26 +157,10 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
         """Whether a pass that needs no backward can skip the cache (a kernel capability)."""
         return "forward_without_cache" in kernel_contract.capabilities(self.backend.kernels)
 
-    def _forward_without_cache(self, X, state):
-        """(Y, the state after the last step) for a pass no backward reads: the same stages as ``_forward``
-        over the whole sequence, the recurrence writing m_t alone (no Z, Δm or first-layer input kept)."""
-        cfg, xp = self.config, self.xp
-        d = self.derived()
-        B, T, _ = X.shape
-        C = d.kappa_channel.shape[0]
-        first_layer_width = cfg.hidden_size if cfg.mlp_num_layers else cfg.num_memory
-        # What the pass holds besides its input: the routed input, u_t, the first layer's branch part, m_t and Y.
-        per_step = C + cfg.branches + first_layer_width + cfg.num_memory + cfg.num_output
-        check_memory(B * T * per_step * self.dtype.itemsize, f"a forward pass over {B} sequences of {T} steps",
-                     self.backend)
-        start = dict(u=xp.zeros((B, C), self.dtype) if state is None else state["u"],
-                     m=xp.zeros((B, cfg.num_memory), self.dtype) if state is None else state["m"], z=None)
-        U = xp.empty((B, T, cfg.branches), self.dtype)
-        Zb, end_u, _, _ = self._input_forward(X, d, start, U)
-        M = self._recurrence_forward(Zb, d, start["m"], None)
-        return self._readout_forward(M), dict(u=end_u, m=M[:, -1].copy())
-
-    def _forward(self, X, state=None, segment=None):
+    def _forward(self, X, state=None, segment=None, keep_cache=True):
+        """(Y, cache) from the state ``state`` (None: zeros), in segments of ``segment`` steps or whole.
+        Without ``keep_cache`` (kernels with the capability "forward_without_cache") the segments keep
+        nothing for a backward: the cache then holds the final state alone that ``run`` needs."""
         cfg, xp = self.config, self.xp
         d = self.derived()
         B, T, _ = X.shape
@@ -192,26 +169,32 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
         m0 = xp.zeros((B, cfg.num_memory), self.dtype) if state is None else state["m"]
         start = dict(u=u0, m=m0, z=None)
         if segment is None:
-            seg_cache, Y, end = self._segment_forward(X, d, start, None)
+            seg_cache, Y, end = self._segment_forward(X, d, start, None, keep_cache)
             return Y, dict(X=X, derived=d, m0=m0, u0=u0, final_state=dict(u=end["u"], m=end["m"]), **seg_cache)
         sparse = self._sparse_over_segments(X, d, segment)
         Y = xp.empty((B, T, cfg.num_output), self.dtype)
         starts = []
         for s0, s1 in segments.segment_bounds(T, segment):
             starts.append((s0, s1, start))
-            _, Y[:, s0:s1], start = self._segment_forward(xp.ascontiguousarray(X[:, s0:s1]), d, start, sparse)
+            _, Y[:, s0:s1], start = self._segment_forward(xp.ascontiguousarray(X[:, s0:s1]), d, start, sparse,
+                                                          keep_cache)
         return Y, dict(X=X, derived=d, m0=m0, u0=u0, segments=starts,
                        input_path="sparse" if sparse else "dense", final_state=dict(u=start["u"], m=start["m"]))
 
-    def _segment_forward(self, X, d, start, sparse):
+    def _segment_forward(self, X, d, start, sparse, keep_cache=True):
         """The forward over X (a whole sequence, or one segment of it) from the state ``start``.
 
         Returns (the segment's cache entries, Y, the state after its last step). ``sparse``
-        None lets the input stage choose its path from this X's routed input.
+        None lets the input stage choose its path from this X's routed input. Without
+        ``keep_cache`` the recurrence writes m_t alone and there are no cache entries.
         """
         cfg, xp = self.config, self.xp
         B, T, _ = X.shape
         nb, Dm = cfg.branches, cfg.num_memory
+        if not keep_cache:
+            Zb, end_u, end_z, _ = self._input_forward(X, d, start, xp.empty((B, T, nb), self.dtype), sparse)
+            M = self._recurrence_forward(Zb, d, start["m"], None)
+            return {}, self._readout_forward(M), dict(u=end_u, m=M[:, -1].copy(), z=end_z)
         # The first MLP layer's whole input [u_t, κ_m ⊙ m_{t−1}] in one buffer: the input
         # stage fills the branch columns, the recurrence the memory columns, and the
         # backward takes the layer's weight gradient as one GEMM over it.
@@ -571,10 +554,7 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
         """Continue a stream over a chunk X (B, T, num_input); returns (Y, new state)."""
         X = self.prepare_input(X)
         state = self._checked_state(state, X.shape[0])
-        if self.forward_without_cache:
-            Y, final = self._forward_without_cache(X, state)
-        else:
-            Y, cache = self._forward(X, state)
-            final = cache["final_state"]
+        # A chunk too long for memory runs in segments.
+        Y, cache = self._forward(X, state, self.forward_segment(X), keep_cache=not self.forward_without_cache)
         self._check_output(Y, X)
-        return Y, final
+        return Y, cache["final_state"]
