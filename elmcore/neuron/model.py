@@ -144,6 +144,8 @@ class ELM(InputChecks, ParameterBookkeeping, SingleStep, segments.Recomputation)
         ``state`` (from ``init_state`` / ``run`` / an earlier cache's "final_state") continues a
         stream instead of starting at zero; ``backward`` then treats it as a constant
         (truncated BPTT).
+        Without ``return_cache``, kernels with the capability "forward_without_cache" keep no cache
+        at all (the same Y, bit for bit), in the same segments when the sequence is too long for memory.
         """
         X = self.prepare_input(X)
         segment = self.forward_segment(X, recompute_segment)
