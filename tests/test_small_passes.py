@@ -113,3 +113,35 @@ def test_the_walks_flat_view_is_the_array_in_order_and_writes_through():
     assert np.array_equal(_flat_and_mark(a), expect)
     assert a[1, 2, 3] == -1
     assert np.array_equal(_flat_and_mark(a[1]), expect[12:])  # a C-contiguous slice of a larger array
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, width, outputs", [(1, 4, 1), (3200, 4, 1), (333, 19, 7)])
+def test_a_small_readout_product_on_the_calling_thread_has_the_parallel_ones_bits(dtype, rows, width, outputs,
+                                                                                  monkeypatch):
+    rng = np.random.default_rng(rows + width)
+    A = rng.normal(size=(rows, width)).astype(dtype)
+    Bt = rng.normal(size=(width, outputs)).astype(dtype)
+    bias = rng.normal(size=outputs).astype(dtype)
+    G = rng.normal(size=(rows, outputs)).astype(dtype)
+    calls = []
+    results = []
+    for limit in (0, 10 ** 12):  # every product in parallel / every one on the calling thread
+        monkeypatch.setattr(network_cpu, "SERIAL_BELOW_MACS", limit)
+        for name in ("_rows_product_serial", "_rows_product_parallel", "_rows_transposed_product_serial",
+                     "_rows_transposed_product_parallel"):
+            kernel = getattr(network_cpu, name)
+            monkeypatch.setattr(network_cpu, name, lambda *a, kernel=kernel, name=name: (calls.append(name),
+                                                                                           kernel(*a)))
+        out, grad = np.empty((rows, outputs), dtype), np.empty((width, outputs), dtype)
+        network_cpu.rows_product(A, Bt, bias, out)
+        network_cpu.rows_transposed_product(A, G, grad)
+        results.append((out, grad))
+        monkeypatch.undo()
+    assert calls == ["_rows_product_parallel", "_rows_transposed_product_parallel", "_rows_product_serial",
+                     "_rows_transposed_product_serial"]
+    (out_parallel, grad_parallel), (out_serial, grad_serial) = results
+    assert np.array_equal(out_serial, out_parallel) and np.array_equal(grad_serial, grad_parallel)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out_serial, A @ Bt + bias, **tolerance)
+    np.testing.assert_allclose(grad_serial, A.T @ G, **tolerance)

@@ -743,6 +743,12 @@ def _sum_chunks(partial, out):
 
     partial [chunks, ...] and out [...] C-contiguous, of one shape after the chunk axis.
     """
+    _add_chunks(partial, out)
+
+
+@njit(inline="always", **_JIT)
+def _add_chunks(partial, out):
+    """``_sum_chunks``'s loop, inlined where a caller decides whether its prange runs in parallel."""
     chunks = partial.shape[0]
     flat = partial.reshape(chunks, -1)
     dst = out.reshape(-1)
@@ -855,14 +861,25 @@ def recurrent_weight_grad(GB, O, o0, rec_i, rec_k, rec_src, partial_out):
 # Numba thread pool like everything else, through the register-blocked product of kernels/cpu.py.
 
 ROW_BLOCK = 64
+# Below this many multiply-adds a readout product runs on the calling thread: waking the pool's
+# sleeping threads for it cost more than its work (measured on 2 cores, 2026-12-08: the
+# 173-parameter network's three readout products took ~0.25 ms of a 2.3 ms step in parallel,
+# ~0.1 ms serial; SHD-Adding's 7.8M-MAC dYᵀ·O tied). Both forms run the same loop, so the
+# result is the same to the bit.
+SERIAL_BELOW_MACS = 2_000_000
 
 
-@njit(parallel=True, **_JIT)
 def rows_product(A, Bt, bias, out):
     """out = A @ Bt + bias:  A [R,K], Bt [K,M] (rows contiguous), bias [M], out [R,M].
 
     Blocks of ROW_BLOCK rows run in parallel, each summing over k in ascending order.
     """
+    serial = A.shape[0] * A.shape[1] * Bt.shape[1] < SERIAL_BELOW_MACS
+    (_rows_product_serial if serial else _rows_product_parallel)(A, Bt, bias, out)
+
+
+@njit(inline="always", **_JIT)
+def _rows_product(A, Bt, bias, out):
     R = A.shape[0]
     n_blocks = (R + ROW_BLOCK - 1) // ROW_BLOCK
     for blk in prange(n_blocks):
@@ -875,12 +892,27 @@ def rows_product(A, Bt, bias, out):
 
 
 @njit(parallel=True, **_JIT)
+def _rows_product_parallel(A, Bt, bias, out):
+    _rows_product(A, Bt, bias, out)
+
+
+@njit(**_JIT)
+def _rows_product_serial(A, Bt, bias, out):
+    _rows_product(A, Bt, bias, out)
+
+
 def rows_transposed_product(A, G, out):
     """out = Aᵀ @ G:  A [R,K], G [R,M], out [K,M] (a weight gradient summed over all R rows).
 
     The rows are cut into WEIGHT_GRAD_CHUNKS chunks summed in parallel, then added in chunk
     order, so the result does not depend on the thread count.
     """
+    serial = A.shape[0] * A.shape[1] * G.shape[1] < SERIAL_BELOW_MACS
+    (_rows_transposed_product_serial if serial else _rows_transposed_product_parallel)(A, G, out)
+
+
+@njit(inline="always", **_JIT)
+def _rows_transposed_product(A, G, out):
     R, K = A.shape
     M = G.shape[1]
     chunks = max(1, min(WEIGHT_GRAD_CHUNKS, R))
@@ -891,4 +923,14 @@ def rows_transposed_product(A, G, out):
         r1 = min(R, r0 + size)
         if r1 > r0:
             _accumulate_product(A[r0:r1].T, G[r0:r1], partial[c])
-    _sum_chunks(partial, out)
+    _add_chunks(partial, out)
+
+
+@njit(parallel=True, **_JIT)
+def _rows_transposed_product_parallel(A, G, out):
+    _rows_transposed_product(A, G, out)
+
+
+@njit(**_JIT)
+def _rows_transposed_product_serial(A, G, out):
+    _rows_transposed_product(A, G, out)
