@@ -1,5 +1,6 @@
 """Shared test utilities (imported by test modules; not a conftest so it stays explicit)."""
 
+import functools
 import os
 import re
 import subprocess
@@ -82,3 +83,17 @@ def random_config(rng, version=None, routing="any", layers=None, activation=None
              memory_tau_min=float(rng.uniform(0.5, 2)), memory_tau_max=float(rng.uniform(10, 300)),
              delta_t=float(rng.choice([1.0, 0.5, 2.0])), version=str(version))
     return ELMConfig.from_dict(d)
+
+
+def record_calls(monkeypatch, module, names):
+    """Wrap the functions ``names`` of ``module`` so that each call first appends its name to the list
+    returned (which walk a pass took, in order)."""
+    calls = []
+    for name in names:
+        monkeypatch.setattr(module, name, functools.partial(_record_call, calls, name, getattr(module, name)))
+    return calls
+
+
+def _record_call(calls, name, function, *args):
+    calls.append(name)
+    return function(*args)

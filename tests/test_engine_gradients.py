@@ -1,7 +1,6 @@
 """Rung 2 of the verification ladder (docs/architecture.md §4):
 central finite differences in float64 on randomised configurations."""
 
-import functools
 import zlib
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from elmcore import ELM
 from elmcore.errors import ELMError
 from elmcore.verification.gradcheck import gradcheck, passes, random_test_params
-from helpers import random_config
+from helpers import random_config, record_calls
 
 FD_TOLERANCE = 1e-6
 
@@ -126,10 +125,7 @@ def test_a_pass_without_cache_gives_the_cached_passes_outputs_and_state_bit_for_
     assert model._per_synapse_scan == (path == "per_synapse")
     X = rng.normal(size=(19, 7, cfg.num_input)) * (rng.random((19, 7, cfg.num_input)) < 0.3)  # tiles and a rest
     state = {key: rng.normal(size=a.shape).astype(dtype) for key, a in model.init_state(19).items()}
-    walks = []
-    for name in ("recur_forward", "recur_forward_without_cache"):
-        monkeypatch.setattr(cpu_kernels, name, functools.partial(
-            lambda walk, name, *a: (walks.append(name), walk(*a)), getattr(cpu_kernels, name), name))
+    walks = record_calls(monkeypatch, cpu_kernels, ("recur_forward", "recur_forward_without_cache"))
     Y_cached, cache = model.forward(X, return_cache=True, state=state)
     assert cache["input_path"] == ("sparse" if path == "sparse" else "dense")
     Y = model.forward(X, state=state)

@@ -1,7 +1,6 @@
 """The ELM Network (docs/spec.md §7): oracle files, finite differences, streaming, init, config
 checks, and the rest of the tool chain (info, gradcheck, checkpoints, training, eval, predict)."""
 
-import functools
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from elmcore.engine.factory import load_config_dict
 from elmcore.errors import ConfigError, DataError, ELMError
 from elmcore.verification.gradcheck import gradcheck, passes
 from elmcore.verification.oracle import TOLERANCE, load_oracle, verify_case
-from helpers import run_killed_after
+from helpers import record_calls, run_killed_after
 
 HERE = os.path.dirname(__file__)
 GOLDEN_NETWORK_DIR = os.path.join(HERE, "data", "golden_network")
@@ -488,10 +487,7 @@ def test_a_pass_without_cache_gives_the_cached_walks_outputs_and_state_bit_for_b
     net = ELMNetwork(cfg, seed=5, dtype=dtype)
     X = rng.normal(size=(9, 6, cfg.num_input))  # 9 rows: whole tiles and a rest
     state = {key: rng.normal(size=a.shape).astype(dtype) for key, a in net.init_state(9).items()}
-    walks = []
-    for name in ("network_forward", "network_forward_without_cache"):
-        monkeypatch.setattr(network_cpu, name, functools.partial(
-            lambda walk, name, *a: (walks.append(name), walk(*a)), getattr(network_cpu, name), name))
+    walks = record_calls(monkeypatch, network_cpu, ("network_forward", "network_forward_without_cache"))
     Y_cached, cache = net.forward(X, return_cache=True, state=state)
     final_cached = {key: a.copy() for key, a in cache["final_state"].items()}
     Y = net.forward(X, state=state)

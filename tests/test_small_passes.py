@@ -12,6 +12,7 @@ from elmcore.kernels import cpu as cpu_kernels
 from elmcore.kernels import network_cpu
 from elmcore.training.losses import mse_last
 from elmcore.training.threads import WORK_PER_THREAD
+from helpers import record_calls
 
 needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one Numba thread here")
 
@@ -128,15 +129,14 @@ def test_a_small_readout_product_on_the_calling_thread_has_the_parallel_ones_bit
     results = []
     for limit in (0, 10 ** 12):  # every product in parallel / every one on the calling thread
         monkeypatch.setattr(network_cpu, "SERIAL_BELOW_MACS", limit)
-        for name in ("_rows_product_serial", "_rows_product_parallel", "_rows_transposed_product_serial",
-                     "_rows_transposed_product_parallel"):
-            kernel = getattr(network_cpu, name)
-            monkeypatch.setattr(network_cpu, name, lambda *a, kernel=kernel, name=name: (calls.append(name),
-                                                                                           kernel(*a)))
+        these = record_calls(monkeypatch, network_cpu, ("_rows_product_serial", "_rows_product_parallel",
+                                                         "_rows_transposed_product_serial",
+                                                         "_rows_transposed_product_parallel"))
         out, grad = np.empty((rows, outputs), dtype), np.empty((width, outputs), dtype)
         network_cpu.rows_product(A, Bt, bias, out)
         network_cpu.rows_transposed_product(A, G, grad)
         results.append((out, grad))
+        calls += these
         monkeypatch.undo()
     assert calls == ["_rows_product_parallel", "_rows_transposed_product_parallel", "_rows_product_serial",
                      "_rows_transposed_product_serial"]
