@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-_ELMCORE_ENV_DEFAULTS = ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+_ELMCORE_ENV_DEFAULTS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT")
 _USER_ENV = {k: os.environ.get(k) for k in _ELMCORE_ENV_DEFAULTS}  # before elmcore adds its defaults
 
 from elmcore import ELM, ELMConfig  # noqa: E402  (before NumPy: it tunes OpenBLAS's threads)
@@ -108,7 +108,7 @@ def bench_elmcore(spec, X, target, device, repeats, warmup):
 def bench_torch(spec_name, X, target, params, device, repeats, warmup, release=None):
     """Time the PyTorch baseline in a child process with the caller's original environment.
 
-    elmcore sets OMP_WAIT_POLICY / OPENBLAS_THREAD_TIMEOUT defaults for its own
+    elmcore sets OMP_WAIT_POLICY / GOMP_SPINCOUNT / OPENBLAS_THREAD_TIMEOUT defaults for its own
     kernels; PyTorch's many small per-step ops are slower with sleeping OpenMP
     threads, so the baseline must not inherit them. Returns None without PyTorch.
     """

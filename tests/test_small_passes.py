@@ -1,6 +1,10 @@
 """Small models' passes: one thread below the trainer's work rule, the same numbers as on every
 thread, and the walks' flat views of their buffers."""
 
+import os
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -145,3 +149,16 @@ def test_a_small_readout_product_on_the_calling_thread_has_the_parallel_ones_bit
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(out_serial, A @ Bt + bias, **tolerance)
     np.testing.assert_allclose(grad_serial, A.T @ G, **tolerance)
+
+
+@pytest.mark.parametrize("user, expected", [({}, ("PASSIVE", "10000")),
+                                            ({"GOMP_SPINCOUNT": "5"}, ("PASSIVE", "5")),
+                                            ({"ELMCORE_THREAD_DEFAULTS": "0"}, (None, None))])
+def test_importing_elmcore_sets_the_openmp_thread_defaults_a_user_has_not_set(user, expected):
+    # They must be in the environment before Numba loads its OpenMP layer: at import.
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                                             "ELMCORE_THREAD_DEFAULTS")}
+    probe = "import os, elmcore; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, **user}, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert tuple(None if value == "None" else value for value in out) == expected
