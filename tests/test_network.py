@@ -500,7 +500,7 @@ def test_a_pass_without_cache_gives_the_cached_walks_outputs_and_state_bit_for_b
     assert walks[6:] == ["network_forward_without_cache"] * 4 and np.array_equal(Y_segments, Y_cached)
     assert all(np.array_equal(final[key], final_cached[key]) for key in final_cached)
     # Kernels without the capability (the CUDA module's): the cached walk, the same numbers.
-    net.time_block = 1024
+    del net.time_block  # back to the class default
     monkeypatch.setattr(network_cpu, "CAPABILITIES", network_cpu.CAPABILITIES - {"forward_without_cache"})
     walks.clear()
     Y_fallback, final_fallback = net.run(X, state)
