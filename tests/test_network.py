@@ -438,15 +438,18 @@ def test_elm_train_eval_predict_a_network(tmp_path):
     assert np.array_equal(np.load(tmp_path / "y.npy"), load_model(rd / "best.npz").forward(X))
 
 
-def test_batch_tiling_does_not_change_the_numbers(monkeypatch):
-    from elmcore.kernels import network_cpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_batch_tiling_does_not_change_the_numbers(dtype, monkeypatch):
+    """Tiles of 8 rows (simd.ROW_LANES) take the recurrent synapses as row vectors, other tiles a
+    loop per entry: the same bits either way."""
+    from elmcore.kernels import network_cpu, simd
     rng = np.random.default_rng(5)
     cfg = random_network_config(rng, num_layers=2, mlp_num_layers=1, recurrent_fraction=0.5)
-    net = ELMNetwork(cfg, seed=0, dtype="float64")
-    X = rng.normal(size=(5, 6, cfg.num_input))
-    G = rng.normal(size=(5, 6, cfg.num_output))
+    net = ELMNetwork(cfg, seed=0, dtype=dtype)
+    X = rng.normal(size=(9, 6, cfg.num_input))
+    G = rng.normal(size=(9, 6, cfg.num_output))
     results = []
-    for rows in (1, 3, 5):
+    for rows in (1, 3, simd.ROW_LANES, 9):
         monkeypatch.setattr(network_cpu, "tile_rows", rows)
         Y, cache = net.forward(X, return_cache=True)
         results.append((Y, net.backward(G, cache, input_grad=True)))

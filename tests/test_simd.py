@@ -1,4 +1,5 @@
-"""The register-blocked product of the single neuron's recurrence (kernels/simd.py, broadcast_product)."""
+"""kernels/simd.py: the register-blocked product of the single neuron's recurrence (broadcast_product),
+the row vectors of the network walks' recurrent synapses, and non-temporal copies."""
 
 from fractions import Fraction
 
@@ -86,3 +87,58 @@ def test_a_streamed_copy_writes_every_item_and_nothing_else(offset, count, dtype
     _stream_copy(src, buffer[offset:offset + count])
     assert np.array_equal(buffer[offset:offset + count], src)
     assert (buffer[:offset] == -7).all() and (buffer[offset + count:] == -7).all()
+
+
+@njit(cache=False)
+def _row_run(acc, acc_off, src, src_rows, weights, start, stop):
+    simd.add_scaled_row_run(acc, acc_off, src, src_rows, weights, start, stop)
+
+
+@njit(cache=False)
+def _row_product(acc, acc_off, a, a_off, b, b_off):
+    simd.add_product_row_vector(acc, acc_off, a, a_off, b, b_off)
+
+
+def _fma_lanes(a, b, c):
+    """Item by item a·b + c rounded once to c's dtype (exact rational arithmetic; for float32 the
+    float64 rounding of the exact value is exact too, so one rounding to float32 follows)."""
+    return np.array([_fma(float(x), float(y), float(z)) for x, y, z in zip(a, b, c)]).astype(c.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("start, stop", [(0, 0), (2, 3), (1, 6), (0, 7)])
+def test_a_row_run_adds_its_entries_in_order_one_fused_multiply_add_each(start, stop, dtype):
+    """acc[row] += Σ_e w[e]·src[src_rows[e]] over the run's entries, e ascending, each item
+    fused-multiply-added in turn (the bits of adding the entries into memory one by one, and of
+    the CUDA twins' loops); the other rows of acc untouched."""
+    L = simd.ROW_LANES
+    rng = np.random.default_rng(stop)
+    src = rng.normal(size=5 * L).astype(dtype)
+    src_rows = np.array([3, 1, 4, 0, 2, 2, 4], np.int64)
+    weights = rng.normal(size=7).astype(dtype)
+    acc = rng.normal(size=3 * L).astype(dtype)
+    expected = acc.copy()
+    for e in range(start, stop):
+        row = src[src_rows[e] * L:(src_rows[e] + 1) * L]
+        expected[L:2 * L] = _fma_lanes(np.full(L, weights[e]), row, expected[L:2 * L])
+    _row_run(acc, L, src, src_rows, weights, start, stop)
+    assert np.array_equal(acc, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_row_product_adds_the_item_products_with_one_rounding_each(dtype):
+    L = simd.ROW_LANES
+    rng = np.random.default_rng(4)
+    a, b, acc = (rng.normal(size=3 * L).astype(dtype) for _ in range(3))
+    expected = acc.copy()
+    expected[2 * L:] = _fma_lanes(a[L:2 * L], b[:L], acc[2 * L:])
+    _row_product(acc, 2 * L, a, L, b, 0)
+    assert np.array_equal(acc, expected)
+
+
+def test_the_row_vectors_refuse_strided_or_mixed_operands():
+    x = np.zeros(4 * simd.ROW_LANES)
+    with pytest.raises(Exception, match="(?i)add_product_row_vector|No implementation|Invalid use"):
+        _row_product(x[::2], 0, x, 0, x, 0)
+    with pytest.raises(Exception, match="(?i)add_scaled_row_run|No implementation|Invalid use"):
+        _row_run(x, 0, x.astype(np.float32), np.zeros(1, np.int64), x, 0, 1)

@@ -37,7 +37,8 @@ from numba.np.arrayobj import make_array, populate_array
 
 from . import pointwise as pw
 from .cpu import _accumulate_product
-from .simd import STREAM_BYTES, blocked_product, data_address, store_fence, stream_store
+from .simd import (ROW_LANES, STREAM_BYTES, add_product_row_vector, add_scaled_row_run, blocked_product, data_address,
+                   store_fence, stream_store)
 from .cpu import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
@@ -167,12 +168,41 @@ STREAM_CACHE_BYTES = 32 << 20
 
 
 @njit(inline="always", **_JIT)
-def _add_recurrent(accT, rec_chan, rec_w, rec_src, srcT, n):
-    """accT[rec_chan[e], :n] += rec_w[e] · srcT[rec_src[e], :n] for every entry e, in entry order.
+def _run_bounds(target):
+    """Where a list of entries moves on to another target row: the entries runs[u] … runs[u+1] − 1
+    all add into row target[runs[u]] (runs [U+1] int64, from 0 to the number of entries)."""
+    E = target.shape[0]
+    count = 0
+    for e in range(E):
+        if e == 0 or target[e] != target[e - 1]:
+            count += 1
+    runs = np.empty(count + 1, np.int64)
+    u = 0
+    for e in range(E):
+        if e == 0 or target[e] != target[e - 1]:
+            runs[u] = e
+            u += 1
+    runs[count] = E
+    return runs
+
+
+@njit(inline="always", **_JIT)
+def _add_recurrent(accT, rec_chan, rec_w, rec_src, srcT, n, runs):
+    """accT[rec_chan[e], :n] += rec_w[e] · srcT[rec_src[e], :n] for every entry e, in entry order
+    (runs: ``_run_bounds(rec_chan)``).
 
     accT [C,R], srcT [S,R]: one column per batch row of the tile, so an entry is a unit-stride
-    FMA over the rows (a runtime trip count: a constant one gets unrolled and stays scalar).
+    FMA over the rows. For a full tile of ROW_LANES rows each run of entries into one row is
+    summed in a register (``simd.add_scaled_row_run``); else a loop per entry (a runtime trip
+    count: a constant one gets unrolled and stays scalar).
     """
+    if n == ROW_LANES and accT.shape[1] == ROW_LANES and srcT.shape[1] == ROW_LANES:
+        acc_flat = _flat(accT)
+        src_flat = _flat(srcT)
+        for u in range(runs.shape[0] - 1):
+            first = runs[u]
+            add_scaled_row_run(acc_flat, rec_chan[first] * ROW_LANES, src_flat, rec_src, rec_w, first, runs[u + 1])
+        return
     for e in range(rec_chan.shape[0]):
         acc = accT[rec_chan[e]]
         src = srcT[rec_src[e]]
@@ -185,6 +215,14 @@ def _add_recurrent(accT, rec_chan, rec_w, rec_src, srcT, n):
 def _add_recurrent_products(accT, a_chan, b_src, aT, bT, n):
     """accT[e, :n] += aT[a_chan[e], :n] · bT[b_src[e], :n] for every entry e (all row-minor, as in
     ``_add_recurrent``): each entry's weight gradient, one vector FMA over the tile's rows."""
+    if n == ROW_LANES and accT.shape[1] == ROW_LANES and aT.shape[1] == ROW_LANES and bT.shape[1] == ROW_LANES:
+        acc_flat = _flat(accT)
+        a_flat = _flat(aT)
+        b_flat = _flat(bT)
+        for e in range(a_chan.shape[0]):
+            add_product_row_vector(acc_flat, e * ROW_LANES, a_flat, a_chan[e] * ROW_LANES, b_flat,
+                                   b_src[e] * ROW_LANES)
+        return
     for e in range(a_chan.shape[0]):
         acc = accT[e]
         a = aT[a_chan[e]]
@@ -267,19 +305,20 @@ def _network_forward(E, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, W_in, c_
                      A0_out, Z_out, DM_out, M_out, O_out, b_out, m_out):
     B, _, _, N = E.shape
     rec_chan = rec_k * N + rec_i  # flat index into a [nb,N] block: one index load per entry, not two
+    rec_runs = _run_bounds(rec_chan)
     n_tiles = (B + R - 1) // R
     for ti in prange(n_tiles):
-        _forward_tile(ti * R, min(R, B - ti * R), E, kappa_b, rec_chan, rec_src, rec_w, W_in, c_in, W_hid, c_hid,
-                      W_out, c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R,
+        _forward_tile(ti * R, min(R, B - ti * R), E, kappa_b, rec_chan, rec_runs, rec_src, rec_w, W_in, c_in, W_hid,
+                      c_hid, W_out, c_out, kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R,
                       keep_cache, stream, A0_out, Z_out, DM_out, M_out, O_out, b_out, m_out)
 
 
 @njit(**_JIT)
-def _forward_tile(first, n, E, kappa_b, rec_chan, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out, kappa_m,
-                  c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R, keep_cache, stream, A0_out, Z_out,
-                  DM_out, M_out, O_out, b_out, m_out):
+def _forward_tile(first, n, E, kappa_b, rec_chan, rec_runs, rec_src, rec_w, W_in, c_in, W_hid, c_hid, W_out, c_out,
+                  kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R, keep_cache, stream, A0_out,
+                  Z_out, DM_out, M_out, O_out, b_out, m_out):
     """The batch rows [first, first + n) of ``_network_forward`` through all T steps (rec_chan: the
-    entries' flat [nb,N] channels; without keep_cache only O_out, b_out, m_out are written). A
+    entries' flat [nb,N] channels, rec_runs: ``_run_bounds(rec_chan)``; without keep_cache only O_out, b_out, m_out are written). A
     function called from the parallel loop, not its body: Numba's parallel passes then see a small
     loop (the walk inlined into it took minutes to compile)."""
     _, T, nb, N = E.shape
@@ -313,7 +352,7 @@ def _forward_tile(first, n, E, kappa_b, rec_chan, rec_src, rec_w, W_in, c_in, W_
                 for i in range(N):
                     c = k * N + i
                     brT[c, r] = kappa_b[k, i] * brT[c, r] + e_t[k, i]
-        _add_recurrent(brT, rec_chan, rec_w, rec_src, oT, n)
+        _add_recurrent(brT, rec_chan, rec_w, rec_src, oT, n, rec_runs)
         for r in range(n):
             bb = first + r
             a0r = a0[r]
@@ -565,6 +604,7 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
             w_by_src[q] = rec_w[e]
             chan_by_src[q] = rec_k[e] * N + rec_i[e]
             neuron_by_src[q] = j
+    src_runs = _run_bounds(neuron_by_src)
     rec_chan = rec_k * N + rec_i  # the entries in their own order, for grad_w_rec
     # Per group of GROUP_ROWS batch rows, a partial sum of every weight gradient (none without in_walk).
     groups = (B + GROUP_ROWS - 1) // GROUP_ROWS if in_walk else 0
@@ -578,8 +618,8 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
     Pc_o = np.zeros((groups, 1, N), dt)
     n_tiles = (B + R - 1) // R
     for ti in prange(n_tiles):
-        _backward_tile(ti * R, min(R, B - ti * R), dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, W_in, W_hid,
-                       W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R, t0, t1,
+        _backward_tile(ti * R, min(R, B - ti * R), dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, src_runs, W_in,
+                       W_hid, W_out, kappa_m, c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R, t0, t1,
                        in_walk, GB_out, dZ_out, dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b_io, carry_m_io,
                        carry_o_io, P_in, Pc_in, P_hid, Pc_hid, P_out, Pc_out, P_wo, Pc_o, O, o0, rec_chan, rec_src,
                        grad_w_rec)
@@ -596,12 +636,12 @@ def _network_backward(dO, kappa_b, rec_ptr, rec_i, rec_k, rec_src, rec_w, src_pt
 
 
 @njit(**_JIT)
-def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, W_in, W_hid, W_out, kappa_m, c_m,
-                   w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R, t0, t1, in_walk, GB_out, dZ_out,
+def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, src_runs, W_in, W_hid, W_out, kappa_m,
+                   c_m, w_o, m0, A0, Z, DM, M, activation, phi_scale, phi_slope, R, t0, t1, in_walk, GB_out, dZ_out,
                    dP_out, GO_out, act_out, gkappa_out, gc_out, carry_b_io, carry_m_io, carry_o_io, P_in, Pc_in,
                    P_hid, Pc_hid, P_out, Pc_out, P_wo, Pc_o, O, o0, rec_chan, rec_src, grad_w_rec):
     """The batch rows [first, first + n) of ``_network_backward`` through steps t1−1 … t0 (the
-    entries by source: w_by_src, chan_by_src, neuron_by_src, and in their own order: rec_chan,
+    entries by source: w_by_src, chan_by_src, neuron_by_src, src_runs, and in their own order: rec_chan,
     rec_src; P_*: the groups' partial sums). A function called from the parallel loop, as
     ``_forward_tile`` is."""
     _, _, nb, N = GB_out.shape
@@ -722,7 +762,7 @@ def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, 
         for j in range(N):
             for r in range(n):
                 carry_oT[j, r] = 0
-        _add_recurrent(carry_oT, neuron_by_src, w_by_src, chan_by_src, gbT, n)
+        _add_recurrent(carry_oT, neuron_by_src, w_by_src, chan_by_src, gbT, n, src_runs)
     for r in range(n):
         carry_m_io[first + r] = carry_m[r]
         carry_b_io[first + r] = carry_b[r]

@@ -269,6 +269,88 @@ def broadcast_product(A, W, out):
             j += 1
 
 
+# ---- one tile's batch rows as one vector (the network walks' recurrent synapses) ----------
+#
+# The ELM Network's walks keep what a recurrent synapse reads and writes row-minor: a channel's
+# values for the tile's batch rows side by side, so one synapse entry is one vector
+# multiply-add over the rows (network_cpu.py, module docstring). Written as a Numba loop with a
+# runtime trip count, every entry paid a loop's set-up and tail, a negative-index check on
+# both its indices, and an overlap check; with a constant trip count LLVM unrolled the loop and
+# left it scalar. For a full tile of ROW_LANES rows these intrinsics are the entries' vector
+# operations alone: on the SHD-Adding and char-LM shapes the entries were a tenth of the forward
+# walk and a fifth of the backward.
+
+ROW_LANES = 8
+
+
+def _row_vectors(context, builder, signature, args, pairs):
+    """(vector type, llvm.fma over it, [a <ROW_LANES x T>* pointer for each (array, offset) arg pair])."""
+    elem = context.get_value_type(signature.args[pairs[0][0]].dtype)
+    vec = ir.VectorType(elem, ROW_LANES)
+    suffix = "f32" if isinstance(elem, ir.FloatType) else "f64"
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                         f"llvm.fma.v{ROW_LANES}{suffix}")
+    pointers = [builder.bitcast(builder.gep(context.make_array(signature.args[a])(context, builder, args[a]).data,
+                                            [args[o]]), vec.as_pointer())
+                for a, o in pairs]
+    return vec, fma, pointers
+
+
+@intrinsic
+def add_scaled_row_run(typingctx, acc, acc_off, src, src_rows, weights, start, stop):
+    """acc[acc_off : acc_off + ROW_LANES] += Σ_e weights[e] · src[src_rows[e]·ROW_LANES : …] for
+    e = start … stop − 1 in that order, one fused multiply-add per entry and item, the sum held in
+    a register from the first entry to the last (1-D C arrays: acc, src and weights of one float
+    dtype, src_rows of int64; no bounds checks).
+
+    Adding each entry into memory in turn gives the same bits, but entries that add into one row
+    then wait on each other through memory (a store, then a load of what it stored): where a
+    neuron's entries come one after another, that chain was most of their time."""
+    if not (_same_float_c_arrays(acc, src, weights) and acc.ndim == src.ndim == weights.ndim == 1
+            and isinstance(src_rows, types.Array) and src_rows.dtype == types.int64 and src_rows.ndim == 1
+            and src_rows.layout == "C"):
+        return None
+    sig = types.void(acc, types.intp, src, src_rows, weights, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        vec, fma, (acc_at,) = _row_vectors(context, builder, signature, args, [(0, 1)])
+        src_data, rows_data, weight_data = (context.make_array(signature.args[a])(context, builder, args[a]).data
+                                            for a in (2, 3, 4))
+        total = cgutils.alloca_once_value(builder, builder.load(acc_at, align=1))
+        lanes = ir.Constant(ir.IntType(64), ROW_LANES)
+        with cgutils.for_range_slice(builder, args[5], args[6], ir.Constant(ir.IntType(64), 1)) as (e, _):
+            row = builder.load(builder.gep(rows_data, [e]))
+            x = builder.load(builder.bitcast(builder.gep(src_data, [builder.mul(row, lanes)]), vec.as_pointer()),
+                             align=1)
+            scale = cgutils.get_null_value(vec)
+            w = builder.load(builder.gep(weight_data, [e]))
+            for lane in range(ROW_LANES):
+                scale = builder.insert_element(scale, w, ir.Constant(ir.IntType(32), lane))
+            builder.store(builder.call(fma, [scale, x, builder.load(total)]), total)
+        builder.store(builder.load(total), acc_at, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def add_product_row_vector(typingctx, acc, acc_off, a, a_off, b, b_off):
+    """acc[acc_off : acc_off + ROW_LANES] += a[a_off : …] · b[b_off : …] item by item, one fused
+    multiply-add each (1-D C arrays of one float dtype; no bounds checks)."""
+    if not (_same_float_c_arrays(acc, a, b) and acc.ndim == a.ndim == b.ndim == 1):
+        return None
+    sig = types.void(acc, types.intp, a, types.intp, b, types.intp)
+
+    def codegen(context, builder, signature, args):
+        _, fma, (acc_at, a_at, b_at) = _row_vectors(context, builder, signature, args, [(0, 1), (2, 3), (4, 5)])
+        total = builder.call(fma, [builder.load(a_at, align=1), builder.load(b_at, align=1),
+                                   builder.load(acc_at, align=1)])
+        builder.store(total, acc_at, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ---- non-temporal stores: caches written now and read back much later --------------------
 #
 # A training forward writes its cache (tens to hundreds of MB) and reads none of it until the
