@@ -38,7 +38,7 @@ from numba.np.arrayobj import make_array, populate_array
 from . import pointwise as pw
 from .cpu import _accumulate_product
 from .simd import (ROW_LANES, STREAM_BYTES, add_product_row_vector, add_scaled_row_run, blocked_product, data_address,
-                   store_fence, stream_store)
+                   prefetch, store_fence, stream_store)
 from .cpu import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
@@ -165,6 +165,40 @@ def _write_cache(src, dst, stream):
 # caches until the backward reads it (32 MB: all of the test machine's L3). A smaller one is
 # written normally, so the backward finds it in L2/L3.
 STREAM_CACHE_BYTES = 32 << 20
+
+
+CACHE_LINE_BYTES = 64
+
+
+@njit(inline="always", **_JIT)
+def _prefetch_span(arr, start, count):
+    """Hints the items start … start + count − 1 of a C-contiguous array (in its flat order) into
+    the caches, one hint per cache line."""
+    flat = _flat(arr)
+    for x in range(start, start + count, CACHE_LINE_BYTES // flat.itemsize):
+        prefetch(flat, x)
+
+
+@njit(inline="always", **_JIT)
+def _prefetch_backward_step(first, n, s, dO, A0, Z, DM, M, O, GB_out):
+    """Hints what the backward walk reads at step s for the rows first … first + n − 1: the cache
+    rows of step s, and m_{s−1} and o_{s−1} (m_s it read at step s + 1). Issued one step ahead,
+    while the walk works on step s + 1 (``simd.prefetch`` says why)."""
+    B, T, N = dO.shape
+    Dm = DM.shape[2]
+    for r in range(n):
+        piece = (first + r) * T + s  # row b, step s of a [B,T,...] array
+        _prefetch_span(dO, piece * N, N)
+        _prefetch_span(DM, piece * Dm * N, Dm * N)
+        _prefetch_span(A0, piece * A0.shape[2] * N, A0.shape[2] * N)
+        _prefetch_span(GB_out, piece * GB_out.shape[2] * N, GB_out.shape[2] * N)
+        for l in range(Z.shape[0]):
+            H = Z.shape[3]
+            _prefetch_span(Z, (l * B * T + piece) * H * N, H * N)
+        if s > 0:
+            _prefetch_span(M, (piece - 1) * Dm * N, Dm * N)
+            if O.shape[0]:
+                _prefetch_span(O, (piece - 1) * N, N)
 
 
 @njit(inline="always", **_JIT)
@@ -675,6 +709,8 @@ def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, 
     rec_grad_T = np.zeros((rec_src.shape[0] if in_walk else 0, R), dt)
     o_prevT = np.empty((N, R), dt)
     for t in range(t1 - 1, t0 - 1, -1):
+        if t > t0:
+            _prefetch_backward_step(first, n, t - 1, dO, A0, Z, DM, M, O, GB_out)
         for r in range(n):
             bb = first + r
             # (a) go = dO + carry_o
