@@ -440,11 +440,13 @@ def test_elm_train_eval_predict_a_network(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_batch_tiling_does_not_change_the_numbers(dtype, monkeypatch):
-    """Tiles of 8 rows (simd.ROW_LANES) take the recurrent synapses as row vectors, other tiles a
-    loop per entry: the same bits either way."""
+    """Full tiles of 8 rows (simd.ROW_LANES) move between rows and row vectors in 8 × 8 blocks and
+    take the recurrent synapses as row vectors, other tiles item by item and entry by entry: the
+    same bits either way. 11 neurons in 2 branches: whole blocks and items left over."""
     from elmcore.kernels import network_cpu, simd
     rng = np.random.default_rng(5)
-    cfg = random_network_config(rng, num_layers=2, mlp_num_layers=1, recurrent_fraction=0.5)
+    cfg = random_network_config(rng, num_layers=2, mlp_num_layers=1, recurrent_fraction=0.5, num_neurons=11,
+                                num_branch=2)
     net = ELMNetwork(cfg, seed=0, dtype=dtype)
     X = rng.normal(size=(9, 6, cfg.num_input))
     G = rng.normal(size=(9, 6, cfg.num_output))

@@ -142,3 +142,23 @@ def test_the_row_vectors_refuse_strided_or_mixed_operands():
         _row_product(x[::2], 0, x, 0, x, 0)
     with pytest.raises(Exception, match="(?i)add_scaled_row_run|No implementation|Invalid use"):
         _row_run(x, 0, x.astype(np.float32), np.zeros(1, np.int64), x, 0, 1)
+
+
+@njit(cache=False)
+def _transpose(src, src_off, src_stride, dst, dst_off, dst_stride):
+    simd.transpose_rows(src, src_off, src_stride, dst, dst_off, dst_stride)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("src_off, src_stride, dst_off, dst_stride", [(0, 8, 0, 8), (3, 20, 5, 11), (1, 9, 0, 64)])
+def test_a_block_transposed_in_registers_moves_every_item_and_nothing_else(src_off, src_stride, dst_off, dst_stride,
+                                                                           dtype):
+    L = simd.ROW_LANES
+    src = np.arange(src_off + L * src_stride, dtype=dtype) * 0.5 - 3
+    dst = np.full(dst_off + L * dst_stride, -7.0, dtype)
+    _transpose(src, src_off, src_stride, dst, dst_off, dst_stride)
+    expected = np.full_like(dst, -7.0)
+    for i in range(L):
+        for j in range(L):
+            expected[dst_off + j * dst_stride + i] = src[src_off + i * src_stride + j]
+    assert np.array_equal(dst, expected)

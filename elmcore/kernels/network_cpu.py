@@ -38,7 +38,7 @@ from numba.np.arrayobj import make_array, populate_array
 from . import pointwise as pw
 from .cpu import _accumulate_product
 from .simd import (ROW_LANES, STREAM_BYTES, add_product_row_vector, add_scaled_row_run, blocked_product, data_address,
-                   prefetch, store_fence, stream_store)
+                   prefetch, store_fence, stream_store, transpose_rows)
 from .cpu import route_forward, route_input_grad, route_weight_grad  # noqa: F401  (the external synapses)
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
@@ -199,6 +199,39 @@ def _prefetch_backward_step(first, n, s, dO, A0, Z, DM, M, O, GB_out):
             _prefetch_span(M, (piece - 1) * Dm * N, Dm * N)
             if O.shape[0]:
                 _prefetch_span(O, (piece - 1) * N, N)
+
+
+@njit(inline="always", **_JIT)
+def _to_row_vectors(src, src_off, src_row_stride, dstT, width, n):
+    """dstT[c, r] = src[src_off + r·src_row_stride + c] for c < width, r < n: n rows of a flat
+    array (row r at src_off + r·src_row_stride) into the row-minor layout dstT [≥ width, R].
+    Blocks of ROW_LANES items are transposed in registers when the tile is full (n = R =
+    ROW_LANES), the rest item by item."""
+    R = dstT.shape[1]
+    d = _flat(dstT)
+    c0 = 0
+    if n == ROW_LANES and R == ROW_LANES:
+        while c0 + ROW_LANES <= width:
+            transpose_rows(src, src_off + c0, src_row_stride, d, c0 * R, R)
+            c0 += ROW_LANES
+    for r in range(n):
+        for c in range(c0, width):
+            d[c * R + r] = src[src_off + r * src_row_stride + c]
+
+
+@njit(inline="always", **_JIT)
+def _from_row_vectors(srcT, dst, dst_off, dst_row_stride, width, n):
+    """The inverse of ``_to_row_vectors``: dst[dst_off + r·dst_row_stride + c] = srcT[c, r]."""
+    R = srcT.shape[1]
+    s = _flat(srcT)
+    c0 = 0
+    if n == ROW_LANES and R == ROW_LANES:
+        while c0 + ROW_LANES <= width:
+            transpose_rows(s, c0 * R, R, dst, dst_off + c0, dst_row_stride)
+            c0 += ROW_LANES
+    for r in range(n):
+        for c in range(c0, width):
+            dst[dst_off + r * dst_row_stride + c] = s[c * R + r]
 
 
 @njit(inline="always", **_JIT)
@@ -363,7 +396,14 @@ def _forward_tile(first, n, E, kappa_b, rec_chan, rec_runs, rec_src, rec_w, W_in
     dt = E.dtype
     # The branch sums and o_{t−1} are kept source- / channel-major with the tile's rows
     # contiguous, so each recurrent entry is one vector FMA over the rows (module docstring).
-    brT = np.empty((nb * N, R), dt)
+    C = nb * N
+    # Zeros: the columns of rows past n are computed on with the others and must stay finite.
+    brT = np.zeros((C, R), dt)
+    eT = np.zeros((C, R), dt)  # E_t of the tile's rows
+    kappa_bT = np.empty((C, R), dt)  # κ_b of each channel, in every column
+    for c in range(C):
+        for r in range(R):
+            kappa_bT[c, r] = kappa_b[c // N, c % N]
     oT = np.empty((N, R), dt)
     m = np.empty((R, Dm, N), dt)
     o = np.empty((R, N), dt)
@@ -379,20 +419,16 @@ def _forward_tile(first, n, E, kappa_b, rec_chan, rec_runs, rec_src, rec_w, W_in
         for i in range(N):
             oT[i, r] = o0[first + r, i]
         m[r] = m0[first + r]
+    E_flat, br_flat, eT_flat, kappa_bT_flat = _flat(E), _flat(brT), _flat(eT), _flat(kappa_bT)
     for t in range(T):
-        for r in range(n):
-            e_t = E[first + r, t]
-            for k in range(nb):
-                for i in range(N):
-                    c = k * N + i
-                    brT[c, r] = kappa_b[k, i] * brT[c, r] + e_t[k, i]
+        _to_row_vectors(E_flat, (first * T + t) * C, T * C, eT, C, n)
+        for x in range(C * R):
+            br_flat[x] = kappa_bT_flat[x] * br_flat[x] + eT_flat[x]
         _add_recurrent(brT, rec_chan, rec_w, rec_src, oT, n, rec_runs)
+        _from_row_vectors(brT, _flat(a0), 0, I0 * N, C, n)
         for r in range(n):
             bb = first + r
             a0r = a0[r]
-            for k in range(nb):
-                for i in range(N):
-                    a0r[k, i] = brT[k * N + i, r]
             for j in range(Dm):
                 for i in range(N):
                     a0r[nb + j, i] = kappa_m[j, i] * m[r, j, i]
@@ -435,8 +471,7 @@ def _forward_tile(first, n, E, kappa_b, rec_chan, rec_runs, rec_src, rec_w, W_in
                 for i in range(N):
                     o_r[i] += w_o[j, i] * mr[j, i]
             _copy(o_r, O_out[bb, t])  # read again soon: by the layer above or the readout
-            for i in range(N):
-                oT[i, r] = o_r[i]
+        _to_row_vectors(_flat(o), 0, N, oT, N, n)
     for r in range(n):
         for k in range(nb):
             for i in range(N):
@@ -708,15 +743,17 @@ def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, 
     # Per recurrent entry and row, Σ_t g_b(t) · o_{t−1}: row-minor like g_b, so an entry is one vector FMA.
     rec_grad_T = np.zeros((rec_src.shape[0] if in_walk else 0, R), dt)
     o_prevT = np.empty((N, R), dt)
+    carry_o = np.empty((R, N), dt)  # carry_oT's rows
     for t in range(t1 - 1, t0 - 1, -1):
         if t > t0:
             _prefetch_backward_step(first, n, t - 1, dO, A0, Z, DM, M, O, GB_out)
+        _from_row_vectors(carry_oT, _flat(carry_o), 0, N, N, n)
         for r in range(n):
             bb = first + r
             # (a) go = dO + carry_o
             go_r = go[r, 0]
             for i in range(N):
-                go_r[i] = dO[bb, t, i] + carry_oT[i, r]
+                go_r[i] = dO[bb, t, i] + carry_o[r, i]
             # (b) g = w_o ⊙ go + carry_m;  gc += g ⊙ Δm;  dp = g ⊙ c_m ⊙ φ'(p)
             dm_t = DM[bb, t]
             gc = gc_out[bb]
@@ -783,15 +820,13 @@ def _backward_tile(first, n, dO, kappa_b, w_by_src, chan_by_src, neuron_by_src, 
                 for i in range(N):
                     carry_b[r, k, i] = da0[r, k, i] + kappa_b[k, i] * carry_b[r, k, i]
                     gb[k, i] = carry_b[r, k, i]
-            for k in range(nb):
-                for i in range(N):
-                    gbT[k * N + i, r] = carry_b[r, k, i]
+        _to_row_vectors(_flat(carry_b), 0, nb * N, gbT, nb * N, n)
         # ∂loss/∂w_e += g_b(t)[k_e, i_e] · o_{t−1}[src_e]
         if rec_grad_T.shape[0]:
-            for r in range(n):
-                o_prev = O[first + r, t - 1] if t > 0 else o0[first + r]
-                for i in range(N):
-                    o_prevT[i, r] = o_prev[i]
+            if t > 0:
+                _to_row_vectors(_flat(O), (first * O.shape[1] + t - 1) * N, O.shape[1] * N, o_prevT, N, n)
+            else:
+                _to_row_vectors(_flat(o0), first * N, N, o_prevT, N, n)
             _add_recurrent_products(rec_grad_T, rec_chan, rec_src, gbT, o_prevT, n)
         # (f) carry_o[j] = Σ_{recurrent e with src_e = j} w_e · g_b(t)[k_e, i_e]
         # The recurrent synapses of step t read o_{t−1}: their gradient joins ∂loss/∂o_{t−1}.

@@ -351,6 +351,52 @@ def add_product_row_vector(typingctx, acc, acc_off, a, a_off, b, b_off):
     return sig, codegen
 
 
+# The three stages of an 8 × 8 transpose as two-vector shuffles (each mask picks from the
+# 16 items of its two vectors): pairs of rows interleaved, then pairs of pairs, then halves.
+_INTERLEAVE = ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15])
+_PAIRS = ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])
+_HALVES = ([0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+
+
+@intrinsic
+def transpose_rows(typingctx, src, src_off, src_stride, dst, dst_off, dst_stride):
+    """dst[dst_off + j·dst_stride + i] = src[src_off + i·src_stride + j] for i, j < ROW_LANES: a
+    ROW_LANES × ROW_LANES block transposed in registers (1-D C arrays of one float dtype; no
+    bounds checks; src and dst must not overlap).
+
+    The network walks turn a tile's rows into row vectors (the recurrent synapses' layout) and
+    back at every step; item by item, each such copy was a strided load or store per item."""
+    if not (_same_float_c_arrays(src, dst) and src.ndim == dst.ndim == 1):
+        return None
+    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
+    assert ROW_LANES == 8  # the shuffle stages above
+
+    def codegen(context, builder, signature, args):
+        src_arr, src_off, src_stride, dst_arr, dst_off, dst_stride = args
+        elem = context.get_value_type(signature.args[0].dtype)
+        vec_ptr = ir.VectorType(elem, ROW_LANES).as_pointer()
+        src_data = context.make_array(signature.args[0])(context, builder, src_arr).data
+        dst_data = context.make_array(signature.args[3])(context, builder, dst_arr).data
+
+        def at(data, offset, stride, k):
+            index = builder.add(offset, builder.mul(stride, ir.Constant(stride.type, k)))
+            return builder.bitcast(builder.gep(data, [index]), vec_ptr)
+
+        def shuffle(a, b, mask):
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 8), mask))
+
+        rows = [builder.load(at(src_data, src_off, src_stride, i), align=1) for i in range(ROW_LANES)]
+        t = [shuffle(rows[2 * p], rows[2 * p + 1], _INTERLEAVE[h]) for p in range(4) for h in range(2)]
+        u = [shuffle(t[a], t[a + 2], _PAIRS[h]) for a in (0, 1, 4, 5) for h in range(2)]
+        for j in range(4):
+            for h in range(2):
+                builder.store(shuffle(u[j], u[j + 4], _HALVES[h]), at(dst_data, dst_off, dst_stride, j + 4 * h),
+                              align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ---- non-temporal stores: caches written now and read back much later --------------------
 #
 # A training forward writes its cache (tens to hundreds of MB) and reads none of it until the
