@@ -421,6 +421,9 @@ def _forward_tile(first, n, E, kappa_b, rec_chan, rec_runs, rec_src, rec_w, W_in
         m[r] = m0[first + r]
     E_flat, br_flat, eT_flat, kappa_bT_flat = _flat(E), _flat(brT), _flat(eT), _flat(kappa_bT)
     for t in range(T):
+        if t + 1 < T:
+            for r in range(n):  # the next step's E rows: each on another page (``simd.prefetch``)
+                _prefetch_span(E, ((first + r) * T + t + 1) * C, C)
         _to_row_vectors(E_flat, (first * T + t) * C, T * C, eT, C, n)
         for x in range(C * R):
             br_flat[x] = kappa_bT_flat[x] * br_flat[x] + eT_flat[x]
