@@ -385,9 +385,10 @@ def _forward_tile(first, n, E, kappa_b, rec_chan, rec_runs, rec_src, rec_w, W_in
                   kappa_m, c_m, w_o, c_o, b0, m0, o0, activation, phi_scale, phi_slope, R, keep_cache, stream, A0_out,
                   Z_out, DM_out, M_out, O_out, b_out, m_out):
     """The batch rows [first, first + n) of ``_network_forward`` through all T steps (rec_chan: the
-    entries' flat [nb,N] channels, rec_runs: ``_run_bounds(rec_chan)``; without keep_cache only O_out, b_out, m_out are written). A
-    function called from the parallel loop, not its body: Numba's parallel passes then see a small
-    loop (the walk inlined into it took minutes to compile)."""
+    entries' flat [nb,N] channels, rec_runs: ``_run_bounds(rec_chan)``; without keep_cache only
+    O_out, b_out, m_out are written). A function called from the parallel loop, not its body:
+    Numba's parallel passes then see a small loop (the walk inlined into it took minutes to
+    compile)."""
     _, T, nb, N = E.shape
     Dm = kappa_m.shape[0]
     I0, W0, _ = W_in.shape
