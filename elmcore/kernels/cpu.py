@@ -142,6 +142,13 @@ def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
     _route_forward(X, _words(X), indptr, entry_syn // syn_per_channel, entry_weight, A_out)
 
 
+@njit(inline="always", **_JIT)
+def _prefetch_row(row):
+    """Hints a 1-D row into the caches, one hint per 64-byte line (``simd.prefetch``)."""
+    for x in range(0, row.shape[0], 64 // row.itemsize):
+        simd.prefetch(row, x)
+
+
 @njit(parallel=True, **_JIT)
 def _route_weight_grad(X, words, indptr, entry_syn, channel, entry_mask, dA, partial_out):
     B, T, D = X.shape
@@ -150,6 +157,10 @@ def _route_weight_grad(X, words, indptr, entry_syn, channel, entry_mask, dA, par
         acc = partial_out[b]
         acc[:] = 0
         for t in range(T):
+            # The spikes read their channels' gradients from all over the row, a page of its own:
+            # the next step's row is hinted while this one is summed.
+            if t + 1 < T:
+                _prefetch_row(dA[b, t + 1])
             x_row = X[b, t]
             g_row = dA[b, t]
             for q in range(_row_nonzeros(x_row, words, (b * T + t) * D, idx)):

@@ -434,25 +434,31 @@ def stream_store(typingctx, src, src_off, dst, dst_off):
 
 @intrinsic
 def prefetch(typingctx, arr, offset):
-    """A hint to bring the cache line of element ``offset`` of a C-contiguous array into the
-    caches (``prefetcht1``); no fault, no result.
+    """A hint to bring the cache line of item ``offset`` of an array into the caches
+    (``prefetcht1``); no fault, no result. The offset counts items in memory order for a
+    C-contiguous array, along the axis (by its stride) for a 1-D one of any layout.
 
-    Why: the backward walk reads the forward's cache one step back in time, a few KiB per batch
-    row and step, each piece on another page. Hardware prefetchers do not follow a stream across
-    a page, so every piece began with misses to memory; the walk hints the next step's pieces
-    while it works on this one."""
-    if not (isinstance(arr, types.Array) and arr.layout == "C"):
+    Why: the network walks read the forward's cache one step at a time, a few KiB per batch
+    row and step, each piece on another page; hardware prefetchers do not follow a stream
+    across a page, so every piece began with misses to memory. The walks hint the next step's
+    pieces while they work on this one."""
+    if not (isinstance(arr, types.Array) and (arr.layout == "C" or arr.ndim == 1)):
         return None
     sig = types.void(arr, types.intp)
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
         byte_ptr = ir.IntType(8).as_pointer()
+        if signature.args[0].layout == "C":
+            at = builder.bitcast(builder.gep(ary.data, [args[1]]), byte_ptr)
+        else:
+            stride = cgutils.unpack_tuple(builder, ary.strides, 1)[0]
+            at = builder.gep(builder.bitcast(ary.data, byte_ptr), [builder.mul(args[1], stride)])
         i32 = ir.IntType(32)
         hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
                                               "llvm.prefetch.p0")
         # a read (0), locality 2 (prefetcht1), of data (1)
-        builder.call(hint, [builder.bitcast(builder.gep(data, [args[1]]), byte_ptr), i32(0), i32(2), i32(1)])
+        builder.call(hint, [at, i32(0), i32(2), i32(1)])
         return context.get_dummy_value()
 
     return sig, codegen
