@@ -114,6 +114,13 @@ def _row_nonzeros(x_row, words, start, idx):
     return n
 
 
+@njit(inline="always", **_JIT)
+def _prefetch_row(row):
+    """Hints a 1-D row into the caches, one hint per 64-byte line (``simd.prefetch``)."""
+    for x in range(0, row.shape[0], 64 // row.itemsize):
+        simd.prefetch(row, x)
+
+
 @njit(parallel=True, **_JIT)
 def _route_forward(X, words, indptr, channel, entry_weight, A_out):
     B, T, D = X.shape
@@ -140,13 +147,6 @@ def route_forward(X, indptr, entry_syn, entry_weight, syn_per_channel, A_out):
     A_out        [B,T,C]  overwritten; channel(e) = entry_syn[e] // syn_per_channel.
     """
     _route_forward(X, _words(X), indptr, entry_syn // syn_per_channel, entry_weight, A_out)
-
-
-@njit(inline="always", **_JIT)
-def _prefetch_row(row):
-    """Hints a 1-D row into the caches, one hint per 64-byte line (``simd.prefetch``)."""
-    for x in range(0, row.shape[0], 64 // row.itemsize):
-        simd.prefetch(row, x)
 
 
 @njit(parallel=True, **_JIT)
